@@ -1,0 +1,126 @@
+"""Static description of one layer's experts, stacked raggedly.
+
+All experts of a layer share two stacked weights, with no padding to the largest rank:
+
+    shrink_weight  [R, in]   rows: every lora/hydra A, then every adapter W_down
+    shrink_bias    [R_ad]    the adapters' down biases (the last R_ad shrink rows)
+    expand_weight  [out, C]  columns: every expert's B (hydra: one block per head), W_up
+    expand_bias    [N_ad, out] the adapters' up biases, one row per adapter
+
+Expert e (0..E-1, in the user's order; a hydra spec gives `heads` consecutive experts)
+owns shrink rows `shrink[e]` and expand columns `expand[e]`. Expand column c reads
+shrink row `column_source[c]`, is scaled by `column_scale[c]` and gated by expert
+`column_expert[c]`. Without hydra experts column_source is the identity.
+The layout is plain Python; `index_tensors(device)` gives (and caches) its index tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExpertSlot:
+    """Where one gated expert lives in the stacked weights."""
+
+    kind: str  # "lora" | "adapter" | "hydra"
+    shrink: tuple[int, int]  # rows of shrink_weight
+    expand: tuple[int, int]  # columns of expand_weight
+    scaling: float
+    activation: str  # "identity" for lora/hydra
+    adapter_index: int | None  # row of expand_bias (adapters only)
+
+    @property
+    def rank(self) -> int:
+        return self.shrink[1] - self.shrink[0]
+
+
+@dataclass(frozen=True)
+class ActivationSegment:
+    """A run of shrink rows sharing one non-identity activation (adapter bottlenecks)."""
+
+    start: int
+    stop: int
+    activation: str
+
+
+@dataclass
+class ExpertLayout:
+    in_features: int
+    out_features: int
+    slots: list[ExpertSlot]
+    shrink_rows: int  # R
+    expand_columns: int  # C
+    bias_start: int  # first shrink row with a bias (= rows of lora and hydra A's)
+    activation_segments: list[ActivationSegment]
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_specs(cls, specs, in_features: int, out_features: int) -> ExpertLayout:
+        """Build from expert specs (objects with kind, size, scaling, activation, heads)."""
+        order = sorted(range(len(specs)), key=lambda i: specs[i].kind == "adapter")
+        shrink_of_spec, row = {}, 0
+        for i in order:
+            shrink_of_spec[i] = (row, row + specs[i].size)
+            row += specs[i].size
+        bias_start = sum(s.size for s in specs if s.kind != "adapter")
+        slots, column, adapters = [], 0, 0
+        column_of_spec = {}
+        for i in order:
+            heads = specs[i].heads if specs[i].kind == "hydra" else 1
+            column_of_spec[i] = [(column + h * specs[i].size, column + (h + 1) * specs[i].size)
+                                 for h in range(heads)]
+            column += heads * specs[i].size
+        for i, spec in enumerate(specs):
+            is_adapter = spec.kind == "adapter"
+            for expand in column_of_spec[i]:
+                slots.append(ExpertSlot(spec.kind, shrink_of_spec[i], expand, spec.scaling,
+                                        spec.activation, adapters if is_adapter else None))
+            adapters += is_adapter
+        segments = []
+        for i in order:
+            if specs[i].kind == "adapter" and specs[i].activation != "identity":
+                start, stop = shrink_of_spec[i]
+                if segments and segments[-1].stop == start and \
+                        segments[-1].activation == specs[i].activation:
+                    start = segments.pop().start
+                segments.append(ActivationSegment(start, stop, specs[i].activation))
+        return cls(in_features, out_features, slots, row, column, bias_start, segments)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.slots)
+
+    @property
+    def num_adapters(self) -> int:
+        return sum(slot.adapter_index is not None for slot in self.slots)
+
+    @property
+    def has_shared_shrink(self) -> bool:
+        """True when some shrink rows feed several experts (hydra heads)."""
+        return any(slot.kind == "hydra" for slot in self.slots)
+
+    def index_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Index tensors on `device` (cached):
+        column_source [C] int64, column_expert [C] int64, column_scale [C] float32,
+        adapter_experts [N_ad] int64 (expert index of each expand_bias row)."""
+        device = torch.device(device)
+        if device not in self._cache:
+            columns = self.expand_columns
+            source, expert, scale = [0] * columns, [0] * columns, [0.0] * columns
+            for e, slot in enumerate(self.slots):
+                for c in range(*slot.expand):
+                    source[c] = c - slot.expand[0] + slot.shrink[0]
+                    expert[c] = e
+                    scale[c] = slot.scaling
+            adapter_experts = [e for e, s in enumerate(self.slots) if s.adapter_index is not None]
+            self._cache[device] = {
+                "column_source": torch.tensor(source, dtype=torch.int64, device=device),
+                "column_expert": torch.tensor(expert, dtype=torch.int64, device=device),
+                "column_scale": torch.tensor(scale, dtype=torch.float32, device=device),
+                "adapter_experts": torch.tensor(adapter_experts, dtype=torch.int64,
+                                                device=device),
+            }
+        return self._cache[device]

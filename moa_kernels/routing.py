@@ -1,0 +1,113 @@
+"""Gates from router logits, and the per-call routing plan of the sparse modes.
+
+The router's first layer is a plain linear map of x, so the fused backends compute it in
+the same GEMM as the experts' shrink (x is read once). `gates_from_first_layer` finishes
+the router from that output; `RoutingPlan` lists the active (token, expert) pairs sorted
+by expert, built once per router call and handed to every sparse kernel.
+
+Shapes: T tokens, E experts, H router hidden width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def gates_from_first_layer(
+    first_layer: torch.Tensor,
+    *,
+    kind: str,
+    gate: str,
+    mode: str,
+    num_experts: int,
+    w2_weight: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    max_threshold: float = 0.5,
+    top_k: int = 2,
+    normalize_topk: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finish the router.
+
+    Args:
+        first_layer: [T, F] the router's first-layer output: the logits [T, E] (linear)
+            or [T, 2H] = [W1 x + b1, W3 x + b3] (swiglu), then one threshold logit column
+            in the threshold and adaptive modes.
+    Returns:
+        gates [T, E] (the applied gates g, dtype of first_layer) and active [T, E] bool
+        (which pairs must run: every pair in soft mode).
+    """
+    body = first_layer
+    if mode in ("threshold", "adaptive"):
+        body, threshold_logit = first_layer[:, :-1], first_layer[:, -1:]
+    if kind == "swiglu":
+        up, gate_half = body.chunk(2, dim=-1)
+        logits = F.linear(F.silu(up) * gate_half, w2_weight, w2_bias)
+    else:
+        logits = body
+    p = torch.sigmoid(logits) if gate == "sigmoid" else torch.softmax(logits, dim=-1)
+
+    if mode == "soft":
+        return p, torch.ones_like(p, dtype=torch.bool)
+    if mode in ("threshold", "adaptive"):
+        threshold = max_threshold * torch.sigmoid(threshold_logit)
+        if mode == "threshold":
+            active = p >= threshold
+            return p * active, active
+        above = p - threshold
+        active = above >= 0
+        kept = above * active
+        total = kept.sum(dim=-1, keepdim=True)
+        return kept / torch.where(total == 0, 1.0, total), active
+    chosen = p.topk(top_k, dim=-1).indices
+    active = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, chosen, True)
+    kept = p * active
+    if normalize_topk:
+        kept = kept / kept.sum(dim=-1, keepdim=True)
+    return kept, active
+
+
+@dataclass
+class RoutingPlan:
+    """Active (token, expert) pairs, sorted by expert then token.
+
+    token_index [N] int64: token of each pair; expert_index [N] int64: its expert;
+    counts [E] int64 and offsets [E + 1] int64 on the device; counts_host: the same
+    counts as a Python list (one host sync, at build time, never inside a kernel loop).
+    """
+
+    token_index: torch.Tensor
+    expert_index: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    counts_host: list[int]
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.token_index.numel())
+
+    @classmethod
+    def from_active(cls, active: torch.Tensor) -> RoutingPlan:
+        """Build from active [T, E] bool."""
+        pairs = active.t().nonzero()  # [N, 2] as (expert, token), row-major = sorted
+        counts = active.sum(dim=0)
+        offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=active.device)
+        torch.cumsum(counts, dim=0, out=offsets[1:])
+        return cls(pairs[:, 1].contiguous(), pairs[:, 0].contiguous(), counts, offsets,
+                   counts.tolist())
+
+
+@dataclass
+class RouterOps:
+    """What a fused backend needs from a router: its first layer, to fold into the shrink
+    GEMM, and a function that finishes the gates from that layer's output.
+
+    first_weight [F, in], first_bias [F] or None; finish(first_layer [T, F]) returns
+    (gates [T, E], active [T, E] bool), as `gates_from_first_layer` does.
+    """
+
+    first_weight: torch.Tensor
+    first_bias: torch.Tensor | None
+    finish: object  # Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

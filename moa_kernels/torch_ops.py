@@ -1,0 +1,309 @@
+"""Fused pure-PyTorch MoA linear: runs on any device, CPU included.
+
+Plan (T tokens, R stacked shrink rows, C expand columns, F router first-layer width):
+
+Dense (soft mode, or gates given):
+  1. `_BaseAndShrink`: y = base(x) and h = x @ [A_stack; W_router1]^T + bias: two GEMMs that
+     share the saved x; backward accumulates dx = dy W_base + dh W_shrink in place.
+  2. The router finishes from h[:, R:] with ordinary autograd ([T, F] tensors only).
+  3. `_GatedExpand`: u = act(h[:, :R]) * g * scaling per column, then one GEMM
+     y += [u, g_adapters] @ [B_stack, up_biases]^T, in place into y. Backward recomputes the
+     activations from the saved h ([T, R]), so nothing of size [T, out] or [T, E, out] is
+     stored.
+Sparse (threshold, adaptive, topk):
+  1. as above, with the router rows only.
+  2. the gates give a `RoutingPlan` (pairs sorted by expert; one host sync, here only).
+  3. `_SparseExperts`: gather the active rows of x once, run each expert's shrink and
+     expand on its contiguous slice of the sorted rows, and add the results into y with a
+     deterministic index_add (sequential on CPU). Backward re-gathers x instead of saving
+     the [N, in] gathered copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moa_kernels.layout import ExpertLayout
+from moa_kernels.reference import ACTIVATION_FUNCTIONS
+from moa_kernels.routing import RouterOps, RoutingPlan
+
+
+def moa_linear(
+    x: torch.Tensor,
+    *,
+    base_weight: torch.Tensor,
+    base_bias: torch.Tensor | None,
+    layout: ExpertLayout,
+    shrink_weight: torch.Tensor,
+    shrink_bias: torch.Tensor,
+    expand_weight: torch.Tensor,
+    expand_bias: torch.Tensor,
+    router: RouterOps | None = None,
+    gates: torch.Tensor | None = None,
+    adapter_input: torch.Tensor | None = None,
+    sparse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = base(x) + sum_e g_e delta_e(adapter_input) for 2-D x.
+
+    Args:
+        x: [T, in]. adapter_input: [T, in] what the experts read (x after dropout), or None.
+        shrink_weight [R, in], shrink_bias [R - layout.bias_start], expand_weight [out, C],
+        expand_bias [N_ad, out]: the stacked expert tensors, in x's dtype.
+        router: the router's first layer and finisher; or None with `gates` [T, E] given.
+        sparse: skip inactive (token, expert) pairs (the router's `active` mask).
+    Returns:
+        y [T, out] and the applied gates [T, E].
+    """
+    expert_rows = 0 if sparse else layout.shrink_rows
+    fused_input = adapter_input is None
+    weights, biases = [], []
+    if fused_input and expert_rows:
+        weights.append(shrink_weight)
+        biases += [shrink_weight.new_zeros(layout.bias_start), shrink_bias]
+    if router is not None:
+        weights.append(router.first_weight)
+        biases.append(router.first_bias if router.first_bias is not None
+                      else router.first_weight.new_zeros(router.first_weight.shape[0]))
+    if weights:
+        y, h = _BaseAndShrink.apply(x, base_weight, base_bias, torch.cat(weights),
+                                    torch.cat(biases))
+    else:
+        y, h = F.linear(x, base_weight, base_bias), x.new_empty(x.shape[0], 0)
+
+    hidden = None
+    if not sparse:
+        if fused_input:
+            hidden, h = h[:, :expert_rows], h[:, expert_rows:]
+        else:
+            full_bias = torch.cat([shrink_weight.new_zeros(layout.bias_start), shrink_bias])
+            hidden = F.linear(adapter_input, shrink_weight, full_bias)
+    active = None
+    if router is not None:
+        gates, active = router.finish(h)
+    if gates.shape != (x.shape[0], layout.num_experts):
+        raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "
+                         f"got {tuple(gates.shape)}")
+    gates = gates.to(x.dtype)
+
+    if not sparse:
+        y = _GatedExpand.apply(y, hidden, gates, expand_weight, expand_bias, layout)
+        return y, gates
+    if active is None:
+        active = gates != 0
+    plan = RoutingPlan.from_active(active)
+    y = _SparseExperts.apply(y, x if adapter_input is None else adapter_input, shrink_weight,
+                             shrink_bias, expand_weight, expand_bias, gates, plan, layout)
+    return y, gates
+
+
+# ---------------------------------------------------------------------------------------
+# activations of the adapter bottlenecks
+# ---------------------------------------------------------------------------------------
+
+def _activate(hidden: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """act(hidden) per activation segment; hidden itself when every segment is identity."""
+    if not layout.activation_segments:
+        return hidden
+    out = hidden.clone()
+    for segment in layout.activation_segments:
+        out[:, segment.start:segment.stop] = ACTIVATION_FUNCTIONS[segment.activation](
+            hidden[:, segment.start:segment.stop])
+    return out
+
+
+def _activation_backward(hidden: torch.Tensor, grad: torch.Tensor,
+                         layout: ExpertLayout) -> torch.Tensor:
+    """d loss / d hidden from d loss / d act(hidden), recomputing the activations."""
+    for segment in layout.activation_segments:
+        rows = slice(segment.start, segment.stop)
+        with torch.enable_grad():
+            pre = hidden[:, rows].detach().requires_grad_(True)
+            (grad[:, rows],) = torch.autograd.grad(
+                ACTIVATION_FUNCTIONS[segment.activation](pre), pre, grad[:, rows])
+    return grad
+
+
+def _activation_of(slot) -> object:
+    return ACTIVATION_FUNCTIONS[slot.activation]
+
+
+# ---------------------------------------------------------------------------------------
+# dense path
+# ---------------------------------------------------------------------------------------
+
+class _BaseAndShrink(torch.autograd.Function):
+    """(x [T, in]) -> (base(x) [T, out], x @ shrink_weight^T + shrink_bias [T, S])."""
+
+    @staticmethod
+    def forward(ctx, x, base_weight, base_bias, shrink_weight, shrink_bias):
+        ctx.save_for_backward(x, base_weight, shrink_weight)
+        ctx.has_base_bias = base_bias is not None
+        return F.linear(x, base_weight, base_bias), F.linear(x, shrink_weight, shrink_bias)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h):
+        x, base_weight, shrink_weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x = grad_base_weight = grad_base_bias = grad_shrink_weight = None
+        grad_shrink_bias = None
+        if grad_h is None:
+            grad_h = x.new_zeros(x.shape[0], shrink_weight.shape[0])
+        if needs[0]:
+            grad_x = grad_h @ shrink_weight
+            if grad_y is not None:
+                grad_x.addmm_(grad_y, base_weight)
+        if grad_y is not None and needs[1]:
+            grad_base_weight = grad_y.t() @ x
+        if grad_y is not None and needs[2] and ctx.has_base_bias:
+            grad_base_bias = grad_y.sum(0)
+        if needs[3]:
+            grad_shrink_weight = grad_h.t() @ x
+        if needs[4]:
+            grad_shrink_bias = grad_h.sum(0)
+        return grad_x, grad_base_weight, grad_base_bias, grad_shrink_weight, grad_shrink_bias
+
+
+def _expand_operands(hidden, gates, expand_weight, expand_bias, layout):
+    """u [T, C + N_ad] (gated, scaled expert activations, then the adapters' gates) and
+    the matching weight [out, C + N_ad], plus the parts the backward needs."""
+    index = layout.index_tensors(hidden.device)
+    activated = _activate(hidden, layout)
+    columns = activated.index_select(1, index["column_source"]) if layout.has_shared_shrink \
+        else activated
+    column_gates = gates.index_select(1, index["column_expert"]) * \
+        index["column_scale"].to(gates.dtype)
+    u = columns * column_gates
+    weight = expand_weight
+    if layout.num_adapters:
+        u = torch.cat([u, gates.index_select(1, index["adapter_experts"])], dim=1)
+        weight = torch.cat([expand_weight, expand_bias.t()], dim=1)
+    return u, weight, columns, column_gates, index
+
+
+class _GatedExpand(torch.autograd.Function):
+    """y [T, out] += gated expand of hidden [T, R] (pre-activation), in place."""
+
+    @staticmethod
+    def forward(ctx, y, hidden, gates, expand_weight, expand_bias, layout):
+        u, weight, *_ = _expand_operands(hidden, gates, expand_weight, expand_bias, layout)
+        y.addmm_(u, weight.t())
+        ctx.mark_dirty(y)
+        ctx.layout = layout
+        ctx.save_for_backward(hidden, gates, expand_weight, expand_bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        hidden, gates, expand_weight, expand_bias = ctx.saved_tensors
+        layout = ctx.layout
+        u, weight, columns, column_gates, index = _expand_operands(
+            hidden, gates, expand_weight, expand_bias, layout)
+        grad_u = grad_y @ weight
+        grad_weight = grad_y.t() @ u
+        columns_count = layout.expand_columns
+        grad_columns_u = grad_u[:, :columns_count]
+
+        grad_gates = gates.new_zeros(gates.shape).index_add_(
+            1, index["column_expert"],
+            grad_columns_u * columns * index["column_scale"].to(gates.dtype))
+        if layout.num_adapters:
+            grad_gates.index_add_(1, index["adapter_experts"], grad_u[:, columns_count:])
+        grad_activated = grad_columns_u * column_gates
+        if layout.has_shared_shrink:
+            grad_activated = hidden.new_zeros(hidden.shape).index_add_(
+                1, index["column_source"], grad_activated)
+        grad_hidden = _activation_backward(hidden, grad_activated, layout)
+        grad_expand_weight = grad_weight[:, :columns_count]
+        grad_expand_bias = grad_weight[:, columns_count:].t() if layout.num_adapters else None
+        return grad_y, grad_hidden, grad_gates, grad_expand_weight, grad_expand_bias, None
+
+
+# ---------------------------------------------------------------------------------------
+# sparse path
+# ---------------------------------------------------------------------------------------
+
+def _expert_weights(slot, layout, shrink_weight, shrink_bias, expand_weight, expand_bias):
+    rows, columns = slice(*slot.shrink), slice(*slot.expand)
+    down_bias = None
+    if slot.adapter_index is not None:
+        down_bias = shrink_bias[slot.shrink[0] - layout.bias_start:
+                                slot.shrink[1] - layout.bias_start]
+    up_bias = expand_bias[slot.adapter_index] if slot.adapter_index is not None else None
+    return rows, columns, shrink_weight[rows], down_bias, expand_weight[:, columns], up_bias
+
+
+class _SparseExperts(torch.autograd.Function):
+    """y [T, out] += sum over active pairs (t, e) of g[t, e] delta_e(x[t]), in place."""
+
+    @staticmethod
+    def forward(ctx, y, x, shrink_weight, shrink_bias, expand_weight, expand_bias, gates,
+                plan, layout):
+        sorted_x = x.index_select(0, plan.token_index)
+        sorted_gates = gates[plan.token_index, plan.expert_index]
+        sorted_out = y.new_empty(plan.num_pairs, y.shape[1])
+        hiddens = []
+        start = 0
+        for slot, count in zip(layout.slots, plan.counts_host):
+            stop = start + count
+            _, _, down, down_bias, up, up_bias = _expert_weights(
+                slot, layout, shrink_weight, shrink_bias, expand_weight, expand_bias)
+            hidden = F.linear(sorted_x[start:stop], down, down_bias)
+            gate = sorted_gates[start:stop, None]
+            u = _activation_of(slot)(hidden) * (gate * slot.scaling)
+            torch.mm(u, up.t(), out=sorted_out[start:stop])
+            if up_bias is not None:
+                sorted_out[start:stop].addmm_(gate, up_bias[None])
+            hiddens.append(hidden)
+            start = stop
+        y.index_add_(0, plan.token_index, sorted_out)
+        ctx.mark_dirty(y)
+        ctx.plan, ctx.layout, ctx.hiddens = plan, layout, hiddens
+        ctx.save_for_backward(x, shrink_weight, shrink_bias, expand_weight, expand_bias,
+                              sorted_gates)
+        ctx.gates_shape = gates.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, shrink_weight, shrink_bias, expand_weight, expand_bias, sorted_gates = \
+            ctx.saved_tensors
+        plan, layout = ctx.plan, ctx.layout
+        sorted_x = x.index_select(0, plan.token_index)
+        sorted_grad_y = grad_y.index_select(0, plan.token_index)
+        grad_shrink_weight = torch.zeros_like(shrink_weight)
+        grad_shrink_bias = torch.zeros_like(shrink_bias)
+        grad_expand_weight = torch.zeros_like(expand_weight)
+        grad_expand_bias = torch.zeros_like(expand_bias)
+        sorted_grad_x = x.new_empty(plan.num_pairs, x.shape[1])
+        sorted_grad_gates = sorted_gates.new_empty(plan.num_pairs)
+        start = 0
+        for slot, count, hidden in zip(layout.slots, plan.counts_host, ctx.hiddens):
+            stop = start + count
+            rows, columns, down, _, up, up_bias = _expert_weights(
+                slot, layout, shrink_weight, shrink_bias, expand_weight, expand_bias)
+            grad_out, gate = sorted_grad_y[start:stop], sorted_gates[start:stop, None]
+            with torch.enable_grad():
+                pre = hidden.detach().requires_grad_(slot.activation != "identity")
+                activated = _activation_of(slot)(pre)
+            grad_activated_scaled = grad_out @ up  # d loss / d (gate * scaling * act)
+            grad_expand_weight[:, columns] += grad_out.t() @ (activated * (gate * slot.scaling))
+            grad_gate = (grad_activated_scaled * activated).sum(1) * slot.scaling
+            if up_bias is not None:
+                grad_gate += grad_out @ up_bias
+                grad_expand_bias[slot.adapter_index] += grad_out.t() @ gate[:, 0]
+            sorted_grad_gates[start:stop] = grad_gate
+            grad_hidden = grad_activated_scaled * (gate * slot.scaling)
+            if slot.activation != "identity":
+                (grad_hidden,) = torch.autograd.grad(activated, pre, grad_hidden)
+            grad_shrink_weight[rows] += grad_hidden.t() @ sorted_x[start:stop]
+            if slot.adapter_index is not None:
+                grad_shrink_bias[slot.shrink[0] - layout.bias_start:
+                                 slot.shrink[1] - layout.bias_start] += grad_hidden.sum(0)
+            torch.mm(grad_hidden, down, out=sorted_grad_x[start:stop])
+            start = stop
+        grad_x = torch.zeros_like(x).index_add_(0, plan.token_index, sorted_grad_x)
+        grad_gates = sorted_gates.new_zeros(ctx.gates_shape)
+        grad_gates[plan.token_index, plan.expert_index] = sorted_grad_gates
+        return (grad_y, grad_x, grad_shrink_weight, grad_shrink_bias, grad_expand_weight,
+                grad_expand_bias, grad_gates, None, None)
