@@ -13,10 +13,9 @@ Dense (soft mode, or gates given):
 Sparse (threshold, adaptive, topk):
   1. as above, with the router rows only.
   2. the gates give a `RoutingPlan` (pairs sorted by expert; one host sync, here only).
-  3. `_SparseExperts`: gather the active rows of x once, run each expert's shrink and
-     expand on its contiguous slice of the sorted rows, and add the results into y with a
-     deterministic index_add (sequential on CPU). Backward re-gathers x instead of saving
-     the [N, in] gathered copy.
+  3. `_SparseExperts`: per expert, gather its active rows of x, run its shrink and expand,
+     and add the result into y with a deterministic index_add (sequential on CPU). Backward
+     re-gathers x instead of saving the gathered rows.
 """
 
 from __future__ import annotations
@@ -234,29 +233,32 @@ def _expert_weights(slot, layout, shrink_weight, shrink_bias, expand_weight, exp
 
 
 class _SparseExperts(torch.autograd.Function):
-    """y [T, out] += sum over active pairs (t, e) of g[t, e] delta_e(x[t]), in place."""
+    """y [T, out] += sum over active pairs (t, e) of g[t, e] delta_e(x[t]), in place.
+
+    Works expert by expert on the plan's contiguous slices. Gathering per expert (instead of
+    all N rows at once) keeps every buffer at most [T, in]: on CPU a fresh multi-megabyte
+    buffer costs page faults that outweigh the small GEMMs themselves.
+    """
 
     @staticmethod
     def forward(ctx, y, x, shrink_weight, shrink_bias, expand_weight, expand_bias, gates,
                 plan, layout):
-        sorted_x = x.index_select(0, plan.token_index)
         sorted_gates = gates[plan.token_index, plan.expert_index]
-        sorted_out = y.new_empty(plan.num_pairs, y.shape[1])
         hiddens = []
         start = 0
         for slot, count in zip(layout.slots, plan.counts_host):
             stop = start + count
+            tokens = plan.token_index[start:stop]
             _, _, down, down_bias, up, up_bias = _expert_weights(
                 slot, layout, shrink_weight, shrink_bias, expand_weight, expand_bias)
-            hidden = F.linear(sorted_x[start:stop], down, down_bias)
+            hidden = F.linear(x.index_select(0, tokens), down, down_bias)
             gate = sorted_gates[start:stop, None]
-            u = _activation_of(slot)(hidden) * (gate * slot.scaling)
-            torch.mm(u, up.t(), out=sorted_out[start:stop])
+            out = (_activation_of(slot)(hidden) * (gate * slot.scaling)) @ up.t()
             if up_bias is not None:
-                sorted_out[start:stop].addmm_(gate, up_bias[None])
+                out.addmm_(gate, up_bias[None])
+            y.index_add_(0, tokens, out)
             hiddens.append(hidden)
             start = stop
-        y.index_add_(0, plan.token_index, sorted_out)
         ctx.mark_dirty(y)
         ctx.plan, ctx.layout, ctx.hiddens = plan, layout, hiddens
         ctx.save_for_backward(x, shrink_weight, shrink_bias, expand_weight, expand_bias,
@@ -269,25 +271,26 @@ class _SparseExperts(torch.autograd.Function):
         x, shrink_weight, shrink_bias, expand_weight, expand_bias, sorted_gates = \
             ctx.saved_tensors
         plan, layout = ctx.plan, ctx.layout
-        sorted_x = x.index_select(0, plan.token_index)
-        sorted_grad_y = grad_y.index_select(0, plan.token_index)
         grad_shrink_weight = torch.zeros_like(shrink_weight)
         grad_shrink_bias = torch.zeros_like(shrink_bias)
-        grad_expand_weight = torch.zeros_like(expand_weight)
+        # Kept transposed [C, out] so each expert's columns are a contiguous row block.
+        grad_expand_weight_t = expand_weight.new_zeros(expand_weight.shape[::-1])
         grad_expand_bias = torch.zeros_like(expand_bias)
-        sorted_grad_x = x.new_empty(plan.num_pairs, x.shape[1])
+        grad_x = torch.zeros_like(x)
         sorted_grad_gates = sorted_gates.new_empty(plan.num_pairs)
         start = 0
         for slot, count, hidden in zip(layout.slots, plan.counts_host, ctx.hiddens):
             stop = start + count
+            tokens = plan.token_index[start:stop]
             rows, columns, down, _, up, up_bias = _expert_weights(
                 slot, layout, shrink_weight, shrink_bias, expand_weight, expand_bias)
-            grad_out, gate = sorted_grad_y[start:stop], sorted_gates[start:stop, None]
+            grad_out, gate = grad_y.index_select(0, tokens), sorted_gates[start:stop, None]
             with torch.enable_grad():
                 pre = hidden.detach().requires_grad_(slot.activation != "identity")
                 activated = _activation_of(slot)(pre)
             grad_activated_scaled = grad_out @ up  # d loss / d (gate * scaling * act)
-            grad_expand_weight[:, columns] += grad_out.t() @ (activated * (gate * slot.scaling))
+            grad_expand_weight_t[columns].addmm_(activated.t() * (gate.t() * slot.scaling),
+                                                 grad_out)
             grad_gate = (grad_activated_scaled * activated).sum(1) * slot.scaling
             if up_bias is not None:
                 grad_gate += grad_out @ up_bias
@@ -296,14 +299,13 @@ class _SparseExperts(torch.autograd.Function):
             grad_hidden = grad_activated_scaled * (gate * slot.scaling)
             if slot.activation != "identity":
                 (grad_hidden,) = torch.autograd.grad(activated, pre, grad_hidden)
-            grad_shrink_weight[rows] += grad_hidden.t() @ sorted_x[start:stop]
+            grad_shrink_weight[rows].addmm_(grad_hidden.t(), x.index_select(0, tokens))
             if slot.adapter_index is not None:
                 grad_shrink_bias[slot.shrink[0] - layout.bias_start:
                                  slot.shrink[1] - layout.bias_start] += grad_hidden.sum(0)
-            torch.mm(grad_hidden, down, out=sorted_grad_x[start:stop])
+            grad_x.index_add_(0, tokens, grad_hidden @ down)
             start = stop
-        grad_x = torch.zeros_like(x).index_add_(0, plan.token_index, sorted_grad_x)
         grad_gates = sorted_gates.new_zeros(ctx.gates_shape)
         grad_gates[plan.token_index, plan.expert_index] = sorted_grad_gates
-        return (grad_y, grad_x, grad_shrink_weight, grad_shrink_bias, grad_expand_weight,
+        return (grad_y, grad_x, grad_shrink_weight, grad_shrink_bias, grad_expand_weight_t.t(),
                 grad_expand_bias, grad_gates, None, None)
