@@ -1,0 +1,123 @@
+"""moa_kernels/layout.py: where each expert lives in the ragged stacked weights.
+
+The reference and fused backends share the layout, so a layout bug would be invisible to
+the backend-vs-reference tests; these tests pin it down against hand-written offsets.
+"""
+
+import pytest
+import torch
+
+from moa.config import ExpertSpec, parse_experts
+from moa_kernels.layout import ActivationSegment, ExpertLayout
+
+
+def layout_of(experts, in_features=11, out_features=13):
+    return ExpertLayout.from_specs(parse_experts(experts), in_features, out_features)
+
+
+def test_mixed_layout_offsets_written_out():
+    # User order: adapter, lora, hydra (2 heads), lora with alpha, adapter.
+    # Shrink rows: every lora/hydra A first (user order), then the adapters' W_down.
+    # Expand columns follow the same order; a hydra spec owns one column block per head.
+    layout = layout_of(["adapter:4:gelu", "lora:3", "hydra:2:2", "lora:5:10",
+                        "adapter:6:relu"])
+    assert layout.num_experts == 6  # hydra counts as its 2 heads
+    assert layout.num_adapters == 2
+    assert layout.has_shared_shrink
+    assert layout.shrink_rows == 3 + 2 + 5 + 4 + 6  # no padding to the largest rank
+    assert layout.expand_columns == 3 + 2 * 2 + 5 + 4 + 6
+    assert layout.bias_start == 3 + 2 + 5
+    got = [(s.kind, s.shrink, s.expand, s.scaling, s.activation, s.adapter_index)
+           for s in layout.slots]
+    assert got == [
+        ("adapter", (10, 14), (12, 16), 1.0, "gelu", 0),
+        ("lora", (0, 3), (0, 3), 1.0, "identity", None),
+        ("hydra", (3, 5), (3, 5), 1.0, "identity", None),
+        ("hydra", (3, 5), (5, 7), 1.0, "identity", None),  # shares the A rows of head 0
+        ("lora", (5, 10), (7, 12), 2.0, "identity", None),  # alpha / r = 10 / 5
+        ("adapter", (14, 20), (16, 22), 1.0, "relu", 1),
+    ]
+    assert [s.rank for s in layout.slots] == [4, 3, 2, 2, 5, 6]
+    assert layout.activation_segments == [ActivationSegment(10, 14, "gelu"),
+                                          ActivationSegment(14, 20, "relu")]
+
+
+def test_index_tensors_written_out_and_cached():
+    layout = layout_of(["hydra:2:2", "adapter:1:silu", "lora:1:3"])
+    index = layout.index_tensors(torch.device("cpu"))
+    # Experts: hydra heads 0 and 1, adapter 2, lora 3. Columns: hydra head 0 [0, 2),
+    # head 1 [2, 4) (both read rows 0, 1), lora [4, 5) reads row 2, adapter [5, 6) row 3.
+    assert index["column_source"].tolist() == [0, 1, 0, 1, 2, 3]
+    assert index["column_expert"].tolist() == [0, 0, 1, 1, 3, 2]
+    assert index["column_scale"].tolist() == [1.0, 1.0, 1.0, 1.0, 3.0, 1.0]
+    assert index["adapter_experts"].tolist() == [2]
+    assert index["column_source"].dtype == torch.int64
+    assert index["column_expert"].dtype == torch.int64
+    assert index["column_scale"].dtype == torch.float32
+    assert layout.index_tensors("cpu") is index  # cached per device
+
+
+@pytest.mark.parametrize(
+    "experts, segments",
+    [
+        # same activation, adjacent rows (a lora between them in user order): one segment
+        (["adapter:4:gelu", "lora:2", "adapter:3:gelu"], [(2, 9, "gelu")]),
+        # alternating activations: one segment each, never merged across a change
+        (["adapter:4:gelu", "adapter:3:silu", "adapter:2:gelu"],
+         [(0, 4, "gelu"), (4, 7, "silu"), (7, 9, "gelu")]),
+        # identity adapters need no activation pass and break a run
+        (["adapter:2:relu", "adapter:3:identity", "adapter:1:relu"],
+         [(0, 2, "relu"), (5, 6, "relu")]),
+        # lora and hydra only: no segments at all
+        (["lora:8", "hydra:4:2"], []),
+    ],
+    ids=["merge-same", "alternate", "identity-gap", "no-adapters"],
+)
+def test_activation_segments(experts, segments):
+    layout = layout_of(experts)
+    assert [(s.start, s.stop, s.activation) for s in layout.activation_segments] == segments
+
+
+@pytest.mark.parametrize(
+    "experts",
+    [
+        ["lora:1"],  # E = 1, smallest rank
+        ["lora:1", "lora:2", "lora:7", "lora:16", "lora:31", "lora:64"],  # ranks 1..64
+        ["adapter:16:silu"],  # adapter only
+        ["hydra:8:8"],  # HydraLoRA: one A, 8 heads
+        ["adapter:3:gelu", "hydra:5:3", "lora:4:8", "adapter:1:identity", "lora:2"],  # mix
+    ],
+)
+def test_layout_invariants(experts):
+    specs = parse_experts(experts)
+    layout = ExpertLayout.from_specs(specs, 5, 7)
+    assert layout.num_experts == sum(s.num_experts for s in specs)
+    assert layout.shrink_rows == sum(s.size for s in specs)
+    assert layout.expand_columns == sum(s.size * s.num_experts for s in specs)
+    # Expand columns tile [0, C) exactly once, each block as wide as its shrink block.
+    covered = sorted(c for slot in layout.slots for c in range(*slot.expand))
+    assert covered == list(range(layout.expand_columns))
+    for slot in layout.slots:
+        assert slot.expand[1] - slot.expand[0] == slot.shrink[1] - slot.shrink[0]
+        assert (slot.adapter_index is not None) == (slot.kind == "adapter")
+        if slot.kind == "adapter":
+            assert slot.shrink[0] >= layout.bias_start
+        else:
+            assert slot.shrink[1] <= layout.bias_start
+    # Shrink rows tile [0, R) (hydra heads share theirs).
+    rows = sorted({r for slot in layout.slots for r in range(*slot.shrink)})
+    assert rows == list(range(layout.shrink_rows))
+    # Slots follow the user's order of experts (gate e is slot e).
+    kinds = [s.kind for s in specs for _ in range(s.num_experts)]
+    assert [slot.kind for slot in layout.slots] == kinds
+    assert [slot.scaling for slot in layout.slots] == \
+        [s.scaling for s in specs for _ in range(s.num_experts)]
+    assert layout.has_shared_shrink == any(s.kind == "hydra" for s in specs)
+
+
+def test_layout_from_expert_spec_objects():
+    # from_specs takes ExpertSpec objects; hydra alpha gives alpha / r per head.
+    layout = ExpertLayout.from_specs([ExpertSpec.hydra(4, 2, alpha=2.0)], 3, 3)
+    assert [s.scaling for s in layout.slots] == [0.5, 0.5]
+    assert [s.shrink for s in layout.slots] == [(0, 4), (0, 4)]
+    assert [s.expand for s in layout.slots] == [(0, 4), (4, 8)]
