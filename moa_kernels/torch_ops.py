@@ -149,9 +149,12 @@ class _BaseAndShrink(torch.autograd.Function):
         if grad_h is None:
             grad_h = x.new_zeros(x.shape[0], shrink_weight.shape[0])
         if needs[0]:
-            grad_x = grad_h @ shrink_weight
+            # The big GEMM allocates dx; the skinny one accumulates into it in place.
             if grad_y is not None:
-                grad_x.addmm_(grad_y, base_weight)
+                grad_x = grad_y @ base_weight
+                grad_x.addmm_(grad_h, shrink_weight)
+            else:
+                grad_x = grad_h @ shrink_weight
         if grad_y is not None and needs[1]:
             grad_base_weight = grad_y.t() @ x
         if grad_y is not None and needs[2] and ctx.has_base_bias:
