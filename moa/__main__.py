@@ -1,0 +1,5 @@
+import sys
+
+from moa.cli import main
+
+sys.exit(main())
