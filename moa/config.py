@@ -1,13 +1,18 @@
 """Configuration objects: what experts a layer holds and how its router turns tokens into gates.
 
 `ExpertSpec` describes one adapter expert (or, for `hydra`, one shared-A group of heads),
-`RouterConfig` the router and the gating mode. Both validate on construction so that a bad
-value fails where it was written, with a message that says what is allowed.
+`RouterConfig` the router and the gating mode, `MoAConfig` a whole model's injection (which
+modules, which experts, router scope, layer-level experts) with JSON round-trip and the
+published presets. All validate on construction so that a bad value fails where it was
+written, with a message that says what is allowed.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
 
 EXPERT_KINDS = ("lora", "adapter", "hydra")
 ACTIVATIONS = ("silu", "gelu", "relu", "identity")
@@ -180,4 +185,300 @@ class RouterConfig:
         return cls(**data)
 
 
-__all__ = ["ExpertSpec", "RouterConfig", "parse_experts"]
+# ---------------------------------------------------------------------------------------
+# MoAConfig: a whole model's injection
+# ---------------------------------------------------------------------------------------
+
+CONFIG_NAME = "moa_config.json"
+ROUTER_SCOPES = ("layer", "module")
+# The backends MoALinear accepts (moa/layers.py BACKENDS; repeated here so that config does
+# not import torch).
+CONFIG_BACKENDS = ("auto", "reference", "torch", "triton")
+PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+DEFAULT_EXPERT_KEY = "*"
+
+
+def _paper_targets() -> list[str]:
+    return list(PAPER_TARGETS)
+
+
+def _paper_experts() -> list[ExpertSpec]:
+    return [ExpertSpec.lora(8, 8.0)]
+
+
+def module_matches(name: str, patterns: list[str] | str) -> bool:
+    """PEFT-style matching: a string is a regex that must match the whole module name; a list
+    matches a name exactly or as a dotted suffix ("q_proj" matches "model.layers.0.q_proj").
+    """
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index of a module name: its first all-digit dotted component
+    ("model.layers.3.mlp.down_proj" -> 3), or None."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+@dataclass
+class MoAConfig:
+    """How `get_moa_model` turns a transformers model into a MoA model.
+
+    The defaults are the paper's Soft MoA (DESIGN.md section 4); `MoAConfig.preset` gives the
+    published variants and baselines.
+
+    Fields:
+        target_modules: the nn.Linear modules to adapt: a list of names or dotted suffixes
+            ("q_proj" matches "model.layers.0.self_attn.q_proj"), or a regex string that must
+            match the whole module name.
+        exclude_modules: modules to leave alone, matched the same way (None: none).
+        layers_to_transform: decoder-layer indices to adapt (the first all-digit component of
+            a module name); None adapts every layer.
+        experts: the experts of each adapted module: a list of ExpertSpecs or strings such
+            as "lora:8:8", "adapter:16", "hydra:8:8", or a dict keyed by module suffix
+            (longest suffix wins; key "*" is the default) where modules differ.
+        router: the RouterConfig, or None for no router (every expert always on, gate 1:
+            plain LoRA or adapters).
+        router_scope: "layer": one router per decoder layer reads the layer's input-norm
+            output and gates every expert of the layer (each module takes its slice);
+            "module": every adapted module has its own router on its own input.
+        parallel_adapter: bottleneck size of a parallel adapter beside each MLP (input: the
+            MLP's input, output added to the MLP's), or None. Needs router_scope "layer".
+        parallel_adapter_activation: its activation ("silu", "gelu", "relu", "identity").
+        prompt_length: number of learned prompt vectors of the prompt expert in each
+            attention module (Llama, Mistral, Qwen2, Qwen3), or None. Needs router_scope
+            "layer" and a soft router (the sparse variants do not use it).
+        aux_loss_coef: weight of the switch-style load-balancing loss added to the model's
+            loss (0 disables).
+        dropout: dropout probability on the experts' input.
+        backend: MoALinear backend: "auto", "reference", "torch" or "triton".
+    """
+
+    target_modules: list[str] | str = field(default_factory=_paper_targets)
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | None = None
+    experts: list[ExpertSpec] | dict[str, list[ExpertSpec]] = field(
+        default_factory=_paper_experts)
+    router: RouterConfig | None = field(default_factory=RouterConfig)
+    router_scope: str = "layer"
+    parallel_adapter: int | None = 16
+    parallel_adapter_activation: str = "silu"
+    prompt_length: int | None = 10
+    aux_loss_coef: float = 0.0
+    dropout: float = 0.0
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.target_modules = self._patterns("target_modules", self.target_modules)
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is empty; name at least one module")
+        if self.exclude_modules is not None:
+            self.exclude_modules = self._patterns("exclude_modules", self.exclude_modules)
+        if self.layers_to_transform is not None:
+            layers = self.layers_to_transform
+            layers = [layers] if isinstance(layers, int) else list(layers)
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                                 for i in layers):
+                raise ValueError("layers_to_transform must be None or a non-empty list of "
+                                 f"layer indices >= 0, got {self.layers_to_transform!r}")
+            self.layers_to_transform = layers
+        self.experts = self._parse_experts(self.experts)
+        if isinstance(self.router, dict):
+            self.router = RouterConfig.from_dict(self.router)
+        if self.router is not None and not isinstance(self.router, RouterConfig):
+            raise TypeError("router must be a RouterConfig, a dict of its fields or None, "
+                            f"got {type(self.router).__name__}")
+        _check_choice("router_scope", self.router_scope, ROUTER_SCOPES)
+        _check_choice("backend", self.backend, CONFIG_BACKENDS)
+        _check_choice("parallel_adapter_activation", self.parallel_adapter_activation,
+                      ACTIVATIONS)
+        for name in ("parallel_adapter", "prompt_length"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _check_positive_int(name, value)
+            if self.router_scope != "layer":
+                raise ValueError(f"{name} is a layer-level expert gated by the layer router; "
+                                 "it needs router_scope='layer' (set it to None for "
+                                 "router_scope='module')")
+        if self.prompt_length is not None and self.router is not None and \
+                self.router.mode != "soft":
+            raise ValueError(f"the prompt expert is only used with a soft router (mode "
+                             f"'soft'), got mode {self.router.mode!r}; set prompt_length=None")
+        if isinstance(self.aux_loss_coef, bool) or not isinstance(self.aux_loss_coef,
+                                                                   (int, float)) \
+                or not self.aux_loss_coef >= 0:
+            raise ValueError(f"aux_loss_coef must be a number >= 0, got {self.aux_loss_coef!r}")
+        if self.aux_loss_coef > 0 and self.router is None:
+            raise ValueError("aux_loss_coef > 0 needs a router; this config has router=None")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    @staticmethod
+    def _patterns(name: str, value) -> list[str] | str:
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"{name} {value!r} is not a valid regex: {error}") from None
+            return value
+        if isinstance(value, (list, tuple, set, frozenset)) and \
+                all(isinstance(v, str) and v for v in value):
+            return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+        raise TypeError(f"{name} must be a regex string or a list of module names, "
+                        f"got {value!r}")
+
+    @staticmethod
+    def _parse_experts(experts):
+        if isinstance(experts, dict):
+            if not experts:
+                raise ValueError("experts is an empty dict; give at least one module suffix "
+                                 f"(or {DEFAULT_EXPERT_KEY!r} for the default)")
+            parsed = {}
+            for key, value in experts.items():
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"experts keys must be module suffixes, got {key!r}")
+                try:
+                    parsed[key] = parse_experts(value)
+                except ValueError as error:
+                    raise ValueError(f"experts[{key!r}]: {error}") from None
+            return parsed
+        return parse_experts(experts)
+
+    # ---- per-module lookups ------------------------------------------------------------
+
+    def is_target(self, name: str) -> bool:
+        """Whether module `name` is targeted and not excluded (layers not checked here)."""
+        if not module_matches(name, self.target_modules):
+            return False
+        return self.exclude_modules is None or not module_matches(name, self.exclude_modules)
+
+    def in_layers(self, name: str) -> bool:
+        """Whether module `name` lies in a layer of layers_to_transform (always, if None)."""
+        return self.layers_to_transform is None or layer_index(name) in self.layers_to_transform
+
+    def experts_for(self, name: str) -> list[ExpertSpec]:
+        """The expert specs of module `name` (a dict's longest matching suffix wins)."""
+        if not isinstance(self.experts, dict):
+            return list(self.experts)
+        matches = [k for k in self.experts if name == k or name.endswith("." + k)]
+        if matches:
+            return list(self.experts[max(matches, key=len)])
+        if DEFAULT_EXPERT_KEY in self.experts:
+            return list(self.experts[DEFAULT_EXPERT_KEY])
+        raise ValueError(f"no experts for module {name!r}: experts has keys "
+                         f"{sorted(self.experts)}; add its suffix or a "
+                         f"{DEFAULT_EXPERT_KEY!r} default")
+
+    # ---- JSON ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (experts as strings such as "lora:8:8", router as a dict)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(self.experts, dict):
+            data["experts"] = {k: [str(e) for e in v] for k, v in self.experts.items()}
+        else:
+            data["experts"] = [str(e) for e in self.experts]
+        data["router"] = None if self.router is None else self.router.to_dict()
+        for name in ("target_modules", "exclude_modules", "layers_to_transform"):
+            if isinstance(data[name], list):
+                data[name] = list(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MoAConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"a MoAConfig dict is expected, got {type(data).__name__}")
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown MoAConfig fields: {sorted(unknown)}; allowed: "
+                             f"{', '.join(f.name for f in fields(cls))}")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_string(cls, text: str) -> MoAConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Write `moa_config.json` into `directory` (created if needed); returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> MoAConfig:
+        """Read `moa_config.json` from `directory`."""
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}")
+        with open(path, encoding="utf-8") as handle:
+            try:
+                return cls.from_json_string(handle.read())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+    # ---- presets -------------------------------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> MoAConfig:
+        """A published configuration, with fields overridden by keyword.
+
+        soft_moa: layer router SwiGLU x4, sigmoid, soft; lora r=8 alpha=8 on q, k, v, o,
+            down; parallel adapter 16 (SiLU); prompt 10.
+        sparse_moa: the same with mode "threshold" (max 0.5) and no prompt expert.
+        lora: plain LoRA r=16 (alpha 16) on the same modules, no router.
+        molora: 8 x lora r=8 per module, bias-free linear softmax router per module, soft.
+        hydralora: shared A, 8 B heads, r=8, bias-free linear softmax router per module.
+        adamole: 8 x lora r=8, bias-free linear softmax router per module, adaptive
+            threshold with max 1/8.
+        topk_moelora: 8 x lora r=8, bias-free linear softmax router per module, top-2.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+        values = dict(PRESETS[name])
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown MoAConfig fields in overrides: {sorted(unknown)}; "
+                             f"allowed: {', '.join(f.name for f in fields(cls))}")
+        values.update(overrides)
+        return cls(**values)
+
+
+def _module_router(**kwargs) -> RouterConfig:
+    return RouterConfig(kind="linear", gate="softmax", bias=False, **kwargs)
+
+
+_EIGHT_LORAS = ["lora:8:8"] * 8
+
+# Field values of each preset (everything not named takes the MoAConfig default, which is
+# Soft MoA). Counts on the LLaMA-3.1-8B shape are in DESIGN.md section 4.
+PRESETS: dict[str, dict] = {
+    "soft_moa": {},
+    "sparse_moa": {"router": RouterConfig(mode="threshold", max_threshold=0.5),
+                   "prompt_length": None},
+    "lora": {"experts": ["lora:16:16"], "router": None, "router_scope": "module",
+             "parallel_adapter": None, "prompt_length": None},
+    "molora": {"experts": _EIGHT_LORAS, "router": _module_router(), "router_scope": "module",
+               "parallel_adapter": None, "prompt_length": None},
+    "hydralora": {"experts": ["hydra:8:8:8"], "router": _module_router(),
+                  "router_scope": "module", "parallel_adapter": None, "prompt_length": None},
+    "adamole": {"experts": _EIGHT_LORAS,
+                "router": _module_router(mode="adaptive", max_threshold=1 / 8),
+                "router_scope": "module", "parallel_adapter": None, "prompt_length": None},
+    "topk_moelora": {"experts": _EIGHT_LORAS, "router": _module_router(mode="topk", top_k=2),
+                     "router_scope": "module", "parallel_adapter": None,
+                     "prompt_length": None},
+}
+
+
+__all__ = ["CONFIG_NAME", "PRESETS", "ExpertSpec", "MoAConfig", "RouterConfig",
+           "layer_index", "module_matches", "parse_experts"]

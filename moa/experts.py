@@ -1,0 +1,374 @@
+"""Model-level experts of the paper topology (DESIGN.md section 4) and the hooks that wire them.
+
+With `router_scope="layer"` each decoder layer gets:
+
+- `LayerRouter` (attribute `moa_router` of the layer): reads the output of the layer's
+  `input_layernorm` (a forward hook) and produces the gates [B, S, E] of every expert of the
+  layer, in this order: the experts of each adapted module in module order, then the
+  parallel adapter, then the prompt expert. Each adapted `MoALinear` (router=None) receives
+  its slice through a forward pre-hook that passes `gates=`.
+- `ParallelAdapter` (attribute `moa_parallel_adapter` of the layer): beside the MLP; a
+  forward hook adds g * (W_up act(W_down x + b_down) + b_up) to the MLP output, x being the
+  MLP input (the post-attention-norm output).
+- `PromptExpert` (attribute `moa_prompt` of the attention module, Llama, Mistral, Qwen2 and
+  Qwen3 families): P [L, hidden] learned vectors; K_p = k_proj(P), V_p = v_proj(P) with the
+  frozen projections (no rotary); per head h, o_p = gate_h * softmax(q K_p^T / sqrt(D)) V_p
+  with q the attention's post-rotary query; g * o_p is added to the o_proj input.
+
+The prompt expert needs the post-rotary query, which the attention module never exposes. It
+is rebuilt from what the module does expose, with three hooks: a pre-hook on the attention
+module keeps `position_embeddings` (cos, sin); a forward hook on `q_norm` (Qwen3) or
+`q_proj` (the others) keeps the query before rotary, the q_proj LoRA included; a pre-hook on
+`o_proj` applies the family's own `apply_rotary_pos_emb` to it and adds the prompt output.
+Nothing of the attention forward is copied, so a new attention backend or cache type does
+not change the wiring.
+
+Every hook stands down when its module's `active` flag is off (`MoAModel.disable_adapters`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moa.config import RouterConfig
+from moa.layers import MoALinear, MoARouter
+from moa_kernels.reference import ACTIVATION_FUNCTIONS
+
+# Attention classes whose forward is the Llama one (q_proj -> [q_norm] -> rotary ->
+# attention -> o_proj) and whose module defines apply_rotary_pos_emb(q, k, cos, sin).
+PROMPT_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention",
+                            "Qwen3Attention")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype to compute in: autocast's when autocast is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def adapter_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Adapter tensors stay float32 when the base is half precision (as in MoALinear)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class GateCollector:
+    """Collects the applied gates [T, E] (with their graph) of every router call while
+    `active`, for the auxiliary load-balancing loss."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.gates: list[torch.Tensor] = []
+
+    def add(self, gates: torch.Tensor) -> None:
+        if self.active:
+            self.gates.append(gates.reshape(-1, gates.shape[-1]))
+
+
+def load_balancing_loss(gates: torch.Tensor) -> torch.Tensor:
+    """Switch-style load-balancing loss of one router call, E * sum_e f_e * P_e.
+
+    Args:
+        gates: [T, E] the applied gates (with grad).
+    Returns:
+        a scalar: P_e is the mean over tokens of the token's gates normalised to sum 1
+        (tokens whose gates are all zero count as zero), f_e the fraction of those tokens
+        whose largest gate is expert e (no gradient). It is 1 for a uniform router.
+    """
+    gates = gates.float()
+    num_experts = gates.shape[-1]
+    total = gates.sum(dim=-1, keepdim=True)
+    routed = (total > 0).squeeze(-1)
+    shares = gates / torch.where(total > 0, total, torch.ones_like(total))
+    count = routed.sum().clamp_min(1)
+    mean_share = shares.sum(dim=0) / count
+    top = F.one_hot(gates.argmax(dim=-1), num_experts).float() * routed[:, None]
+    fraction = (top.sum(dim=0) / count).detach()
+    return num_experts * (fraction * mean_share).sum()
+
+
+# ---------------------------------------------------------------------------------------
+# the layer router
+# ---------------------------------------------------------------------------------------
+
+class LayerRouter(nn.Module):
+    """One router for a whole decoder layer (DESIGN.md section 4).
+
+    Args:
+        hidden_size: width of the input-norm output it reads.
+        expert_names: a name per gated expert, in gate order.
+        config: the RouterConfig, or None for constant gates of 1.
+    Attributes:
+        gates: [B, S, E] the gates of the current forward (with their graph), set by the
+            input-norm hook; last_gates: the same, detached, for `router_stats`.
+    """
+
+    def __init__(self, hidden_size: int, expert_names: list[str],
+                 config: RouterConfig | None, collector: GateCollector | None = None, *,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.expert_names = list(expert_names)
+        self.num_experts = len(self.expert_names)
+        self.router = None if config is None else MoARouter(
+            hidden_size, self.num_experts, config, device=device, dtype=dtype)
+        self.collector = collector
+        self.active = True
+        self.gates: torch.Tensor | None = None
+        self.last_gates: torch.Tensor | None = None
+
+    def route(self, normed: torch.Tensor) -> torch.Tensor:
+        """Gates [..., E] for the input-norm output normed [..., hidden]; kept in `gates`."""
+        if self.router is None:
+            gates = normed.new_ones(*normed.shape[:-1], self.num_experts)
+        else:
+            gates = self.router(normed)
+            if self.collector is not None:
+                self.collector.add(gates)
+        self.gates = gates
+        self.last_gates = gates.detach()
+        return gates
+
+    def gates_for(self, start: int, stop: int, x: torch.Tensor, who: str) -> torch.Tensor:
+        """The gates [..., stop - start] of experts start..stop-1 for an input x [..., F]."""
+        if self.gates is None:
+            raise RuntimeError(f"{who} ran before its layer's input norm: the layer router "
+                               "has no gates for this forward")
+        gates = self.gates[..., start:stop]
+        if gates.shape[:-1] != x.shape[:-1]:
+            raise RuntimeError(f"{who} got an input of shape {tuple(x.shape)} but its layer "
+                               f"router's gates have shape {tuple(self.gates.shape)}; the "
+                               "leading (token) dimensions must agree for router_scope "
+                               "'layer'")
+        return gates
+
+    def input_norm_hook(self, module: nn.Module, args, output) -> None:
+        """Forward hook on the layer's input_layernorm."""
+        if self.active:
+            self.route(output[0] if isinstance(output, tuple) else output)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, experts={self.expert_names}"
+
+
+def gates_pre_hook(router: LayerRouter, start: int, stop: int, who: str) -> Callable:
+    """A forward pre-hook (with_kwargs) passing a MoALinear its slice of the layer gates."""
+
+    def hook(module: nn.Module, args, kwargs):
+        if not router.active or kwargs.get("gates") is not None or len(args) > 1:
+            return None
+        x = args[0] if args else kwargs["x"]
+        return args, {**kwargs, "gates": router.gates_for(start, stop, x, who)}
+
+    return hook
+
+
+def constant_gates_pre_hook(module: MoALinear, args, kwargs):
+    """Forward pre-hook for a router-less MoALinear: every expert always on, gate 1."""
+    if kwargs.get("gates") is not None or len(args) > 1:
+        return None
+    x = args[0] if args else kwargs["x"]
+    return args, {**kwargs, "gates": x.new_ones(*x.shape[:-1], module.num_experts)}
+
+
+def collecting_pre_hook(collector: GateCollector) -> Callable:
+    """Forward pre-hook for a MoALinear with its own router: while the collector is active,
+    route here (keeping the gates' graph for the auxiliary loss) and pass the gates on."""
+
+    def hook(module: MoALinear, args, kwargs):
+        if not collector.active or kwargs.get("gates") is not None or len(args) > 1:
+            return None
+        x = args[0] if args else kwargs["x"]
+        gates = module.route(x)
+        collector.add(gates)
+        return args, {**kwargs, "gates": gates}
+
+    return hook
+
+
+# ---------------------------------------------------------------------------------------
+# the parallel adapter
+# ---------------------------------------------------------------------------------------
+
+class ParallelAdapter(nn.Module):
+    """delta(x) = W_up act(W_down x + b_down) + b_up beside a module (the MLP).
+
+    down_weight [size, in], down_bias [size], up_weight [out, size], up_bias [out]; weights
+    xavier-uniform with gain 1e-4, biases zero (DESIGN.md section 2).
+    """
+
+    def __init__(self, in_features: int, out_features: int, size: int,
+                 activation: str = "silu", dropout: float = 0.0, *, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.size = in_features, out_features, size
+        self.activation = activation
+        self.down_weight = nn.Parameter(torch.empty(size, in_features, **factory))
+        self.down_bias = nn.Parameter(torch.zeros(size, **factory))
+        self.up_weight = nn.Parameter(torch.empty(out_features, size, **factory))
+        self.up_bias = nn.Parameter(torch.zeros(out_features, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.active = True
+        if self.down_weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.down_weight, gain=1e-4)
+        nn.init.xavier_uniform_(self.up_weight, gain=1e-4)
+        self.down_bias.zero_()
+        self.up_bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """delta [..., out] for x [..., in], in x's compute dtype (autocast's if on)."""
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x = self.dropout(x.to(dtype))
+            hidden = F.linear(x, self.down_weight.to(dtype), self.down_bias.to(dtype))
+            hidden = ACTIVATION_FUNCTIONS[self.activation](hidden)
+            return F.linear(hidden, self.up_weight.to(dtype), self.up_bias.to(dtype))
+
+    def mlp_hook(self, router: LayerRouter, index: int, who: str) -> Callable:
+        """A forward hook (with_kwargs) on the MLP adding g_index * delta(mlp input)."""
+
+        def hook(module: nn.Module, args, kwargs, output):
+            if not self.active:
+                return None
+            x = args[0] if args else next(iter(kwargs.values()))
+            gate = router.gates_for(index, index + 1, x, who)
+            delta = self(x)
+            return output + (gate.to(delta.dtype) * delta).to(output.dtype)
+
+        return hook
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"size={self.size}, activation={self.activation}")
+
+
+# ---------------------------------------------------------------------------------------
+# the prompt expert
+# ---------------------------------------------------------------------------------------
+
+def _frozen(linear: nn.Module) -> nn.Linear:
+    return linear.base if isinstance(linear, MoALinear) else linear
+
+
+class PromptExpert(nn.Module):
+    """Prompt tuning as an attention expert (DESIGN.md section 4).
+
+    prompt [L, hidden] init N(0, 1); gate [num_heads] init 0 (so it adds nothing at first).
+    """
+
+    def __init__(self, attention: nn.Module, length: int, hidden_size: int, *, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        self.length, self.hidden_size = length, hidden_size
+        self.head_dim = attention.head_dim
+        self.num_heads = attention.config.num_attention_heads
+        self.num_kv_heads = attention.config.num_key_value_heads
+        self.prompt = nn.Parameter(torch.empty(length, hidden_size, device=device, dtype=dtype))
+        self.gate = nn.Parameter(torch.zeros(self.num_heads, device=device, dtype=dtype))
+        if self.prompt.device.type != "meta":
+            nn.init.normal_(self.prompt)
+        self.active = True
+        self._position_embeddings = None
+        self._query = None
+
+    def output(self, query: torch.Tensor, k_proj: nn.Linear, v_proj: nn.Linear) -> torch.Tensor:
+        """o_p [B, S, H * D] for the post-rotary query [B, H, S, D] (before g_prompt)."""
+        batch, heads, tokens, head_dim = query.shape
+        dtype = query.dtype
+        prompt = self.prompt.to(dtype)
+        keys = F.linear(prompt, k_proj.weight.to(dtype), None if k_proj.bias is None
+                        else k_proj.bias.to(dtype))
+        values = F.linear(prompt, v_proj.weight.to(dtype), None if v_proj.bias is None
+                          else v_proj.bias.to(dtype))
+        groups = heads // self.num_kv_heads
+        # [L, KV * D] -> [H, L, D]; query head h reads KV head h // groups (as repeat_kv).
+        keys = keys.view(self.length, self.num_kv_heads, head_dim).transpose(0, 1)
+        values = values.view(self.length, self.num_kv_heads, head_dim).transpose(0, 1)
+        keys = keys.repeat_interleave(groups, dim=0)
+        values = values.repeat_interleave(groups, dim=0)
+        scores = torch.matmul(query, keys.transpose(-1, -2)) * head_dim ** -0.5  # [B, H, S, L]
+        weights = torch.softmax(scores.float(), dim=-1).to(dtype)
+        out = torch.matmul(weights, values) * self.gate.to(dtype)[:, None, None]  # [B,H,S,D]
+        return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+    # ---- hooks ---------------------------------------------------------------------------
+
+    def attention_pre_hook(self, module: nn.Module, args, kwargs) -> None:
+        if self.active:
+            self._position_embeddings = kwargs.get("position_embeddings",
+                                                   args[1] if len(args) > 1 else None)
+
+    def query_hook(self, module: nn.Module, args, output) -> None:
+        if self.active:
+            self._query = output
+
+    def o_proj_pre_hook(self, attention: nn.Module, router: LayerRouter, index: int,
+                        who: str) -> Callable:
+        rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+
+        def hook(module: nn.Module, args, kwargs):
+            if not self.active:
+                return None
+            query, position_embeddings = self._query, self._position_embeddings
+            self._query = self._position_embeddings = None
+            if query is None or position_embeddings is None:
+                raise RuntimeError(f"{who}: the prompt expert did not see this forward's "
+                                   "query and position embeddings")
+            x = args[0] if args else kwargs["x"]
+            batch, tokens = x.shape[:2]
+            query = query.reshape(batch, tokens, -1, self.head_dim).transpose(1, 2)
+            cos, sin = position_embeddings
+            query, _ = rotary(query, query, cos, sin)
+            out = self.output(query, _frozen(attention.k_proj), _frozen(attention.v_proj))
+            gate = router.gates_for(index, index + 1, x, who)
+            x = x + (gate.to(out.dtype) * out).to(x.dtype)
+            if args:
+                return (x, *args[1:]), kwargs
+            return args, {**kwargs, "x": x}
+
+        return hook
+
+    def extra_repr(self) -> str:
+        return f"length={self.length}, hidden_size={self.hidden_size}, heads={self.num_heads}"
+
+
+def check_prompt_attention(attention: nn.Module, name: str) -> None:
+    """Raise a clear error unless `attention` is of a family the prompt expert supports."""
+    kind = type(attention).__name__
+    if kind not in PROMPT_ATTENTION_CLASSES:
+        raise ValueError(f"the prompt expert supports the attention of the Llama, Mistral, "
+                         f"Qwen2 and Qwen3 families ({', '.join(PROMPT_ATTENTION_CLASSES)}); "
+                         f"{name!r} is a {kind}. Set prompt_length=None for this model")
+    module = sys.modules[type(attention).__module__]
+    if not callable(getattr(module, "apply_rotary_pos_emb", None)):
+        raise ValueError(f"{kind} is in a module without apply_rotary_pos_emb; the prompt "
+                         "expert cannot rebuild its rotary query")
+
+
+def attach_prompt(attention: nn.Module, prompt: PromptExpert, router: LayerRouter,
+                  index: int, name: str) -> list:
+    """Register the prompt expert's three hooks; returns their handles."""
+    query_module = getattr(attention, "q_norm", None)
+    if query_module is None:
+        query_module = attention.q_proj
+    return [
+        attention.register_forward_pre_hook(prompt.attention_pre_hook, with_kwargs=True),
+        query_module.register_forward_hook(prompt.query_hook),
+        attention.o_proj.register_forward_pre_hook(
+            prompt.o_proj_pre_hook(attention, router, index, f"prompt expert of {name}"),
+            with_kwargs=True),
+    ]
+
+
+__all__ = ["GateCollector", "LayerRouter", "ParallelAdapter", "PromptExpert",
+           "PROMPT_ATTENTION_CLASSES", "load_balancing_loss"]

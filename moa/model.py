@@ -1,0 +1,393 @@
+"""Injection into transformers models: `get_moa_model` and `MoAModel`.
+
+`get_moa_model(model, config)` freezes the model, replaces each targeted nn.Linear with a
+`MoALinear`, and with router_scope="layer" adds the layer routers, parallel adapters and
+prompt experts of moa/experts.py. The module tree keeps its names (a MoALinear sits where
+its nn.Linear was, the frozen layer as its `.base`), so the model's own forward, `generate`
+and gradient checkpointing run unchanged.
+
+Saved form (`save_pretrained`): `moa_config.json` (MoAConfig.to_dict) and
+`adapter_model.safetensors` with the MoA tensors only, named as in the base model's
+`named_parameters()` ("model.layers.0.self_attn.q_proj.shrink_weight",
+"model.layers.0.moa_router.router.w1_weight", ...). Loading is strict: a missing, extra or
+differently shaped tensor is an error that names it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from moa.config import MoAConfig, layer_index
+from moa.experts import (
+    GateCollector,
+    LayerRouter,
+    ParallelAdapter,
+    PromptExpert,
+    adapter_dtype_for,
+    attach_prompt,
+    check_prompt_attention,
+    collecting_pre_hook,
+    constant_gates_pre_hook,
+    gates_pre_hook,
+    load_balancing_loss,
+)
+from moa.layers import MoALinear
+from moa.stats import expert_names, router_stats
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+MOA_MODULES = (MoALinear, LayerRouter, ParallelAdapter, PromptExpert)
+
+
+def get_moa_model(model: nn.Module, config: MoAConfig | None = None) -> MoAModel:
+    """Inject MoA into a transformers model (in place) and wrap it; see `MoAModel`."""
+    return MoAModel(model, MoAConfig() if config is None else config)
+
+
+# ---------------------------------------------------------------------------------------
+# finding what to adapt
+# ---------------------------------------------------------------------------------------
+
+def _unmatched_error(model: nn.Module, patterns: list[str], linear_names: list[str]) -> str:
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
+    hints = []
+    for pattern in patterns:
+        close = difflib.get_close_matches(pattern.rsplit(".", 1)[-1], leaves, n=5, cutoff=0.4)
+        hints.append(f"{pattern!r} (similar: {', '.join(close) if close else 'none'})")
+    return (f"target_modules match no module of this {type(model).__name__}: "
+            f"{'; '.join(hints)}. Its nn.Linear module names end in: {', '.join(leaves)}")
+
+
+def find_targets(model: nn.Module, config: MoAConfig) -> list[tuple[str, nn.Linear]]:
+    """The (name, nn.Linear) pairs `config` adapts, in module order.
+
+    Raises ValueError naming the pattern when a target matches nothing (with similar module
+    names), when it matches a module that is not an nn.Linear, or when layers_to_transform
+    leaves nothing.
+    """
+    modules = list(model.named_modules())
+    linear_names = [n for n, m in modules if isinstance(m, nn.Linear)]
+    if isinstance(config.target_modules, str):
+        unmatched = [] if any(config.is_target(n) for n, _ in modules) else \
+            [config.target_modules]
+    else:
+        unmatched = [p for p in config.target_modules
+                     if not any(n == p or n.endswith("." + p) for n, _ in modules)]
+    if unmatched:
+        raise ValueError(_unmatched_error(model, unmatched, linear_names))
+    targets = []
+    for name, module in modules:
+        if not config.is_target(name):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"target_modules match {name!r}, a {type(module).__name__}; only "
+                             "nn.Linear modules can be adapted")
+        if config.in_layers(name):
+            targets.append((name, module))
+    if not targets:
+        found = sorted({i for n in linear_names if (i := layer_index(n)) is not None})
+        raise ValueError(f"layers_to_transform={config.layers_to_transform} leaves no target "
+                         f"module; the model's layers are {found}")
+    return targets
+
+
+def find_decoder_layers(model: nn.Module, config: MoAConfig) -> dict[str, nn.Module]:
+    """Decoder layers (modules with an `input_layernorm`) within layers_to_transform."""
+    layers = {name: module for name, module in model.named_modules()
+              if isinstance(getattr(module, "input_layernorm", None), nn.Module)
+              and config.in_layers(name)}
+    if not layers:
+        raise ValueError(f"router_scope='layer' needs pre-norm decoder layers with an "
+                         f"input_layernorm (Llama-style); {type(model).__name__} has none "
+                         f"(within layers_to_transform). Use router_scope='module' with "
+                         f"parallel_adapter=None and prompt_length=None")
+    return layers
+
+
+def _layer_of(name: str, layers: dict[str, nn.Module]) -> str:
+    owners = [layer for layer in layers if name.startswith(layer + ".")]
+    if not owners:
+        raise ValueError(f"router_scope='layer' routes inside decoder layers, but target "
+                         f"{name!r} lies outside all of them ({len(layers)} layers such as "
+                         f"{next(iter(layers))!r}); exclude it or use router_scope='module'")
+    return max(owners, key=len)
+
+
+def _factory(module: nn.Module) -> dict:
+    param = next(module.parameters())
+    return {"device": param.device, "dtype": adapter_dtype_for(param.dtype)}
+
+
+# ---------------------------------------------------------------------------------------
+# the wrapper
+# ---------------------------------------------------------------------------------------
+
+class MoAModel(nn.Module):
+    """A transformers model with MoA injected; attributes it lacks come from the model.
+
+    Args:
+        model: the model to adapt (modified in place; all its parameters are frozen).
+        config: the MoAConfig.
+    Attributes:
+        model: the adapted transformers model; moa_config: the MoAConfig; last_aux_loss:
+            the load-balancing loss of the last forward (aux_loss_coef > 0), with its graph.
+    """
+
+    def __init__(self, model: nn.Module, config: MoAConfig) -> None:
+        super().__init__()
+        if not isinstance(config, MoAConfig):
+            raise TypeError(f"config must be a MoAConfig, got {type(config).__name__}")
+        if isinstance(model, MoAModel) or any(isinstance(m, MOA_MODULES)
+                                               for m in model.modules()):
+            raise ValueError("this model already has MoA modules; inject into a fresh model")
+        self.model = model
+        self.moa_config = config
+        self.last_aux_loss: torch.Tensor | None = None
+        self._collector = GateCollector()
+        self._swaps: list[tuple[nn.Module, str, MoALinear, nn.Linear]] = []
+        self._hooks: list = []
+        self._enabled = True
+        model.requires_grad_(False)
+        self._inject()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ---- injection -----------------------------------------------------------------------
+
+    def _inject(self) -> None:
+        config, model = self.moa_config, self.model
+        targets = find_targets(model, config)
+        layers = find_decoder_layers(model, config) if config.router_scope == "layer" else {}
+        per_layer: dict[str, list[tuple[str, MoALinear]]] = {name: [] for name in layers}
+        module_router = config.router if config.router_scope == "module" else None
+        for name, base in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            layer = MoALinear(base, config.experts_for(name), module_router,
+                              dropout=config.dropout, backend=config.backend)
+            setattr(parent, child, layer)
+            self._swaps.append((parent, child, layer, base))
+            if config.router_scope == "layer":
+                per_layer[_layer_of(name, layers)].append((name, layer))
+            elif config.router is None:
+                self._hooks.append(layer.register_forward_pre_hook(
+                    constant_gates_pre_hook, with_kwargs=True))
+            elif config.aux_loss_coef > 0:
+                self._hooks.append(layer.register_forward_pre_hook(
+                    collecting_pre_hook(self._collector), with_kwargs=True))
+        for layer_name, layer in layers.items():
+            self._wire_layer(layer_name, layer, per_layer[layer_name])
+
+    def _wire_layer(self, layer_name: str, layer: nn.Module,
+                    adapted: list[tuple[str, MoALinear]]) -> None:
+        config = self.moa_config
+        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        if hidden is None:
+            raise ValueError("router_scope='layer' needs model.config.hidden_size")
+        names, slices = [], []
+        for name, module in adapted:
+            relative = name[len(layer_name) + 1:]
+            slices.append((len(names), len(names) + module.num_experts, name, module))
+            names += [f"{relative}:{e}" for e in expert_names(module)]
+        adapter_index = prompt_index = None
+        if config.parallel_adapter is not None:
+            if not isinstance(getattr(layer, "mlp", None), nn.Module):
+                raise ValueError(f"the parallel adapter sits beside the MLP, but {layer_name!r}"
+                                 f" ({type(layer).__name__}) has no `mlp` module")
+            adapter_index = len(names)
+            names.append(f"parallel_adapter:adapter:{config.parallel_adapter}:"
+                         f"{config.parallel_adapter_activation}")
+        if config.prompt_length is not None:
+            attention = getattr(layer, "self_attn", None)
+            if attention is None:
+                raise ValueError(f"the prompt expert sits in attention, but {layer_name!r} "
+                                 f"({type(layer).__name__}) has no `self_attn` module")
+            check_prompt_attention(attention, f"{layer_name}.self_attn")
+            prompt_index = len(names)
+            names.append(f"prompt:{config.prompt_length}")
+        if not names:
+            return
+        factory = _factory(layer.input_layernorm if any(True for _ in
+                           layer.input_layernorm.parameters()) else layer)
+        router = LayerRouter(hidden, names, config.router, self._collector, **factory)
+        layer.moa_router = router
+        self._hooks.append(layer.input_layernorm.register_forward_hook(router.input_norm_hook))
+        for start, stop, name, module in slices:
+            self._hooks.append(module.register_forward_pre_hook(
+                gates_pre_hook(router, start, stop, name), with_kwargs=True))
+        if adapter_index is not None:
+            adapter = ParallelAdapter(hidden, hidden, config.parallel_adapter,
+                                      config.parallel_adapter_activation, config.dropout,
+                                      **factory)
+            layer.moa_parallel_adapter = adapter
+            self._hooks.append(layer.mlp.register_forward_hook(
+                adapter.mlp_hook(router, adapter_index, f"parallel adapter of {layer_name}"),
+                with_kwargs=True))
+        if prompt_index is not None:
+            prompt = PromptExpert(layer.self_attn, config.prompt_length, hidden, **factory)
+            layer.self_attn.moa_prompt = prompt
+            self._hooks += attach_prompt(layer.self_attn, prompt, router, prompt_index,
+                                         f"{layer_name}.self_attn")
+
+    # ---- parameters ----------------------------------------------------------------------
+
+    def moa_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every MoA tensor (experts and routers, not the frozen base),
+        named as in the base model's named_parameters()."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, MOA_MODULES):
+                for param_name, param in module.named_parameters():
+                    if isinstance(module, MoALinear) and param_name.startswith("base."):
+                        continue
+                    yield f"{name}.{param_name}", param
+
+    def moa_state_dict(self) -> dict[str, torch.Tensor]:
+        """The MoA tensors by name (detached, live)."""
+        return {name: param.detach() for name, param in self.moa_named_parameters()}
+
+    def trainable_parameter_count(self) -> int:
+        """Number of trainable elements (parameters with requires_grad)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def print_trainable_parameters(self) -> None:
+        """Print "trainable params: N || all params: M || trainable%: P" as PEFT does."""
+        trainable = self.trainable_parameter_count()
+        total = sum(p.numel() for p in self.parameters())
+        percent = 100 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {percent:.4f}")
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    # ---- running ------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs):
+        """The model's forward (its output, unchanged unless aux_loss_coef > 0, in which case
+        aux_loss_coef * the mean load-balancing loss of all router calls is added to the
+        loss)."""
+        for key, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                           ("labels", labels)):
+            if value is not None:
+                kwargs[key] = value
+        coef = self.moa_config.aux_loss_coef
+        self._collector.gates = []
+        self._collector.active = coef > 0 and self._enabled
+        try:
+            output = self.model(**kwargs)
+        finally:
+            self._collector.active = False
+            gates, self._collector.gates = self._collector.gates, []
+        self.last_aux_loss = None
+        if gates:
+            aux = torch.stack([load_balancing_loss(g) for g in gates]).mean()
+            self.last_aux_loss = aux
+            if isinstance(output, tuple):
+                if labels is not None:
+                    output = (output[0] + coef * aux.to(output[0].dtype), *output[1:])
+            elif getattr(output, "loss", None) is not None:
+                output.loss = output.loss + coef * aux.to(output.loss.dtype)
+        return output
+
+    def generate(self, *args, **kwargs):
+        """The model's generate, adapters on (unless inside disable_adapters)."""
+        return self.model.generate(*args, **kwargs)
+
+    @contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Inside, the model computes exactly its base outputs: every MoALinear is swapped
+        for its frozen nn.Linear and the layer-level experts stand down."""
+        if not self._enabled:
+            yield
+            return
+        self._set_enabled(False)
+        try:
+            yield
+        finally:
+            self._set_enabled(True)
+
+    def _set_enabled(self, enabled: bool) -> None:
+        for parent, child, layer, base in self._swaps:
+            setattr(parent, child, layer if enabled else base)
+        for module in self.model.modules():
+            if isinstance(module, (LayerRouter, ParallelAdapter, PromptExpert)):
+                module.active = enabled
+                if isinstance(module, LayerRouter):
+                    module.gates = None
+        self._enabled = enabled
+
+    def router_stats(self) -> dict[str, dict]:
+        """Per router: expert names, mean gate and fraction of tokens active in the last
+        forward (see moa.stats.router_stats)."""
+        return router_stats(self.model)
+
+    # ---- saving and loading -------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write moa_config.json and adapter_model.safetensors (MoA tensors only)."""
+        os.makedirs(directory, exist_ok=True)
+        self.moa_config.save_pretrained(directory)
+        tensors = {name: t.detach().to("cpu").contiguous()
+                   for name, t in self.moa_state_dict().items()}
+        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    def load_moa_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy `state` into the MoA tensors. Every MoA tensor must be present with its shape
+        and nothing else may be; otherwise ValueError names the offending keys."""
+        expected = dict(self.moa_named_parameters())
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        mismatched = [f"{k} (saved {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+                      for k in sorted(set(expected) & set(state))
+                      if tuple(state[k].shape) != tuple(expected[k].shape)]
+        problems = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", extra),
+                            ("shape mismatches", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)"
+                                                if len(keys) > 20 else "")
+                problems.append(f"{label}: {shown}")
+        if problems:
+            raise ValueError("the saved MoA weights do not fit this model; "
+                             + "; ".join(problems))
+        with torch.no_grad():
+            for name, param in expected.items():
+                param.copy_(state[name])
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike,
+                        is_trainable: bool = True) -> MoAModel:
+        """Inject the saved configuration into `model` and load the saved MoA tensors.
+
+        Args:
+            model: a fresh base model (the one the adapters were trained on).
+            directory: what save_pretrained wrote.
+            is_trainable: False freezes the MoA tensors too (inference).
+        """
+        path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {os.fspath(directory)!r}")
+        config = MoAConfig.from_pretrained(directory)
+        moa = cls(model, config)
+        moa.load_moa_state_dict(load_file(path))
+        if not is_trainable:
+            for _, param in moa.moa_named_parameters():
+                param.requires_grad_(False)
+        return moa
+
+
+__all__ = ["MoAModel", "WEIGHTS_NAME", "find_targets", "get_moa_model"]
