@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -137,3 +138,282 @@ def format_layer_table(rows: list[Timing]) -> str:
         lines.append(f"{r.case:10s} {r.backend:9s} {r.forward_ms:9.2f} {r.forward_ratio:7.3f} "
                      f"{r.train_ms:11.2f} {r.train_ratio:9.3f}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# model level: one training step and decoding, against PEFT LoRA and the frozen model
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    batch: int
+    sequence: int
+
+
+MODEL_FULL = ModelShape(512, 8, 1376, 8, 4, 4096, 8, 256)
+MODEL_QUICK = ModelShape(128, 2, 344, 4, 2, 512, 2, 64)
+PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+MOA_VARIANTS = (("soft_moa", "torch"), ("soft_moa", "reference"), ("sparse_moa", "torch"),
+                ("sparse_moa", "reference"), ("molora", "torch"), ("hydralora", "torch"),
+                ("adamole", "torch"), ("topk_moelora", "torch"))
+
+
+def build_llama(shape: ModelShape, device: torch.device, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
+                         intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads,
+                         max_position_embeddings=max(512, shape.sequence))
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(device)
+
+
+def build_variant(name: str, shape: ModelShape, device: torch.device, seed: int = 0):
+    """(model, trainable parameter count) for "frozen", "peft_lora" or "PRESET/BACKEND"."""
+    model = build_llama(shape, device, seed)
+    if name == "frozen":
+        model.requires_grad_(False)
+        return model, 0
+    if name == "peft_lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules=PAPER_TARGETS))
+    else:
+        from moa.config import MoAConfig
+        from moa.model import get_moa_model
+
+        preset, backend = name.split("/")
+        model = get_moa_model(model, MoAConfig.preset(preset, backend=backend))
+    return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def training_step(model, shape: ModelShape, device: torch.device, seed: int = 0):
+    """A closure running one training step: forward with labels, backward, AdamW step. The
+    frozen model has no trainable tensor, so its step backpropagates to the input embeddings
+    (the work every adapted model also does) and skips the optimiser."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.sequence), generator=generator)
+    ids = ids.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        embeddings = model.get_input_embeddings()
+
+        def frozen_step() -> None:
+            inputs = embeddings(ids).detach().requires_grad_(True)
+            model(inputs_embeds=inputs, labels=ids).loss.backward()
+
+        return frozen_step
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("no VmRSS in /proc/self/status")
+
+
+def measure_step_memory(name: str, shape: ModelShape, device: torch.device) -> float:
+    """Peak memory (MB) the first training step adds to the built model: activations,
+    gradients and the AdamW state.
+
+    CUDA: max_memory_allocated over the step. CPU: the rise of the process's peak resident
+    set (its high-water mark is reset after the model is built, Linux /proc/self/clear_refs),
+    so run this in a fresh process per variant (`python -m moa.bench --memory-worker NAME`).
+    """
+    model, _ = build_variant(name, shape, device)
+    step = training_step(model, shape, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        held = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - held) / 2**20
+    held = _rss_mb()
+    if not _reset_peak_rss():
+        return float("nan")
+    step()
+    return _peak_rss_mb() - held
+
+
+def _memory_in_subprocess(name: str, quick: bool, device: torch.device) -> float:
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "moa.bench", "--memory-worker", name,
+               "--device", str(device)] + (["--quick"] if quick else [])
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"memory worker for {name} failed: {completed.stderr.strip()[-500:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+@dataclass
+class ModelTiming:
+    variant: str
+    trainable: int
+    step_ms: float
+    ratio_to_peft: float
+    ratio_to_frozen: float
+    peak_mb: float
+
+
+def model_benchmark(quick: bool = False, device: str | torch.device = "cpu",
+                    rounds: int | None = None, memory: bool = True,
+                    variants: tuple[str, ...] | None = None) -> list[ModelTiming]:
+    """Training-step time (interleaved medians) and peak memory of every variant."""
+    device = torch.device(device)
+    shape = MODEL_QUICK if quick else MODEL_FULL
+    rounds = rounds or (3 if quick else 5)
+    names = variants or ("frozen", "peft_lora", *(f"{p}/{b}" for p, b in MOA_VARIANTS))
+    steps, counts = {}, {}
+    for name in names:
+        model, counts[name] = build_variant(name, shape, device)
+        steps[name] = training_step(model, shape, device)
+    medians = interleaved_medians(steps, rounds, device)
+    rows = []
+    for name in names:
+        peak = _memory_in_subprocess(name, quick, device) if memory else float("nan")
+        rows.append(ModelTiming(name, counts[name], medians[name] * 1e3,
+                                medians[name] / medians.get("peft_lora", float("nan")),
+                                medians[name] / medians.get("frozen", float("nan")), peak))
+    return rows
+
+
+@dataclass
+class DecodeTiming:
+    variant: str
+    per_token_ms: float
+    ratio_to_peft: float
+
+
+def decode_benchmark(quick: bool = False, device: str | torch.device = "cpu",
+                     rounds: int | None = None, new_tokens: int = 32, prompt: int = 64,
+                     batch: int = 4) -> list[DecodeTiming]:
+    """Greedy decoding with the KV cache: per-token latency of the decode phase, i.e.
+    (time of generating new_tokens - time of generating 1) / (new_tokens - 1)."""
+    device = torch.device(device)
+    shape = MODEL_QUICK if quick else MODEL_FULL
+    rounds = rounds or (3 if quick else 5)
+    names = ("frozen", "peft_lora", "soft_moa/torch", "sparse_moa/torch")
+    ids = torch.randint(0, shape.vocab, (batch, prompt),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    functions = {}
+    for name in names:
+        model, _ = build_variant(name, shape, device)
+        model.eval()
+        for count in (1, new_tokens):
+            def generate(model=model, count=count) -> None:
+                with torch.no_grad():
+                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   max_new_tokens=count, min_new_tokens=count,
+                                   do_sample=False, use_cache=True, pad_token_id=0)
+            functions[(name, count)] = generate
+    medians = interleaved_medians(functions, rounds, device)
+    per_token = {name: (medians[(name, new_tokens)] - medians[(name, 1)]) / (new_tokens - 1)
+                 for name in names}
+    return [DecodeTiming(name, per_token[name] * 1e3, per_token[name] / per_token["peft_lora"])
+            for name in names]
+
+
+def run_bench(quick: bool = False, out_dir: str | Path = "bench-out",
+              device: str | torch.device = "cpu", rounds: int | None = None,
+              log=print) -> dict[str, list]:
+    """`moa bench`: layer, training-step and decoding benchmarks; tables, CSV and PNG."""
+    import csv
+    import platform
+    from dataclasses import asdict
+
+    from moa import plots
+    from moa.layers import triton_available
+
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backends = ["torch", "reference"] + (["triton"] if device.type == "cuda"
+                                         and triton_available() else [])
+    log(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}, device {device}{' (quick)' if quick else ''}")
+    size = 512 if quick else 2048
+    layers = layer_benchmark(backends, tokens=size, features=size, device=device,
+                             rounds=rounds or (3 if quick else 7))
+    log(f"\nlayers (T = {size}, nn.Linear({size}, {size}), fp32; ratios over the base layer)")
+    log(format_layer_table(layers))
+    for backend in backends:
+        log(f"[{backend}] M8 topk2 overhead / soft overhead: fwd+bwd "
+            f"{overhead_ratio(layers, 'M8 topk2', 'M8 soft', backend, True):.2f}")
+    models = model_benchmark(quick, device, rounds)
+    log("\ntraining step (forward, backward, AdamW step)")
+    log(f"{'variant':22s} {'trainable':>11s} {'step ms':>9s} {'x PEFT':>7s} {'x frozen':>8s} "
+        f"{'peak MB':>8s}")
+    for r in models:
+        log(f"{r.variant:22s} {r.trainable:11,d} {r.step_ms:9.1f} {r.ratio_to_peft:7.3f} "
+            f"{r.ratio_to_frozen:8.3f} {r.peak_mb:8.1f}")
+    decode = decode_benchmark(quick, device, rounds)
+    log("\ngreedy decoding with KV cache (batch 4, prompt 64, 32 new tokens)")
+    log(f"{'variant':22s} {'ms/token':>9s} {'x PEFT':>7s}")
+    for r in decode:
+        log(f"{r.variant:22s} {r.per_token_ms:9.2f} {r.ratio_to_peft:7.3f}")
+
+    for name, rows in (("layers", layers), ("training_step", models), ("decode", decode)):
+        with open(out_dir / f"{name}.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in rows)
+    plots.plot_bars([r.variant for r in models], [r.ratio_to_peft for r in models],
+                    out_dir / "training_step.png", "training step time / PEFT LoRA",
+                    "ratio to PEFT LoRA")
+    log(f"\nwrote {out_dir}/layers.csv, training_step.csv, decode.csv, training_step.png")
+    return {"layers": layers, "training_step": models, "decode": decode}
+
+
+def _memory_worker_main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="internal: peak memory of one variant")
+    parser.add_argument("--memory-worker", required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    shape = MODEL_QUICK if args.quick else MODEL_FULL
+    peak = measure_step_memory(args.memory_worker, shape, torch.device(args.device))
+    print(json.dumps({"peak_mb": peak}))
+
+
+if __name__ == "__main__":
+    _memory_worker_main()
