@@ -219,7 +219,7 @@ def test_bias_free_router(kind, mode):
     # MoLoRA / HydraLoRA baselines: routers without biases (threshold layer keeps its bias)
     router = RouterConfig(kind=kind, gate="softmax", mode=mode, bias=False)
     layer = make_layer(["hydra:3:4", "lora:2"], router)
-    assert all(v is not None for v in layer.router.tensors().values()) is False
+    assert any(v is None for v in layer.router.tensors().values())  # biases really absent
     compare_backends(layer, decisive_tokens(layer, 9, fp32_margin(mode)))
 
 
