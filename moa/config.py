@@ -10,6 +10,7 @@ written, with a message that says what is allowed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -59,8 +60,9 @@ class ExpertSpec:
             raise ValueError(f"a {self.kind} expert has no activation; use an adapter expert")
         if self.kind != "hydra" and self.heads != 1:
             raise ValueError("heads is only for hydra experts")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float))
+                                           and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
 
     @classmethod
     def lora(cls, r: int, alpha: float | None = None) -> ExpertSpec:
@@ -95,7 +97,8 @@ class ExpertSpec:
                 alpha = float(args[2]) if len(args) == 3 else None
                 return cls.hydra(int(args[0]), int(args[1]), alpha)
         except ValueError as error:
-            raise ValueError(f"cannot parse expert {text!r}: {error}") from None
+            raise ValueError(f"cannot parse expert {text!r}: {error}; expected one of "
+                             f"{forms}") from None
         raise ValueError(f"cannot parse expert {text!r}; expected one of {forms}")
 
     @property
@@ -158,7 +161,9 @@ class RouterConfig:
         _check_choice("mode", self.mode, MODES)
         _check_positive_int("hidden_factor", self.hidden_factor)
         _check_positive_int("top_k", self.top_k)
-        if not 0.0 < float(self.max_threshold) <= 1.0:
+        if isinstance(self.max_threshold, bool) or \
+                not isinstance(self.max_threshold, (int, float)) or \
+                not 0.0 < self.max_threshold <= 1.0:
             raise ValueError(f"max_threshold must be in (0, 1], got {self.max_threshold!r}")
 
     @property

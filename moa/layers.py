@@ -128,12 +128,13 @@ class MoARouter(nn.Module):
         w2_bias = getattr(self, "w2_bias", None)
 
         def finish(first_layer: torch.Tensor):
-            # The head is tiny ([T, F]); run it in fp32 whatever the compute dtype.
+            # The head is tiny ([T, F]): run it in at least fp32 (fp64 stays fp64).
+            head_dtype = torch.promote_types(first_layer.dtype, torch.float32)
             return gates_from_first_layer(
-                first_layer.float(), kind=config.kind, gate=config.gate, mode=config.mode,
-                num_experts=self.num_experts,
-                w2_weight=None if w2_weight is None else w2_weight.float(),
-                w2_bias=None if w2_bias is None else w2_bias.float(),
+                first_layer.to(head_dtype), kind=config.kind, gate=config.gate,
+                mode=config.mode, num_experts=self.num_experts,
+                w2_weight=None if w2_weight is None else w2_weight.to(head_dtype),
+                w2_bias=None if w2_bias is None else w2_bias.to(head_dtype),
                 max_threshold=config.max_threshold, top_k=config.top_k,
                 normalize_topk=config.normalize_topk)
 

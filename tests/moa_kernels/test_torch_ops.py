@@ -487,12 +487,7 @@ def test_gradcheck_gates_from_outside(backend):
     gradcheck_layer(layer, backend, torch.randn(4, 3, dtype=torch.float64), gates)
 
 
-@pytest.mark.parametrize("backend", [
-    "reference",
-    pytest.param("torch", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: MoARouter.ops().finish runs the router head in float32 (first_layer.float()), "
-        "so a float64 layer's gates lose precision"))),
-])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradcheck_with_router(backend, mode, kind):
@@ -503,8 +498,6 @@ def test_gradcheck_with_router(backend, mode, kind):
     gradcheck_layer(layer, backend, x)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: MoARouter.ops().finish downcasts the router head to float32 for float64 input"))
 @pytest.mark.parametrize("mode", MODES)
 def test_float64_torch_backend_matches_reference_closely(mode):
     # In float64 both backends compute the same math; they should agree to ~1e-12, far
