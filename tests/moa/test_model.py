@@ -1,0 +1,464 @@
+"""get_moa_model / MoAModel on tiny random-weight models: the paper topology (layer router
+slices, parallel adapter, prompt expert) against hand computations, the initial bound,
+generation with a KV cache, auxiliary loss, stats, strict loading, and compatibility with
+Trainer, gradient checkpointing and bf16."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import (
+    BertConfig,
+    BertModel,
+    GemmaConfig,
+    GemmaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
+
+from moa import MoAConfig, MoALinear, MoAModel, RouterConfig, get_moa_model
+from moa.experts import load_balancing_loss
+from moa.model import WEIGHTS_NAME
+from tests.conftest import relative_error
+from tests.moa.tiny import VOCAB, llama_config, perturb, tiny_llama, token_batch
+
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_family(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if family == "llama":
+        return tiny_llama(seed)
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(**SMALL, head_dim=16)).eval()
+    if family == "qwen2":  # biases on q, k and v
+        return Qwen2ForCausalLM(Qwen2Config(**SMALL)).eval()
+    if family == "qwen3":  # q_norm / k_norm on the head dim
+        return Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=16)).eval()
+    raise ValueError(family)
+
+
+def moa_tensors_and_grads(moa):
+    return {name: (param.detach().clone(), param.grad.clone())
+            for name, param in moa.moa_named_parameters() if param.grad is not None}
+
+
+# ---- initialisation ----------------------------------------------------------------------
+
+def test_fresh_lora_and_prompt_experts_add_exactly_nothing():
+    # LoRA B and the prompt gates start at zero: without the parallel adapter the injected
+    # model is the base model, bit for bit.
+    ids = token_batch()
+    with torch.no_grad():
+        base = tiny_llama()(ids).logits
+        moa = get_moa_model(tiny_llama(), MoAConfig(parallel_adapter=None))
+        assert torch.equal(moa(ids).logits, base)
+
+
+def test_fresh_parallel_adapter_is_tiny_but_not_zero_within_its_bound():
+    # delta = g * W_up silu(W_down x) (biases zero); g <= 1 and |silu(z)| <= |z|, so per
+    # token |delta| <= ||W_up||_2 ||W_down x||; xavier gain 1e-4 makes that bound tiny.
+    ids = token_batch(3, 10)
+    with torch.no_grad():
+        base = tiny_llama()(ids).logits
+    moa = get_moa_model(tiny_llama(), MoAConfig())
+    seen = []
+
+    def check(mlp, args, output):
+        x = args[0]
+        adapter = layer_of[mlp].moa_parallel_adapter
+        delta = (output - mlp.forward(x)).double()  # forward: the MLP without hooks
+        bound = torch.linalg.matrix_norm(adapter.up_weight.double(), ord=2) * \
+            F.linear(x.double(), adapter.down_weight.double()).norm(dim=-1)
+        seen.append((delta.norm(dim=-1), bound))
+
+    layers = moa.model.model.layers
+    layer_of = {layer.mlp: layer for layer in layers}
+    handles = [layer.mlp.register_forward_hook(check) for layer in layers]
+    with torch.no_grad():
+        logits = moa(ids).logits
+    for handle in handles:
+        handle.remove()
+    assert len(seen) == 2
+    for delta, bound in seen:
+        assert (delta > 0).any()  # not zero ...
+        assert (delta <= bound * (1 + 1e-6) + 1e-12).all()  # ... and within the bound
+        assert bound.max() < 1e-5 * F.rms_norm(torch.ones(1), (1,)).item()
+    assert (logits - base).abs().max() < 1e-5
+
+
+# ---- layer-scope routing -----------------------------------------------------------------
+
+def hand_router(x, router, config: RouterConfig):
+    p = {k: v for k, v in router.named_parameters()}
+    hidden = F.silu(x @ p["w1_weight"].t() + p["w1_bias"]) * (x @ p["w3_weight"].t() +
+                                                               p["w3_bias"])
+    prob = torch.sigmoid(hidden @ p["w2_weight"].t() + p["w2_bias"])
+    if config.mode == "soft":
+        return prob
+    threshold = config.max_threshold * torch.sigmoid(x @ p["threshold_weight"].t() +
+                                                     p["threshold_bias"])
+    return prob * (prob >= threshold)
+
+
+@pytest.mark.parametrize("preset", ["soft_moa", "sparse_moa"])
+def test_each_module_gets_its_slice_of_the_layer_router(preset):
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset(preset))
+    perturb(moa, scale=0.5)
+    normed = {}
+    layers = moa.model.model.layers
+    for index, layer in enumerate(layers):
+        layer.input_layernorm.register_forward_hook(
+            lambda m, a, out, index=index: normed.__setitem__(index, out.detach()))
+    with torch.no_grad():
+        moa(token_batch(3, 8))
+    modules = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.down_proj"]
+    for index, layer in enumerate(layers):
+        expected = hand_router(normed[index], layer.moa_router.router,
+                               moa.moa_config.router)
+        assert expected.shape == (3, 8, 6 if preset == "sparse_moa" else 7)
+        assert relative_error(layer.moa_router.last_gates, expected) < 1e-5
+        for e, name in enumerate(modules):
+            module = layer.get_submodule(name)
+            assert isinstance(module, MoALinear) and module.router is None
+            assert relative_error(module.last_gates, expected[..., e:e + 1]) < 1e-5
+        if preset == "sparse_moa":
+            assert 0 < (expected == 0).float().mean() < 1  # some pairs off, some on
+
+
+# ---- the prompt expert -------------------------------------------------------------------
+
+def rotate_half(x):
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_prompt_expert_matches_the_hand_computed_attention_term(family):
+    moa = get_moa_model(tiny_family(family), MoAConfig())
+    perturb(moa, scale=0.5)  # gates non-zero, LoRA B non-zero (q_proj's LoRA moves q)
+    attention = moa.model.model.layers[1].self_attn
+    router = moa.model.model.layers[1].moa_router
+    captured = {}
+    attention.register_forward_pre_hook(
+        lambda m, a, kw: captured.update(x=kw["hidden_states"], cs=kw["position_embeddings"]),
+        with_kwargs=True)
+    attention.o_proj.register_forward_pre_hook(  # after the prompt hook: sees its result
+        lambda m, a: captured.__setitem__("o_in", a[0]))
+    ids = token_batch(2, 7)
+    with torch.no_grad():
+        moa(ids)
+        with_prompt, x, (cos, sin) = captured["o_in"], captured["x"], captured["cs"]
+        g_prompt = router.last_gates[..., 6:7]
+        attention.moa_prompt.active = False
+        moa(ids)
+        attention.moa_prompt.active = True
+        without_prompt = captured["o_in"]
+
+        heads, kv_heads, dim = 4, 2, 16
+        query = attention.q_proj(x).view(2, 7, heads, dim)  # its LoRA included
+        if family == "qwen3":
+            query = attention.q_norm(query)
+        query = query.transpose(1, 2)
+        query = query * cos[:, None] + rotate_half(query) * sin[:, None]
+        prompt, gate = attention.moa_prompt.prompt, attention.moa_prompt.gate
+        keys = F.linear(prompt, attention.k_proj.base.weight, attention.k_proj.base.bias)
+        values = F.linear(prompt, attention.v_proj.base.weight, attention.v_proj.base.bias)
+        out = torch.zeros(2, 7, heads, dim)
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            k_h, v_h = keys.view(10, kv_heads, dim)[:, kv], values.view(10, kv_heads, dim)[:, kv]
+            weights = torch.softmax(query[:, h] @ k_h.t() / dim ** 0.5, dim=-1)
+            out[:, :, h] = gate[h] * (weights @ v_h)
+        expected = without_prompt + g_prompt * out.reshape(2, 7, heads * dim)
+    assert (with_prompt - without_prompt).abs().max() > 1e-3
+    assert relative_error(with_prompt, expected) < 1e-5
+
+
+def test_prompt_expert_on_other_architectures_is_a_clear_error():
+    config = GemmaConfig(**SMALL, head_dim=16)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"prompt expert supports .* 'model\.layers\.0\.self_attn'"
+                       r" is a GemmaAttention\. Set prompt_length=None"):
+        get_moa_model(GemmaForCausalLM(config), MoAConfig())
+    moa = get_moa_model(GemmaForCausalLM(config), MoAConfig(prompt_length=None))
+    perturb(moa)
+    assert moa(token_batch(), labels=token_batch()).loss.isfinite()
+
+
+def test_cached_decoding_matches_the_full_forward():
+    moa = get_moa_model(tiny_llama(), MoAConfig())
+    perturb(moa, scale=0.5)
+    ids = token_batch(2, 10)
+    with torch.no_grad():
+        full = moa(ids).logits
+        prefix = moa(ids[:, :-3], use_cache=True)
+        past, steps = prefix.past_key_values, []
+        for t in range(7, 10):
+            step = moa(ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            steps.append(step.logits[:, -1])
+    assert relative_error(torch.stack(steps, 1), full[:, 7:]) < 1e-5
+
+
+def test_generate_runs_with_adapters_and_matches_the_base_when_disabled():
+    base = tiny_llama()
+    moa = get_moa_model(tiny_llama(), MoAConfig())
+    perturb(moa, scale=0.5)
+    ids = token_batch(2, 5)
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    generated = moa.generate(ids, **kwargs)
+    assert generated.shape == (2, 9) and torch.equal(generated[:, :5], ids)
+    with moa.disable_adapters():
+        assert torch.equal(moa.generate(ids, **kwargs), base.generate(ids, **kwargs))
+
+
+# ---- injection errors and options --------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    # a typo: the error lists similar names
+    ({"target_modules": ["q_prj"]}, r"'q_prj' \(similar: q_proj"),
+    ({"target_modules": r".*\.query"}, r"match no module .* end in: .*down_proj"),
+    ({"target_modules": ["mlp"]}, "match 'model.layers.0.mlp', a LlamaMLP; only nn.Linear"),
+    ({"layers_to_transform": [5]}, r"layers_to_transform=\[5\] leaves no target module; "
+                                   r"the model's layers are \[0, 1\]"),
+    ({"target_modules": ["q_proj", "lm_head"]}, "'lm_head' lies outside"),
+])
+def test_bad_targets_fail_with_names(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_moa_model(tiny_llama(), MoAConfig(**kwargs))
+
+
+def test_layer_scope_needs_pre_norm_decoder_layers_and_module_scope_does_not():
+    bert = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=48))
+    with pytest.raises(ValueError, match="router_scope='layer' needs pre-norm decoder layers"):
+        get_moa_model(bert, MoAConfig(target_modules=["query", "value"]))
+    moa = get_moa_model(bert, MoAConfig.preset("molora", target_modules=["query", "value"]))
+    assert sum(isinstance(m, MoALinear) for m in moa.modules()) == 4
+
+
+def test_injecting_twice_is_an_error():
+    moa = get_moa_model(tiny_llama(), MoAConfig())
+    with pytest.raises(ValueError, match="already has MoA modules"):
+        get_moa_model(moa.model, MoAConfig())
+
+
+def test_layers_to_transform_and_per_module_experts():
+    config = MoAConfig(layers_to_transform=[1], parallel_adapter=8,
+                       experts={"*": ["lora:4"], "down_proj": ["lora:2", "adapter:3:gelu"],
+                                "q_proj": ["hydra:2:3"]})
+    moa = get_moa_model(tiny_llama(), config)
+    first, second = moa.model.model.layers
+    assert not any(isinstance(m, MoALinear) for m in first.modules())
+    assert not hasattr(first, "moa_router")
+    assert second.self_attn.q_proj.num_experts == 3
+    assert second.moa_router.num_experts == 3 + 1 + 1 + 1 + 2 + 1 + 1
+    assert second.moa_router.expert_names[:3] == [f"self_attn.q_proj:hydra:2:3#{h}"
+                                                  for h in range(3)]
+    perturb(moa)
+    moa(token_batch(), labels=token_batch()).loss.backward()
+    assert all(p.grad is not None for _, p in moa.moa_named_parameters())
+    assert all(p.grad is None for p in first.parameters())
+
+
+def test_only_moa_tensors_are_trainable_and_printed_like_peft(capsys):
+    moa = get_moa_model(tiny_llama(), MoAConfig())
+    names = {n for n, p in moa.model.named_parameters() if p.requires_grad}
+    assert names == set(moa.moa_state_dict())
+    moa.print_trainable_parameters()
+    total = sum(p.numel() for p in moa.parameters())
+    trainable = moa.trainable_parameter_count()
+    assert capsys.readouterr().out == (f"trainable params: {trainable:,d} || all params: "
+                                       f"{total:,d} || trainable%: "
+                                       f"{100 * trainable / total:.4f}\n")
+    assert re.search(r"\d,\d{3}", f"{trainable:,d}")
+
+
+# ---- auxiliary loss and statistics -------------------------------------------------------
+
+def test_load_balancing_loss_is_one_when_balanced_and_e_when_collapsed():
+    uniform = torch.full((12, 4), 0.25)
+    uniform[torch.arange(12), torch.arange(12) % 4] += 0.1  # argmax spread evenly
+    assert load_balancing_loss(uniform).item() == pytest.approx(1.0)
+    collapsed = torch.zeros(12, 4)
+    collapsed[:, 0] = 0.9
+    assert load_balancing_loss(collapsed).item() == pytest.approx(4.0)
+    assert load_balancing_loss(torch.zeros(3, 4)).item() == 0.0  # no token routed
+
+
+@pytest.mark.parametrize("preset", ["soft_moa", "molora"])
+def test_aux_loss_is_added_to_the_model_loss_and_trains_the_router(preset):
+    ids = token_batch(2, 8)
+    plain = get_moa_model(tiny_llama(), MoAConfig.preset(preset))
+    with_aux = get_moa_model(tiny_llama(), MoAConfig.preset(preset, aux_loss_coef=0.5))
+    for moa in (plain, with_aux):
+        perturb(moa)
+    out = with_aux(ids, labels=ids)
+    expected = plain(ids, labels=ids)
+    # with aux, module routers run outside their MoALinear (same math; the fused backend
+    # otherwise computes the router's first layer inside its shrink GEMM, so rounding differs)
+    assert relative_error(out.logits, expected.logits) < 1e-6
+    assert with_aux.last_aux_loss is not None and plain.last_aux_loss is None
+    assert out.loss.item() == pytest.approx(expected.loss.item()
+                                            + 0.5 * with_aux.last_aux_loss.item(), rel=1e-6)
+    with_aux.last_aux_loss.backward()
+    router_grads = [p.grad for n, p in with_aux.moa_named_parameters() if "router" in n]
+    assert router_grads and all(g is not None for g in router_grads)
+    assert sum(g.abs().sum() for g in router_grads) > 0
+
+
+def test_router_stats_per_layer_and_expert():
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset("sparse_moa"))
+    perturb(moa, scale=0.5)
+    with torch.no_grad():
+        moa(token_batch(3, 8))
+    stats = moa.router_stats()
+    assert sorted(stats) == ["model.layers.0.moa_router", "model.layers.1.moa_router"]
+    for name, entry in stats.items():
+        gates = moa.model.get_submodule(name).last_gates.reshape(-1, 6).double()
+        assert entry["tokens"] == 24 and len(entry["experts"]) == 6
+        assert entry["experts"][5] == "parallel_adapter:adapter:16:silu"
+        assert entry["mean_gate"] == pytest.approx(gates.mean(0).tolist())
+        assert entry["active_fraction"] == pytest.approx((gates > 0).double().mean(0).tolist())
+    module_stats = get_moa_model(tiny_llama(), MoAConfig.preset("molora"))
+    module_stats(token_batch())
+    assert "model.layers.1.mlp.down_proj" in module_stats.router_stats()
+    lora = get_moa_model(tiny_llama(), MoAConfig.preset("lora"))
+    lora(token_batch())
+    assert lora.router_stats() == {}
+
+
+# ---- saving and loading ------------------------------------------------------------------
+
+def test_loading_names_missing_extra_and_mismatched_keys(tmp_path):
+    moa = get_moa_model(tiny_llama(), MoAConfig())
+    perturb(moa)
+    moa.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors",
+                                                          "moa_config.json"]
+    weights = load_file(tmp_path / WEIGHTS_NAME)
+    assert set(weights) == set(moa.moa_state_dict())
+    assert not any(".base." in k for k in weights)
+
+    with pytest.raises(ValueError, match=r"shape mismatches: model\.layers\.0\.mlp\.down_proj"
+                                         r"\.shrink_weight \(saved \(8, 96\), model \(8, 128\)\)"):
+        MoAModel.from_pretrained(tiny_llama(intermediate_size=128), tmp_path)
+
+    key = "model.layers.1.moa_router.router.w2_bias"
+    save_file({k: v for k, v in weights.items() if k != key}, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=rf"missing keys: {re.escape(key)}"):
+        MoAModel.from_pretrained(tiny_llama(), tmp_path)
+
+    save_file({**weights, "model.layers.1.extra": torch.ones(2)}, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=r"unexpected keys: model\.layers\.1\.extra"):
+        MoAModel.from_pretrained(tiny_llama(), tmp_path)
+
+    (tmp_path / WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
+        MoAModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_inference_only_loading_freezes_everything(tmp_path):
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset("sparse_moa"))
+    perturb(moa)
+    moa.save_pretrained(tmp_path)
+    frozen = MoAModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=False)
+    assert frozen.trainable_parameter_count() == 0
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(frozen(ids).logits, moa(ids).logits)
+
+
+# ---- compatibility -----------------------------------------------------------------------
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, count: int, length: int) -> None:
+        self.ids = token_batch(count, length, seed=5)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.ids[index], "attention_mask": torch.ones_like(self.ids[index]),
+                "labels": self.ids[index]}
+
+
+def test_transformers_trainer_trains_only_the_adapters(tmp_path):
+    moa = get_moa_model(tiny_llama(), MoAConfig())
+    base_before = {n: p.detach().clone() for n, p in moa.model.named_parameters()
+                   if not p.requires_grad}
+    moa_before = {n: p.clone() for n, p in moa.moa_state_dict().items()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, learning_rate=1e-2,
+                             per_device_train_batch_size=4, logging_steps=1, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=moa, args=args, train_dataset=TokenDataset(8, 12))
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    for name, value in moa.model.named_parameters():
+        if name in base_before:
+            assert torch.equal(value, base_before[name]), name
+    changed = [n for n, p in moa.moa_state_dict().items() if not torch.equal(p, moa_before[n])]
+    assert len(changed) == len(moa_before)
+
+
+@pytest.mark.parametrize("preset", ["soft_moa", "sparse_moa"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(preset):
+    ids = token_batch(2, 10)
+    results = []
+    for checkpointing in (False, True):
+        moa = get_moa_model(tiny_llama(), MoAConfig.preset(preset, aux_loss_coef=0.1))
+        perturb(moa)
+        moa.train()
+        if checkpointing:
+            moa.activation_checkpointing_enable()  # the model's, through MoAModel
+            assert all(layer.gradient_checkpointing for layer in moa.model.model.layers)
+        loss = moa(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), moa_tensors_and_grads(moa)))
+    (loss, grads), (checkpointed_loss, checkpointed_grads) = results
+    assert torch.equal(loss, checkpointed_loss)
+    assert grads.keys() == checkpointed_grads.keys() and len(grads) > 0
+    for name, (_, grad) in grads.items():
+        assert relative_error(checkpointed_grads[name][1], grad) < 1e-6, name
+
+
+def test_bf16_base_and_autocast_keep_adapters_in_fp32():
+    ids = token_batch(2, 10)
+    reference = get_moa_model(tiny_llama(), MoAConfig())
+    perturb(reference)
+    loss = reference(ids, labels=ids).loss
+    loss.backward()
+    expected = moa_tensors_and_grads(reference)
+
+    half = get_moa_model(tiny_llama().to(torch.bfloat16), MoAConfig())
+    autocast = get_moa_model(tiny_llama(), MoAConfig())
+    for moa in (half, autocast):
+        perturb(moa)
+        assert {p.dtype for _, p in moa.moa_named_parameters()} == {torch.float32}
+    half_loss = half(ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_loss = autocast(ids, labels=ids).loss
+    for moa, value in ((half, half_loss), (autocast, autocast_loss)):
+        assert relative_error(value.float(), loss) < 2e-2
+        value.backward()
+        grads = moa_tensors_and_grads(moa)
+        assert grads.keys() == expected.keys()
+        for name, (_, grad) in grads.items():
+            assert grad.dtype == torch.float32, name
+        total = torch.cat([g.flatten() for _, g in grads.values()])
+        reference_total = torch.cat([g.flatten() for _, g in expected.values()])
+        assert relative_error(total, reference_total) < 5e-2
+    assert llama_config().hidden_size == 64
