@@ -92,7 +92,7 @@ def test_fresh_parallel_adapter_is_tiny_but_not_zero_within_its_bound():
     for delta, bound in seen:
         assert (delta > 0).any()  # not zero ...
         assert (delta <= bound * (1 + 1e-6) + 1e-12).all()  # ... and within the bound
-        assert bound.max() < 1e-5 * F.rms_norm(torch.ones(1), (1,)).item()
+        assert bound.max() < 1e-5
     assert (logits - base).abs().max() < 1e-5
 
 
@@ -460,5 +460,5 @@ def test_bf16_base_and_autocast_keep_adapters_in_fp32():
             assert grad.dtype == torch.float32, name
         total = torch.cat([g.flatten() for _, g in grads.values()])
         reference_total = torch.cat([g.flatten() for _, g in expected.values()])
-        assert relative_error(total, reference_total) < 5e-2
+        assert relative_error(total, reference_total) < 2e-2
     assert llama_config().hidden_size == 64
