@@ -13,9 +13,10 @@ Dense (soft mode, or gates given):
 Sparse (threshold, adaptive, topk):
   1. as above, with the router rows only.
   2. the gates give a `RoutingPlan` (pairs sorted by expert; one host sync, here only).
-  3. `_SparseExperts`: per expert, gather its active rows of x, run its shrink and expand,
-     and add the result into y with a deterministic index_add (sequential on CPU). Backward
-     re-gathers x instead of saving the gathered rows.
+  3. `_SparseExperts`: per expert, gather its active rows of x into a reused workspace, run
+     its shrink and expand, and add the result into y with a deterministic index_add
+     (sequential on CPU). Backward re-gathers x instead of saving the gathered rows, and
+     hands its dx pieces to `_BaseAndShrink`, which adds them into the dx it allocates.
 """
 
 from __future__ import annotations
@@ -64,9 +65,13 @@ def moa_linear(
         weights.append(router.first_weight)
         biases.append(router.first_bias if router.first_bias is not None
                       else router.first_weight.new_zeros(router.first_weight.shape[0]))
+    # Sparse experts hand their share of dx to _BaseAndShrink, which adds it into the dx it
+    # allocates anyway (saves a [T, in] buffer and an add pass). Not with dropout: then
+    # the experts' dx must flow back through the dropout.
+    link = _InputGradLink() if sparse and fused_input and router is not None else None
     if weights:
         y, h = _BaseAndShrink.apply(x, base_weight, base_bias, torch.cat(weights),
-                                    torch.cat(biases))
+                                    torch.cat(biases), link)
     else:
         y, h = F.linear(x, base_weight, base_bias), x.new_empty(x.shape[0], 0)
 
@@ -92,7 +97,8 @@ def moa_linear(
         active = gates != 0
     plan = RoutingPlan.from_active(active)
     y = _SparseExperts.apply(y, x if adapter_input is None else adapter_input, shrink_weight,
-                             shrink_bias, expand_weight, expand_bias, gates, plan, layout)
+                             shrink_bias, expand_weight, expand_bias, gates, plan, layout,
+                             link)
     return y, gates
 
 
@@ -131,12 +137,32 @@ def _activation_of(slot) -> object:
 # dense path
 # ---------------------------------------------------------------------------------------
 
+class _InputGradLink:
+    """Carries the sparse experts' input-gradient pieces from `_SparseExperts.backward` to
+    `_BaseAndShrink.backward` (which autograd always runs later: its outputs feed the
+    experts). pieces: (token_index [n], grad_hidden [n, r], shrink rows [r, in]) per expert.
+    """
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add_into(self, grad_x: torch.Tensor) -> None:
+        if self.pieces:
+            workspace = grad_x.new_empty(max(t.numel() for t, _, _ in self.pieces),
+                                         grad_x.shape[1])
+            for tokens, grad_hidden, down in self.pieces:
+                rows = torch.mm(grad_hidden, down, out=workspace[:tokens.numel()])
+                grad_x.index_add_(0, tokens, rows)
+        self.pieces = []
+
+
 class _BaseAndShrink(torch.autograd.Function):
     """(x [T, in]) -> (base(x) [T, out], x @ shrink_weight^T + shrink_bias [T, S])."""
 
     @staticmethod
-    def forward(ctx, x, base_weight, base_bias, shrink_weight, shrink_bias):
+    def forward(ctx, x, base_weight, base_bias, shrink_weight, shrink_bias, link=None):
         ctx.save_for_backward(x, base_weight, shrink_weight)
+        ctx.link = link
         ctx.has_base_bias = base_bias is not None
         return F.linear(x, base_weight, base_bias), F.linear(x, shrink_weight, shrink_bias)
 
@@ -155,6 +181,8 @@ class _BaseAndShrink(torch.autograd.Function):
                 grad_x.addmm_(grad_h, shrink_weight)
             else:
                 grad_x = grad_h @ shrink_weight
+            if ctx.link is not None:
+                ctx.link.add_into(grad_x)
         if grad_y is not None and needs[1]:
             grad_base_weight = grad_y.t() @ x
         if grad_y is not None and needs[2] and ctx.has_base_bias:
@@ -163,7 +191,8 @@ class _BaseAndShrink(torch.autograd.Function):
             grad_shrink_weight = grad_h.t() @ x
         if needs[4]:
             grad_shrink_bias = grad_h.sum(0)
-        return grad_x, grad_base_weight, grad_base_bias, grad_shrink_weight, grad_shrink_bias
+        return (grad_x, grad_base_weight, grad_base_bias, grad_shrink_weight, grad_shrink_bias,
+                None)
 
 
 def _expand_operands(hidden, gates, expand_weight, expand_bias, layout):
@@ -238,15 +267,18 @@ def _expert_weights(slot, layout, shrink_weight, shrink_bias, expand_weight, exp
 class _SparseExperts(torch.autograd.Function):
     """y [T, out] += sum over active pairs (t, e) of g[t, e] delta_e(x[t]), in place.
 
-    Works expert by expert on the plan's contiguous slices. Gathering per expert (instead of
-    all N rows at once) keeps every buffer at most [T, in]: on CPU a fresh multi-megabyte
-    buffer costs page faults that outweigh the small GEMMs themselves.
+    Works expert by expert on the plan's contiguous slices. The gathered rows of each expert
+    go into one workspace per call, reused across experts: at most [max count, in] of
+    scratch, never the [N, in] of all pairs.
     """
 
     @staticmethod
     def forward(ctx, y, x, shrink_weight, shrink_bias, expand_weight, expand_bias, gates,
-                plan, layout):
+                plan, layout, link=None):
         sorted_gates = gates[plan.token_index, plan.expert_index]
+        largest = max(plan.counts_host, default=0)
+        x_rows = x.new_empty(largest, x.shape[1])
+        out_rows = y.new_empty(largest, y.shape[1])
         hiddens = []
         start = 0
         for slot, count in zip(layout.slots, plan.counts_host):
@@ -254,16 +286,18 @@ class _SparseExperts(torch.autograd.Function):
             tokens = plan.token_index[start:stop]
             _, _, down, down_bias, up, up_bias = _expert_weights(
                 slot, layout, shrink_weight, shrink_bias, expand_weight, expand_bias)
-            hidden = F.linear(x.index_select(0, tokens), down, down_bias)
+            hidden = F.linear(torch.index_select(x, 0, tokens, out=x_rows[:count]), down,
+                              down_bias)
             gate = sorted_gates[start:stop, None]
-            out = (_activation_of(slot)(hidden) * (gate * slot.scaling)) @ up.t()
+            u = _activation_of(slot)(hidden) * (gate * slot.scaling)
+            out = torch.mm(u, up.t(), out=out_rows[:count])
             if up_bias is not None:
                 out.addmm_(gate, up_bias[None])
             y.index_add_(0, tokens, out)
             hiddens.append(hidden)
             start = stop
         ctx.mark_dirty(y)
-        ctx.plan, ctx.layout, ctx.hiddens = plan, layout, hiddens
+        ctx.plan, ctx.layout, ctx.hiddens, ctx.link = plan, layout, hiddens, link
         ctx.save_for_backward(x, shrink_weight, shrink_bias, expand_weight, expand_bias,
                               sorted_gates)
         ctx.gates_shape = gates.shape
@@ -273,21 +307,26 @@ class _SparseExperts(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, shrink_weight, shrink_bias, expand_weight, expand_bias, sorted_gates = \
             ctx.saved_tensors
-        plan, layout = ctx.plan, ctx.layout
+        plan, layout, link = ctx.plan, ctx.layout, ctx.link
+        input_grad = ctx.needs_input_grad[1] or (link is not None and x.requires_grad)
         grad_shrink_weight = torch.zeros_like(shrink_weight)
         grad_shrink_bias = torch.zeros_like(shrink_bias)
         # Kept transposed [C, out] so each expert's columns are a contiguous row block.
         grad_expand_weight_t = expand_weight.new_zeros(expand_weight.shape[::-1])
         grad_expand_bias = torch.zeros_like(expand_bias)
-        grad_x = torch.zeros_like(x)
+        grad_x = torch.zeros_like(x) if input_grad and link is None else None
         sorted_grad_gates = sorted_gates.new_empty(plan.num_pairs)
+        largest = max(plan.counts_host, default=0)
+        x_rows = x.new_empty(largest, x.shape[1])
+        grad_rows = grad_y.new_empty(largest, grad_y.shape[1])
         start = 0
         for slot, count, hidden in zip(layout.slots, plan.counts_host, ctx.hiddens):
             stop = start + count
             tokens = plan.token_index[start:stop]
             rows, columns, down, _, up, up_bias = _expert_weights(
                 slot, layout, shrink_weight, shrink_bias, expand_weight, expand_bias)
-            grad_out, gate = grad_y.index_select(0, tokens), sorted_gates[start:stop, None]
+            grad_out = torch.index_select(grad_y, 0, tokens, out=grad_rows[:count])
+            gate = sorted_gates[start:stop, None]
             with torch.enable_grad():
                 pre = hidden.detach().requires_grad_(slot.activation != "identity")
                 activated = _activation_of(slot)(pre)
@@ -302,13 +341,17 @@ class _SparseExperts(torch.autograd.Function):
             grad_hidden = grad_activated_scaled * (gate * slot.scaling)
             if slot.activation != "identity":
                 (grad_hidden,) = torch.autograd.grad(activated, pre, grad_hidden)
-            grad_shrink_weight[rows].addmm_(grad_hidden.t(), x.index_select(0, tokens))
+            x_slice = torch.index_select(x, 0, tokens, out=x_rows[:count])
+            grad_shrink_weight[rows].addmm_(grad_hidden.t(), x_slice)
             if slot.adapter_index is not None:
                 grad_shrink_bias[slot.shrink[0] - layout.bias_start:
                                  slot.shrink[1] - layout.bias_start] += grad_hidden.sum(0)
-            grad_x.index_add_(0, tokens, grad_hidden @ down)
+            if input_grad and link is not None:
+                link.pieces.append((tokens, grad_hidden, down))
+            elif input_grad:
+                grad_x.index_add_(0, tokens, torch.mm(grad_hidden, down, out=x_rows[:count]))
             start = stop
         grad_gates = sorted_gates.new_zeros(ctx.gates_shape)
         grad_gates[plan.token_index, plan.expert_index] = sorted_grad_gates
         return (grad_y, grad_x, grad_shrink_weight, grad_shrink_bias, grad_expand_weight_t.t(),
-                grad_expand_bias, grad_gates, None, None)
+                grad_expand_bias, grad_gates, None, None, None)
