@@ -62,11 +62,17 @@ def counting_batch(batch: int, length: int, vocab: int, generator: torch.Generat
     return (start + stride * torch.arange(length)) % vocab
 
 
+def _short_router_name(name: str) -> str:
+    """"model.layers.3.moa_router" -> "layers.3"; module routers keep their module path."""
+    name = name.removeprefix("model.").removeprefix("base_model.")
+    return name.removesuffix(".moa_router").removesuffix(".router")
+
+
 def _stats_matrices(stats) -> tuple[list[str], list[str], list[list[float]], list[list[float]]]:
     """Rows (routers), expert names, mean gates and active fractions from router_stats()."""
     rows, experts, mean_gate, active = [], [], [], []
     for name, entry in stats.items():
-        rows.append(name)
+        rows.append(_short_router_name(name))
         experts = max(experts, list(entry["experts"]), key=len)
         mean_gate.append([float(v) for v in entry["mean_gate"]])
         active.append([float(v) for v in entry["active_fraction"]])
@@ -76,12 +82,16 @@ def _stats_matrices(stats) -> tuple[list[str], list[str], list[list[float]], lis
 
 
 def format_stats_table(stats) -> str:
-    lines = [f"{'router':40s} {'expert':14s} {'mean gate':>9s} {'active':>7s}"]
-    for name, entry in stats.items():
-        for expert, gate, active in zip(entry["experts"], entry["mean_gate"],
-                                        entry["active_fraction"]):
-            lines.append(f"{name[-40:]:40s} {str(expert):14s} {float(gate):9.3f} "
-                         f"{float(active):7.3f}")
+    """One line per (router, expert): mean gate and fraction of tokens active."""
+    entries = [(_short_router_name(name), str(expert), float(gate), float(active))
+               for name, entry in stats.items()
+               for expert, gate, active in zip(entry["experts"], entry["mean_gate"],
+                                               entry["active_fraction"])]
+    router_width = max([6] + [len(e[0]) for e in entries])
+    expert_width = max([6] + [len(e[1]) for e in entries])
+    lines = [f"{'router':{router_width}s}  {'expert':{expert_width}s}  mean gate  active"]
+    lines += [f"{router:{router_width}s}  {expert:{expert_width}s}  {gate:9.3f}  {active:6.3f}"
+              for router, expert, gate, active in entries]
     return "\n".join(lines)
 
 
@@ -108,7 +118,8 @@ def run_demo(preset: str = "soft_moa", steps: int = 150, model_path: str | None 
     losses = []
     log_every = max(1, steps // 10)
     model.train()
-    bar = tqdm(range(steps), desc="training", disable=not progress, unit="step")
+    bar = tqdm(range(steps), desc="training", disable=not progress, unit="step",
+               mininterval=0.5)
     for step in bar:
         ids = counting_batch(batch, length, vocab, generator).to(device)
         loss = model(input_ids=ids, labels=ids).loss

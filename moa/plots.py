@@ -28,7 +28,7 @@ def plot_heatmap(values: Sequence[Sequence[float]], row_labels: Sequence[str],
                  colorbar_label: str) -> Path:
     """Heatmap of a rows x columns matrix (layers x experts), each cell annotated."""
     rows, columns = len(row_labels), len(column_labels)
-    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * columns, 1.0 + 0.45 * rows))
+    figure, axes = plt.subplots(figsize=(2.5 + 0.9 * columns, 2.5 + 0.5 * rows))
     image = axes.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     axes.set_xticks(range(columns), list(column_labels), rotation=45, ha="right")
     axes.set_yticks(range(rows), list(row_labels))
