@@ -1,0 +1,56 @@
+"""The `moa` command: one-line errors with a non-zero exit, `check`, and a short `demo`."""
+
+import pytest
+
+from moa.cli import main
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "COMMAND"),  # no subcommand at all
+    (["frob"], "invalid choice: 'frob'"),  # unknown subcommand
+    (["demo", "--steps", "x"], "expected a positive integer, got 'x'"),  # non-number
+    (["demo", "--steps", "0"], "expected a positive integer, got '0'"),  # zero steps
+    (["demo", "--preset", "nope"], "invalid choice: 'nope'"),  # unknown preset
+    (["demo", "--device", "meta"], "unsupported device 'meta'"),  # torch knows it, we don't
+    (["demo", "--device", "banana"], "unknown device 'banana'"),  # not a device at all
+    (["check", "--cases", "-1"], "expected a positive integer"),  # negative count
+    (["bench", "--what"], "unrecognized arguments: --what"),  # unknown flag
+])
+def test_bad_flags_give_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("moa: error: ")
+    assert "Traceback" not in err
+
+
+def test_model_path_that_is_not_a_checkpoint(tmp_path, capsys):
+    assert main(["demo", "--model", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["demo", "--model", str(tmp_path)]) == 2
+    assert "not a transformers checkpoint (no config.json" in capsys.readouterr().err
+
+
+def test_check_passes_on_cpu(capsys):
+    import torch
+
+    from moa.check import available_backends
+
+    assert main(["check", "--cases", "1", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out
+    # one case per mode for each backend (triton runs too: conftest turns the interpreter on)
+    backends = available_backends(torch.device("cpu"))
+    assert f"{4 * len(backends)} passed, 0 failed" in out
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--steps", "3", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters" in out
+    assert "reloaded outputs match exactly" in out
+    assert "layers.0" in out  # the router statistics table
+    for name in ("loss.png", "mean_gate.png", "active_rate.png",
+                 "adapter/moa_config.json", "adapter/adapter_model.safetensors"):
+        assert (out_dir / name).is_file(), name
