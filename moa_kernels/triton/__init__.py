@@ -72,7 +72,7 @@ def moa_linear(
             hidden, router_h = h[:, :rows], h[:, rows:]
         else:
             router_h = shrink_op(x, router.first_weight, router.first_bias)
-        gates, active = router.finish(router_h.to(x.dtype))
+        gates, active = router.finish(router_h)  # fp32: the head runs in fp32 anyway
     if gates is None or gates.shape != (x.shape[0], layout.num_experts):
         shape = None if gates is None else tuple(gates.shape)
         raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "

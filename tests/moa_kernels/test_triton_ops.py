@@ -1,0 +1,245 @@
+"""The triton backend against the reference backend, forward and backward.
+
+Each case builds one MoALinear, runs it with backend="reference" and backend="triton" on
+the same input, and compares y and the gradients of x and of every trainable parameter.
+On CPU the kernels run in the Triton interpreter (tests/conftest.py switches it on before
+triton is imported); with TRITON_INTERPRET=0 and a GPU the same cases run compiled on CUDA,
+bf16 included. (The 3.9 interpreter computes tl.dot wrongly on bf16, so no bf16 on CPU.)
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+
+from moa import MoALinear, RouterConfig  # noqa: E402
+from tests.conftest import relative_error  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+ALL_ACTIVATIONS = ["adapter:6:silu", "lora:1", "adapter:3:gelu", "lora:32", "adapter:9:relu",
+                   "lora:5", "adapter:2:identity"]  # E = 7 (prime), ranks 1..32
+
+# (id, experts, router config, T, in, out) -- the comment says which edge case it covers
+CASES = [
+    # one token: smaller than every tile; soft swiglu + sigmoid (paper default)
+    ("t1-soft", ["lora:1", "adapter:7:silu", "lora:32"], RouterConfig(), 1, 16, 24),
+    # T = 5, odd dims, prime E = 5 with a hydra group; linear router, softmax gate
+    ("t5-odd-softmax", ["adapter:5:gelu", "lora:8", "hydra:4:3"],
+     RouterConfig(kind="linear", gate="softmax"), 5, 37, 29),
+    # exactly one 64-token tile; Sparse MoA threshold mode
+    ("t64-threshold", ["lora:8", "lora:16", "adapter:16:silu"],
+     RouterConfig(mode="threshold", max_threshold=0.6), 64, 33, 40),
+    # T = 130 spans three tiles; AdaMoLE adaptive mode with every activation, prime E = 7
+    ("t130-adaptive-acts", ALL_ACTIVATIONS, RouterConfig(mode="adaptive"), 130, 19, 23),
+    # topk k = 2 over prime E = 7, softmax, ranks 1..32 and adapters of every activation
+    ("t130-topk-acts", ALL_ACTIVATIONS,
+     RouterConfig(kind="linear", gate="softmax", mode="topk", top_k=2), 130, 21, 17),
+    # E = 1 in soft mode: a single LoRA
+    ("e1-soft", ["lora:3"], RouterConfig(kind="linear"), 5, 11, 13),
+    # E = 1 in topk mode: every token to the one expert, sparse path with a full plan
+    # (k = 1 cases keep p un-normalised: p / p = 1 would give the router a zero gradient)
+    ("e1-topk", ["lora:3"],
+     RouterConfig(kind="linear", mode="topk", top_k=1, normalize_topk=False), 64, 11, 13),
+    # hydra only (shared A, 5 heads), threshold: group plan differs from the expert plan
+    ("hydra-threshold", ["hydra:6:5"], RouterConfig(mode="threshold"), 64, 20, 18),
+    # hydra only, soft, un-normalised topk off: dense path sums heads into shared rows
+    ("hydra-soft", ["hydra:4:2", "lora:2"], RouterConfig(gate="softmax"), 5, 20, 18),
+    # ranks above one BLOCK_R chunk (37, 33): the rank-chunk loops of every kernel
+    ("rank-chunks-threshold", ["adapter:37:relu", "lora:33", "lora:1"],
+     RouterConfig(mode="threshold"), 64, 23, 19),
+    # topk without renormalisation, sigmoid gate, hydra and adapter mixed
+    ("topk-unnormalised", ["hydra:3:2", "adapter:4:gelu", "lora:7"],
+     RouterConfig(mode="topk", top_k=3, normalize_topk=False), 5, 16, 31),
+    # bias-free router (MoLoRA / HydraLoRA baselines)
+    ("bias-free-router", ["lora:4", "lora:4", "lora:4"],
+     RouterConfig(kind="linear", gate="softmax", bias=False), 5, 16, 16),
+]
+
+
+def _devices_and_dtypes():
+    params = []
+    for dtype in (torch.float32, torch.float16):
+        params.append(pytest.param("cpu", dtype, marks=pytest.mark.skipif(
+            not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        params.append(pytest.param("cuda", dtype, marks=pytest.mark.skipif(
+            not CUDA or INTERPRETED,
+            reason="needs a CUDA GPU and TRITON_INTERPRET=0 (compiled kernels)")))
+    return params
+
+
+DEVICE_DTYPES = _devices_and_dtypes()
+
+
+def _make_layer(experts, router, in_features, out_features, device, dtype, dropout=0.0):
+    torch.manual_seed(0)
+    layer = MoALinear(nn.Linear(in_features, out_features), experts, router, dropout=dropout,
+                      backend="triton").to(device=device, dtype=dtype)
+    with torch.no_grad():  # fresh random values everywhere (B starts at zero otherwise)
+        for parameter in layer.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0.0, 0.4)
+    return layer
+
+
+def _run(layer, x, backend, gates=None, seed=7):
+    layer.backend = backend
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the same dropout mask for both backends
+    y = layer(x, gates) if gates is not None else layer(x)
+    weights = torch.linspace(-1.0, 1.0, y.numel(), device=y.device).reshape(y.shape)
+    (y.float() * weights).sum().backward()
+    grads = {"y": y.detach(), "x": x.grad}
+    for name, parameter in layer.named_parameters():
+        if parameter.requires_grad:
+            grads[name] = parameter.grad
+    return grads
+
+
+def _compare(layer, x, dtype, gates=None):
+    """Triton in `dtype` against the reference backend. For fp16/bf16 the reference runs on
+    a float64 copy of the same (already rounded) values: the half-precision oracle's own
+    rounding (e.g. a / a or p (1 - p) of a saturated gate) can exceed the tolerance."""
+    if dtype == torch.float32:
+        expected = _run(layer, x, "reference", gates)
+    else:
+        oracle = copy.deepcopy(layer).double()
+        expected = _run(oracle, x.double(), "reference",
+                        None if gates is None else gates.double())
+    actual = _run(layer, x, "triton", gates)
+    assert expected.keys() == actual.keys()
+    tolerance = TOLERANCE[dtype]
+    for name in expected:
+        if expected[name] is None or actual[name] is None:
+            assert expected[name] is None and actual[name] is None, name
+            continue
+        assert actual[name].dtype == dtype, name
+        error = relative_error(actual[name], expected[name])
+        assert error < tolerance, f"{name}: relative error {error:.2e}"
+    return expected
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
+def test_matches_reference(case, device, dtype):
+    _, experts, router, tokens, in_features, out_features = case
+    layer = _make_layer(experts, router, in_features, out_features, device, dtype)
+    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
+    expected = _compare(layer, x, dtype)
+    assert expected["shrink_weight"].abs().sum() > 0  # the comparison is not vacuous
+
+
+def _forced_router_layer(device, dtype, mode, bias_values, threshold_bias=0.0, top_k=1):
+    """A linear-router layer whose gates depend on the bias only (weights zeroed)."""
+    layer = _make_layer(["lora:4", "adapter:5:silu", "lora:2", "hydra:3:2"],
+                        RouterConfig(kind="linear", mode=mode, top_k=top_k,
+                                     normalize_topk=False), 17, 15,
+                        device, dtype)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.bias.copy_(torch.tensor(bias_values))
+        if layer.router.config.uses_threshold:
+            layer.router.threshold_weight.zero_()
+            layer.router.threshold_bias.fill_(threshold_bias)
+    return layer
+
+
+# every mode x gate x T in {1 (one token), 5 (below a tile), 64 (one full tile), 130 (three
+# tiles, ragged last)} on one mixed layer: 7 experts of every activation plus 3 hydra heads
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("tokens", [1, 5, 64, 130])
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("mode", ["soft", "threshold", "adaptive", "topk"])
+def test_modes_gates_and_token_counts(mode, gate, tokens, device, dtype):
+    router = RouterConfig(gate=gate, mode=mode, top_k=3)
+    layer = _make_layer(ALL_ACTIVATIONS + ["hydra:5:3"], router, 19, 23, device, dtype)
+    x = torch.randn(tokens, 19, device=device, dtype=dtype)
+    _compare(layer, x, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_all_tokens_to_one_expert(device, dtype):
+    # topk k = 1 with one larger logit: one expert gets all 64 tokens, the others none
+    # (a moderate logit: a saturated fp16 sigmoid would make the fp16 oracle's own
+    # router gradient p (1 - p) meaningless)
+    layer = _forced_router_layer(device, dtype, "topk", [0.0, 0.0, 1.0, 0.0, 0.0])
+    x = torch.randn(64, 17, device=device, dtype=dtype)
+    _compare(layer, x, dtype)
+    assert (layer.last_gates[:, 2] > 0.7).all()
+    assert (layer.last_gates.count_nonzero(dim=0) == torch.tensor([0, 0, 64, 0, 0])).all()
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_no_token_active(device, dtype):
+    # threshold mode with p ~ 0 below G = 0.5 sigmoid(20): no pair runs, y = base(x)
+    layer = _forced_router_layer(device, dtype, "threshold", [-20.0] * 5, threshold_bias=20.0)
+    x = torch.randn(5, 17, device=device, dtype=dtype)
+    _compare(layer, x, dtype)
+    assert (layer.last_gates == 0).all()
+    torch.testing.assert_close(layer(x), layer.base(x))
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_every_expert_active(device, dtype):
+    # threshold mode with p = sigmoid(4) = 0.98 above G <= 0.5: the sparse path runs every
+    # pair (p not saturated, so the router still gets a gradient fp16 can represent)
+    layer = _forced_router_layer(device, dtype, "threshold", [4.0] * 5)
+    x = torch.randn(64, 17, device=device, dtype=dtype)
+    _compare(layer, x, dtype)
+    assert (layer.last_gates > 0).all()
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_given_gates_and_leading_dims(device, dtype):
+    # router=None: gates come from outside (layer-scoped router); 3-D input [2, 9, in]
+    layer = _make_layer(["lora:4", "adapter:3:gelu", "hydra:2:2"], None, 13, 11, device, dtype)
+    x = torch.randn(2, 9, 13, device=device, dtype=dtype)
+    gates = torch.rand(2, 9, 4, device=device, dtype=dtype)
+    _compare(layer, x, dtype, gates)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("mode", ["soft", "topk"])
+def test_dropout_on_the_adapter_input(device, dtype, mode):
+    # training with dropout: experts read dropout(x), router and base read x
+    router = RouterConfig(mode=mode, top_k=1, normalize_topk=False)
+    layer = _make_layer(["lora:4", "adapter:3:silu"], router, 13, 11, device, dtype,
+                        dropout=0.3)
+    layer.train()
+    x = torch.randn(5, 13, device=device, dtype=dtype)
+    _compare(layer, x, dtype)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")
+def test_zero_tokens():
+    # T = 0: every kernel launcher returns before launching an empty grid
+    layer = _make_layer(["lora:4", "adapter:3:silu"], RouterConfig(mode="topk", top_k=1), 13,
+                        11, "cpu", torch.float32)
+    x = torch.randn(0, 13, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (0, 11) and x.grad.shape == (0, 13)
+    assert layer.shrink_weight.grad.abs().sum() == 0
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")
+def test_plan_is_sorted_by_expert_and_matches_the_mask():
+    from moa_kernels.triton.plan import PairList
+
+    torch.manual_seed(3)
+    active = torch.rand(11, 5) < 0.4
+    active[:, 3] = False  # an expert with no token
+    pairs = PairList.build(active)
+    offsets = pairs.offsets.tolist()
+    for e in range(5):
+        tokens = pairs.token_index[offsets[e]:offsets[e + 1]].tolist()
+        assert tokens == active[:, e].nonzero().flatten().tolist()
