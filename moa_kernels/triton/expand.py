@@ -3,7 +3,7 @@ and its backward. Also the plain segmented GEMM that the sparse shrink's dx reus
 
 Why the gating is here and not in the shrink epilogue: the router's first layer is computed
 by the same shrink GEMM as the experts' A x, so the gates exist only after it. The expand
-kernel therefore applies bias-free activation, gate and scaling in its operand prologue
+kernel therefore applies activation, gate and scaling in its operand prologue
 (from the fp32 pre-activation h, which the backward needs anyway), so no activated copy
 of h is stored.
 
@@ -17,7 +17,7 @@ Forward `_segmented_kernel` (GATED=True), token-major:
   this fixed-order register sum: deterministic, no atomics, no [N, out] buffer.
   With GATED=False the same kernel is dx = sum_g dH[:, rows_g] @ W_g (sparse shrink).
 Backward:
-  `_expand_grad_kernel` grid (cdiv(T, BLOCK_M), G): per token tile and shrink group, per
+  `_expand_grad_kernel` grid (G, cdiv(T, BLOCK_M)): per token tile and shrink group, per
   rank chunk, per expert of the group: du = dy @ B[:, cols] (loop over out), then
   dg[t, e] += s_e <du, act(h)> (+ <dy, b_up> for adapters) = <delta_e(x_t), dy_t>, and
   dH = act'(h) * sum_e du * g * s (hydra heads summed in registers). act is recomputed
@@ -119,7 +119,9 @@ def gated_expand_backward(grad: torch.Tensor, hidden: torch.Tensor, gates: torch
         return grad_hidden, grad_gates, grad_weight, grad_bias
     block_m, block_n = block(tokens), block(features)
     bias_arg = expand_bias if expand_bias.numel() else grad_weight
-    _expand_grad_kernel[(triton.cdiv(tokens, block_m), group_meta.shape[0])](
+    # groups on the fast grid axis: the programs of one token tile run together, so the
+    # re-reads of its dy tile (one per expert and rank chunk) mostly hit L2
+    _expand_grad_kernel[(group_meta.shape[0], triton.cdiv(tokens, block_m))](
         grad, hidden, gates, expand_weight, bias_arg, grad_hidden, grad_gates,
         active if sparse else gates, expert_meta, expert_scale, group_meta, tokens, features,
         grad.stride(0), grad.stride(1), hidden.stride(0), gates.stride(0),
@@ -228,8 +230,8 @@ def _expand_grad_kernel(dy_ptr, h_ptr, gates_ptr, w_ptr, up_bias_ptr, dh_ptr, dg
                         stride_dhm, SPARSE: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    group = tl.program_id(1)
+    group = tl.program_id(0)
+    pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     rows_m = offs_m.to(tl.int64)
@@ -280,6 +282,9 @@ def _expand_grad_kernel(dy_ptr, h_ptr, gates_ptr, w_ptr, up_bias_ptr, dh_ptr, dg
                         bias_dot += tl.sum(dy.to(tl.float32) * up[None, :], axis=1)
                 grad_gate = tl.sum(grad_u * activated, axis=1) * scale + bias_dot
                 dg_ptrs = dg_ptr + rows_m * stride_gm + e
+                # the previous rank chunk's partial sum may have been stored by another
+                # thread of this program: make it visible before reading it back
+                tl.debug_barrier()
                 previous = tl.load(dg_ptrs, mask=keep, other=0.0)
                 tl.store(dg_ptrs, previous + grad_gate, mask=keep)
                 grad_act += grad_u * (gate * scale)[:, None]

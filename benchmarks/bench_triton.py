@@ -1,0 +1,110 @@
+"""Triton backend on CUDA: L1 and M8 layer timings against the frozen base layer, the torch
+backend and the reference backend, as medians from triton.testing.do_bench.
+
+    .venv/bin/python benchmarks/bench_triton.py [--tokens 2048] [--features 2048]
+        [--dtype bf16] [--backends triton,torch,reference]
+
+Forward = one layer call; fwd+bwd = call + backward of a fixed dy, x requiring grad and the
+base frozen. Every ratio is taken between numbers of the same run. Without CUDA it prints
+why and exits 0 (CI has no GPU; see benchmarks/roofline.py for the kernels' floors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _cases():
+    from moa.bench import LAYER_CASES
+
+    return LAYER_CASES
+
+
+def _timings(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> tuple[float, float]:
+    """(forward ms, forward + backward ms), do_bench medians."""
+    from triton.testing import do_bench
+
+    def forward():
+        with torch.no_grad():
+            module(x)
+
+    def train():
+        x.grad = None
+        module(x).backward(grad_y)
+
+    return (do_bench(forward, return_mode="median"),
+            do_bench(train, grad_to_none=[x] + list(module.parameters()),
+                     return_mode="median"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--features", type=int, default=2048)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--backends", default="triton,torch,reference")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_triton: no CUDA device here, nothing measured (the Triton backend is "
+              "timed on GPUs only; run benchmarks/roofline.py for its floors)")
+        return 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("bench_triton: TRITON_INTERPRET=1 would time the interpreter; unset it")
+        return 1
+    from moa import MoALinear
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dtype, device = DTYPES[args.dtype], torch.device("cuda")
+    backends = args.backends.split(",")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"T = {args.tokens}, in = out = {args.features}, {args.dtype}")
+    print(f"{'case':9s} {'backend':10s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} "
+          f"{'fwd/base':>9s} {'train/base':>11s}")
+    results = {}
+    for case in _cases():
+        torch.manual_seed(0)
+        base = nn.Linear(args.features, args.features, device=device, dtype=dtype)
+        layer = MoALinear(base, list(case.experts), case.router)
+        x = torch.randn(args.tokens, args.features, device=device, dtype=dtype,
+                        requires_grad=True)
+        grad_y = torch.randn(args.tokens, args.features, device=device, dtype=dtype)
+        base_fwd, base_train = _timings(base, x, grad_y)
+        results[(case.name, "base")] = (base_fwd, base_train)
+        print(f"{case.name:9s} {'base':10s} {base_fwd:8.3f} {base_train:11.3f}")
+        for backend in backends:
+            layer.backend = backend
+            fwd, train = _timings(layer, x, grad_y)
+            results[(case.name, backend)] = (fwd, train)
+            print(f"{case.name:9s} {backend:10s} {fwd:8.3f} {train:11.3f} "
+                  f"{fwd / base_fwd:9.2f} {train / base_train:11.2f}")
+    for other in ("torch", "reference"):
+        if "triton" in backends and other in backends:
+            for case in _cases():
+                fwd = results[(case.name, other)][0] / results[(case.name, "triton")][0]
+                train = results[(case.name, other)][1] / results[(case.name, "triton")][1]
+                print(f"{case.name}: triton is {fwd:.2f}x (fwd) / {train:.2f}x (fwd+bwd) "
+                      f"faster than {other}")
+    for backend in backends:
+        names = [c.name for c in _cases()]
+        if "M8 topk2" in names and "M8 soft" in names:
+            ratios = []
+            for index in (0, 1):
+                base_time = results[("M8 soft", "base")][index]
+                sparse = results[("M8 topk2", backend)][index] - base_time
+                dense = results[("M8 soft", backend)][index] - base_time
+                ratios.append(sparse / dense if dense > 0 else float("nan"))
+            print(f"[{backend}] M8 topk2 overhead / soft overhead: forward {ratios[0]:.2f}, "
+                  f"fwd+bwd {ratios[1]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
