@@ -243,3 +243,32 @@ def test_plan_is_sorted_by_expert_and_matches_the_mask():
     for e in range(5):
         tokens = pairs.token_index[offsets[e]:offsets[e + 1]].tolist()
         assert tokens == active[:, e].nonzero().flatten().tolist()
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("mode", ["soft", "topk"])
+def test_fp32_adapters_with_fp16_input(mode):
+    # adapters kept in fp32 while x is fp16: the kernels cast operands in their loads, and
+    # every gradient comes back in its own tensor's dtype
+    from moa_kernels import triton as ops
+
+    layer = _make_layer(["lora:4", "adapter:3:silu", "hydra:2:2"],
+                        RouterConfig(mode=mode, top_k=2), 13, 11, "cpu", torch.float32)
+    x = torch.randn(9, 13)
+    tensors = [t.detach().clone().requires_grad_(True) for t in layer._stacked()]
+    router = layer.router.ops(torch.float16)
+    results = []
+    for dtype in (torch.float32, torch.float16):  # expert tensors as given / cast to fp16
+        for t in tensors:
+            t.grad = None
+        shrink_w, shrink_b, expand_w, expand_b = (t.to(dtype) for t in tensors)
+        y, _ = ops.moa_linear(x.half(), base_weight=layer.base.weight.half(),
+                              base_bias=layer.base.bias.half(), layout=layer.layout,
+                              shrink_weight=shrink_w, shrink_bias=shrink_b,
+                              expand_weight=expand_w, expand_bias=expand_b, router=router,
+                              sparse=mode != "soft")
+        y.float().square().sum().backward()
+        assert y.dtype == torch.float16
+        results.append([y.detach()] + [t.grad.clone() for t in tensors])
+    for mixed, half in zip(*results):
+        assert relative_error(mixed, half) < TOLERANCE[torch.float16]
