@@ -156,16 +156,29 @@ class LayerRouter(nn.Module):
         return f"hidden_size={self.hidden_size}, experts={self.expert_names}"
 
 
-def gates_pre_hook(router: LayerRouter, start: int, stop: int, who: str) -> Callable:
-    """A forward pre-hook (with_kwargs) passing a MoALinear its slice of the layer gates."""
+class _Hook:
+    """Base of the hooks below: plain callable objects rather than closures, so that
+    copy.deepcopy of a model carries hooks that point at the copied modules."""
 
-    def hook(module: nn.Module, args, kwargs):
-        if not router.active or kwargs.get("gates") is not None or len(args) > 1:
+
+class GateSliceHook(_Hook):
+    """A forward pre-hook (with_kwargs) passing a MoALinear its slice start..stop-1 of the
+    layer router's gates."""
+
+    def __init__(self, router: LayerRouter, start: int, stop: int, who: str) -> None:
+        self.router, self.start, self.stop, self.who = router, start, stop, who
+
+    def __call__(self, module: nn.Module, args, kwargs):
+        if not self.router.active or kwargs.get("gates") is not None or len(args) > 1:
             return None
         x = args[0] if args else kwargs["x"]
-        return args, {**kwargs, "gates": router.gates_for(start, stop, x, who)}
+        gates = self.router.gates_for(self.start, self.stop, x, self.who)
+        return args, {**kwargs, "gates": gates}
 
-    return hook
+
+def gates_pre_hook(router: LayerRouter, start: int, stop: int, who: str) -> Callable:
+    """A forward pre-hook (with_kwargs) passing a MoALinear its slice of the layer gates."""
+    return GateSliceHook(router, start, stop, who)
 
 
 def constant_gates_pre_hook(module: MoALinear, args, kwargs):
@@ -176,19 +189,24 @@ def constant_gates_pre_hook(module: MoALinear, args, kwargs):
     return args, {**kwargs, "gates": x.new_ones(*x.shape[:-1], module.num_experts)}
 
 
-def collecting_pre_hook(collector: GateCollector) -> Callable:
+class CollectingHook(_Hook):
     """Forward pre-hook for a MoALinear with its own router: while the collector is active,
     route here (keeping the gates' graph for the auxiliary loss) and pass the gates on."""
 
-    def hook(module: MoALinear, args, kwargs):
-        if not collector.active or kwargs.get("gates") is not None or len(args) > 1:
+    def __init__(self, collector: GateCollector) -> None:
+        self.collector = collector
+
+    def __call__(self, module: MoALinear, args, kwargs):
+        if not self.collector.active or kwargs.get("gates") is not None or len(args) > 1:
             return None
         x = args[0] if args else kwargs["x"]
         gates = module.route(x)
-        collector.add(gates)
+        self.collector.add(gates)
         return args, {**kwargs, "gates": gates}
 
-    return hook
+
+def collecting_pre_hook(collector: GateCollector) -> Callable:
+    return CollectingHook(collector)
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,16 +254,7 @@ class ParallelAdapter(nn.Module):
 
     def mlp_hook(self, router: LayerRouter, index: int, who: str) -> Callable:
         """A forward hook (with_kwargs) on the MLP adding g_index * delta(mlp input)."""
-
-        def hook(module: nn.Module, args, kwargs, output):
-            if not self.active:
-                return None
-            x = args[0] if args else next(iter(kwargs.values()))
-            gate = router.gates_for(index, index + 1, x, who)
-            delta = self(x)
-            return output + (gate.to(delta.dtype) * delta).to(output.dtype)
-
-        return hook
+        return ParallelAdapterHook(self, router, index, who)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -314,32 +323,59 @@ class PromptExpert(nn.Module):
 
     def o_proj_pre_hook(self, attention: nn.Module, router: LayerRouter, index: int,
                         who: str) -> Callable:
-        rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
-
-        def hook(module: nn.Module, args, kwargs):
-            if not self.active:
-                return None
-            query, position_embeddings = self._query, self._position_embeddings
-            self._query = self._position_embeddings = None
-            if query is None or position_embeddings is None:
-                raise RuntimeError(f"{who}: the prompt expert did not see this forward's "
-                                   "query and position embeddings")
-            x = args[0] if args else kwargs["x"]
-            batch, tokens = x.shape[:2]
-            query = query.reshape(batch, tokens, -1, self.head_dim).transpose(1, 2)
-            cos, sin = position_embeddings
-            query, _ = rotary(query, query, cos, sin)
-            out = self.output(query, _frozen(attention.k_proj), _frozen(attention.v_proj))
-            gate = router.gates_for(index, index + 1, x, who)
-            x = x + (gate.to(out.dtype) * out).to(x.dtype)
-            if args:
-                return (x, *args[1:]), kwargs
-            return args, {**kwargs, "x": x}
-
-        return hook
+        """A forward pre-hook (with_kwargs) on o_proj adding g_index * o_p to its input."""
+        return PromptOutputHook(self, attention, router, index, who)
 
     def extra_repr(self) -> str:
         return f"length={self.length}, hidden_size={self.hidden_size}, heads={self.num_heads}"
+
+
+class ParallelAdapterHook(_Hook):
+    """Forward hook (with_kwargs) on the MLP: output + g_index * adapter(mlp input)."""
+
+    def __init__(self, adapter: ParallelAdapter, router: LayerRouter, index: int,
+                 who: str) -> None:
+        self.adapter, self.router, self.index, self.who = adapter, router, index, who
+
+    def __call__(self, module: nn.Module, args, kwargs, output):
+        if not self.adapter.active:
+            return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        gate = self.router.gates_for(self.index, self.index + 1, x, self.who)
+        delta = self.adapter(x)
+        return output + (gate.to(delta.dtype) * delta).to(output.dtype)
+
+
+class PromptOutputHook(_Hook):
+    """Forward pre-hook (with_kwargs) on o_proj: rebuilds the post-rotary query from what the
+    prompt expert captured and adds g_index * o_p to the o_proj input [B, S, H * D]."""
+
+    def __init__(self, prompt: PromptExpert, attention: nn.Module, router: LayerRouter,
+                 index: int, who: str) -> None:
+        self.prompt, self.attention, self.router = prompt, attention, router
+        self.index, self.who = index, who
+
+    def __call__(self, module: nn.Module, args, kwargs):
+        prompt, attention = self.prompt, self.attention
+        if not prompt.active:
+            return None
+        query, position_embeddings = prompt._query, prompt._position_embeddings
+        prompt._query = prompt._position_embeddings = None
+        if query is None or position_embeddings is None:
+            raise RuntimeError(f"{self.who}: the prompt expert did not see this forward's "
+                               "query and position embeddings")
+        x = args[0] if args else kwargs["x"]
+        batch, tokens = x.shape[:2]
+        query = query.reshape(batch, tokens, -1, prompt.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        query, _ = rotary(query, query, cos, sin)
+        out = prompt.output(query, _frozen(attention.k_proj), _frozen(attention.v_proj))
+        gate = self.router.gates_for(self.index, self.index + 1, x, self.who)
+        x = x + (gate.to(out.dtype) * out).to(x.dtype)
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, "x": x}
 
 
 def check_prompt_attention(attention: nn.Module, name: str) -> None:

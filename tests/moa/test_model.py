@@ -3,6 +3,7 @@ slices, parallel adapter, prompt expert) against hand computations, the initial 
 generation with a KV cache, auxiliary loss, stats, strict loading, and compatibility with
 Trainer, gradient checkpointing and bf16."""
 
+import copy
 import re
 
 import pytest
@@ -462,3 +463,19 @@ def test_bf16_base_and_autocast_keep_adapters_in_fp32():
         reference_total = torch.cat([g.flatten() for _, g in expected.values()])
         assert relative_error(total, reference_total) < 2e-2
     assert llama_config().hidden_size == 64
+
+
+def test_a_deep_copy_routes_through_its_own_modules():
+    moa = get_moa_model(tiny_llama(), MoAConfig())
+    perturb(moa)
+    ids = token_batch()
+    clone = copy.deepcopy(moa)
+    with torch.no_grad():
+        original = moa(ids).logits
+        assert torch.equal(clone(ids).logits, original)
+        clone.model.model.layers[0].self_attn.moa_prompt.gate.add_(1.0)
+        clone.model.model.layers[1].moa_router.router.w2_bias.add_(1.0)
+        assert not torch.equal(clone(ids).logits, original)
+        assert torch.equal(moa(ids).logits, original)
+        with clone.disable_adapters():
+            assert torch.equal(clone(ids).logits, tiny_llama()(ids).logits)
