@@ -258,7 +258,9 @@ class MoAConfig:
             attention module (Llama, Mistral, Qwen2, Qwen3), or None. Needs router_scope
             "layer" and a soft router (the sparse variants do not use it).
         aux_loss_coef: weight of the switch-style load-balancing loss added to the model's
-            loss (0 disables).
+            loss (0 disables). With router_scope "module" the routers then run just before
+            their MoALinear (to keep the gates' graph), which passes the gates in: same math,
+            but the sparse modes run their experts densely while it is on.
         dropout: dropout probability on the experts' input.
         backend: MoALinear backend: "auto", "reference", "torch" or "triton".
     """
