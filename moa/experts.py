@@ -134,6 +134,12 @@ class LayerRouter(nn.Module):
         self.last_gates = gates.detach()
         return gates
 
+    @property
+    def sparse(self) -> bool:
+        """Whether the gates are masked (threshold, adaptive, topk): the layers then skip
+        the experts whose gate is zero."""
+        return self.router is not None and self.router.config.is_sparse
+
     def gates_for(self, start: int, stop: int, x: torch.Tensor, who: str) -> torch.Tensor:
         """The gates [..., stop - start] of experts start..stop-1 for an input x [..., F]."""
         if self.gates is None:
@@ -173,7 +179,7 @@ class GateSliceHook(_Hook):
             return None
         x = args[0] if args else kwargs["x"]
         gates = self.router.gates_for(self.start, self.stop, x, self.who)
-        return args, {**kwargs, "gates": gates}
+        return args, {**kwargs, "gates": gates, "sparse": self.router.sparse}
 
 
 def gates_pre_hook(router: LayerRouter, start: int, stop: int, who: str) -> Callable:

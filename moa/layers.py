@@ -301,8 +301,13 @@ class MoALinear(nn.Module):
             raise ValueError(f"input has shape {tuple(x.shape)}; its last dimension must be "
                              f"in_features={self.in_features}")
 
-    def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None, *,
+                sparse: bool | None = None) -> torch.Tensor:
         """y [..., out] for x [..., in]; gates [..., E] (already masked) replace the router's.
+
+        sparse: skip the (token, expert) pairs whose gate is zero (outside gates from a
+        sparse-mode shared router). Default: the layer's own router mode; dense for
+        outside gates.
         """
         self._check_input(x)
         leading = x.shape[:-1]
@@ -322,7 +327,8 @@ class MoALinear(nn.Module):
             if backend == "reference":
                 y, used_gates = self._forward_reference(flat, flat_gates, adapter_input)
             else:
-                y, used_gates = self._forward_fused(backend, flat, flat_gates, adapter_input)
+                y, used_gates = self._forward_fused(backend, flat, flat_gates, adapter_input,
+                                                    sparse)
         self.last_gates = used_gates.detach().reshape(*leading, self.num_experts)
         return y.reshape(*leading, self.out_features)
 
@@ -339,7 +345,7 @@ class MoALinear(nn.Module):
                                            gates.to(x.dtype), adapter_input)
         return y, gates
 
-    def _forward_fused(self, backend, x, gates, adapter_input):
+    def _forward_fused(self, backend, x, gates, adapter_input, sparse):
         if backend == "triton":
             from moa_kernels import triton as ops
         else:
@@ -347,7 +353,9 @@ class MoALinear(nn.Module):
         shrink_weight, shrink_bias, expand_weight, expand_bias = self._stacked(x.dtype)
         base_weight, base_bias = self._base_tensors(x.dtype)
         router = None if gates is not None or self.router is None else self.router.ops(x.dtype)
-        sparse = gates is None and self.router is not None and self.router.config.is_sparse
+        if sparse is None:
+            sparse = gates is None and self.router is not None and \
+                self.router.config.is_sparse
         return ops.moa_linear(
             x, base_weight=base_weight, base_bias=base_bias, layout=self.layout,
             shrink_weight=shrink_weight, shrink_bias=shrink_bias, expand_weight=expand_weight,
