@@ -296,24 +296,40 @@ class PromptExpert(nn.Module):
         self._position_embeddings = None
         self._query = None
 
-    def output(self, query: torch.Tensor, k_proj: nn.Linear, v_proj: nn.Linear) -> torch.Tensor:
-        """o_p [B, S, H * D] for the post-rotary query [B, H, S, D] (before g_prompt)."""
-        batch, heads, tokens, head_dim = query.shape
-        dtype = query.dtype
+    def keys_and_gated_values(self, k_proj: nn.Linear, v_proj: nn.Linear,
+                              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt keys [H, L, D] and values times the per-head gate [H, L, D], KV heads
+        repeated for grouped-query attention (query head h reads KV head h // groups).
+
+        They depend only on the prompt, the gate and the frozen projections, so without
+        grad mode (decoding) they are cached until one of those tensors changes."""
+        versions = (dtype, self.prompt._version, self.gate._version, k_proj.weight._version,
+                    v_proj.weight._version, id(k_proj.weight), id(v_proj.weight))
+        cached = self.__dict__.get("_keys_values")
+        if not torch.is_grad_enabled() and cached is not None and cached[0] == versions:
+            return cached[1]
         prompt = self.prompt.to(dtype)
         keys = F.linear(prompt, k_proj.weight.to(dtype), None if k_proj.bias is None
                         else k_proj.bias.to(dtype))
         values = F.linear(prompt, v_proj.weight.to(dtype), None if v_proj.bias is None
                           else v_proj.bias.to(dtype))
-        groups = heads // self.num_kv_heads
-        # [L, KV * D] -> [H, L, D]; query head h reads KV head h // groups (as repeat_kv).
-        keys = keys.view(self.length, self.num_kv_heads, head_dim).transpose(0, 1)
-        values = values.view(self.length, self.num_kv_heads, head_dim).transpose(0, 1)
+        groups = self.num_heads // self.num_kv_heads
+        keys = keys.view(self.length, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        values = values.view(self.length, self.num_kv_heads, self.head_dim).transpose(0, 1)
         keys = keys.repeat_interleave(groups, dim=0)
-        values = values.repeat_interleave(groups, dim=0)
+        values = values.repeat_interleave(groups, dim=0) * self.gate.to(dtype)[:, None, None]
+        self.__dict__["_keys_values"] = None if torch.is_grad_enabled() else \
+            (versions, (keys, values))
+        return keys, values
+
+    def output(self, query: torch.Tensor, k_proj: nn.Linear, v_proj: nn.Linear) -> torch.Tensor:
+        """o_p [B, S, H * D] for the post-rotary query [B, H, S, D] (before g_prompt)."""
+        batch, heads, tokens, head_dim = query.shape
+        dtype = query.dtype
+        keys, gated_values = self.keys_and_gated_values(k_proj, v_proj, dtype)
         scores = torch.matmul(query, keys.transpose(-1, -2)) * head_dim ** -0.5  # [B, H, S, L]
         weights = torch.softmax(scores.float(), dim=-1).to(dtype)
-        out = torch.matmul(weights, values) * self.gate.to(dtype)[:, None, None]  # [B,H,S,D]
+        out = torch.matmul(weights, gated_values)  # [B, H, S, D]
         return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
     # ---- hooks ---------------------------------------------------------------------------

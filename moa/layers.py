@@ -11,6 +11,7 @@ backends with the same semantics: "reference" (per-expert loop, the oracle), "to
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -56,6 +57,13 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type) and x.is_floating_point():
         return torch.get_autocast_dtype(device_type)
     return x.dtype
+
+
+def _autocast_off(x: torch.Tensor):
+    """A context that switches autocast off for x's device (a no-op when it is off)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _new_parameter(shape, device, dtype) -> nn.Parameter:
@@ -238,13 +246,23 @@ class MoALinear(nn.Module):
     def _stacked(self, dtype: torch.dtype | None = None):
         """(shrink_weight, shrink_bias, expand_weight, expand_bias), empty tensors for the
         absent biases, cast to dtype."""
-        empty = self.shrink_weight.new_zeros
         tensors = (self.shrink_weight,
-                   self.shrink_bias if self.shrink_bias is not None else empty(0),
+                   self.shrink_bias if self.shrink_bias is not None else self._empty_bias(0),
                    self.expand_weight,
                    self.expand_bias if self.expand_bias is not None
-                   else empty(0, self.out_features))
-        return tuple(t.to(dtype) for t in tensors) if dtype is not None else tensors
+                   else self._empty_bias(0, self.out_features))
+        if dtype is None or dtype == self.shrink_weight.dtype:
+            return tensors
+        return tuple(t.to(dtype) for t in tensors)
+
+    def _empty_bias(self, *shape: int) -> torch.Tensor:
+        """A cached empty tensor standing in for an absent bias."""
+        weight = self.shrink_weight
+        key = (shape, weight.device, weight.dtype)
+        cache = self.__dict__.setdefault("_empty_biases", {})
+        if key not in cache:
+            cache[key] = weight.new_zeros(shape)
+        return cache[key]
 
     def _expert_tensors(self, detach: bool, dtype: torch.dtype | None = None):
         shrink_weight, shrink_bias, expand_weight, expand_bias = self._stacked(dtype)
@@ -290,7 +308,7 @@ class MoALinear(nn.Module):
         self._check_input(x)
         if resolve_backend(self.backend, x.device) == "reference":
             dtype = _autocast_dtype(x)
-            with torch.autocast(x.device.type, enabled=False):
+            with _autocast_off(x):
                 return self.router.reference_gates(x.to(dtype))
         return self.router(x)
 
@@ -319,7 +337,7 @@ class MoALinear(nn.Module):
                              f"{(*leading, self.num_experts)} (input leading dims + experts)")
         dtype = _autocast_dtype(x)
         backend = resolve_backend(self.backend, x.device)
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x):
             flat = x.reshape(-1, self.in_features).to(dtype)
             flat_gates = None if gates is None else gates.reshape(-1, self.num_experts)
             adapter_input = self.dropout(flat) if self.training and \
@@ -333,8 +351,10 @@ class MoALinear(nn.Module):
         return y.reshape(*leading, self.out_features)
 
     def _base_tensors(self, dtype):
-        bias = self.base.bias
-        return self.base.weight.to(dtype), None if bias is None else bias.to(dtype)
+        weight, bias = self.base.weight, self.base.bias
+        if weight.dtype == dtype:
+            return weight, bias
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
 
     def _forward_reference(self, x, gates, adapter_input):
         if gates is None:

@@ -57,21 +57,27 @@ def moa_linear(
     """
     expert_rows = 0 if sparse else layout.shrink_rows
     fused_input = adapter_input is None
-    weights, biases = [], []
+    weights, biases = [], []  # a None bias: that block of rows has none
     if fused_input and expert_rows:
         weights.append(shrink_weight)
-        biases += [shrink_weight.new_zeros(layout.bias_start), shrink_bias]
+        biases.append(torch.cat([shrink_weight.new_zeros(layout.bias_start), shrink_bias])
+                      if shrink_bias.numel() else None)
     if router is not None:
         weights.append(router.first_weight)
-        biases.append(router.first_bias if router.first_bias is not None
-                      else router.first_weight.new_zeros(router.first_weight.shape[0]))
+        biases.append(router.first_bias)
     # Sparse experts hand their share of dx to _BaseAndShrink, which adds it into the dx it
     # allocates anyway (saves a [T, in] buffer and an add pass). Not with dropout: then
     # the experts' dx must flow back through the dropout.
     link = _InputGradLink() if sparse and fused_input and router is not None else None
     if weights:
-        y, h = _BaseAndShrink.apply(x, base_weight, base_bias, torch.cat(weights),
-                                    torch.cat(biases), link)
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        bias = None
+        if len(biases) == 1:
+            bias = biases[0]
+        elif any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
+                              for w, b in zip(weights, biases)])
+        y, h = _apply(_BaseAndShrink, x, base_weight, base_bias, weight, bias, link)
     else:
         y, h = F.linear(x, base_weight, base_bias), x.new_empty(x.shape[0], 0)
 
@@ -91,15 +97,33 @@ def moa_linear(
     gates = gates.to(x.dtype)
 
     if not sparse:
-        y = _GatedExpand.apply(y, hidden, gates, expand_weight, expand_bias, layout)
+        y = _apply(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout)
         return y, gates
     if active is None:
         active = gates != 0
     plan = RoutingPlan.from_active(active)
-    y = _SparseExperts.apply(y, x if adapter_input is None else adapter_input, shrink_weight,
+    y = _apply(_SparseExperts, y, x if adapter_input is None else adapter_input, shrink_weight,
                              shrink_bias, expand_weight, expand_bias, gates, plan, layout,
                              link)
     return y, gates
+
+
+class _NoGradContext:
+    """Stands in for an autograd ctx when nothing will be differentiated."""
+
+    def save_for_backward(self, *tensors) -> None:
+        pass
+
+    def mark_dirty(self, *tensors) -> None:
+        pass
+
+
+def _apply(function: type[torch.autograd.Function], *args):
+    """function.apply(*args), or its forward alone when grad mode is off: decoding runs a
+    handful of tokens per call, where autograd's per-call bookkeeping is a real cost."""
+    if torch.is_grad_enabled():
+        return function.apply(*args)
+    return function.forward(_NoGradContext(), *args)
 
 
 # ---------------------------------------------------------------------------------------
