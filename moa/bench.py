@@ -5,8 +5,9 @@ Shapes (issue 2):
         swiglu router x4, soft mode.
     M8: the same base, 8 x lora:16, softmax gate; soft mode against topk k=2.
 
-Every case is timed in interleaved rounds (base, case, base, case, ...) and reported as the
-median; ratios divide medians of the same run, so machine-wide drift cancels out.
+Every case is timed in interleaved rounds (base, case, base, case, ...). Times are medians
+over rounds; a ratio is the median over rounds of the ratio within each round, so drift and
+bursts of load from elsewhere on the machine cancel out.
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
     return run
 
 
-def interleaved_medians(functions: dict[str, Callable[[], None]], rounds: int,
-                        device: torch.device, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function, timed round-robin `rounds` times after warm-up."""
+def interleaved_samples(functions: dict[str, Callable[[], None]], rounds: int,
+                        device: torch.device, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each function in each of `rounds` round-robin rounds, after warm-up."""
     timer = _timer(device)
     for fn in functions.values():
         for _ in range(warmup):
@@ -74,7 +75,18 @@ def interleaved_medians(functions: dict[str, Callable[[], None]], rounds: int,
     for _ in range(rounds):
         for name, fn in functions.items():
             samples[name].append(timer(fn))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def median_time(samples: dict[str, list[float]], name: str) -> float:
+    return statistics.median(samples[name])
+
+
+def median_ratio(samples: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of samples[name] / samples[reference] within the same round."""
+    if reference not in samples:
+        return float("nan")
+    return statistics.median(a / b for a, b in zip(samples[name], samples[reference]))
 
 
 def _step_functions(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor):
@@ -110,24 +122,25 @@ def layer_benchmark(backends: list[str], *, tokens: int = 2048, features: int = 
             labels[key] = (case.name, backend)
             functions[f"{key}/forward"], functions[f"{key}/train"] = _step_functions(
                 layer, x, grad_y)
-    medians = interleaved_medians(functions, rounds, device)
-    base_forward, base_train = medians["base/forward"], medians["base/train"]
-    rows = [Timing("base", "-", base_forward * 1e3, base_train * 1e3, 1.0, 1.0)]
+    samples = interleaved_samples(functions, rounds, device)
+    rows = [Timing("base", "-", median_time(samples, "base/forward") * 1e3,
+                   median_time(samples, "base/train") * 1e3, 1.0, 1.0)]
     for key, (case, backend) in labels.items():
-        forward, train = medians[f"{key}/forward"], medians[f"{key}/train"]
-        rows.append(Timing(case, backend, forward * 1e3, train * 1e3, forward / base_forward,
-                           train / base_train))
+        rows.append(Timing(case, backend, median_time(samples, f"{key}/forward") * 1e3,
+                           median_time(samples, f"{key}/train") * 1e3,
+                           median_ratio(samples, f"{key}/forward", "base/forward"),
+                           median_ratio(samples, f"{key}/train", "base/train")))
     return rows
 
 
 def overhead_ratio(rows: list[Timing], sparse_case: str, dense_case: str, backend: str,
                    train: bool) -> float:
-    """(sparse - base) / (dense - base) for one backend: the M8 target."""
+    """(sparse - base) / (dense - base) for one backend: the M8 target (from the median
+    ratios over the base, so the base time cancels)."""
     pick = {(r.case, r.backend): r for r in rows}
-    base = pick[("base", "-")]
-    attribute = "train_ms" if train else "forward_ms"
-    sparse = getattr(pick[(sparse_case, backend)], attribute) - getattr(base, attribute)
-    dense = getattr(pick[(dense_case, backend)], attribute) - getattr(base, attribute)
+    attribute = "train_ratio" if train else "forward_ratio"
+    sparse = getattr(pick[(sparse_case, backend)], attribute) - 1.0
+    dense = getattr(pick[(dense_case, backend)], attribute) - 1.0
     return sparse / dense
 
 
@@ -158,10 +171,18 @@ class ModelShape:
 
 MODEL_FULL = ModelShape(512, 8, 1376, 8, 4, 4096, 8, 256)
 MODEL_QUICK = ModelShape(128, 2, 344, 4, 2, 512, 2, 64)
-PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 MOA_VARIANTS = (("soft_moa", "torch"), ("soft_moa", "reference"), ("sparse_moa", "torch"),
                 ("sparse_moa", "reference"), ("molora", "torch"), ("hydralora", "torch"),
                 ("adamole", "torch"), ("topk_moelora", "torch"))
+
+
+def _triton_variants(device: torch.device) -> tuple[str, ...]:
+    """The triton-backend variants, where they can run (CUDA with triton installed)."""
+    from moa.layers import triton_available
+
+    if device.type == "cuda" and triton_available():
+        return ("soft_moa/triton", "sparse_moa/triton")
+    return ()
 
 
 def build_llama(shape: ModelShape, device: torch.device, seed: int = 0):
@@ -185,8 +206,10 @@ def build_variant(name: str, shape: ModelShape, device: torch.device, seed: int 
     if name == "peft_lora":
         from peft import LoraConfig, get_peft_model
 
+        from moa.config import PAPER_TARGETS
+
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
-                                                 target_modules=PAPER_TARGETS))
+                                                 target_modules=list(PAPER_TARGETS)))
     else:
         from moa.config import MoAConfig
         from moa.model import get_moa_model
@@ -231,18 +254,12 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_mb() -> float:
+def _process_status_mb(field_name: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: its peak) in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field_name + ":"):
             return int(line.split()[1]) / 1024
-    raise OSError("no VmHWM in /proc/self/status")
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise OSError("no VmRSS in /proc/self/status")
+    raise OSError(f"no {field_name} in /proc/self/status")
 
 
 def measure_step_memory(name: str, shape: ModelShape, device: torch.device) -> float:
@@ -262,11 +279,11 @@ def measure_step_memory(name: str, shape: ModelShape, device: torch.device) -> f
         step()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - held) / 2**20
-    held = _rss_mb()
+    held = _process_status_mb("VmRSS")
     if not _reset_peak_rss():
         return float("nan")
     step()
-    return _peak_rss_mb() - held
+    return _process_status_mb("VmHWM") - held
 
 
 def _memory_in_subprocess(name: str, quick: bool, device: torch.device) -> float:
@@ -299,18 +316,19 @@ def model_benchmark(quick: bool = False, device: str | torch.device = "cpu",
     device = torch.device(device)
     shape = MODEL_QUICK if quick else MODEL_FULL
     rounds = rounds or (3 if quick else 5)
-    names = variants or ("frozen", "peft_lora", *(f"{p}/{b}" for p, b in MOA_VARIANTS))
+    names = variants or ("frozen", "peft_lora", *(f"{p}/{b}" for p, b in MOA_VARIANTS),
+                         *_triton_variants(device))
     steps, counts = {}, {}
     for name in names:
         model, counts[name] = build_variant(name, shape, device)
         steps[name] = training_step(model, shape, device)
-    medians = interleaved_medians(steps, rounds, device)
+    samples = interleaved_samples(steps, rounds, device)
     rows = []
     for name in names:
         peak = _memory_in_subprocess(name, quick, device) if memory else float("nan")
-        rows.append(ModelTiming(name, counts[name], medians[name] * 1e3,
-                                medians[name] / medians.get("peft_lora", float("nan")),
-                                medians[name] / medians.get("frozen", float("nan")), peak))
+        rows.append(ModelTiming(name, counts[name], median_time(samples, name) * 1e3,
+                                median_ratio(samples, name, "peft_lora"),
+                                median_ratio(samples, name, "frozen"), peak))
     return rows
 
 
@@ -329,7 +347,8 @@ def decode_benchmark(quick: bool = False, device: str | torch.device = "cpu",
     device = torch.device(device)
     shape = MODEL_QUICK if quick else MODEL_FULL
     rounds = rounds or (3 if quick else 5)
-    names = ("frozen", "peft_lora", "soft_moa/torch", "sparse_moa/torch")
+    names = ("frozen", "peft_lora", "soft_moa/torch", "sparse_moa/torch",
+             *_triton_variants(device))
     ids = torch.randint(0, shape.vocab, (batch, prompt),
                         generator=torch.Generator().manual_seed(0)).to(device)
     functions = {}
@@ -343,11 +362,11 @@ def decode_benchmark(quick: bool = False, device: str | torch.device = "cpu",
                                    max_new_tokens=count, min_new_tokens=count,
                                    do_sample=False, use_cache=True, pad_token_id=0)
             functions[(name, count)] = generate
-    medians = interleaved_medians(functions, rounds, device)
-    per_token = {name: (medians[(name, new_tokens)] - medians[(name, 1)]) / (new_tokens - 1)
-                 for name in names}
-    return [DecodeTiming(name, per_token[name] * 1e3, per_token[name] / per_token["peft_lora"])
-            for name in names]
+    samples = interleaved_samples(functions, rounds, device)
+    per_round = {name: [(long - short) / (new_tokens - 1) for long, short in
+                        zip(samples[(name, new_tokens)], samples[(name, 1)])] for name in names}
+    return [DecodeTiming(name, statistics.median(per_round[name]) * 1e3,
+                         median_ratio(per_round, name, "peft_lora")) for name in names]
 
 
 def run_bench(quick: bool = False, out_dir: str | Path = "bench-out",

@@ -9,8 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-PRESET_NAMES = ("soft_moa", "sparse_moa", "lora", "molora", "hydralora", "adamole",
-                "topk_moelora")
+from moa.config import PRESETS
 
 
 class CommandError(Exception):
@@ -63,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     demo = commands.add_parser("demo", help="train a preset on a small model end to end")
-    demo.add_argument("--preset", choices=PRESET_NAMES, default="soft_moa")
+    demo.add_argument("--preset", choices=tuple(PRESETS), default="soft_moa")
     demo.add_argument("--steps", type=_positive_int, default=150)
     demo.add_argument("--model", type=_checkpoint_dir, default=None,
                       help="a local transformers causal-LM checkpoint directory "
@@ -95,6 +94,11 @@ def _demo(args) -> int:
 
 
 def _bench(args) -> int:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise CommandError("moa bench compares with PEFT LoRA and needs peft: "
+                           "pip install 'moa[bench]'") from None
     from moa.bench import run_bench
 
     run_bench(quick=args.quick, out_dir=args.out, device=args.device, rounds=args.rounds)

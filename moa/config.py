@@ -20,6 +20,7 @@ ACTIVATIONS = ("silu", "gelu", "relu", "identity")
 ROUTER_KINDS = ("linear", "swiglu")
 GATES = ("sigmoid", "softmax")
 MODES = ("soft", "threshold", "adaptive", "topk")
+BACKENDS = ("auto", "reference", "torch", "triton")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -123,6 +124,10 @@ class ExpertSpec:
 
 def parse_experts(experts) -> list[ExpertSpec]:
     """A list of ExpertSpec or strings (or one comma-separated string) as ExpertSpecs."""
+    if not isinstance(experts, (str, ExpertSpec, list, tuple)):
+        raise TypeError(f"experts must be a list of ExpertSpecs or strings such as "
+                        f"['lora:8', 'adapter:16'], or one comma-separated string; got "
+                        f"{type(experts).__name__}")
     if isinstance(experts, (str, ExpertSpec)):
         experts = [e for e in str(experts).split(",")] if isinstance(experts, str) else [experts]
     specs = [ExpertSpec.parse(e) for e in experts]
@@ -161,6 +166,9 @@ class RouterConfig:
         _check_choice("mode", self.mode, MODES)
         _check_positive_int("hidden_factor", self.hidden_factor)
         _check_positive_int("top_k", self.top_k)
+        for name in ("normalize_topk", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.max_threshold, bool) or \
                 not isinstance(self.max_threshold, (int, float)) or \
                 not 0.0 < self.max_threshold <= 1.0:
@@ -196,9 +204,6 @@ class RouterConfig:
 
 CONFIG_NAME = "moa_config.json"
 ROUTER_SCOPES = ("layer", "module")
-# The backends MoALinear accepts (moa/layers.py BACKENDS; repeated here so that config does
-# not import torch).
-CONFIG_BACKENDS = ("auto", "reference", "torch", "triton")
 PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
 DEFAULT_EXPERT_KEY = "*"
 
@@ -300,7 +305,7 @@ class MoAConfig:
             raise TypeError("router must be a RouterConfig, a dict of its fields or None, "
                             f"got {type(self.router).__name__}")
         _check_choice("router_scope", self.router_scope, ROUTER_SCOPES)
-        _check_choice("backend", self.backend, CONFIG_BACKENDS)
+        _check_choice("backend", self.backend, BACKENDS)
         _check_choice("parallel_adapter_activation", self.parallel_adapter_activation,
                       ACTIVATIONS)
         for name in ("parallel_adapter", "prompt_length"):

@@ -135,9 +135,8 @@ def run_demo(preset: str = "soft_moa", steps: int = 150, model_path: str | None 
 
     probe = counting_batch(4, length, vocab, generator).to(device)
     with torch.no_grad():
-        model(input_ids=probe)
-        stats = model.router_stats()
         expected = model(input_ids=probe).logits
+        stats = model.router_stats()
     log("router statistics on a held-out batch:")
     log(format_stats_table(stats) if stats else "(this preset has no router)")
 

@@ -36,25 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa.config import RouterConfig
-from moa.layers import MoALinear, MoARouter
+from moa.layers import MoALinear, MoARouter, autocast_off, compute_dtype
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
 
 # Attention classes whose forward is the Llama one (q_proj -> [q_norm] -> rotary ->
 # attention -> o_proj) and whose module defines apply_rotary_pos_emb(q, k, cos, sin).
 PROMPT_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention",
                             "Qwen3Attention")
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype to compute in: autocast's when autocast is on for x's device, else x's."""
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def adapter_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """Adapter tensors stay float32 when the base is half precision (as in MoALinear)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class GateCollector:
@@ -203,12 +191,14 @@ class CollectingHook(_Hook):
         self.collector = collector
 
     def __call__(self, module: MoALinear, args, kwargs):
-        if not self.collector.active or kwargs.get("gates") is not None or len(args) > 1:
+        # Route here on every call, collecting or not, so that a checkpoint's recompute
+        # takes the same path as the forward it replays.
+        if kwargs.get("gates") is not None or len(args) > 1:
             return None
         x = args[0] if args else kwargs["x"]
         gates = module.route(x)
         self.collector.add(gates)
-        return args, {**kwargs, "gates": gates}
+        return args, {**kwargs, "gates": gates, "sparse": module.router.config.is_sparse}
 
 
 def collecting_pre_hook(collector: GateCollector) -> Callable:
@@ -252,7 +242,7 @@ class ParallelAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """delta [..., out] for x [..., in], in x's compute dtype (autocast's if on)."""
         dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             x = self.dropout(x.to(dtype))
             hidden = F.linear(x, self.down_weight.to(dtype), self.down_bias.to(dtype))
             hidden = ACTIVATION_FUNCTIONS[self.activation](hidden)
@@ -386,7 +376,8 @@ class PromptOutputHook(_Hook):
         if query is None or position_embeddings is None:
             raise RuntimeError(f"{self.who}: the prompt expert did not see this forward's "
                                "query and position embeddings")
-        x = args[0] if args else kwargs["x"]
+        key = None if args else next(iter(kwargs))  # o_proj's input, by any keyword name
+        x = args[0] if args else kwargs[key]
         batch, tokens = x.shape[:2]
         query = query.reshape(batch, tokens, -1, prompt.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
@@ -397,7 +388,7 @@ class PromptOutputHook(_Hook):
         x = x + (gate.to(out.dtype) * out).to(x.dtype)
         if args:
             return (x, *args[1:]), kwargs
-        return args, {**kwargs, "x": x}
+        return args, {**kwargs, key: x}
 
 
 def check_prompt_attention(attention: nn.Module, name: str) -> None:

@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa.config import ExpertSpec, RouterConfig, parse_experts
+from moa.config import BACKENDS, ExpertSpec, RouterConfig, parse_experts
 from moa_kernels import reference, torch_ops
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.routing import RouterOps, gates_from_first_layer
 
-BACKENDS = ("auto", "reference", "torch", "triton")
 DEFAULT_ROUTER = RouterConfig()  # frozen, so one shared instance is safe
 
 
@@ -51,7 +50,7 @@ def triton_available() -> bool:
     return True
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the layer computes in: autocast's, when autocast is on for x's device."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type) and x.is_floating_point():
@@ -59,11 +58,28 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _autocast_off(x: torch.Tensor):
+def autocast_off(x: torch.Tensor):
     """A context that switches autocast off for x's device (a no-op when it is off)."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapter and router tensors stay float32 beside a half-precision base."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+def check_triton_input(x: torch.Tensor) -> None:
+    """Raise a clear error where the triton backend cannot run x."""
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend 'triton' runs on CUDA tensors, or on the CPU under the "
+                         f"Triton interpreter (TRITON_INTERPRET=1 set before triton is "
+                         f"imported); got a {x.device.type} tensor. Use backend 'torch' or "
+                         f"'auto' here")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"backend 'triton' supports float32, float16 and bfloat16 inputs, "
+                         f"got {x.dtype}; use backend 'torch' for other dtypes")
 
 
 def _new_parameter(shape, device, dtype) -> nn.Parameter:
@@ -161,7 +177,7 @@ class MoARouter(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"router input has last dimension {x.shape[-1]}, "
                              f"expected in_features={self.in_features}")
-        ops = self.ops(_autocast_dtype(x))
+        ops = self.ops(compute_dtype(x))
         flat = x.reshape(-1, self.in_features).to(ops.first_weight.dtype)
         gates, _ = ops.finish(F.linear(flat, ops.first_weight, ops.first_bias))
         return gates.to(x.dtype).reshape(*x.shape[:-1], self.num_experts)
@@ -204,9 +220,7 @@ class MoALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = base.weight.device
         if adapter_dtype is None:
-            adapter_dtype = base.weight.dtype
-            if adapter_dtype in (torch.float16, torch.bfloat16):
-                adapter_dtype = torch.float32
+            adapter_dtype = default_adapter_dtype(base.weight.dtype)
         factory = {"device": device, "dtype": adapter_dtype}
         layout = self.layout
         self.shrink_weight = _new_parameter((layout.shrink_rows, self.in_features), **factory)
@@ -307,8 +321,8 @@ class MoALinear(nn.Module):
                              "forward instead")
         self._check_input(x)
         if resolve_backend(self.backend, x.device) == "reference":
-            dtype = _autocast_dtype(x)
-            with _autocast_off(x):
+            dtype = compute_dtype(x)
+            with autocast_off(x):
                 return self.router.reference_gates(x.to(dtype))
         return self.router(x)
 
@@ -335,9 +349,9 @@ class MoALinear(nn.Module):
         if gates is not None and tuple(gates.shape) != (*leading, self.num_experts):
             raise ValueError(f"gates have shape {tuple(gates.shape)}, expected "
                              f"{(*leading, self.num_experts)} (input leading dims + experts)")
-        dtype = _autocast_dtype(x)
+        dtype = compute_dtype(x)
         backend = resolve_backend(self.backend, x.device)
-        with _autocast_off(x):
+        with autocast_off(x):
             flat = x.reshape(-1, self.in_features).to(dtype)
             flat_gates = None if gates is None else gates.reshape(-1, self.num_experts)
             adapter_input = self.dropout(flat) if self.training and \
@@ -367,6 +381,7 @@ class MoALinear(nn.Module):
 
     def _forward_fused(self, backend, x, gates, adapter_input, sparse):
         if backend == "triton":
+            check_triton_input(x)
             from moa_kernels import triton as ops
         else:
             ops = torch_ops

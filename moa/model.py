@@ -24,13 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moa.config import MoAConfig, layer_index
+from moa.config import MoAConfig, layer_index, module_matches
 from moa.experts import (
     GateCollector,
     LayerRouter,
     ParallelAdapter,
     PromptExpert,
-    adapter_dtype_for,
     attach_prompt,
     check_prompt_attention,
     collecting_pre_hook,
@@ -38,7 +37,7 @@ from moa.experts import (
     gates_pre_hook,
     load_balancing_loss,
 )
-from moa.layers import MoALinear
+from moa.layers import MoALinear, default_adapter_dtype
 from moa.stats import expert_names, router_stats
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -91,6 +90,10 @@ def find_targets(model: nn.Module, config: MoAConfig) -> list[tuple[str, nn.Line
         if config.in_layers(name):
             targets.append((name, module))
     if not targets:
+        matched = [n for n, _ in modules if module_matches(n, config.target_modules)]
+        if not any(config.is_target(n) for n in matched):
+            raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every module "
+                             f"target_modules matches ({len(matched)} of them)")
         found = sorted({i for n in linear_names if (i := layer_index(n)) is not None})
         raise ValueError(f"layers_to_transform={config.layers_to_transform} leaves no target "
                          f"module; the model's layers are {found}")
@@ -121,7 +124,7 @@ def _layer_of(name: str, layers: dict[str, nn.Module]) -> str:
 
 def _factory(module: nn.Module) -> dict:
     param = next(module.parameters())
-    return {"device": param.device, "dtype": adapter_dtype_for(param.dtype)}
+    return {"device": param.device, "dtype": default_adapter_dtype(param.dtype)}
 
 
 # ---------------------------------------------------------------------------------------

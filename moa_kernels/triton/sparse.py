@@ -116,7 +116,7 @@ def _grouped_shrink_kernel(x_ptr, w_ptr, bias_ptr, h_ptr, token_ptr, offsets_ptr
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        xs = tl.load(x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        xs = tl.load(x_ptr + tokens[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk,
                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         ws = tl.load(w_ptr + rows.to(tl.int64)[None, :] * stride_wr +
                      offs_k[:, None] * stride_wk, mask=mask_k[:, None] & mask_r[None, :],
@@ -154,7 +154,8 @@ def _grouped_weight_grad_kernel(dh_ptr, x_ptr, dw_ptr, db_ptr, token_ptr, offset
         tokens = tl.load(token_ptr + pairs, mask=mask_m, other=0).to(tl.int64)
         dh = tl.load(dh_ptr + tokens[:, None] * stride_dhm + rows[None, :],
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        xs = tl.load(x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        xs = tl.load(x_ptr + tokens[:, None] * stride_xm +
+                     offs_k.to(tl.int64)[None, :] * stride_xk,
                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         bias_acc += tl.sum(dh, axis=0)
         acc = tl.dot(tl.trans(dh).to(DOT_DTYPE), xs.to(DOT_DTYPE), acc,

@@ -1,6 +1,7 @@
 """Data-parallel training through torch.distributed: two gloo processes on CPU, each with half
 of a batch, give the gradients one process computes on the whole batch."""
 
+import datetime
 import os
 import socket
 
@@ -31,8 +32,9 @@ def gradients(moa) -> dict[str, torch.Tensor]:
 
 def worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
+    # A timeout, so that a rank that fails cannot leave the other waiting forever.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE)
+                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120))
     try:
         model = DistributedDataParallel(build_model())
         ids = BATCH.chunk(WORLD_SIZE)[rank]

@@ -572,3 +572,29 @@ def test_backend_selection(monkeypatch, backend, env, ran):
     layer(torch.randn(3, 9))
     assert calls == [ran]
     assert resolve_backend(backend, torch.device("cpu")) == ran
+
+
+def test_triton_backend_input_errors_name_what_is_allowed(monkeypatch):
+    layer = MoALinear(nn.Linear(8, 4), ["lora:2"], RouterConfig(), backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor without the interpreter
+    with pytest.raises(ValueError, match="runs on CUDA tensors, or on the CPU under the Triton"):
+        layer(torch.randn(3, 8))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layer64 = MoALinear(nn.Linear(8, 4).double(), ["lora:2"], RouterConfig(), backend="triton")
+    with pytest.raises(ValueError, match="float32, float16 and bfloat16.*got torch.float64"):
+        layer64(torch.randn(3, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("experts", [
+    8,  # a bare number
+    {"lora:8": 1},  # a dict (its keys would be iterated silently)
+])
+def test_experts_of_the_wrong_type_are_rejected(experts):
+    with pytest.raises(TypeError, match="experts must be a list of ExpertSpecs or strings"):
+        MoALinear(nn.Linear(8, 4), experts)
+
+
+@pytest.mark.parametrize("field", ["normalize_topk", "bias"])
+def test_router_flags_must_be_bools(field):
+    with pytest.raises(ValueError, match=f"{field} must be True or False"):
+        RouterConfig(**{field: "false"})

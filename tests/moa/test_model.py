@@ -235,6 +235,9 @@ def test_generate_runs_with_adapters_and_matches_the_base_when_disabled():
     ({"layers_to_transform": [5]}, r"layers_to_transform=\[5\] leaves no target module; "
                                    r"the model's layers are \[0, 1\]"),
     ({"target_modules": ["q_proj", "lm_head"]}, "'lm_head' lies outside"),
+    # exclude_modules removing every target: named as the cause, not layers_to_transform
+    ({"target_modules": ["q_proj"], "exclude_modules": ["q_proj"]},
+     r"exclude_modules=\['q_proj'\] excludes every module target_modules matches"),
 ])
 def test_bad_targets_fail_with_names(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -415,7 +418,10 @@ def test_transformers_trainer_trains_only_the_adapters(tmp_path):
     assert len(changed) == len(moa_before)
 
 
-@pytest.mark.parametrize("preset", ["soft_moa", "sparse_moa"])
+@pytest.mark.parametrize("preset", [
+    "soft_moa", "sparse_moa",  # layer routers
+    "molora", "topk_moelora",  # module routers, routed by the aux-loss hook (dense, sparse)
+])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(preset):
     ids = token_batch(2, 10)
     results = []
