@@ -28,6 +28,12 @@ from moa_kernels.layout import ExpertLayout
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
 from moa_kernels.routing import RouterOps, RoutingPlan
 
+# Sparse modes fall back to the dense path when more than this fraction of the (token,
+# expert) pairs is active. On CPU a gathered row costs more memory traffic than the low-rank
+# work it saves, so sparse execution pays off only for clearly sparse routing (AdaMoLE's
+# adaptive thresholds often leave most pairs active). Retune with benchmarks/layer_ratios.py.
+DENSE_ABOVE_ACTIVE_FRACTION = 0.5
+
 
 def moa_linear(
     x: torch.Tensor,
@@ -102,9 +108,16 @@ def moa_linear(
     if active is None:
         active = gates != 0
     plan = RoutingPlan.from_active(active)
-    y = _apply(_SparseExperts, y, x if adapter_input is None else adapter_input, shrink_weight,
-                             shrink_bias, expand_weight, expand_bias, gates, plan, layout,
-                             link)
+    expert_input = x if adapter_input is None else adapter_input
+    if plan.num_pairs > DENSE_ABOVE_ACTIVE_FRACTION * active.numel():
+        # Mostly active: the dense path with the masked gates is the same math (a skipped
+        # pair has g = 0, and the router's mask zeroes its gate gradient) and cheaper.
+        full_bias = torch.cat([shrink_weight.new_zeros(layout.bias_start), shrink_bias])
+        hidden = F.linear(expert_input, shrink_weight, full_bias)
+        y = _apply(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout)
+        return y, gates
+    y = _apply(_SparseExperts, y, expert_input, shrink_weight, shrink_bias, expand_weight,
+               expand_bias, gates, plan, layout, link)
     return y, gates
 
 

@@ -34,6 +34,14 @@ GATES = ("sigmoid", "softmax")
 KINDS = ("linear", "swiglu")
 
 
+@pytest.fixture(autouse=True)
+def always_sparse_path(monkeypatch):
+    """The sparse modes take the dense path when most pairs are active; the tests here pin
+    the sparse path (the dense fallback has its own test below) so that every sparse case
+    really runs `_SparseExperts`, whatever its routing density."""
+    monkeypatch.setattr(torch_ops, "DENSE_ABOVE_ACTIVE_FRACTION", 1.0)
+
+
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
@@ -583,3 +591,26 @@ def test_sparse_flag_with_masked_outside_gates_matches_reference():
             p.grad for p in layer.parameters() if p.requires_grad]
     for actual, expected in zip(results["torch"], results["reference"]):
         assert relative_error(actual, expected) < FP32_TOL
+
+
+@pytest.mark.parametrize("mode", ["threshold", "adaptive", "topk"])
+def test_dense_fallback_of_sparse_modes_matches_the_sparse_path(mode, monkeypatch):
+    # Low thresholds leave most pairs active, so with the default fraction the layer runs
+    # the dense path; pinning the fraction to 1 forces the sparse path. Both must match the
+    # reference, and each other, in output and in every gradient.
+    router = RouterConfig(mode=mode, max_threshold=0.05, top_k=4)
+    layer = make_layer(EXPERT_MIXES["paper-mix-E5"], router)
+    x = decisive_tokens(layer, 40, 1e-3)
+    ops = layer.router.ops(torch.float32)
+    _, active = ops.finish(F.linear(x, ops.first_weight, ops.first_bias))
+    assert active.float().mean() > 0.5, "test data: the routing must be mostly active"
+    ran, apply = [], torch_ops._apply
+    monkeypatch.setattr(torch_ops, "_apply",
+                        lambda function, *args: ran.append(function) or apply(function, *args))
+    results = {}
+    for fraction, path in ((0.5, torch_ops._GatedExpand), (1.0, torch_ops._SparseExperts)):
+        monkeypatch.setattr(torch_ops, "DENSE_ABOVE_ACTIVE_FRACTION", fraction)
+        ran.clear()
+        results[fraction], _ = compare_backends(layer, x)
+        assert path in ran
+    assert_matches(results[0.5], results[1.0], FP32_TOL, layer)
