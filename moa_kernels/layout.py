@@ -17,6 +17,7 @@ The layout is plain Python; `index_tensors(device)` gives (and caches) its index
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -93,11 +94,16 @@ class ExpertLayout:
     def num_experts(self) -> int:
         return len(self.slots)
 
-    @property
+    @cached_property
     def num_adapters(self) -> int:
         return sum(slot.adapter_index is not None for slot in self.slots)
 
-    @property
+    @cached_property
+    def unit_scaling(self) -> bool:
+        """True when every expert's scaling is 1 (alpha = r), so gates need no rescaling."""
+        return all(slot.scaling == 1.0 for slot in self.slots)
+
+    @cached_property
     def has_shared_shrink(self) -> bool:
         """True when some shrink rows feed several experts (hydra heads)."""
         return any(slot.kind == "hydra" for slot in self.slots)

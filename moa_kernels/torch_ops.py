@@ -239,8 +239,9 @@ def _expand_operands(hidden, gates, expand_weight, expand_bias, layout):
     activated = _activate(hidden, layout)
     columns = activated.index_select(1, index["column_source"]) if layout.has_shared_shrink \
         else activated
-    column_gates = gates.index_select(1, index["column_expert"]) * \
-        index["column_scale"].to(gates.dtype)
+    column_gates = gates.index_select(1, index["column_expert"])
+    if not layout.unit_scaling:
+        column_gates = column_gates * index["column_scale"].to(gates.dtype)
     u = columns * column_gates
     weight = expand_weight
     if layout.num_adapters:
