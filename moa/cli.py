@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train a preset on a small model end to end")
     demo.add_argument("--preset", choices=tuple(PRESETS), default="soft_moa")
-    demo.add_argument("--steps", type=_positive_int, default=150)
+    demo.add_argument("--steps", type=_positive_int, default=200)
     demo.add_argument("--model", type=_checkpoint_dir, default=None,
                       help="a local transformers causal-LM checkpoint directory "
                            "(default: an embedded 4-layer Llama built from a config)")

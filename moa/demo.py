@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from moa import plots
 
-DEMO_VOCAB = 64
+DEMO_VOCAB = 16
 DEMO_STRIDES = (1, 2, 3)
 
 
@@ -95,9 +95,9 @@ def format_stats_table(stats) -> str:
     return "\n".join(lines)
 
 
-def run_demo(preset: str = "soft_moa", steps: int = 150, model_path: str | None = None,
+def run_demo(preset: str = "soft_moa", steps: int = 200, model_path: str | None = None,
              out_dir: str | Path = "moa-demo", device: str = "cpu", seed: int = 0,
-             batch: int = 16, length: int = 32, learning_rate: float = 3e-3,
+             batch: int = 16, length: int = 32, learning_rate: float = 1e-2,
              log=print, progress: bool = True) -> DemoResult:
     from moa.config import MoAConfig
     from moa.model import MoAModel, get_moa_model
