@@ -288,7 +288,7 @@ class PromptExpert(nn.Module):
 
     def keys_and_gated_values(self, k_proj: nn.Linear, v_proj: nn.Linear,
                               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt keys [H, L, D] and values times the per-head gate [H, L, D], KV heads
+        """Prompt keys [1, H, L, D] and values times the per-head gate [1, H, L, D], KV heads
         repeated for grouped-query attention (query head h reads KV head h // groups).
 
         They depend only on the prompt, the gate and the frozen projections, so without
@@ -306,8 +306,9 @@ class PromptExpert(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         keys = keys.view(self.length, self.num_kv_heads, self.head_dim).transpose(0, 1)
         values = values.view(self.length, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        keys = keys.repeat_interleave(groups, dim=0)
-        values = values.repeat_interleave(groups, dim=0) * self.gate.to(dtype)[:, None, None]
+        keys = keys.repeat_interleave(groups, dim=0)[None]  # [1, H, L, D]
+        values = values.repeat_interleave(groups, dim=0)[None] * \
+            self.gate.to(dtype)[:, None, None]
         self.__dict__["_keys_values"] = None if torch.is_grad_enabled() else \
             (versions, (keys, values))
         return keys, values
@@ -317,9 +318,11 @@ class PromptExpert(nn.Module):
         batch, heads, tokens, head_dim = query.shape
         dtype = query.dtype
         keys, gated_values = self.keys_and_gated_values(k_proj, v_proj, dtype)
-        scores = torch.matmul(query, keys.transpose(-1, -2)) * head_dim ** -0.5  # [B, H, S, L]
-        weights = torch.softmax(scores.float(), dim=-1).to(dtype)
-        out = torch.matmul(weights, gated_values)  # [B, H, S, D]
+        # softmax(q K_p^T / sqrt(D)) V_p per head, over the L prompt keys only (no mask): one
+        # fused op, which matters when decoding a handful of tokens per call.
+        out = F.scaled_dot_product_attention(
+            query, keys.expand(batch, -1, -1, -1), gated_values.expand(batch, -1, -1, -1),
+            scale=head_dim ** -0.5)  # [B, H, S, D]
         return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
     # ---- hooks ---------------------------------------------------------------------------
