@@ -108,6 +108,11 @@ class ExpertLayout:
         """True when some shrink rows feed several experts (hydra heads)."""
         return any(slot.kind == "hydra" for slot in self.slots)
 
+    def full_shrink_bias(self, shrink_bias: torch.Tensor) -> torch.Tensor:
+        """The bias of every shrink row [R]: zeros for the lora/hydra rows, then the adapters'
+        down biases shrink_bias [R - bias_start]."""
+        return torch.cat([shrink_bias.new_zeros(self.bias_start), shrink_bias])
+
     def index_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Index tensors on `device` (cached):
         column_source [C] int64, column_expert [C] int64, column_scale [C] float32,

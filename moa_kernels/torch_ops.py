@@ -66,8 +66,7 @@ def moa_linear(
     weights, biases = [], []  # a None bias: that block of rows has none
     if fused_input and expert_rows:
         weights.append(shrink_weight)
-        biases.append(torch.cat([shrink_weight.new_zeros(layout.bias_start), shrink_bias])
-                      if shrink_bias.numel() else None)
+        biases.append(layout.full_shrink_bias(shrink_bias) if shrink_bias.numel() else None)
     if router is not None:
         weights.append(router.first_weight)
         biases.append(router.first_bias)
@@ -92,8 +91,7 @@ def moa_linear(
         if fused_input:
             hidden, h = h[:, :expert_rows], h[:, expert_rows:]
         else:
-            full_bias = torch.cat([shrink_weight.new_zeros(layout.bias_start), shrink_bias])
-            hidden = F.linear(adapter_input, shrink_weight, full_bias)
+            hidden = F.linear(adapter_input, shrink_weight, layout.full_shrink_bias(shrink_bias))
     active = None
     if router is not None:
         gates, active = router.finish(h)
@@ -112,8 +110,7 @@ def moa_linear(
     if plan.num_pairs > DENSE_ABOVE_ACTIVE_FRACTION * active.numel():
         # Mostly active: the dense path with the masked gates is the same math (a skipped
         # pair has g = 0, and the router's mask zeroes its gate gradient) and cheaper.
-        full_bias = torch.cat([shrink_weight.new_zeros(layout.bias_start), shrink_bias])
-        hidden = F.linear(expert_input, shrink_weight, full_bias)
+        hidden = F.linear(expert_input, shrink_weight, layout.full_shrink_bias(shrink_bias))
         y = _apply(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout)
         return y, gates
     y = _apply(_SparseExperts, y, expert_input, shrink_weight, shrink_bias, expand_weight,

@@ -59,7 +59,7 @@ def moa_linear(
     """
     meta = KernelLayout.of(layout, x.device)
     rows = layout.shrink_rows
-    full_bias = torch.cat([shrink_bias.new_zeros(layout.bias_start), shrink_bias])
+    full_bias = layout.full_shrink_bias(shrink_bias)
     y = F.linear(x, base_weight, base_bias)
     fused = adapter_input is None and not sparse
     hidden = active = None
