@@ -54,3 +54,12 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     for name in ("loss.png", "mean_gate.png", "active_rate.png",
                  "adapter/moa_config.json", "adapter/adapter_model.safetensors"):
         assert (out_dir / name).is_file(), name
+
+
+def test_demo_on_a_local_checkpoint(tmp_path, capsys):
+    from moa.demo import build_demo_model
+
+    build_demo_model(seed=3).save_pretrained(tmp_path / "checkpoint")
+    assert main(["demo", "--model", str(tmp_path / "checkpoint"), "--steps", "2",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "reloaded outputs match exactly" in capsys.readouterr().out
