@@ -14,9 +14,14 @@ Sparse (threshold, adaptive, topk):
   1. as above, with the router rows only.
   2. the gates give a `RoutingPlan` (pairs sorted by expert; one host sync, here only).
   3. `_SparseExperts`: per expert, gather its active rows of x into a reused workspace, run
-     its shrink and expand, and add the result into y with a deterministic index_add
-     (sequential on CPU). Backward re-gathers x instead of saving the gathered rows, and
+     its shrink and expand, and add the result into y with index_add (sequential, so
+     deterministic, on CPU; on CUDA it is deterministic only under
+     torch.use_deterministic_algorithms(True) -- CUDA's default backend is triton, whose
+     combine is deterministic). Backward re-gathers x instead of saving the gathered rows, and
      hands its dx pieces to `_BaseAndShrink`, which adds them into the dx it allocates.
+  When more than DENSE_ABOVE_ACTIVE_FRACTION of the pairs are active, step 3 is the dense
+  `_GatedExpand` with the masked gates instead (the same math, cheaper on CPU).
+Without grad mode the autograd Functions' forwards run directly (`_apply`).
 """
 
 from __future__ import annotations
