@@ -264,8 +264,9 @@ class MoAConfig:
             "layer" and a soft router (the sparse variants do not use it).
         aux_loss_coef: weight of the switch-style load-balancing loss added to the model's
             loss (0 disables). With router_scope "module" the routers then run just before
-            their MoALinear (to keep the gates' graph), which passes the gates in: same math,
-            but the sparse modes run their experts densely while it is on.
+            their MoALinear (to keep the gates' graph) and pass the gates in: the same math,
+            sparse modes still skipping inactive experts, but the router's first layer is a
+            matmul of its own instead of sharing the experts' shrink GEMM.
         dropout: dropout probability on the experts' input.
         backend: MoALinear backend: "auto", "reference", "torch" or "triton".
     """
