@@ -286,6 +286,9 @@ def measure_step_memory(name: str, shape: ModelShape, device: torch.device) -> f
     return _process_status_mb("VmHWM") - held
 
 
+MEMORY_WORKER_TIMEOUT_S = 900
+
+
 def _memory_in_subprocess(name: str, quick: bool, device: torch.device) -> float:
     import json
     import subprocess
@@ -293,7 +296,12 @@ def _memory_in_subprocess(name: str, quick: bool, device: torch.device) -> float
 
     command = [sys.executable, "-m", "moa.bench", "--memory-worker", name,
                "--device", str(device)] + (["--quick"] if quick else [])
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, check=False,
+                                   timeout=MEMORY_WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"memory worker for {name} did not finish within "
+                           f"{MEMORY_WORKER_TIMEOUT_S} s") from error
     if completed.returncode != 0:
         raise RuntimeError(f"memory worker for {name} failed: {completed.stderr.strip()[-500:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])["peak_mb"]
