@@ -337,15 +337,15 @@ class _SparseExperts(torch.autograd.Function):
             hiddens.append(hidden)
             start = stop
         ctx.mark_dirty(y)
-        ctx.plan, ctx.layout, ctx.hiddens, ctx.link = plan, layout, hiddens, link
+        ctx.plan, ctx.layout, ctx.link = plan, layout, link
         ctx.save_for_backward(x, shrink_weight, shrink_bias, expand_weight, expand_bias,
-                              sorted_gates)
+                              sorted_gates, *hiddens)
         ctx.gates_shape = gates.shape
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, shrink_weight, shrink_bias, expand_weight, expand_bias, sorted_gates = \
+        x, shrink_weight, shrink_bias, expand_weight, expand_bias, sorted_gates, *hiddens = \
             ctx.saved_tensors
         plan, layout, link = ctx.plan, ctx.layout, ctx.link
         input_grad = ctx.needs_input_grad[1] or (link is not None and x.requires_grad)
@@ -360,7 +360,7 @@ class _SparseExperts(torch.autograd.Function):
         x_rows = x.new_empty(largest, x.shape[1])
         grad_rows = grad_y.new_empty(largest, grad_y.shape[1])
         start = 0
-        for slot, count, hidden in zip(layout.slots, plan.counts_host, ctx.hiddens):
+        for slot, count, hidden in zip(layout.slots, plan.counts_host, hiddens):
             stop = start + count
             tokens = plan.token_index[start:stop]
             rows, columns, down, _, up, up_bias = _expert_weights(

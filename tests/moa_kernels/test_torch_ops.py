@@ -614,3 +614,31 @@ def test_dense_fallback_of_sparse_modes_matches_the_sparse_path(mode, monkeypatc
         results[fraction], _ = compare_backends(layer, x)
         assert path in ran
     assert_matches(results[0.5], results[1.0], FP32_TOL, layer)
+
+
+def test_sparse_path_saves_its_expert_hiddens_through_saved_tensor_hooks():
+    # Activation offloading and non-reentrant checkpointing see only what goes through
+    # saved-tensor hooks, so the per-expert hidden tensors [count_e, rank_e] must too.
+    router = RouterConfig(mode="threshold", max_threshold=0.5)
+    layer = make_layer(EXPERT_MIXES["paper-mix-E5"], router)
+    layer.backend = "torch"
+    x = decisive_tokens(layer, 40, 1e-3).requires_grad_()
+    ops = layer.router.ops(torch.float32)
+    _, active = ops.finish(F.linear(x.detach(), ops.first_weight, ops.first_bias))
+    counts = active.sum(0).tolist()
+    assert 0 < sum(counts) < active.numel(), "test data: the routing must be partly active"
+    packed_shapes = []
+
+    def pack(tensor):
+        packed_shapes.append(tuple(tensor.shape))
+        return tensor.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = layer(x)
+    widths = [start_stop[1] - start_stop[0]
+              for start_stop in (slot.shrink for slot in layer.layout.slots)]
+    for count, width in zip(counts, widths):
+        if count:
+            assert (count, width) in packed_shapes
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
