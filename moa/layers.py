@@ -51,9 +51,11 @@ def triton_available() -> bool:
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the layer computes in: autocast's, when autocast is on for x's device."""
+    """The dtype the layer computes in: autocast's, when autocast is on for x's device
+    (autocast lowers float32 only; float64 stays float64)."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64 \
+            and x.is_floating_point():
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
@@ -177,10 +179,12 @@ class MoARouter(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"router input has last dimension {x.shape[-1]}, "
                              f"expected in_features={self.in_features}")
-        ops = self.ops(compute_dtype(x))
-        flat = x.reshape(-1, self.in_features).to(ops.first_weight.dtype)
-        gates, _ = ops.finish(F.linear(flat, ops.first_weight, ops.first_bias))
-        return gates.to(x.dtype).reshape(*x.shape[:-1], self.num_experts)
+        dtype = compute_dtype(x)
+        ops = self.ops(dtype)
+        with autocast_off(x):
+            flat = x.reshape(-1, self.in_features).to(dtype)
+            gates, _ = ops.finish(F.linear(flat, ops.first_weight, ops.first_bias))
+        return gates.to(dtype).reshape(*x.shape[:-1], self.num_experts)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -207,6 +211,14 @@ class MoALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"MoALinear adapts an nn.Linear, got {type(base).__name__}")
+        if type(base).forward is not nn.Linear.forward:
+            raise TypeError(f"MoALinear computes base(x) from base.weight and base.bias, but "
+                            f"{type(base).__name__} overrides nn.Linear.forward (quantized "
+                            "or otherwise customised layers are not supported); pass a plain "
+                            "nn.Linear")
+        if base._forward_hooks or base._forward_pre_hooks:
+            raise ValueError("the base nn.Linear has forward hooks, which MoALinear would "
+                             "bypass (it computes base(x) from the weights); remove them first")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
         if not 0.0 <= dropout < 1.0:
@@ -329,6 +341,8 @@ class MoALinear(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"MoALinear expects a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"MoALinear expects a floating-point input, got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input has shape {tuple(x.shape)}; its last dimension must be "
                              f"in_features={self.in_features}")
@@ -338,8 +352,12 @@ class MoALinear(nn.Module):
         """y [..., out] for x [..., in]; gates [..., E] (already masked) replace the router's.
 
         sparse: skip the (token, expert) pairs whose gate is zero (outside gates from a
-        sparse-mode shared router). Default: the layer's own router mode; dense for
+        sparse-mode shared router): a skipped pair adds nothing and its gate gets no
+        gradient, on every backend. Default: the layer's own router mode; dense for
         outside gates.
+
+        Differentiable once: the fused backends refuse a second derivative (create_graph)
+        with an error; the reference backend supports it.
         """
         self._check_input(x)
         leading = x.shape[:-1]
@@ -357,6 +375,8 @@ class MoALinear(nn.Module):
             adapter_input = self.dropout(flat) if self.training and \
                 isinstance(self.dropout, nn.Dropout) else None
             if backend == "reference":
+                if sparse and flat_gates is not None:
+                    flat_gates = flat_gates * (flat_gates != 0)
                 y, used_gates = self._forward_reference(flat, flat_gates, adapter_input)
             else:
                 y, used_gates = self._forward_fused(backend, flat, flat_gates, adapter_input,
@@ -377,7 +397,7 @@ class MoALinear(nn.Module):
                    zip(self.layout.slots, self._expert_tensors(detach=False, dtype=x.dtype))]
         y = reference.reference_moa_linear(x, *self._base_tensors(x.dtype), experts,
                                            gates.to(x.dtype), adapter_input)
-        return y, gates
+        return y, gates.to(x.dtype)
 
     def _forward_fused(self, backend, x, gates, adapter_input, sparse):
         if backend == "triton":

@@ -47,6 +47,9 @@ def gates_from_first_layer(
         logits = F.linear(F.silu(up) * gate_half, w2_weight, w2_bias)
     else:
         logits = body
+    if logits.shape[-1] != num_experts:
+        raise ValueError(f"the router gives {logits.shape[-1]} logits per token, expected "
+                         f"num_experts={num_experts}")
     p = torch.sigmoid(logits) if gate == "sigmoid" else torch.softmax(logits, dim=-1)
 
     if mode == "soft":

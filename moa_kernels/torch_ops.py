@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
@@ -113,10 +114,12 @@ def moa_linear(
     plan = RoutingPlan.from_active(active)
     expert_input = x if adapter_input is None else adapter_input
     if plan.num_pairs > DENSE_ABOVE_ACTIVE_FRACTION * active.numel():
-        # Mostly active: the dense path with the masked gates is the same math (a skipped
-        # pair has g = 0, and the router's mask zeroes its gate gradient) and cheaper.
+        # Mostly active: the dense path with the masked gates is the same math and cheaper.
+        # A skipped pair has g = 0 and no gate gradient, as on the sparse path: the router's
+        # own mask ensures that, the multiply does it for gates from outside.
         hidden = F.linear(expert_input, shrink_weight, layout.full_shrink_bias(shrink_bias))
-        y = _apply(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout)
+        masked = gates if router is not None else gates * active
+        y = _apply(_GatedExpand, y, hidden, masked, expand_weight, expand_bias, layout)
         return y, gates
     y = _apply(_SparseExperts, y, expert_input, shrink_weight, shrink_bias, expand_weight,
                expand_bias, gates, plan, layout, link)
@@ -206,6 +209,7 @@ class _BaseAndShrink(torch.autograd.Function):
         return F.linear(x, base_weight, base_bias), F.linear(x, shrink_weight, shrink_bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y, grad_h):
         x, base_weight, shrink_weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
@@ -265,6 +269,7 @@ class _GatedExpand(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         hidden, gates, expand_weight, expand_bias = ctx.saved_tensors
         layout = ctx.layout
@@ -344,10 +349,15 @@ class _SparseExperts(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         x, shrink_weight, shrink_bias, expand_weight, expand_bias, sorted_gates, *hiddens = \
             ctx.saved_tensors
         plan, layout, link = ctx.plan, ctx.layout, ctx.link
+        if link is not None:
+            # A partial backward (inputs= or autograd.grad on expert or router tensors) can
+            # stop before _BaseAndShrink; its pieces must not leak into the next pass.
+            link.pieces = []
         input_grad = ctx.needs_input_grad[1] or (link is not None and x.requires_grad)
         grad_shrink_weight = torch.zeros_like(shrink_weight)
         grad_shrink_bias = torch.zeros_like(shrink_bias)

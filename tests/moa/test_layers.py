@@ -215,6 +215,8 @@ def test_bad_forward_inputs_raise_clear_errors(backend):
         layer.route(torch.randn(3, 10))
     with pytest.raises(TypeError, match=r"expects a tensor"):
         layer([[0.0] * 9])
+    with pytest.raises(TypeError, match=r"floating-point input, got torch.int64"):
+        layer(torch.ones(3, 9, dtype=torch.long))
     with pytest.raises(ValueError, match=r"gates have shape \(3, 3\), expected \(3, 2\)"):
         layer(torch.randn(3, 9), torch.rand(3, 3))  # gates of the wrong shape
     with pytest.raises(ValueError, match=r"expected \(2, 3, 2\)"):
@@ -292,6 +294,49 @@ def test_autocast_output_dtype_matches_base(backend):
         y, expected = layer(x), layer.base(x)
     assert y.dtype == expected.dtype == torch.bfloat16
     assert relative_error(y.float(), layer(x)) < 2e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_leaves_float64_in_float64(backend):
+    # autocast lowers float32 only; a float64 layer on float64 x stays float64 (like base)
+    layer = make_layer(backend=backend).double()
+    x = torch.randn(3, 9, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = layer(x), layer.base(x)
+    assert y.dtype == expected.dtype == torch.float64
+    assert torch.equal(y, layer(x))
+
+
+def test_route_under_autocast_gives_the_applied_gates():
+    layer = make_layer(backend="torch")
+    x = torch.randn(3, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+        gates = layer.route(x)
+    assert gates.dtype == layer.last_gates.dtype == torch.bfloat16
+    assert torch.equal(gates, layer.last_gates)
+
+
+def test_base_layers_that_moa_cannot_honour_are_refused():
+    # MoALinear computes base(x) from base.weight and base.bias: a subclass with its own
+    # forward (a quantized layer, say) or a forward hook would be bypassed silently
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(TypeError, match=r"Doubled overrides nn.Linear.forward"):
+        MoALinear(Doubled(9, 7), ["lora:2"])
+    hooked = nn.Linear(9, 7)
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(ValueError, match=r"forward hooks"):
+        MoALinear(hooked, ["lora:2"])
+
+    class Plain(nn.Linear):  # a subclass that keeps nn.Linear's forward is fine
+        pass
+
+    layer = MoALinear(Plain(9, 7), ["lora:2"])
+    x = torch.randn(4, 9)
+    assert torch.equal(layer(x), layer.base(x))
 
 
 # ---------------------------------------------------------------------------------------

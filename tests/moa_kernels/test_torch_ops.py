@@ -572,14 +572,23 @@ def test_deterministic_on_cpu(mode, backend):
             assert torch.equal(first[key], second[key]), key
 
 
-def test_sparse_flag_with_masked_outside_gates_matches_reference():
-    # A sparse-mode layer router hands each layer masked gates and sparse=True: the torch
-    # backend then skips the zero pairs. Output and every gradient match the reference;
-    # the gate gradient is compared on the active pairs only, since a skipped pair's
-    # gradient is never used (the router's mask multiplies it by zero).
+@pytest.mark.parametrize("active_fraction, path", [
+    (0.3, "sparse"),  # under half the pairs active: _SparseExperts
+    (0.8, "dense"),   # most pairs active: the dense fallback
+])
+def test_sparse_flag_with_masked_outside_gates_matches_reference(active_fraction, path,
+                                                                 monkeypatch):
+    # A sparse-mode layer router hands each layer masked gates and sparse=True: a zero gate
+    # is a skipped pair, which adds nothing and gets no gate gradient, on every backend and
+    # whichever path the density picks. Output and every gradient match the reference.
+    monkeypatch.setattr(torch_ops, "DENSE_ABOVE_ACTIVE_FRACTION", 0.5)
     layer = make_layer(EXPERT_MIXES["hydra-mix"], gates_from_outside=True)
-    x = torch.randn(3, 7, layer.in_features)
-    gates = torch.rand(3, 7, layer.num_experts) * (torch.rand(3, 7, layer.num_experts) > 0.5)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, layer.in_features, generator=generator)
+    keep = torch.rand(3, 7, layer.num_experts, generator=generator) < active_fraction
+    gates = torch.rand(3, 7, layer.num_experts, generator=generator) * keep
+    assert (gates != 0).float().mean() > 0.5 if path == "dense" else \
+        (gates != 0).float().mean() < 0.5, "test data: the density must pick the path"
     results = {}
     for backend in ("reference", "torch"):
         layer.backend = backend
@@ -587,10 +596,43 @@ def test_sparse_flag_with_masked_outside_gates_matches_reference():
         leaf, gate_leaf = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
         y = layer(leaf, gate_leaf, sparse=True)
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
-        results[backend] = [y.detach(), leaf.grad, gate_leaf.grad[gates != 0]] + [
+        assert torch.all(gate_leaf.grad[gates == 0] == 0), backend
+        results[backend] = [y.detach(), leaf.grad, gate_leaf.grad] + [
             p.grad for p in layer.parameters() if p.requires_grad]
     for actual, expected in zip(results["torch"], results["reference"]):
         assert relative_error(actual, expected) < FP32_TOL
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_partial_backward_then_full_backward_matches_reference(mode):
+    # backward(inputs=[expert tensor]) may stop before the base layer's backward; the next
+    # full backward must still give the reference's dx (nothing carried over between passes).
+    layer = make_layer(EXPERT_MIXES["paper-mix-E5"], RouterConfig(mode=mode, top_k=2))
+    x0 = decisive_tokens(layer, 12, 1e-3)
+    grads = {}
+    for backend in ("reference", "torch"):
+        layer.backend = backend
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        loss = layer(x).square().sum()
+        loss.backward(inputs=[layer.expand_weight], retain_graph=True)
+        torch.autograd.grad(loss, [layer.router.w2_weight], retain_graph=True)
+        x.grad = None
+        loss.backward()
+        grads[backend] = x.grad
+    assert relative_error(grads["torch"], grads["reference"]) < FP32_TOL
+
+
+@pytest.mark.parametrize("mode", ["soft", "topk"])
+def test_second_derivative_is_refused_by_the_torch_backend(mode):
+    # The hand-written backwards are not differentiable themselves: a gradient penalty must
+    # fail loudly, never return a silently wrong second derivative.
+    layer = make_layer(EXPERT_MIXES["paper-mix-E5"], RouterConfig(mode=mode))
+    layer.backend = "torch"
+    x = torch.randn(6, layer.in_features, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable twice|once_differentiable"):
+        grad_x.square().sum().backward()
 
 
 @pytest.mark.parametrize("mode", ["threshold", "adaptive", "topk"])

@@ -272,3 +272,39 @@ def test_fp32_adapters_with_fp16_input(mode):
         results.append([y.detach()] + [t.grad.clone() for t in tensors])
     for mixed, half in zip(*results):
         assert relative_error(mixed, half) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES[:1] + DEVICE_DTYPES[2:3])
+def test_sparse_flag_with_masked_gates_skips_zero_pairs_in_value_and_gradient(device, dtype):
+    # sparse=True with outside gates (a sparse-mode layer router): a zero gate is a skipped
+    # pair, which adds nothing and gets no gate gradient, exactly as in the reference
+    layer = _make_layer(["lora:4", "adapter:3:gelu", "hydra:2:2"], None, 13, 11, device, dtype)
+    x = torch.randn(2, 9, 13, device=device, dtype=dtype)
+    gates = torch.rand(2, 9, 4, device=device, dtype=dtype)
+    gates = gates * (torch.rand(2, 9, 4, device=device) < 0.4)
+    results = {}
+    for backend in ("reference", "triton"):
+        layer.backend = backend
+        layer.zero_grad(set_to_none=True)
+        leaf, gate_leaf = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
+        y = layer(leaf, gate_leaf, sparse=True)
+        (y.float() * torch.linspace(-1, 1, y.numel(), device=device).reshape(y.shape)).sum() \
+            .backward()
+        assert torch.all(gate_leaf.grad[gates == 0] == 0), backend
+        results[backend] = [y.detach(), leaf.grad, gate_leaf.grad] + [
+            p.grad for p in layer.parameters() if p.requires_grad]
+    for actual, expected in zip(results["triton"], results["reference"]):
+        assert relative_error(actual, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES[:1] + DEVICE_DTYPES[2:3])
+@pytest.mark.parametrize("mode", ["soft", "topk"])
+def test_second_derivative_is_refused(device, dtype, mode):
+    # the kernels' backwards have no derivative of their own: a gradient penalty must fail
+    # loudly rather than return a wrong second derivative
+    layer = _make_layer(["lora:3", "adapter:4:silu"], RouterConfig(mode=mode), 12, 10, device,
+                        dtype)
+    x = torch.randn(5, 12, device=device, dtype=dtype, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(layer(x).float().square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        grad_x.float().square().sum().backward()
