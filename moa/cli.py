@@ -31,6 +31,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {text!r}")
+    return value
+
+
 def _device(text: str) -> str:
     import torch
 
@@ -69,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: an embedded 4-layer Llama built from a config)")
     demo.add_argument("--out", default="moa-demo", help="output directory")
     demo.add_argument("--device", type=_device, default="cpu")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
 
     bench = commands.add_parser("bench", help="layer and model benchmarks, as ratios")
     bench.add_argument("--quick", action="store_true", help="small shapes, under a minute")
@@ -80,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="verify each backend against the reference")
     check.add_argument("--device", type=_device, default="cpu")
     check.add_argument("--cases", type=_positive_int, default=3, help="random cases per mode")
-    check.add_argument("--seed", type=int, default=None)
+    check.add_argument("--seed", type=_seed, default=None)
     return parser
 
 

@@ -62,6 +62,7 @@ class ExpertSpec:
         if self.kind != "hydra" and self.heads != 1:
             raise ValueError("heads is only for hydra experts")
         if self.alpha is not None and not (isinstance(self.alpha, (int, float))
+                                           and not isinstance(self.alpha, bool)
                                            and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
 
@@ -116,10 +117,16 @@ class ExpertSpec:
     def __str__(self) -> str:
         if self.kind == "adapter":
             return f"adapter:{self.size}:{self.activation}"
-        alpha = "" if self.alpha is None else f":{self.alpha:g}"
+        alpha = "" if self.alpha is None else f":{_exact_number(self.alpha)}"
         if self.kind == "hydra":
             return f"hydra:{self.size}:{self.heads}{alpha}"
         return f"lora:{self.size}{alpha}"
+
+
+def _exact_number(value: float) -> str:
+    """The shortest text that parses back to exactly `value` ("16", "0.5", "0.1")."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def parse_experts(experts) -> list[ExpertSpec]:
@@ -324,8 +331,9 @@ class MoAConfig:
                              f"'soft'), got mode {self.router.mode!r}; set prompt_length=None")
         if isinstance(self.aux_loss_coef, bool) or not isinstance(self.aux_loss_coef,
                                                                    (int, float)) \
-                or not self.aux_loss_coef >= 0:
-            raise ValueError(f"aux_loss_coef must be a number >= 0, got {self.aux_loss_coef!r}")
+                or not 0 <= self.aux_loss_coef < math.inf:
+            raise ValueError(f"aux_loss_coef must be a finite number >= 0, got "
+                             f"{self.aux_loss_coef!r}")
         if self.aux_loss_coef > 0 and self.router is None:
             raise ValueError("aux_loss_coef > 0 needs a router; this config has router=None")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:

@@ -51,7 +51,12 @@ def load_model(path: str | None, seed: int):
         return build_demo_model(seed)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path).eval()
+    except Exception as error:  # corrupt weights, unknown architecture, ...: one clear line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"cannot load the checkpoint {path!r}: {type(error).__name__}: "
+                         f"{reason}") from error
 
 
 def counting_batch(batch: int, length: int, vocab: int, generator: torch.Generator):

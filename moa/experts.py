@@ -29,7 +29,8 @@ Every hook stands down when its module's `active` flag is off (`MoAModel.disable
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -283,6 +284,7 @@ class PromptExpert(nn.Module):
         if self.prompt.device.type != "meta":
             nn.init.normal_(self.prompt)
         self.active = True
+        self.cache_keys_values = False  # on only inside MoAModel.generate (prompt_key_cache)
         self._position_embeddings = None
         self._query = None
 
@@ -291,12 +293,12 @@ class PromptExpert(nn.Module):
         """Prompt keys [1, H, L, D] and values times the per-head gate [1, H, L, D], KV heads
         repeated for grouped-query attention (query head h reads KV head h // groups).
 
-        They depend only on the prompt, the gate and the frozen projections, so without
-        grad mode (decoding) they are cached until one of those tensors changes."""
-        versions = (dtype, self.prompt._version, self.gate._version, k_proj.weight._version,
-                    v_proj.weight._version, id(k_proj.weight), id(v_proj.weight))
+        They depend only on the prompt, the gate and the frozen projections, so within one
+        `generate` call without grad mode (see prompt_key_cache) they are computed once."""
+        caching = self.cache_keys_values and not torch.is_grad_enabled()
+        key = (dtype, self.prompt.device, self.prompt._version, self.gate._version)
         cached = self.__dict__.get("_keys_values")
-        if not torch.is_grad_enabled() and cached is not None and cached[0] == versions:
+        if caching and cached is not None and cached[0] == key:
             return cached[1]
         prompt = self.prompt.to(dtype)
         keys = F.linear(prompt, k_proj.weight.to(dtype), None if k_proj.bias is None
@@ -309,8 +311,7 @@ class PromptExpert(nn.Module):
         keys = keys.repeat_interleave(groups, dim=0)[None]  # [1, H, L, D]
         values = values.repeat_interleave(groups, dim=0)[None] * \
             self.gate.to(dtype)[:, None, None]
-        self.__dict__["_keys_values"] = None if torch.is_grad_enabled() else \
-            (versions, (keys, values))
+        self.__dict__["_keys_values"] = (key, (keys, values)) if caching else None
         return keys, values
 
     def output(self, query: torch.Tensor, k_proj: nn.Linear, v_proj: nn.Linear) -> torch.Tensor:
@@ -407,6 +408,21 @@ def check_prompt_attention(attention: nn.Module, name: str) -> None:
                          "expert cannot rebuild its rotary query")
 
 
+@contextmanager
+def prompt_key_cache(model: nn.Module) -> Iterator[None]:
+    """Inside, every prompt expert of `model` computes its keys and values once and reuses
+    them while grad mode is off (the weights cannot change during one `generate`)."""
+    prompts = [m for m in model.modules() if isinstance(m, PromptExpert)]
+    for prompt in prompts:
+        prompt.cache_keys_values = True
+    try:
+        yield
+    finally:
+        for prompt in prompts:
+            prompt.cache_keys_values = False
+            prompt.__dict__.pop("_keys_values", None)
+
+
 def attach_prompt(attention: nn.Module, prompt: PromptExpert, router: LayerRouter,
                   index: int, name: str) -> list:
     """Register the prompt expert's three hooks; returns their handles."""
@@ -423,4 +439,4 @@ def attach_prompt(attention: nn.Module, prompt: PromptExpert, router: LayerRoute
 
 
 __all__ = ["GateCollector", "LayerRouter", "ParallelAdapter", "PromptExpert",
-           "PROMPT_ATTENTION_CLASSES", "load_balancing_loss"]
+           "PROMPT_ATTENTION_CLASSES", "load_balancing_loss", "prompt_key_cache"]

@@ -15,7 +15,10 @@ differently shaped tensor is an error that names it.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
+import itertools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +39,7 @@ from moa.experts import (
     constant_gates_pre_hook,
     gates_pre_hook,
     load_balancing_loss,
+    prompt_key_cache,
 )
 from moa.layers import MoALinear, default_adapter_dtype
 from moa.stats import expert_names, router_stats
@@ -73,8 +77,8 @@ def find_targets(model: nn.Module, config: MoAConfig) -> list[tuple[str, nn.Line
     modules = list(model.named_modules())
     linear_names = [n for n, m in modules if isinstance(m, nn.Linear)]
     if isinstance(config.target_modules, str):
-        unmatched = [] if any(config.is_target(n) for n, _ in modules) else \
-            [config.target_modules]
+        unmatched = [] if any(module_matches(n, config.target_modules) for n, _ in modules) \
+            else [config.target_modules]
     else:
         unmatched = [p for p in config.target_modules
                      if not any(n == p or n.endswith("." + p) for n, _ in modules)]
@@ -150,14 +154,20 @@ class MoAModel(nn.Module):
                                                for m in model.modules()):
             raise ValueError("this model already has MoA modules; inject into a fresh model")
         self.model = model
-        self.moa_config = config
+        self.moa_config = copy.deepcopy(config)  # what save_pretrained writes stays put
         self.last_aux_loss: torch.Tensor | None = None
         self._collector = GateCollector()
         self._swaps: list[tuple[nn.Module, str, MoALinear, nn.Linear]] = []
         self._hooks: list = []
+        self._added: list[tuple[nn.Module, str]] = []  # (module, attribute) of layer experts
+        self._requires_grad = [(param, param.requires_grad) for param in model.parameters()]
         self._enabled = True
         model.requires_grad_(False)
-        self._inject()
+        try:
+            self._inject()
+        except BaseException:
+            self.unload()  # a failed injection leaves the model as it was
+            raise
 
     def __getattr__(self, name: str):
         try:
@@ -196,9 +206,13 @@ class MoAModel(nn.Module):
     def _wire_layer(self, layer_name: str, layer: nn.Module,
                     adapted: list[tuple[str, MoALinear]]) -> None:
         config = self.moa_config
-        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        model_config = getattr(self.model, "config", None)
+        if hasattr(model_config, "get_text_config"):  # composite (e.g. vision-language) models
+            model_config = model_config.get_text_config()
+        hidden = getattr(model_config, "hidden_size", None)
         if hidden is None:
-            raise ValueError("router_scope='layer' needs model.config.hidden_size")
+            raise ValueError("router_scope='layer' needs model.config.hidden_size (or the "
+                             "text config's, for a composite model)")
         names, slices = [], []
         for name, module in adapted:
             relative = name[len(layer_name) + 1:]
@@ -225,7 +239,7 @@ class MoAModel(nn.Module):
         factory = _factory(layer.input_layernorm if any(True for _ in
                            layer.input_layernorm.parameters()) else layer)
         router = LayerRouter(hidden, names, config.router, self._collector, **factory)
-        layer.moa_router = router
+        self._add(layer, "moa_router", router)
         self._hooks.append(layer.input_layernorm.register_forward_hook(router.input_norm_hook))
         for start, stop, name, module in slices:
             self._hooks.append(module.register_forward_pre_hook(
@@ -234,22 +248,44 @@ class MoAModel(nn.Module):
             adapter = ParallelAdapter(hidden, hidden, config.parallel_adapter,
                                       config.parallel_adapter_activation, config.dropout,
                                       **factory)
-            layer.moa_parallel_adapter = adapter
+            self._add(layer, "moa_parallel_adapter", adapter)
             self._hooks.append(layer.mlp.register_forward_hook(
                 adapter.mlp_hook(router, adapter_index, f"parallel adapter of {layer_name}"),
                 with_kwargs=True))
         if prompt_index is not None:
             prompt = PromptExpert(layer.self_attn, config.prompt_length, hidden, **factory)
-            layer.self_attn.moa_prompt = prompt
+            self._add(layer.self_attn, "moa_prompt", prompt)
             self._hooks += attach_prompt(layer.self_attn, prompt, router, prompt_index,
                                          f"{layer_name}.self_attn")
+
+    def _add(self, owner: nn.Module, attribute: str, module: nn.Module) -> None:
+        setattr(owner, attribute, module)
+        self._added.append((owner, attribute))
+
+    def unload(self) -> nn.Module:
+        """Take every MoA module and hook out again and give back the base model as it was
+        before injection (frozen flags included). This MoAModel is empty afterwards."""
+        for hook in self._hooks:
+            hook.remove()
+        for parent, child, _, base in self._swaps:
+            setattr(parent, child, base)
+        for owner, attribute in self._added:
+            delattr(owner, attribute)
+        for param, requires_grad in self._requires_grad:
+            param.requires_grad_(requires_grad)
+        self._hooks, self._swaps, self._added, self._requires_grad = [], [], [], []
+        return self.model
 
     # ---- parameters ----------------------------------------------------------------------
 
     def moa_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) of every MoA tensor (experts and routers, not the frozen base),
-        named as in the base model's named_parameters()."""
+        named as in the base model's named_parameters(); inside disable_adapters too."""
+        # While adapters are disabled each MoALinear stands aside for its base nn.Linear.
+        standing_aside = {} if self._enabled else \
+            {id(base): layer for _, _, layer, base in self._swaps}
         for name, module in self.model.named_modules():
+            module = standing_aside.get(id(module), module)
             if isinstance(module, MOA_MODULES):
                 for param_name, param in module.named_parameters():
                     if isinstance(module, MoALinear) and param_name.startswith("base."):
@@ -260,14 +296,22 @@ class MoAModel(nn.Module):
         """The MoA tensors by name (detached, live)."""
         return {name: param.detach() for name, param in self.moa_named_parameters()}
 
+    def _all_parameters(self) -> list[nn.Parameter]:
+        """The model's parameters and the MoA ones (the same set unless adapters are off)."""
+        unique = {}
+        for param in itertools.chain(self.model.parameters(),
+                                     (p for _, p in self.moa_named_parameters())):
+            unique.setdefault(id(param), param)
+        return list(unique.values())
+
     def trainable_parameter_count(self) -> int:
         """Number of trainable elements (parameters with requires_grad)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return sum(p.numel() for p in self._all_parameters() if p.requires_grad)
 
     def print_trainable_parameters(self) -> None:
         """Print "trainable params: N || all params: M || trainable%: P" as PEFT does."""
         trainable = self.trainable_parameter_count()
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(p.numel() for p in self._all_parameters())
         percent = 100 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {percent:.4f}")
@@ -307,8 +351,10 @@ class MoAModel(nn.Module):
         return output
 
     def generate(self, *args, **kwargs):
-        """The model's generate, adapters on (unless inside disable_adapters)."""
-        return self.model.generate(*args, **kwargs)
+        """The model's generate, adapters on (unless inside disable_adapters). The prompt
+        experts' keys and values are computed once per call, not once per decoded token."""
+        with prompt_key_cache(self.model):
+            return self.model.generate(*args, **kwargs)
 
     @contextmanager
     def disable_adapters(self) -> Iterator[None]:
@@ -330,7 +376,7 @@ class MoAModel(nn.Module):
             if isinstance(module, (LayerRouter, ParallelAdapter, PromptExpert)):
                 module.active = enabled
                 if isinstance(module, LayerRouter):
-                    module.gates = None
+                    module.gates = module.last_gates = None
         self._enabled = enabled
 
     def router_stats(self) -> dict[str, dict]:
@@ -367,26 +413,42 @@ class MoAModel(nn.Module):
         if problems:
             raise ValueError("the saved MoA weights do not fit this model; "
                              + "; ".join(problems))
+        not_float = [f"{k} ({state[k].dtype})" for k in sorted(expected)
+                     if not state[k].is_floating_point()]
+        if not_float:
+            raise ValueError("the saved MoA weights must be floating-point tensors; got "
+                             + ", ".join(not_float[:20]))
         with torch.no_grad():
             for name, param in expected.items():
-                param.copy_(state[name])
+                param.copy_(state[name])  # a float dtype other than the model's is cast
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike,
-                        is_trainable: bool = True) -> MoAModel:
-        """Inject the saved configuration into `model` and load the saved MoA tensors.
+                        is_trainable: bool = True, backend: str | None = None) -> MoAModel:
+        """Inject the saved configuration into `model` and load the saved MoA tensors. On
+        any error the model is left as it was.
 
         Args:
             model: a fresh base model (the one the adapters were trained on).
-            directory: what save_pretrained wrote.
+            directory: what save_pretrained wrote (a Trainer checkpoint holds the whole
+                model instead: save the adapter with MoAModel.save_pretrained).
             is_trainable: False freezes the MoA tensors too (inference).
+            backend: run with this backend instead of the saved one (e.g. "torch" on a
+                machine without a GPU for a config saved with "triton").
         """
         path = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {os.fspath(directory)!r}")
         config = MoAConfig.from_pretrained(directory)
+        if backend is not None:
+            config = dataclasses.replace(config, backend=backend)
+        state = load_file(path)
         moa = cls(model, config)
-        moa.load_moa_state_dict(load_file(path))
+        try:
+            moa.load_moa_state_dict(state)
+        except BaseException:
+            moa.unload()
+            raise
         if not is_trainable:
             for _, param in moa.moa_named_parameters():
                 param.requires_grad_(False)

@@ -15,6 +15,8 @@ from moa.cli import main
     (["demo", "--device", "banana"], "unknown device 'banana'"),  # not a device at all
     (["check", "--cases", "-1"], "expected a positive integer"),  # negative count
     (["bench", "--what"], "unrecognized arguments: --what"),  # unknown flag
+    (["demo", "--seed", "99999999999999999999999"], "expected a seed in [0, 2**63)"),  # huge
+    (["check", "--seed", "1.5"], "expected an integer seed, got '1.5'"),  # not an integer
 ])
 def test_bad_flags_give_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
@@ -29,6 +31,19 @@ def test_model_path_that_is_not_a_checkpoint(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     assert main(["demo", "--model", str(tmp_path)]) == 2
     assert "not a transformers checkpoint (no config.json" in capsys.readouterr().err
+
+
+def test_checkpoint_with_corrupt_weights_is_one_line(tmp_path, capsys):
+    from moa.demo import build_demo_model
+
+    build_demo_model().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    capsys.readouterr()  # what saving printed
+    assert main(["demo", "--model", str(tmp_path), "--steps", "1",
+                 "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"moa: error: cannot load the checkpoint {str(tmp_path)!r}")
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_check_passes_on_cpu(capsys):

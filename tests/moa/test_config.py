@@ -96,7 +96,10 @@ def test_experts_dict_takes_the_longest_suffix_then_the_default():
     ({"router_scope": "module"}, "parallel_adapter is a layer-level expert"),
     ({"router": RouterConfig(mode="threshold")}, "prompt expert is only used with a soft"),
     ({"router": None, "aux_loss_coef": 0.1}, "aux_loss_coef > 0 needs a router"),
-    ({"aux_loss_coef": -1.0}, "aux_loss_coef must be a number >= 0"),
+    ({"aux_loss_coef": -1.0}, "aux_loss_coef must be a finite number >= 0"),
+    ({"aux_loss_coef": float("inf")}, "aux_loss_coef must be a finite number >= 0"),
+    ({"aux_loss_coef": True},
+     "aux_loss_coef must be a finite number >= 0"),
     ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
     ({"target_modules": "q_proj("}, "not a valid regex"),
     ({"target_modules": []}, "target_modules is empty"),
@@ -112,6 +115,19 @@ def test_experts_dict_takes_the_longest_suffix_then_the_default():
 def test_bad_fields_fail_with_what_is_allowed(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         MoAConfig(**kwargs)
+
+
+@pytest.mark.parametrize("alpha", [1 / 3, 123456789.0, 16.0, 0.1])
+def test_alpha_survives_the_json_round_trip_exactly(alpha):
+    config = MoAConfig(experts=[ExpertSpec.lora(4, alpha), ExpertSpec.hydra(2, 3, alpha)])
+    again = MoAConfig.from_json_string(config.to_json_string())
+    assert again == config
+    assert [spec.alpha for spec in again.experts] == [alpha, alpha]
+
+
+def test_alpha_must_be_a_number_not_a_bool():
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0, got True"):
+        ExpertSpec.lora(8, True)
 
 
 def test_bad_presets_and_dicts_fail_clearly(tmp_path):

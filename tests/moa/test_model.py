@@ -26,8 +26,8 @@ from transformers import (
 )
 
 from moa import MoAConfig, MoALinear, MoAModel, RouterConfig, get_moa_model
-from moa.experts import load_balancing_loss
-from moa.model import WEIGHTS_NAME
+from moa.experts import PromptExpert, load_balancing_loss
+from moa.model import MOA_MODULES, WEIGHTS_NAME
 from tests.conftest import relative_error
 from tests.moa.tiny import VOCAB, llama_config, perturb, tiny_llama, token_batch
 
@@ -212,6 +212,22 @@ def test_cached_decoding_matches_the_full_forward():
     assert relative_error(torch.stack(steps, 1), full[:, 7:]) < 1e-5
 
 
+def test_prompt_keys_follow_the_weights_outside_generate():
+    # Writes through .data (EMA, manual loading, Module.to) leave _version alone: outside
+    # generate the prompt keys and values are recomputed on every forward.
+    moa = get_moa_model(tiny_llama(), MoAConfig()).eval()
+    perturb(moa)
+    ids = token_batch()
+    with torch.no_grad():
+        before = moa(ids).logits
+        for layer in moa.model.model.layers:
+            layer.self_attn.moa_prompt.gate.data.fill_(5.0)
+        after = moa(ids).logits
+        fresh = copy.deepcopy(moa)(ids).logits
+    assert not torch.equal(after, before)
+    assert torch.equal(after, fresh)
+
+
 def test_generate_runs_with_adapters_and_matches_the_base_when_disabled():
     base = tiny_llama()
     moa = get_moa_model(tiny_llama(), MoAConfig())
@@ -221,6 +237,11 @@ def test_generate_runs_with_adapters_and_matches_the_base_when_disabled():
     kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     generated = moa.generate(ids, **kwargs)
     assert generated.shape == (2, 9) and torch.equal(generated[:, :5], ids)
+    # the per-call cache of prompt keys gives what the uncached model gives, and is gone after
+    assert torch.equal(generated, moa.model.generate(ids, **kwargs))
+    prompts = [m for m in moa.modules() if isinstance(m, PromptExpert)]
+    assert prompts and not any(p.cache_keys_values or "_keys_values" in p.__dict__
+                               and p.__dict__["_keys_values"] is not None for p in prompts)
     with moa.disable_adapters():
         assert torch.equal(moa.generate(ids, **kwargs), base.generate(ids, **kwargs))
 
@@ -238,6 +259,9 @@ def test_generate_runs_with_adapters_and_matches_the_base_when_disabled():
     # exclude_modules removing every target: named as the cause, not layers_to_transform
     ({"target_modules": ["q_proj"], "exclude_modules": ["q_proj"]},
      r"exclude_modules=\['q_proj'\] excludes every module target_modules matches"),
+    # the same with a regex target
+    ({"target_modules": r".*q_proj", "exclude_modules": ["q_proj"]},
+     r"exclude_modules=\['q_proj'\] excludes every module target_modules matches"),
 ])
 def test_bad_targets_fail_with_names(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -251,6 +275,80 @@ def test_layer_scope_needs_pre_norm_decoder_layers_and_module_scope_does_not():
         get_moa_model(bert, MoAConfig(target_modules=["query", "value"]))
     moa = get_moa_model(bert, MoAConfig.preset("molora", target_modules=["query", "value"]))
     assert sum(isinstance(m, MoALinear) for m in moa.modules()) == 4
+
+
+def parameter_flags(model):
+    return [(name, param.requires_grad) for name, param in model.named_parameters()]
+
+
+@pytest.mark.parametrize("make_model, config", [
+    # the prompt expert's architecture check fails after the first layers were wired
+    (lambda: GemmaForCausalLM(GemmaConfig(**SMALL, head_dim=16)), MoAConfig()),
+    # top_k above the experts of a module fails when its MoALinear is built
+    (tiny_llama, MoAConfig(router=RouterConfig(mode="topk", top_k=50), prompt_length=None)),
+])
+def test_a_failed_injection_leaves_the_model_as_it_was(make_model, config):
+    model = make_model()
+    model.lm_head.weight.requires_grad_(True)
+    model.model.norm.weight.requires_grad_(False)
+    modules_before, flags_before = list(model.named_modules()), parameter_flags(model)
+    with pytest.raises(ValueError):
+        get_moa_model(model, config)
+    assert [(n, type(m)) for n, m in model.named_modules()] == \
+        [(n, type(m)) for n, m in modules_before]
+    assert parameter_flags(model) == flags_before
+    assert not any(module._forward_hooks or module._forward_pre_hooks
+                   for module in model.modules())
+    moa = get_moa_model(model, MoAConfig(prompt_length=None))  # a corrected retry works
+    assert moa(token_batch(), labels=token_batch()).loss.isfinite()
+
+
+def test_a_failed_load_leaves_the_model_as_it_was(tmp_path):
+    moa = get_moa_model(tiny_llama(), MoAConfig())
+    moa.save_pretrained(tmp_path)
+    other = tiny_llama(intermediate_size=128)
+    modules_before, flags_before = list(other.named_modules()), parameter_flags(other)
+    with pytest.raises(ValueError, match="shape mismatches"):
+        MoAModel.from_pretrained(other, tmp_path)
+    assert [m for _, m in other.named_modules()] == [m for _, m in modules_before]
+    assert parameter_flags(other) == flags_before
+
+
+def test_unload_gives_back_the_base_model():
+    base = tiny_llama()
+    model = tiny_llama()
+    moa = get_moa_model(model, MoAConfig())
+    perturb(moa)
+    assert moa.unload() is model
+    ids = token_batch()
+    assert not any(isinstance(m, MOA_MODULES) for m in model.modules())
+    assert all(param.requires_grad for param in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)
+
+
+def test_composite_models_take_the_hidden_size_of_their_text_config():
+    class Composite(torch.nn.Module):  # like a vision-language model around a Llama
+        def __init__(self):
+            super().__init__()
+            self.language_model = tiny_llama()
+            text_config = self.language_model.config
+            self.config = type("CompositeConfig", (), {"get_text_config": lambda s: text_config})()
+
+        def forward(self, **kwargs):
+            return self.language_model(**kwargs)
+
+    moa = get_moa_model(Composite(), MoAConfig())
+    assert moa.language_model.model.layers[0].moa_router.router.in_features == 64
+    assert moa(input_ids=token_batch(), labels=token_batch()).loss.isfinite()
+
+
+def test_the_config_is_copied_at_injection(tmp_path):
+    config = MoAConfig()
+    moa = get_moa_model(tiny_llama(), config)
+    config.dropout = 0.5
+    moa.save_pretrained(tmp_path)
+    assert MoAConfig.from_pretrained(tmp_path).dropout == 0.0
 
 
 def test_injecting_twice_is_an_error():
@@ -336,6 +434,9 @@ def test_router_stats_per_layer_and_expert():
         assert entry["experts"][5] == "parallel_adapter:adapter:16:silu"
         assert entry["mean_gate"] == pytest.approx(gates.mean(0).tolist())
         assert entry["active_fraction"] == pytest.approx((gates > 0).double().mean(0).tolist())
+    with moa.disable_adapters(), torch.no_grad():
+        moa(token_batch(1, 3))
+        assert moa.router_stats() == {}  # no router ran in that forward
     module_stats = get_moa_model(tiny_llama(), MoAConfig.preset("molora"))
     module_stats(token_batch())
     assert "model.layers.1.mlp.down_proj" in module_stats.router_stats()
@@ -372,6 +473,35 @@ def test_loading_names_missing_extra_and_mismatched_keys(tmp_path):
     (tmp_path / WEIGHTS_NAME).unlink()
     with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
         MoAModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_saving_and_counting_inside_disable_adapters_see_every_moa_tensor(tmp_path):
+    moa = get_moa_model(tiny_llama(), MoAConfig())
+    perturb(moa)
+    names, count = sorted(moa.moa_state_dict()), moa.trainable_parameter_count()
+    with moa.disable_adapters():
+        assert sorted(moa.moa_state_dict()) == names
+        assert moa.trainable_parameter_count() == count
+        moa.save_pretrained(tmp_path)
+    reloaded = MoAModel.from_pretrained(tiny_llama(), tmp_path)
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, moa(ids).logits)
+
+
+def test_loading_refuses_non_float_tensors_and_can_change_the_backend(tmp_path):
+    moa = get_moa_model(tiny_llama(), MoAConfig(backend="torch"))
+    moa.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / WEIGHTS_NAME)
+    key = "model.layers.0.self_attn.q_proj.expand_weight"
+    save_file({**weights, key: weights[key].long()}, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=rf"floating-point tensors; got {re.escape(key)} "
+                                         r"\(torch.int64\)"):
+        MoAModel.from_pretrained(tiny_llama(), tmp_path)
+    save_file(weights, tmp_path / WEIGHTS_NAME)
+    reloaded = MoAModel.from_pretrained(tiny_llama(), tmp_path, backend="reference")
+    assert reloaded.moa_config.backend == "reference"
+    assert {m.backend for m in reloaded.modules() if isinstance(m, MoALinear)} == {"reference"}
 
 
 def test_inference_only_loading_freezes_everything(tmp_path):
