@@ -273,7 +273,8 @@ class MoAConfig:
             loss (0 disables). With router_scope "module" the routers then run just before
             their MoALinear (to keep the gates' graph) and pass the gates in: the same math,
             sparse modes still skipping inactive experts, but the router's first layer is a
-            matmul of its own instead of sharing the experts' shrink GEMM.
+            matmul of its own instead of sharing the experts' shrink GEMM. Padding (the
+            zeros of a 2-D attention_mask given to MoAModel's forward) does not count.
         dropout: dropout probability on the experts' input.
         backend: MoALinear backend: "auto", "reference", "torch" or "triton".
     """

@@ -48,15 +48,27 @@ PROMPT_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attentio
 
 class GateCollector:
     """Collects the applied gates [T, E] (with their graph) of every router call while
-    `active`, for the auxiliary load-balancing loss."""
+    `active`, for the auxiliary load-balancing loss. With a `token_mask` [B, L] (the
+    attention mask of the call), gates [B, S, E] keep only the tokens the mask marks in its
+    last S columns: padding does not count towards the balance."""
 
     def __init__(self) -> None:
         self.active = False
         self.gates: list[torch.Tensor] = []
+        self.token_mask: torch.Tensor | None = None
 
     def add(self, gates: torch.Tensor) -> None:
-        if self.active:
-            self.gates.append(gates.reshape(-1, gates.shape[-1]))
+        if not self.active:
+            return
+        mask = self.token_mask
+        if mask is not None:
+            if gates.dim() != 3 or gates.shape[0] != mask.shape[0] or \
+                    gates.shape[1] > mask.shape[1]:
+                raise ValueError(f"the aux loss masks padding with the attention mask "
+                                 f"{tuple(mask.shape)}, but a router saw tokens of shape "
+                                 f"{tuple(gates.shape[:-1])}")
+            gates = gates[mask[:, mask.shape[1] - gates.shape[1]:].bool()]
+        self.gates.append(gates.reshape(-1, gates.shape[-1]))
 
 
 def load_balancing_loss(gates: torch.Tensor) -> torch.Tensor:

@@ -334,10 +334,14 @@ class MoAModel(nn.Module):
         coef = self.moa_config.aux_loss_coef
         self._collector.gates = []
         self._collector.active = coef > 0 and self._enabled
+        # Padding does not count towards the balance (a 2-D attention mask marks it).
+        self._collector.token_mask = attention_mask if attention_mask is not None and \
+            attention_mask.dim() == 2 else None
         try:
             output = self.model(**kwargs)
         finally:
             self._collector.active = False
+            self._collector.token_mask = None
             gates, self._collector.gates = self._collector.gates, []
         self.last_aux_loss = None
         if gates:

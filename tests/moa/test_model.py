@@ -421,6 +421,21 @@ def test_aux_loss_is_added_to_the_model_loss_and_trains_the_router(preset):
     assert sum(g.abs().sum() for g in router_grads) > 0
 
 
+def test_aux_loss_leaves_padding_out():
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset("soft_moa", aux_loss_coef=0.1))
+    perturb(moa, scale=0.5)
+    ids = token_batch(2, 8)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # right padding on the second row
+    moa(ids, attention_mask=mask, labels=ids)
+    routers = [layer.moa_router for layer in moa.model.model.layers]
+    expected = torch.stack([load_balancing_loss(r.last_gates[mask.bool()]) for r in routers])
+    unmasked = torch.stack([load_balancing_loss(r.last_gates.reshape(-1, r.last_gates.shape[-1]))
+                            for r in routers])
+    assert moa.last_aux_loss.item() == pytest.approx(expected.mean().item(), rel=1e-6)
+    assert abs(expected.mean().item() - unmasked.mean().item()) > 1e-4  # the mask matters
+
+
 def test_router_stats_per_layer_and_expert():
     moa = get_moa_model(tiny_llama(), MoAConfig.preset("sparse_moa"))
     perturb(moa, scale=0.5)
