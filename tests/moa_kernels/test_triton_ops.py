@@ -17,7 +17,7 @@ from torch import nn
 pytest.importorskip("triton")
 
 from moa import MoALinear, RouterConfig  # noqa: E402
-from tests.conftest import relative_error  # noqa: E402
+from tests.conftest import relative_error, sparse_run_with_outside_gates  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
@@ -282,17 +282,8 @@ def test_sparse_flag_with_masked_gates_skips_zero_pairs_in_value_and_gradient(de
     x = torch.randn(2, 9, 13, device=device, dtype=dtype)
     gates = torch.rand(2, 9, 4, device=device, dtype=dtype)
     gates = gates * (torch.rand(2, 9, 4, device=device) < 0.4)
-    results = {}
-    for backend in ("reference", "triton"):
-        layer.backend = backend
-        layer.zero_grad(set_to_none=True)
-        leaf, gate_leaf = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
-        y = layer(leaf, gate_leaf, sparse=True)
-        (y.float() * torch.linspace(-1, 1, y.numel(), device=device).reshape(y.shape)).sum() \
-            .backward()
-        assert torch.all(gate_leaf.grad[gates == 0] == 0), backend
-        results[backend] = [y.detach(), leaf.grad, gate_leaf.grad] + [
-            p.grad for p in layer.parameters() if p.requires_grad]
+    results = {backend: sparse_run_with_outside_gates(layer, x, gates, backend)
+               for backend in ("reference", "triton")}
     for actual, expected in zip(results["triton"], results["reference"]):
         assert relative_error(actual, expected) < TOLERANCE[dtype]
 
