@@ -1,6 +1,8 @@
-"""Layer benchmarks: a MoALinear against its frozen base layer, measured as ratios in one run.
+"""Benchmarks behind `moa bench`, measured as ratios within one run: layers (a MoALinear
+against its frozen base), a training step and greedy decoding of a Llama-shaped model
+against PEFT LoRA (with peak memory from a fresh subprocess), and `run_bench`.
 
-Shapes (issue 2):
+Layer shapes:
     L1: nn.Linear(2048, 2048) frozen, T = 2048, experts lora:8, lora:16, lora:32, adapter:16,
         swiglu router x4, soft mode.
     M8: the same base, 8 x lora:16, softmax gate; soft mode against topk k=2.

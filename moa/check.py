@@ -3,7 +3,7 @@
 Each case draws a fresh random layer (mixed lora ranks, hydra heads, adapters with random
 activations, random router kind and gate), fresh random inputs, and compares the fused
 backend's output, input gradient and parameter gradients with the reference backend's.
-fp32 with TF32 off must agree to DESIGN.md's 1e-5 relative error. The parameter gradients
+fp32 with TF32 off must agree to docs/DESIGN.md's 1e-5 relative error. The parameter gradients
 are compared as one vector (all trainable tensors concatenated): a tensor whose true
 gradient nearly cancels (the adaptive threshold, say) is judged at the scale of the
 gradient it belongs to.
@@ -95,7 +95,13 @@ def _run(layer: MoALinear, backend: str, x: torch.Tensor, grad_y: torch.Tensor):
 
 def check_backends(device: str | torch.device = "cpu", cases_per_mode: int = 3,
                    seed: int | None = None, small: bool | None = None) -> list[CheckResult]:
-    """Run every available fused backend against the reference, every mode, random layers."""
+    """Run every available fused backend against the reference, every mode, random layers.
+
+    Args:
+        device: where to run. cases_per_mode: random layers per router mode.
+        seed: makes the random shapes and values repeatable (None: fresh ones each run).
+        small: small shapes (the Triton interpreter is slow); default: small off CUDA.
+    """
     device = torch.device(device)
     small = device.type != "cuda" if small is None else small
     rng = random.Random(seed)

@@ -16,7 +16,22 @@ class CommandError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help unless the help already speaks of it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: {action.default})"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line instead of usage + message
         raise CommandError(f"{message} (see `{self.prog} --help`)")
 
@@ -72,25 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     demo = commands.add_parser("demo", help="train a preset on a small model end to end")
-    demo.add_argument("--preset", choices=tuple(PRESETS), default="soft_moa")
-    demo.add_argument("--steps", type=_positive_int, default=200)
+    demo.add_argument("--preset", choices=tuple(PRESETS), default="soft_moa",
+                      help="MoAConfig preset to inject")
+    demo.add_argument("--steps", type=_positive_int, default=200, help="training steps")
     demo.add_argument("--model", type=_checkpoint_dir, default=None,
                       help="a local transformers causal-LM checkpoint directory "
                            "(default: an embedded 4-layer Llama built from a config)")
     demo.add_argument("--out", default="moa-demo", help="output directory")
-    demo.add_argument("--device", type=_device, default="cpu")
-    demo.add_argument("--seed", type=_seed, default=0)
+    demo.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of the model and the data")
 
     bench = commands.add_parser("bench", help="layer and model benchmarks, as ratios")
     bench.add_argument("--quick", action="store_true", help="small shapes, under a minute")
     bench.add_argument("--out", default="bench-out", help="directory for CSV and PNG")
-    bench.add_argument("--device", type=_device, default="cpu")
-    bench.add_argument("--rounds", type=_positive_int, default=None)
+    bench.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    bench.add_argument("--rounds", type=_positive_int, default=None,
+                       help="timing rounds per benchmark (default: 7 for layers, 5 for the "
+                            "model and decode benchmarks; 3 each with --quick)")
 
     check = commands.add_parser("check", help="verify each backend against the reference")
-    check.add_argument("--device", type=_device, default="cpu")
+    check.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     check.add_argument("--cases", type=_positive_int, default=3, help="random cases per mode")
-    check.add_argument("--seed", type=_seed, default=None)
+    check.add_argument("--seed", type=_seed, default=None,
+                       help="repeat a run's random cases (default: a fresh seed, printed)")
     return parser
 
 
@@ -116,9 +135,13 @@ def _bench(args) -> int:
 
 
 def _check(args) -> int:
+    import random
+
     from moa.check import check_backends
 
-    results = check_backends(args.device, args.cases, args.seed)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    print(f"seed {seed} (repeat with --seed {seed})")
+    results = check_backends(args.device, args.cases, seed)
     print(f"{'result':6s} {'backend':8s} {'mode':9s} {'out err':>8s} {'dx err':>8s} "
           f"{'dparam':>8s}  case")
     for r in results:

@@ -41,16 +41,21 @@ class ExpertSpec:
     kind "adapter": delta = W_up act(W_down x + b_down) + b_up, bottleneck `size`.
     kind "hydra": HydraLoRA, one shared A [r, in] and `heads` B heads [out, r]; it counts as
     `heads` experts, head h giving delta_h = (alpha / r) * B_h (A x).
+    activation: None means the kind's default, "silu" for an adapter and "identity" (no
+    activation) for lora and hydra, as `ExpertSpec.adapter` and "adapter:16" give.
     """
 
     kind: str
     size: int
     alpha: float | None = None
-    activation: str = "identity"
+    activation: str | None = None
     heads: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("expert kind", self.kind, EXPERT_KINDS)
+        if self.activation is None:
+            object.__setattr__(self, "activation",
+                               "silu" if self.kind == "adapter" else "identity")
         _check_positive_int(f"{self.kind} {'size' if self.kind == 'adapter' else 'rank'}",
                             self.size)
         _check_choice("activation", self.activation, ACTIVATIONS)
@@ -68,14 +73,17 @@ class ExpertSpec:
 
     @classmethod
     def lora(cls, r: int, alpha: float | None = None) -> ExpertSpec:
+        """LoRA of rank r, scaled by alpha / r (alpha defaults to r: scaling 1)."""
         return cls("lora", r, alpha)
 
     @classmethod
     def adapter(cls, size: int, activation: str = "silu") -> ExpertSpec:
+        """Bottleneck adapter of width `size` with silu, gelu, relu or identity."""
         return cls("adapter", size, None, activation)
 
     @classmethod
     def hydra(cls, r: int, heads: int, alpha: float | None = None) -> ExpertSpec:
+        """HydraLoRA: one shared A of rank r and `heads` B heads (counts as `heads` experts)."""
         return cls("hydra", r, alpha, "identity", heads)
 
     @classmethod
@@ -110,6 +118,7 @@ class ExpertSpec:
 
     @property
     def scaling(self) -> float:
+        """The factor on the expert's output: alpha / r for lora and hydra, 1 for adapters."""
         if self.kind == "adapter":
             return 1.0
         return (self.alpha if self.alpha is not None else self.size) / self.size
@@ -183,22 +192,27 @@ class RouterConfig:
 
     @property
     def uses_threshold(self) -> bool:
+        """True for the modes with a learned per-token threshold (threshold, adaptive)."""
         return self.mode in ("threshold", "adaptive")
 
     @property
     def is_sparse(self) -> bool:
+        """True for the modes that skip inactive (token, expert) pairs."""
         return self.mode != "soft"
 
     def check_num_experts(self, num_experts: int) -> None:
+        """Raise ValueError when top_k does not fit `num_experts` experts."""
         if self.mode == "topk" and not 1 <= self.top_k <= num_experts:
             raise ValueError(f"top_k must be in 1..{num_experts} (the number of experts), "
                              f"got {self.top_k}")
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-able dict."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> RouterConfig:
+        """The inverse of to_dict; unknown fields are an error."""
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown RouterConfig fields: {sorted(unknown)}")
@@ -245,7 +259,7 @@ def layer_index(name: str) -> int | None:
 class MoAConfig:
     """How `get_moa_model` turns a transformers model into a MoA model.
 
-    The defaults are the paper's Soft MoA (DESIGN.md section 4); `MoAConfig.preset` gives the
+    The defaults are the paper's Soft MoA (docs/DESIGN.md section 4); `MoAConfig.preset` gives the
     published variants and baselines.
 
     Fields:
@@ -413,6 +427,7 @@ class MoAConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> MoAConfig:
+        """The inverse of to_dict; unknown fields are an error, never ignored."""
         if not isinstance(data, dict):
             raise TypeError(f"a MoAConfig dict is expected, got {type(data).__name__}")
         unknown = set(data) - {f.name for f in fields(cls)}
@@ -422,10 +437,12 @@ class MoAConfig:
         return cls(**data)
 
     def to_json_string(self) -> str:
+        """to_dict as indented JSON with sorted keys (what moa_config.json holds)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json_string(cls, text: str) -> MoAConfig:
+        """The inverse of to_json_string."""
         return cls.from_dict(json.loads(text))
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
@@ -482,7 +499,7 @@ def _module_router(**kwargs) -> RouterConfig:
 _EIGHT_LORAS = ["lora:8:8"] * 8
 
 # Field values of each preset (everything not named takes the MoAConfig default, which is
-# Soft MoA). Counts on the LLaMA-3.1-8B shape are in DESIGN.md section 4.
+# Soft MoA). Counts on the LLaMA-3.1-8B shape are in docs/DESIGN.md section 4.
 PRESETS: dict[str, dict] = {
     "soft_moa": {},
     "sparse_moa": {"router": RouterConfig(mode="threshold", max_threshold=0.5),

@@ -26,6 +26,10 @@ DEMO_STRIDES = (1, 2, 3)
 
 @dataclass
 class DemoResult:
+    """What `run_demo` did: the loss per step, the trainable parameter count, the largest
+    output difference after the save/reload round trip (0 when exact), the output folder
+    and the files written there, and the wall time."""
+
     losses: list[float]
     trainable_parameters: int
     reload_max_abs_difference: float
@@ -104,6 +108,11 @@ def run_demo(preset: str = "soft_moa", steps: int = 200, model_path: str | None 
              out_dir: str | Path = "moa-demo", device: str = "cpu", seed: int = 0,
              batch: int = 16, length: int = 32, learning_rate: float = 1e-2,
              log=print, progress: bool = True) -> DemoResult:
+    """`moa demo`: inject `preset` into the embedded model (or the checkpoint at
+    model_path), train it `steps` steps of AdamW at `learning_rate` on counting sequences
+    [batch, length], print the loss, the parameter count and the router statistics through
+    `log`, save and reload the adapter (checking the outputs match), and write the plots
+    into out_dir. progress: show a tqdm bar."""
     from moa.config import MoAConfig
     from moa.model import MoAModel, get_moa_model
 

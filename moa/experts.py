@@ -1,4 +1,4 @@
-"""Model-level experts of the paper topology (DESIGN.md section 4) and the hooks that wire them.
+"""Model-level experts of the paper topology (docs/DESIGN.md section 4) and their hooks.
 
 With `router_scope="layer"` each decoder layer gets:
 
@@ -98,12 +98,13 @@ def load_balancing_loss(gates: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 class LayerRouter(nn.Module):
-    """One router for a whole decoder layer (DESIGN.md section 4).
+    """One router for a whole decoder layer (docs/DESIGN.md section 4).
 
     Args:
         hidden_size: width of the input-norm output it reads.
         expert_names: a name per gated expert, in gate order.
         config: the RouterConfig, or None for constant gates of 1.
+        collector: where its gates go for the auxiliary loss, or None.
     Attributes:
         gates: [B, S, E] the gates of the current forward (with their graph), set by the
             input-norm hook; last_gates: the same, detached, for `router_stats`.
@@ -215,6 +216,8 @@ class CollectingHook(_Hook):
 
 
 def collecting_pre_hook(collector: GateCollector) -> Callable:
+    """A forward pre-hook (with_kwargs) for a MoALinear with its own router: see
+    CollectingHook."""
     return CollectingHook(collector)
 
 
@@ -223,10 +226,11 @@ def collecting_pre_hook(collector: GateCollector) -> Callable:
 # ---------------------------------------------------------------------------------------
 
 class ParallelAdapter(nn.Module):
-    """delta(x) = W_up act(W_down x + b_down) + b_up beside a module (the MLP).
+    """delta(x) = W_up act(W_down x + b_down) + b_up beside a module (the MLP). In sparse
+    modes it still runs on every token, its gate zeroing the inactive ones (it is small).
 
     down_weight [size, in], down_bias [size], up_weight [out, size], up_bias [out]; weights
-    xavier-uniform with gain 1e-4, biases zero (DESIGN.md section 2).
+    xavier-uniform with gain 1e-4, biases zero (docs/DESIGN.md section 2).
     """
 
     def __init__(self, in_features: int, out_features: int, size: int,
@@ -279,7 +283,7 @@ def _frozen(linear: nn.Module) -> nn.Linear:
 
 
 class PromptExpert(nn.Module):
-    """Prompt tuning as an attention expert (DESIGN.md section 4).
+    """Prompt tuning as an attention expert (docs/DESIGN.md section 4).
 
     prompt [L, hidden] init N(0, 1); gate [num_heads] init 0 (so it adds nothing at first).
     """

@@ -43,6 +43,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def triton_available() -> bool:
+    """True when the triton backend can be imported (triton installed)."""
     try:
         import moa_kernels.triton  # noqa: F401
     except ImportError:
@@ -89,7 +90,7 @@ def _new_parameter(shape, device, dtype) -> nn.Parameter:
 
 
 class MoARouter(nn.Module):
-    """Per-token gates g [..., E] over E experts (DESIGN.md section 2).
+    """Per-token gates g [..., E] over E experts (docs/DESIGN.md section 2).
 
     Parameters are named as `router_parameters()` reports them: weight, bias (linear) or
     w1_weight, w1_bias, w3_weight, w3_bias, w2_weight, w2_bias (swiglu); threshold_weight
@@ -198,7 +199,8 @@ class MoALinear(nn.Module):
     Args:
         base: the frozen nn.Linear to adapt (its parameters are set requires_grad=False).
         experts: ExpertSpecs or strings such as "lora:8", "adapter:16:gelu", "hydra:8:8".
-        router: a RouterConfig, or None to drive the layer with `gates` (a shared router).
+        router: a RouterConfig (default: SwiGLU x4, sigmoid, soft: the paper's router), or
+            None to drive the layer with `gates` (a shared router).
         dropout: dropout probability on the experts' input (not the router, not base).
         backend: "auto", "reference", "torch" or "triton" (see `resolve_backend`).
         adapter_dtype: dtype of the adapter and router tensors; default float32 for a
@@ -254,7 +256,7 @@ class MoALinear(nn.Module):
 
     @torch.no_grad()
     def reset_expert_parameters(self) -> None:
-        """DESIGN.md init: lora A kaiming-uniform (a=sqrt(5)), B zero; adapter weights
+        """docs/DESIGN.md init: lora A kaiming-uniform (a=sqrt(5)), B zero; adapter weights
         xavier-uniform with gain 1e-4, biases zero."""
         initialised = set()
         for slot, params in zip(self.layout.slots, self._expert_tensors(detach=True)):

@@ -317,6 +317,7 @@ class MoAModel(nn.Module):
               f"trainable%: {percent:.4f}")
 
     def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (with the MoA modules in it), as PEFT names it."""
         return self.model
 
     # ---- running ------------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""The oracle: a per-expert loop that reads like the math of DESIGN.md section 2.
+"""The oracle: a per-expert loop that reads like the math of docs/DESIGN.md section 2.
 
 Every other backend is tested against these two functions. They favour clarity over
 speed on purpose: each expert runs as its own pair of small matmuls over all tokens, the
 way the published MoA code does, and autograd provides the backward.
 
-    reference_router(x [..., in], params, ...)            -> gates g [..., E]
-    reference_moa_linear(x [..., in], base, experts, g)   -> y [..., out]
+    reference_router(x [..., in], params, ...)                    -> gates g [..., E]
+    reference_moa_linear(x [..., in], base_weight, base_bias, experts, gates,
+                         adapter_input=None)                      -> y [..., out]
 """
 
 from __future__ import annotations

@@ -57,6 +57,14 @@ def test_check_passes_on_cpu(capsys):
     # one case per mode for each backend (triton runs too: conftest turns the interpreter on)
     backends = available_backends(torch.device("cpu"))
     assert f"{4 * len(backends)} passed, 0 failed" in out
+    assert out.startswith("seed 3 (repeat with --seed 3)")
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "training steps (default: 200)" in out and "(default: 0)" in out
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """The module layer users touch: ExpertSpec, RouterConfig, MoALinear (issue 2, points 2-4).
 
 Numerical agreement of the backends lives in tests/moa_kernels/test_torch_ops.py; here the
-layer is checked against the math of DESIGN.md section 2 written out by hand from the
+layer is checked against the math of docs/DESIGN.md section 2 written out by hand from the
 tensors `expert_parameters()` / `router_parameters()` expose, which also pins the expert
 order and the live-view contract independently of the shared stacked layout.
 """
@@ -79,6 +79,9 @@ def test_expert_spec_constructors():
     assert ExpertSpec.adapter(16).activation == "silu"
     assert ExpertSpec.adapter(16, "gelu") == ExpertSpec.parse("adapter:16:gelu")
     assert ExpertSpec.hydra(8, 8) == ExpertSpec.parse("hydra:8:8")
+    # the dataclass itself gives each kind its default activation
+    assert ExpertSpec("adapter", 16) == ExpertSpec.adapter(16)
+    assert ExpertSpec("lora", 4).activation == "identity"
 
 
 def test_parse_experts_accepts_lists_specs_and_comma_strings():

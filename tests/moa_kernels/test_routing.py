@@ -2,7 +2,7 @@
 
 `gates_from_first_layer` is what the fused backends use to finish a router whose first
 layer was folded into the shrink GEMM; it is held against `reference_router` (the oracle)
-and against the mode definitions of DESIGN.md section 2 written out by hand.
+and against the mode definitions of docs/DESIGN.md section 2 written out by hand.
 """
 
 import pytest

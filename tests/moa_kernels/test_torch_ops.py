@@ -3,7 +3,7 @@
 Every test builds one MoALinear, fills every trainable tensor with fresh random values
 (LoRA B starts at zero and adapters at ~1e-4, which would hide the experts), runs it on the
 "reference" and the "torch" backend and compares the output and the gradients of x, of the
-given gates and of every trainable tensor. Tolerances (DESIGN.md section 6): fp32 relative
+given gates and of every trainable tensor. Tolerances (docs/DESIGN.md section 6): fp32 relative
 error < 1e-5, bf16 < 2e-2 against an fp32 reference.
 
 Sparse modes compare p with a threshold (or rank the p's), so two correct backends may
