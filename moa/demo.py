@@ -11,6 +11,7 @@ writes PNG plots (loss curve; per-layer x expert mean gate and activation rate).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,18 @@ import torch
 from tqdm import tqdm
 
 from moa import plots
+from moa.stats import format_router_stats, short_router_name
 
 DEMO_VOCAB = 16
 DEMO_STRIDES = (1, 2, 3)
+DEMO_HEAD_SCALE = 5.0
+
+
+def loss_references(length: int, vocab: int) -> dict[str, float]:
+    """Cross-entropy (nats) of guessing uniformly, and the best possible on counting
+    sequences: only the token after the first is uncertain (which stride)."""
+    return {"chance": math.log(vocab),
+            "best possible": math.log(len(DEMO_STRIDES)) / (length - 1)}
 
 
 @dataclass
@@ -46,7 +56,13 @@ def build_demo_model(seed: int = 0):
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    # At the initializer's std 0.02 the frozen head caps every logit near +-1.3 (the final
+    # RMSNorm output has norm sqrt(hidden)), so no adapter could make a confident
+    # prediction: the loss would stall near 1.6. A trained model's head is larger.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(DEMO_HEAD_SCALE)
+    return model
 
 
 def load_model(path: str | None, seed: int):
@@ -71,37 +87,17 @@ def counting_batch(batch: int, length: int, vocab: int, generator: torch.Generat
     return (start + stride * torch.arange(length)) % vocab
 
 
-def _short_router_name(name: str) -> str:
-    """"model.layers.3.moa_router" -> "layers.3"; module routers keep their module path."""
-    name = name.removeprefix("model.").removeprefix("base_model.")
-    return name.removesuffix(".moa_router").removesuffix(".router")
-
-
 def _stats_matrices(stats) -> tuple[list[str], list[str], list[list[float]], list[list[float]]]:
     """Rows (routers), expert names, mean gates and active fractions from router_stats()."""
     rows, experts, mean_gate, active = [], [], [], []
     for name, entry in stats.items():
-        rows.append(_short_router_name(name))
+        rows.append(short_router_name(name))
         experts = max(experts, list(entry["experts"]), key=len)
         mean_gate.append([float(v) for v in entry["mean_gate"]])
         active.append([float(v) for v in entry["active_fraction"]])
     width = max((len(r) for r in mean_gate), default=0)
     pad = lambda matrix: [r + [float("nan")] * (width - len(r)) for r in matrix]  # noqa: E731
     return rows, experts, pad(mean_gate), pad(active)
-
-
-def format_stats_table(stats) -> str:
-    """One line per (router, expert): mean gate and fraction of tokens active."""
-    entries = [(_short_router_name(name), str(expert), float(gate), float(active))
-               for name, entry in stats.items()
-               for expert, gate, active in zip(entry["experts"], entry["mean_gate"],
-                                               entry["active_fraction"])]
-    router_width = max([6] + [len(e[0]) for e in entries])
-    expert_width = max([6] + [len(e[1]) for e in entries])
-    lines = [f"{'router':{router_width}s}  {'expert':{expert_width}s}  mean gate  active"]
-    lines += [f"{router:{router_width}s}  {expert:{expert_width}s}  {gate:9.3f}  {active:6.3f}"
-              for router, expert, gate, active in entries]
-    return "\n".join(lines)
 
 
 def run_demo(preset: str = "soft_moa", steps: int = 200, model_path: str | None = None,
@@ -123,8 +119,12 @@ def run_demo(preset: str = "soft_moa", steps: int = 200, model_path: str | None 
     model = get_moa_model(load_model(model_path, seed).to(device), MoAConfig.preset(preset))
     vocab = min(DEMO_VOCAB, model.config.vocab_size)
     trainable = model.trainable_parameter_count()
-    log(f"preset {preset}: {trainable:,} trainable parameters")
+    log(f"preset {preset}")
     model.print_trainable_parameters()
+    references = loss_references(length, vocab)
+    log("task: continue counting sequences mod {} (stride 1, 2 or 3 per sequence); loss in "
+        "nats: chance {:.3f}, best possible {:.3f}".format(vocab, references["chance"],
+                                                         references["best possible"]))
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=learning_rate)
@@ -152,7 +152,7 @@ def run_demo(preset: str = "soft_moa", steps: int = 200, model_path: str | None 
         expected = model(input_ids=probe).logits
         stats = model.router_stats()
     log("router statistics on a held-out batch:")
-    log(format_stats_table(stats) if stats else "(this preset has no router)")
+    log(format_router_stats(stats) if stats else "(this preset has no router)")
 
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir)
@@ -167,13 +167,17 @@ def run_demo(preset: str = "soft_moa", steps: int = 200, model_path: str | None 
     log(f"saved to {adapter_dir}; reloaded outputs match exactly")
 
     files = [plots.plot_loss_curve(range(steps), losses, out_dir / "loss.png",
-                                   title=f"moa demo: {preset}")]
+                                   title=f"moa demo: {preset}", references=references)]
     if stats:
         rows, experts, mean_gate, active = _stats_matrices(stats)
         files.append(plots.plot_heatmap(mean_gate, rows, experts, out_dir / "mean_gate.png",
-                                        "mean gate per router and expert", "mean gate"))
-        files.append(plots.plot_heatmap(active, rows, experts, out_dir / "active_rate.png",
-                                        "fraction of tokens active", "active fraction"))
+                                        f"{preset}: mean gate per router and expert",
+                                        "mean gate"))
+        if any(entry["mode"] != "soft" for entry in stats.values()):
+            files.append(plots.plot_heatmap(
+                active, rows, experts, out_dir / "active_rate.png",
+                f"{preset}: fraction of tokens each expert runs on", "active fraction",
+                value_range=(0.0, 1.0)))
     log("plots: " + ", ".join(str(f) for f in files))
     return DemoResult(losses, trainable, difference, out_dir, files,
                       time.perf_counter() - started)

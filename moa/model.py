@@ -42,7 +42,7 @@ from moa.experts import (
     prompt_key_cache,
 )
 from moa.layers import MoALinear, default_adapter_dtype
-from moa.stats import expert_names, router_stats
+from moa.stats import expert_names, format_router_stats, router_stats
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 MOA_MODULES = (MoALinear, LayerRouter, ParallelAdapter, PromptExpert)
@@ -388,6 +388,10 @@ class MoAModel(nn.Module):
         """Per router: expert names, mean gate and fraction of tokens active in the last
         forward (see moa.stats.router_stats)."""
         return router_stats(self.model)
+
+    def print_router_stats(self) -> None:
+        """Print router_stats() as tables (see moa.stats.format_router_stats)."""
+        print(format_router_stats(self.router_stats()))
 
     # ---- saving and loading -------------------------------------------------------------
 

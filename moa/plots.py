@@ -12,31 +12,44 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | Path,
-                    title: str = "training loss") -> Path:
-    """Line plot of loss against step."""
+                    title: str = "training loss",
+                    references: dict[str, float] | None = None) -> Path:
+    """Line plot of the cross-entropy loss against step, with dashed reference levels
+    (e.g. {"chance": 2.77, "best possible": 0.035})."""
     figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot(list(steps), list(losses), color="tab:blue")
+    axes.plot(list(steps), list(losses), color="tab:blue", label="training loss")
+    for (label, level), color in zip((references or {}).items(), ("tab:gray", "tab:green")):
+        axes.axhline(level, color=color, linewidth=0.9, linestyle="--",
+                     label=f"{label} ({level:.3f})")
     axes.set_xlabel("step")
-    axes.set_ylabel("loss")
+    axes.set_ylabel("cross-entropy (nats)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
+    if references:
+        axes.legend(fontsize=8)
     return _save(figure, path)
 
 
 def plot_heatmap(values: Sequence[Sequence[float]], row_labels: Sequence[str],
                  column_labels: Sequence[str], path: str | Path, title: str,
-                 colorbar_label: str) -> Path:
-    """Heatmap of a rows x columns matrix (layers x experts), each cell annotated."""
+                 colorbar_label: str,
+                 value_range: tuple[float, float] | None = None) -> Path:
+    """Heatmap of a rows x columns matrix (routers x experts), each cell annotated. The
+    colours span value_range, or 0 to the largest value (so that gates near 1/E differ)."""
     rows, columns = len(row_labels), len(column_labels)
+    finite = [v for row in values for v in row if v == v]
+    low, high = value_range or (0.0, max(finite, default=1.0) or 1.0)
     figure, axes = plt.subplots(figsize=(2.5 + 0.9 * columns, 2.5 + 0.5 * rows))
-    image = axes.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    image = axes.imshow(values, aspect="auto", cmap="viridis", vmin=low, vmax=high)
     axes.set_xticks(range(columns), list(column_labels), rotation=45, ha="right")
     axes.set_yticks(range(rows), list(row_labels))
+    axes.set_xlabel("expert")
+    axes.set_ylabel("router")
     for r in range(rows):
         for c in range(columns):
             value = values[r][c]
             axes.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                      color="white" if value < 0.6 else "black")
+                      color="white" if value < low + 0.6 * (high - low) else "black")
     axes.set_title(title)
     figure.colorbar(image, ax=axes, label=colorbar_label)
     return _save(figure, path)
@@ -54,6 +67,7 @@ def plot_bars(labels: Sequence[str], values: Sequence[float], path: str | Path, 
         axes.axhline(reference_line, color="black", linewidth=0.8, linestyle="--")
     for i, value in enumerate(values):
         axes.text(i, value, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
+    axes.set_ylim(top=max(list(values) + [reference_line or 0.0]) * 1.12)
     return _save(figure, path)
 
 

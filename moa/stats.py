@@ -33,11 +33,15 @@ def gate_stats(gates: torch.Tensor) -> dict:
 
 
 def expert_names(layer: MoALinear) -> list[str]:
-    """A name per gated expert of a MoALinear ("lora:8", hydra heads "hydra:8:8#h")."""
+    """A distinct name per gated expert of a MoALinear: its spec ("lora:8"), numbered where
+    specs repeat ("lora:8#0", "lora:8#1", ...), hydra heads by head ("hydra:8:8#h")."""
+    specs = [str(spec) for spec in layer.specs]
     names = []
-    for spec in layer.specs:
+    for index, spec in enumerate(layer.specs):
         if spec.kind == "hydra":
             names += [f"{spec}#{h}" for h in range(spec.heads)]
+        elif specs.count(specs[index]) > 1:
+            names.append(f"{spec}#{specs[:index].count(specs[index])}")
         else:
             names.append(str(spec))
     return names
@@ -45,8 +49,8 @@ def expert_names(layer: MoALinear) -> list[str]:
 
 def router_stats(model: nn.Module) -> dict[str, dict]:
     """Per router of `model` (layer routers and MoALinears with their own router), keyed by
-    module name: {"experts": [E] names, "tokens", "mean_gate", "active_fraction"} from its
-    last forward. Routers that have not run yet are left out."""
+    module name: {"experts": [E] names, "mode" (the router's), "tokens", "mean_gate",
+    "active_fraction"} from its last forward. Routers that have not run yet are left out."""
     stats = {}
     for name, module in model.named_modules():
         if isinstance(module, LayerRouter) and module.router is not None:
@@ -56,8 +60,44 @@ def router_stats(model: nn.Module) -> dict[str, dict]:
         else:
             continue
         if gates is not None:
-            stats[name] = {"experts": list(names), **gate_stats(gates)}
+            stats[name] = {"experts": list(names), "mode": module.router.config.mode,
+                           **gate_stats(gates)}
     return stats
 
 
-__all__ = ["expert_names", "gate_stats", "router_stats"]
+def short_router_name(name: str) -> str:
+    """"model.layers.3.moa_router" -> "layers.3"; module routers keep their module path."""
+    name = name.removeprefix("model.").removeprefix("base_model.")
+    return name.removesuffix(".moa_router").removesuffix(".router")
+
+
+def format_router_stats(stats: dict[str, dict]) -> str:
+    """router_stats() as text: per set of expert names, a legend (e0 = its first expert,
+    ...) and a table with a row per router and a column per expert, of the mean gates and
+    (sparse modes) of the fraction of tokens active."""
+    if not stats:
+        return "(no router has run: call the model on a batch first, or the preset has none)"
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, entry in stats.items():
+        groups.setdefault(tuple(entry["experts"]), []).append(name)
+    blocks = []
+    for experts, names in groups.items():
+        blocks += ["experts:"] + [f"  e{i} = {e}" for i, e in enumerate(experts)]
+        row_width = max(6, *(len(short_router_name(n)) for n in names))
+        header = f"{'router':{row_width}s} " + " ".join(f"{f'e{i}':>6s}"
+                                                        for i in range(len(experts)))
+        sparse = any(stats[n].get("mode", "soft") != "soft" for n in names)
+        for label, key in (("mean gate", "mean_gate"),
+                           ("fraction of tokens active", "active_fraction")):
+            if key == "active_fraction" and not sparse:
+                blocks.append("(soft routing: every expert runs on every token)")
+                continue
+            blocks.append(f"{label} over {stats[names[0]]['tokens']} tokens")
+            blocks.append(header)
+            blocks += [f"{short_router_name(n):{row_width}s} " +
+                       " ".join(f"{v:6.3f}" for v in stats[n][key]) for n in names]
+    return "\n".join(blocks)
+
+
+__all__ = ["expert_names", "format_router_stats", "gate_stats", "router_stats",
+           "short_router_name"]
