@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,8 +211,11 @@ def build_variant(name: str, shape: ModelShape, device: torch.device, seed: int 
 
         from moa.config import PAPER_TARGETS
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
-                                                 target_modules=list(PAPER_TARGETS)))
+        with warnings.catch_warnings():  # peft asks transformers for a deprecated property
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                    category=FutureWarning)
+            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+                                                     target_modules=list(PAPER_TARGETS)))
     else:
         from moa.config import MoAConfig
         from moa.model import get_moa_model
@@ -397,6 +401,12 @@ def run_bench(quick: bool = False, out_dir: str | Path = "bench-out",
                                          and triton_available() else [])
     log(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}, device {device}{' (quick)' if quick else ''}")
+    if quick:
+        log("quick mode: small shapes, a smoke test of the harness; per-call overheads weigh "
+            "more than at full size, so its ratios are not comparable with benchmarks/"
+            "RESULTS.md")
+    log("ratios (x ...) are medians over interleaved rounds of the ratio within each round, "
+        "so they need not equal the ratio of the median times shown beside them")
     size = 512 if quick else 2048
     layers = layer_benchmark(backends, tokens=size, features=size, device=device,
                              rounds=rounds or (3 if quick else 7))
@@ -424,8 +434,9 @@ def run_bench(quick: bool = False, out_dir: str | Path = "bench-out",
             writer.writeheader()
             writer.writerows(asdict(r) for r in rows)
     plots.plot_bars([r.variant for r in models], [r.ratio_to_peft for r in models],
-                    out_dir / "training_step.png", "training step time / PEFT LoRA",
-                    "ratio to PEFT LoRA")
+                    out_dir / "training_step.png",
+                    f"training step time / PEFT LoRA (lower is better; {device.type}"
+                    f"{', quick' if quick else ''})", "ratio to PEFT LoRA")
     log(f"\nwrote {out_dir}/layers.csv, training_step.csv, decode.csv, training_step.png")
     return {"layers": layers, "training_step": models, "decode": decode}
 

@@ -82,7 +82,10 @@ def _checkpoint_dir(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moa import __version__
+
     parser = _Parser(prog="moa", description="Heterogeneous Mixture-of-Adapters fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"moa {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     commands.required = True
 
@@ -141,9 +144,16 @@ def _check(args) -> int:
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     print(f"seed {seed} (repeat with --seed {seed})")
+    import torch
+
+    from moa.check import available_backends
+
+    if "triton" not in available_backends(torch.device(args.device)):
+        print("triton: skipped (needs a CUDA device, or TRITON_INTERPRET=1 on the CPU, and "
+              "triton installed)")
     results = check_backends(args.device, args.cases, seed)
     print(f"{'result':6s} {'backend':8s} {'mode':9s} {'out err':>8s} {'dx err':>8s} "
-          f"{'dparam':>8s}  case")
+          f"{'dW err':>8s}  case   (errors: relative to the reference backend)")
     for r in results:
         print(f"{'PASS' if r.passed else 'FAIL':6s} {r.backend:8s} {r.mode:9s} "
               f"{r.output_error:8.1e} {r.input_grad_error:8.1e} {r.param_grad_error:8.1e}  "

@@ -20,10 +20,12 @@ import dataclasses
 import difflib
 import itertools
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -126,6 +128,11 @@ def _layer_of(name: str, layers: dict[str, nn.Module]) -> str:
     return max(owners, key=len)
 
 
+def _name_or_path(model: nn.Module) -> str:
+    """The checkpoint a transformers model came from ("" for one built from a config)."""
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+
+
 def _factory(module: nn.Module) -> dict:
     param = next(module.parameters())
     return {"device": param.device, "dtype": default_adapter_dtype(param.dtype)}
@@ -175,7 +182,11 @@ class MoAModel(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
+        try:
             return getattr(self.model, name)
+        except AttributeError:
+            raise AttributeError(f"neither MoAModel nor its {type(self.model).__name__} has "
+                                 f"an attribute {name!r}") from None
 
     # ---- injection -----------------------------------------------------------------------
 
@@ -275,6 +286,33 @@ class MoAModel(nn.Module):
             param.requires_grad_(requires_grad)
         self._hooks, self._swaps, self._added, self._requires_grad = [], [], [], []
         return self.model
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the experts into the frozen weights (W += sum_e scaling_e B_e A_e) and give
+        back the plain model, as PEFT's merge_and_unload does. Only a mixture without a
+        router (every gate 1: plain LoRA, HydraLoRA heads summed) of lora and hydra experts
+        can be merged: routed gates depend on each token, and an adapter's non-linearity,
+        the parallel adapter and the prompt expert are not weights."""
+        if self.moa_config.router is not None:
+            raise ValueError(f"a routed mixture cannot be merged: its gates depend on each "
+                             f"token (router mode {self.moa_config.router.mode!r}); unload() "
+                             "gives the base model, or keep the MoAModel")
+        if self._added:
+            raise ValueError("the parallel adapter and the prompt expert cannot be merged "
+                             "into weights; unload() gives the base model")
+        for parent, child, layer, _ in self._swaps:
+            adapters = [str(s) for s in layer.specs if s.kind == "adapter"]
+            if adapters:
+                raise ValueError(f"{type(parent).__name__}.{child} has adapter experts "
+                                 f"({', '.join(adapters)}), whose non-linearity cannot be "
+                                 "merged into a weight")
+        with torch.no_grad():
+            for _, _, layer, base in self._swaps:
+                scalings = [s.scaling for s in layer.specs for _ in range(s.num_experts)]
+                delta = sum(scaling * params["lora_B"].double() @ params["lora_A"].double()
+                            for scaling, params in zip(scalings, layer.expert_parameters()))
+                base.weight += delta.to(base.weight.dtype)
+        return self.unload()
 
     # ---- parameters ----------------------------------------------------------------------
 
@@ -396,12 +434,17 @@ class MoAModel(nn.Module):
     # ---- saving and loading -------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write moa_config.json and adapter_model.safetensors (MoA tensors only)."""
+        """Write moa_config.json and adapter_model.safetensors (MoA tensors only; its
+        metadata names the base model, as its config's name_or_path, and the moa version)."""
+        from moa import __version__
+
         os.makedirs(directory, exist_ok=True)
         self.moa_config.save_pretrained(directory)
         tensors = {name: t.detach().to("cpu").contiguous()
                    for name, t in self.moa_state_dict().items()}
-        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        metadata = {"format": "pt", "moa_version": __version__,
+                    "base_model_name_or_path": _name_or_path(self.model)}
+        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata=metadata)
 
     def load_moa_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy `state` into the MoA tensors. Every MoA tensor must be present with its shape
@@ -452,6 +495,12 @@ class MoAModel(nn.Module):
         if backend is not None:
             config = dataclasses.replace(config, backend=backend)
         state = load_file(path)
+        with safe_open(path, "pt") as handle:
+            trained_on = (handle.metadata() or {}).get("base_model_name_or_path", "")
+        loading_into = _name_or_path(model)
+        if trained_on and loading_into and trained_on != loading_into:
+            warnings.warn(f"the adapter in {os.fspath(directory)!r} was trained on "
+                          f"{trained_on!r}; loading it into {loading_into!r}", stacklevel=2)
         moa = cls(model, config)
         try:
             moa.load_moa_state_dict(state)

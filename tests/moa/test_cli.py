@@ -60,6 +60,21 @@ def test_check_passes_on_cpu(capsys):
     assert out.startswith("seed 3 (repeat with --seed 3)")
 
 
+def test_version(capsys):
+    from moa import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"moa {__version__}\n"
+
+
+def test_check_says_when_triton_is_skipped(monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU without the interpreter: torch only
+    assert main(["check", "--cases", "1", "--seed", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "triton: skipped (needs a CUDA device" in out and "4 passed, 0 failed" in out
+
+
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])

@@ -327,6 +327,47 @@ def test_unload_gives_back_the_base_model():
         assert torch.equal(model(ids).logits, base(ids).logits)
 
 
+@pytest.mark.parametrize("config", [
+    MoAConfig.preset("lora"),  # plain LoRA r=16
+    # no router, every gate 1: HydraLoRA heads sum, next to a LoRA with alpha != r
+    MoAConfig(router=None, router_scope="module", parallel_adapter=None, prompt_length=None,
+              experts=["hydra:4:2:8", "lora:3"]),
+])
+def test_merge_and_unload_folds_unrouted_lora_into_the_weights(config):
+    moa = get_moa_model(tiny_llama(), config)
+    perturb(moa, scale=0.2)
+    ids = token_batch()
+    with torch.no_grad():
+        expected = moa(ids).logits
+        merged = moa.merge_and_unload()
+        assert not any(isinstance(m, MOA_MODULES) for m in merged.modules())
+        assert relative_error(merged(ids).logits, expected) < 1e-5
+        assert relative_error(expected, tiny_llama()(ids).logits) > 1e-3  # it did change
+
+
+@pytest.mark.parametrize("config, message", [
+    (MoAConfig.preset("soft_moa"), "routed mixture cannot be merged"),
+    (MoAConfig.preset("molora"), "routed mixture cannot be merged"),
+    (MoAConfig(router=None, router_scope="module", parallel_adapter=None, prompt_length=None,
+               experts=["lora:4", "adapter:3"]), r"adapter experts \(adapter:3:silu\)"),
+])
+def test_what_cannot_be_merged_is_refused_and_left_alone(config, message):
+    moa = get_moa_model(tiny_llama(), config)
+    weight = moa.model.model.layers[0].self_attn.q_proj.base.weight.clone()
+    with pytest.raises(ValueError, match=message):
+        moa.merge_and_unload()
+    assert isinstance(moa.model.model.layers[0].self_attn.q_proj, MoALinear)
+    assert torch.equal(moa.model.model.layers[0].self_attn.q_proj.base.weight, weight)
+
+
+def test_a_missing_attribute_names_both_wrappers():
+    moa = get_moa_model(tiny_llama(), MoAConfig())
+    assert moa.config is moa.model.config  # what the model has comes through
+    with pytest.raises(AttributeError, match="neither MoAModel nor its LlamaForCausalLM has "
+                                             "an attribute 'merge_adapter'"):
+        moa.merge_adapter()
+
+
 def test_composite_models_take_the_hidden_size_of_their_text_config():
     class Composite(torch.nn.Module):  # like a vision-language model around a Llama
         def __init__(self):
@@ -517,6 +558,25 @@ def test_loading_refuses_non_float_tensors_and_can_change_the_backend(tmp_path):
     reloaded = MoAModel.from_pretrained(tiny_llama(), tmp_path, backend="reference")
     assert reloaded.moa_config.backend == "reference"
     assert {m.backend for m in reloaded.modules() if isinstance(m, MoALinear)} == {"reference"}
+
+
+def test_the_adapter_records_its_base_model_and_warns_on_another(tmp_path):
+    model = tiny_llama()
+    model.config._name_or_path = "org/base-model"
+    moa = get_moa_model(model, MoAConfig())
+    moa.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    from moa import __version__
+
+    with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as handle:
+        assert handle.metadata()["base_model_name_or_path"] == "org/base-model"
+        assert handle.metadata()["moa_version"] == __version__
+    other = tiny_llama()
+    other.config._name_or_path = "org/other-model"
+    with pytest.warns(UserWarning, match="trained on 'org/base-model'; loading it into "
+                                         "'org/other-model'"):
+        MoAModel.from_pretrained(other, tmp_path)
 
 
 def test_inference_only_loading_freezes_everything(tmp_path):
