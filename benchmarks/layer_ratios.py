@@ -28,7 +28,7 @@ def main() -> None:
               f"forward {overhead_ratio(rows, 'M8 topk2', 'M8 soft', backend, False):.2f}, "
               f"fwd+bwd {overhead_ratio(rows, 'M8 topk2', 'M8 soft', backend, True):.2f}")
     if "reference" in backends and "torch" in backends:
-        speedup = pick[("L1 soft", "reference")].train_ms / pick[("L1 soft", "torch")].train_ms
+        speedup = pick[("L1 soft", "reference")].fwd_bwd_ms / pick[("L1 soft", "torch")].fwd_bwd_ms
         print(f"L1 fwd+bwd speed-up of torch over the per-expert reference loop: {speedup:.2f}x")
 
 

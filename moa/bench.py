@@ -47,9 +47,9 @@ class Timing:
     case: str
     backend: str
     forward_ms: float
-    train_ms: float  # forward + backward (x requires grad, base frozen)
+    fwd_bwd_ms: float  # forward + backward (x requires grad, base frozen)
     forward_ratio: float  # over the frozen base layer alone
-    train_ratio: float
+    fwd_bwd_ratio: float
 
 
 def _synchronize(device: torch.device) -> None:
@@ -141,7 +141,7 @@ def overhead_ratio(rows: list[Timing], sparse_case: str, dense_case: str, backen
     """(sparse - base) / (dense - base) for one backend: the M8 target (from the median
     ratios over the base, so the base time cancels)."""
     pick = {(r.case, r.backend): r for r in rows}
-    attribute = "train_ratio" if train else "forward_ratio"
+    attribute = "fwd_bwd_ratio" if train else "forward_ratio"
     sparse = getattr(pick[(sparse_case, backend)], attribute) - 1.0
     dense = getattr(pick[(dense_case, backend)], attribute) - 1.0
     return sparse / dense
@@ -152,7 +152,7 @@ def format_layer_table(rows: list[Timing]) -> str:
              f"{'fwd+bwd ms':>11s} {'fwd+bwd x':>9s}"]
     for r in rows:
         lines.append(f"{r.case:10s} {r.backend:9s} {r.forward_ms:9.2f} {r.forward_ratio:7.3f} "
-                     f"{r.train_ms:11.2f} {r.train_ratio:9.3f}")
+                     f"{r.fwd_bwd_ms:11.2f} {r.fwd_bwd_ratio:9.3f}")
     return "\n".join(lines)
 
 

@@ -286,6 +286,9 @@ class PromptExpert(nn.Module):
     """Prompt tuning as an attention expert (docs/DESIGN.md section 4).
 
     prompt [L, hidden] init N(0, 1); gate [num_heads] init 0 (so it adds nothing at first).
+    The query is taken after the rotary embedding and the prompt keys have none, so its
+    output depends on absolute positions: with left padding pass position_ids that skip
+    the padding (generate does).
     """
 
     def __init__(self, attention: nn.Module, length: int, hidden_size: int, *, device=None,
