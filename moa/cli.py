@@ -153,7 +153,8 @@ def _check(args) -> int:
               "triton installed)")
     results = check_backends(args.device, args.cases, seed)
     print(f"{'result':6s} {'backend':8s} {'mode':9s} {'out err':>8s} {'dx err':>8s} "
-          f"{'dW err':>8s}  case   (errors: relative to the reference backend)")
+          f"{'grad err':>8s}  case   (errors relative to the reference backend; grad: "
+          "every trainable tensor's gradient as one vector)")
     for r in results:
         print(f"{'PASS' if r.passed else 'FAIL':6s} {r.backend:8s} {r.mode:9s} "
               f"{r.output_error:8.1e} {r.input_grad_error:8.1e} {r.param_grad_error:8.1e}  "

@@ -48,9 +48,11 @@ PROMPT_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attentio
 
 class GateCollector:
     """Collects the applied gates [T, E] (with their graph) of every router call while
-    `active`, for the auxiliary load-balancing loss. With a `token_mask` [B, L] (the
-    attention mask of the call), gates [B, S, E] keep only the tokens the mask marks in its
-    last S columns: padding does not count towards the balance."""
+    `active`, for the auxiliary load-balancing loss. With a `token_mask` [B, S] (the
+    attention mask of the call), a router call over those same B x S tokens (as [B, S, E]
+    or flattened to [B * S, E]) keeps only the tokens the mask marks: padding does not count
+    towards the balance. Calls over other tokens (an encoder-decoder's decoder, say) count
+    every token."""
 
     def __init__(self) -> None:
         self.active = False
@@ -60,15 +62,12 @@ class GateCollector:
     def add(self, gates: torch.Tensor) -> None:
         if not self.active:
             return
+        flat = gates.reshape(-1, gates.shape[-1])
         mask = self.token_mask
-        if mask is not None:
-            if gates.dim() != 3 or gates.shape[0] != mask.shape[0] or \
-                    gates.shape[1] > mask.shape[1]:
-                raise ValueError(f"the aux loss masks padding with the attention mask "
-                                 f"{tuple(mask.shape)}, but a router saw tokens of shape "
-                                 f"{tuple(gates.shape[:-1])}")
-            gates = gates[mask[:, mask.shape[1] - gates.shape[1]:].bool()]
-        self.gates.append(gates.reshape(-1, gates.shape[-1]))
+        if mask is not None and (tuple(gates.shape[:-1]) == tuple(mask.shape)
+                                 or (gates.dim() == 2 and flat.shape[0] == mask.numel())):
+            flat = flat[mask.reshape(-1).bool()]
+        self.gates.append(flat)
 
 
 def load_balancing_loss(gates: torch.Tensor) -> torch.Tensor:

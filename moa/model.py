@@ -133,6 +133,10 @@ def _name_or_path(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
 
 
+def _last_part(name_or_path: str) -> str:
+    return os.path.basename(os.path.normpath(name_or_path))
+
+
 def _factory(module: nn.Module) -> dict:
     param = next(module.parameters())
     return {"device": param.device, "dtype": default_adapter_dtype(param.dtype)}
@@ -297,7 +301,8 @@ class MoAModel(nn.Module):
             raise ValueError(f"a routed mixture cannot be merged: its gates depend on each "
                              f"token (router mode {self.moa_config.router.mode!r}); unload() "
                              "gives the base model, or keep the MoAModel")
-        if self._added:
+        if any(isinstance(getattr(owner, attribute), (ParallelAdapter, PromptExpert))
+               for owner, attribute in self._added):
             raise ValueError("the parallel adapter and the prompt expert cannot be merged "
                              "into weights; unload() gives the base model")
         for parent, child, layer, _ in self._swaps:
@@ -420,6 +425,8 @@ class MoAModel(nn.Module):
                 module.active = enabled
                 if isinstance(module, LayerRouter):
                     module.gates = module.last_gates = None
+        for _, _, layer, _ in self._swaps:
+            layer.last_gates = None  # statistics describe the last forward only
         self._enabled = enabled
 
     def router_stats(self) -> dict[str, dict]:
@@ -498,15 +505,16 @@ class MoAModel(nn.Module):
         with safe_open(path, "pt") as handle:
             trained_on = (handle.metadata() or {}).get("base_model_name_or_path", "")
         loading_into = _name_or_path(model)
-        if trained_on and loading_into and trained_on != loading_into:
-            warnings.warn(f"the adapter in {os.fspath(directory)!r} was trained on "
-                          f"{trained_on!r}; loading it into {loading_into!r}", stacklevel=2)
         moa = cls(model, config)
         try:
             moa.load_moa_state_dict(state)
         except BaseException:
             moa.unload()
             raise
+        # A hub id and a local copy of the same checkpoint share their last path part.
+        if trained_on and loading_into and _last_part(trained_on) != _last_part(loading_into):
+            warnings.warn(f"the adapter in {os.fspath(directory)!r} was trained on "
+                          f"{trained_on!r}; loading it into {loading_into!r}", stacklevel=2)
         if not is_trainable:
             for _, param in moa.moa_named_parameters():
                 param.requires_grad_(False)

@@ -34,16 +34,18 @@ def gate_stats(gates: torch.Tensor) -> dict:
 
 def expert_names(layer: MoALinear) -> list[str]:
     """A distinct name per gated expert of a MoALinear: its spec ("lora:8"), numbered where
-    specs repeat ("lora:8#0", "lora:8#1", ...), hydra heads by head ("hydra:8:8#h")."""
-    specs = [str(spec) for spec in layer.specs]
+    specs repeat ("lora:8#0", "lora:8#1", ...); hydra heads always numbered ("hydra:8:8#0"
+    ..., a repeated hydra spec continuing the count)."""
+    texts = [str(spec) for spec in layer.specs]
+    numbered: dict[str, int] = {}  # next number per spec text
     names = []
-    for index, spec in enumerate(layer.specs):
-        if spec.kind == "hydra":
-            names += [f"{spec}#{h}" for h in range(spec.heads)]
-        elif specs.count(specs[index]) > 1:
-            names.append(f"{spec}#{specs[:index].count(specs[index])}")
+    for text, spec in zip(texts, layer.specs):
+        if spec.kind == "hydra" or texts.count(text) > 1:
+            first = numbered.get(text, 0)
+            numbered[text] = first + spec.num_experts
+            names += [f"{text}#{n}" for n in range(first, first + spec.num_experts)]
         else:
-            names.append(str(spec))
+            names.append(text)
     return names
 
 

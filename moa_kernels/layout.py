@@ -51,7 +51,8 @@ class ActivationSegment:
 class ExpertLayout:
     """The static layout of one layer's experts, stacked raggedly: lora and hydra A rows
     first, then the adapters' down rows, in the shrink weight [R, in]; their B columns in
-    the expand weight [out, C]; one slot per expert spec (`from_specs`)."""
+    the expand weight [out, C]; one slot per gated expert (a hydra spec gives one per head;
+    `from_specs`)."""
 
     in_features: int
     out_features: int

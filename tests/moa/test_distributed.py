@@ -41,7 +41,8 @@ def gradients(moa) -> dict[str, torch.Tensor]:
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    faulthandler.dump_traceback_later(DEADLINE_S - 10, exit=True)
+    # Well before the parent's deadline, which also counts this process's start-up.
+    faulthandler.dump_traceback_later(DEADLINE_S - 40, exit=True)
     mark(out_dir, rank, "started")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from moa import MoAConfig, MoALinear, MoAModel, RouterConfig, get_moa_model
-from moa.experts import PromptExpert, load_balancing_loss
+from moa.experts import GateCollector, PromptExpert, load_balancing_loss
 from moa.model import MOA_MODULES, WEIGHTS_NAME
 from tests.conftest import relative_error
 from tests.moa.tiny import VOCAB, llama_config, perturb, tiny_llama, token_batch
@@ -332,6 +332,8 @@ def test_unload_gives_back_the_base_model():
     # no router, every gate 1: HydraLoRA heads sum, next to a LoRA with alpha != r
     MoAConfig(router=None, router_scope="module", parallel_adapter=None, prompt_length=None,
               experts=["hydra:4:2:8", "lora:3"]),
+    # layer scope without a router: the layer routers give constant gates of 1
+    MoAConfig(router=None, parallel_adapter=None, prompt_length=None, experts=["lora:8"]),
 ])
 def test_merge_and_unload_folds_unrouted_lora_into_the_weights(config):
     moa = get_moa_model(tiny_llama(), config)
@@ -460,6 +462,19 @@ def test_aux_loss_is_added_to_the_model_loss_and_trains_the_router(preset):
     router_grads = [p.grad for n, p in with_aux.moa_named_parameters() if "router" in n]
     assert router_grads and all(g is not None for g in router_grads)
     assert sum(g.abs().sum() for g in router_grads) > 0
+
+
+def test_gate_collector_masks_the_calls_over_the_masked_tokens():
+    collector = GateCollector()
+    collector.active = True
+    collector.token_mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    gates = torch.rand(2, 3, 4)
+    collector.add(gates)  # [B, S, E] over the mask's tokens
+    collector.add(gates.reshape(6, 4))  # the same tokens, flattened
+    collector.add(torch.rand(2, 5, 4))  # other tokens (a decoder's): every one counts
+    kept = gates[torch.tensor([[True, True, False], [True, False, False]])]
+    assert torch.equal(collector.gates[0], kept) and torch.equal(collector.gates[1], kept)
+    assert collector.gates[2].shape == (10, 4)
 
 
 def test_aux_loss_leaves_padding_out():

@@ -9,9 +9,10 @@ from tests.moa.tiny import perturb, tiny_llama, token_batch
 
 
 def test_expert_names_are_distinct():
-    layer = MoALinear(nn.Linear(8, 8), ["lora:8", "lora:8", "adapter:4", "hydra:2:2", "lora:2"])
+    layer = MoALinear(nn.Linear(8, 8), ["lora:8", "lora:8", "adapter:4", "hydra:2:2", "lora:2",
+                                        "hydra:2:2"])
     assert expert_names(layer) == ["lora:8#0", "lora:8#1", "adapter:4:silu", "hydra:2:2#0",
-                                   "hydra:2:2#1", "lora:2"]
+                                   "hydra:2:2#1", "lora:2", "hydra:2:2#2", "hydra:2:2#3"]
 
 
 def test_gate_stats_counts_mean_and_activity():
