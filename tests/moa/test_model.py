@@ -5,6 +5,7 @@ Trainer, gradient checkpointing and bf16."""
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -592,6 +593,11 @@ def test_the_adapter_records_its_base_model_and_warns_on_another(tmp_path):
     with pytest.warns(UserWarning, match="trained on 'org/base-model'; loading it into "
                                          "'org/other-model'"):
         MoAModel.from_pretrained(other, tmp_path)
+    local_copy = tiny_llama()
+    local_copy.config._name_or_path = "/models/base-model/"  # the same checkpoint, on disk
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MoAModel.from_pretrained(local_copy, tmp_path)
 
 
 def test_inference_only_loading_freezes_everything(tmp_path):
