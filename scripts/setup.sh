@@ -7,4 +7,4 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[test,bench]' torch==2.13.0
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[test,bench]' torch==2.13.0
