@@ -12,6 +12,7 @@ import datetime
 import faulthandler
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -57,6 +58,12 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         mark(out_dir, rank, "done")
     finally:
         dist.destroy_process_group()
+    # Destroying the DDP and gloo objects as this function returns stalled for about 170 s
+    # in one run out of four here (the stack: no Python frame above the call). Everything is
+    # written: leave without running destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def mark(out_dir: str, rank: int, stage: str) -> None:
