@@ -140,14 +140,12 @@ def _bench(args) -> int:
 def _check(args) -> int:
     import random
 
-    from moa.check import check_backends
+    import torch
+
+    from moa.check import available_backends, check_backends
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     print(f"seed {seed} (repeat with --seed {seed})")
-    import torch
-
-    from moa.check import available_backends
-
     if "triton" not in available_backends(torch.device(args.device)):
         print("triton: skipped (needs a CUDA device, or TRITON_INTERPRET=1 on the CPU, and "
               "triton installed)")

@@ -420,13 +420,12 @@ class MoAModel(nn.Module):
     def _set_enabled(self, enabled: bool) -> None:
         for parent, child, layer, base in self._swaps:
             setattr(parent, child, layer if enabled else base)
+            layer.last_gates = None  # statistics describe the last forward only
         for module in self.model.modules():
             if isinstance(module, (LayerRouter, ParallelAdapter, PromptExpert)):
                 module.active = enabled
                 if isinstance(module, LayerRouter):
                     module.gates = module.last_gates = None
-        for _, _, layer, _ in self._swaps:
-            layer.last_gates = None  # statistics describe the last forward only
         self._enabled = enabled
 
     def router_stats(self) -> dict[str, dict]:

@@ -88,7 +88,7 @@ def format_router_stats(stats: dict[str, dict]) -> str:
         row_width = max(6, *(len(short_router_name(n)) for n in names))
         header = f"{'router':{row_width}s} " + " ".join(f"{f'e{i}':>6s}"
                                                         for i in range(len(experts)))
-        sparse = any(stats[n].get("mode", "soft") != "soft" for n in names)
+        sparse = any(stats[n]["mode"] != "soft" for n in names)
         for label, key in (("mean gate", "mean_gate"),
                            ("fraction of tokens active", "active_fraction")):
             if key == "active_fraction" and not sparse:
