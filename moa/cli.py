@@ -1,6 +1,9 @@
 """The `moa` command (also `python -m moa`): demo, bench, check.
 
-Bad flags and bad paths end in one line on stderr and a non-zero exit, never a traceback.
+Bad flags and bad paths end in one line on stderr and a non-zero exit, never a traceback:
+exit status 2 for bad flags, 1 for a ValueError or OSError (a bad checkpoint, an output
+path that cannot be written) and for running out of memory. Any other exception is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -163,15 +166,25 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"demo": _demo, "bench": _bench, "check": _check}[args.command](args)
     except CommandError as error:
-        print(f"moa: error: {error}", file=sys.stderr)
+        print(f"moa: error: {_one_line(error)}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, OSError, RuntimeError) as error:
-        print(f"moa: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, MemoryError) as error:
+        print(f"moa: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        if type(error).__name__ != "OutOfMemoryError":  # torch's, without importing torch
+            raise
+        print(f"moa: error: out of memory: {_one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("moa: interrupted", file=sys.stderr)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from moa import plots
@@ -79,6 +80,24 @@ def load_model(path: str | None, seed: int):
                          f"{reason}") from error
 
 
+def check_output_dir(out_dir: str | Path) -> None:
+    """Raise OSError, before any work, when the demo could not write its outputs into
+    out_dir: a folder it needs is a file, or a file it writes is a folder."""
+    from moa.config import CONFIG_NAME
+    from moa.model import WEIGHTS_NAME
+
+    out_dir = Path(out_dir)
+    for folder in (*reversed(out_dir.parents), out_dir, out_dir / "adapter"):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"cannot write the demo's outputs into {out_dir}: "
+                                     f"{folder} is a file, not a directory")
+    for name in ("loss.png", "mean_gate.png", "active_rate.png", f"adapter/{CONFIG_NAME}",
+                 f"adapter/{WEIGHTS_NAME}"):
+        if (out_dir / name).is_dir():
+            raise IsADirectoryError(f"cannot write the demo's output {out_dir / name}: it is "
+                                    f"a directory; remove it or choose another --out")
+
+
 def counting_batch(batch: int, length: int, vocab: int, generator: torch.Generator):
     """[batch, length] int64: per row a random start and stride, counting mod vocab."""
     start = torch.randint(0, vocab, (batch, 1), generator=generator)
@@ -114,6 +133,7 @@ def run_demo(preset: str = "soft_moa", steps: int = 200, model_path: str | None 
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    check_output_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     model = get_moa_model(load_model(model_path, seed).to(device), MoAConfig.preset(preset))
@@ -155,7 +175,10 @@ def run_demo(preset: str = "soft_moa", steps: int = 200, model_path: str | None 
     log(format_router_stats(stats) if stats else "(this preset has no router)")
 
     adapter_dir = out_dir / "adapter"
-    model.save_pretrained(adapter_dir)
+    try:
+        model.save_pretrained(adapter_dir)
+    except SafetensorError as error:  # not an OSError, even for "Permission denied"
+        raise OSError(f"cannot save the adapter into {adapter_dir}: {error}") from error
     reloaded = MoAModel.from_pretrained(load_model(model_path, seed).to(device), adapter_dir)
     reloaded.eval()
     with torch.no_grad():

@@ -69,7 +69,8 @@ def gates_from_first_layer(
     active = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, chosen, True)
     kept = p * active
     if normalize_topk:
-        kept = kept / kept.sum(dim=-1, keepdim=True)
+        total = kept.sum(dim=-1, keepdim=True)  # 0 where every kept sigmoid underflows
+        kept = kept / torch.where(total == 0, 1.0, total)
     return kept, active
 
 

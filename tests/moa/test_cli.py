@@ -46,6 +46,18 @@ def test_checkpoint_with_corrupt_weights_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):
+    # only user errors (ValueError, OSError, bad flags) become one line; a bug stays loud
+    import moa.demo
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in moa")
+
+    monkeypatch.setattr(moa.demo, "run_demo", broken)
+    with pytest.raises(TypeError, match="a bug in moa"):
+        main(["demo", "--steps", "1"])
+
+
 def test_check_passes_on_cpu(capsys):
     import torch
 

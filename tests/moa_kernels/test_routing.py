@@ -218,3 +218,22 @@ def test_routing_plan_sorted_by_expert_then_token(active):
     for e in range(active.shape[1]):
         lo, hi = plan.offsets[e].item(), plan.offsets[e + 1].item()
         assert (plan.expert_index[lo:hi] == e).all()
+
+
+# ---- topk normalisation when every kept gate underflows ---------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_topk_sigmoid_normalize_with_underflowing_gates_is_finite(dtype):
+    # sigmoid(-200) is 0 in each dtype: row 0 keeps two zero gates, whose sum 0 used to be
+    # the divisor (0 / 0 = NaN); as in adaptive mode a zero sum now divides by 1
+    logits = torch.tensor([[-200.0, -300.0, -250.0], [2.0, -1.0, 0.5],
+                           [-200.0, 3.0, -400.0]], dtype=dtype)
+    gates, active = gates_from_first_layer(logits, kind="linear", gate="sigmoid", mode="topk",
+                                           num_experts=3, top_k=2, normalize_topk=True)
+    kept = torch.sigmoid(logits) * active
+    total = kept.sum(dim=-1, keepdim=True)
+    expected = kept / torch.where(total == 0, torch.ones_like(total), total)
+    assert torch.isfinite(gates).all()
+    assert torch.equal(gates, expected)
+    assert torch.equal(gates[0], torch.zeros(3, dtype=dtype))
+    assert active.sum(dim=-1).tolist() == [2, 2, 2] and active.dtype == torch.bool
