@@ -14,6 +14,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
+from decimal import Decimal
 
 EXPERT_KINDS = ("lora", "adapter", "hydra")
 ACTIVATIONS = ("silu", "gelu", "relu", "identity")
@@ -21,6 +22,11 @@ ROUTER_KINDS = ("linear", "swiglu")
 GATES = ("sigmoid", "softmax")
 MODES = ("soft", "threshold", "adaptive", "topk")
 BACKENDS = ("auto", "reference", "torch", "triton")
+# The largest float16: alpha / r <= alpha then fits every adapter dtype. Published LoRA alphas
+# are r to a few times r, so anything near this bound is a mistake, not a setting.
+MAX_ALPHA = 65504.0
+_WHOLE_NUMBER = re.compile(r"[0-9]+")
+_PLAIN_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -70,6 +76,10 @@ class ExpertSpec:
                                            and not isinstance(self.alpha, bool)
                                            and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        if self.alpha is not None and self.alpha > MAX_ALPHA:
+            raise ValueError(f"alpha must be at most {MAX_ALPHA:g} (the largest float16, so "
+                             f"that the scaling alpha / r fits every adapter dtype; LoRA "
+                             f"alphas are usually r or 2 r), got {self.alpha!r}")
 
     @classmethod
     def lora(cls, r: int, alpha: float | None = None) -> ExpertSpec:
@@ -89,7 +99,11 @@ class ExpertSpec:
     @classmethod
     def parse(cls, text: str | ExpertSpec) -> ExpertSpec:
         """Parse "lora:8", "lora:8:16" (r:alpha), "adapter:16", "adapter:16:gelu",
-        "hydra:8:8" (r:heads) or "hydra:8:8:16" (r:heads:alpha)."""
+        "hydra:8:8" (r:heads) or "hydra:8:8:16" (r:heads:alpha).
+
+        Sizes, ranks and heads are ASCII digits only ("8", not "+8", "8_0", " 8" or "٨");
+        alpha is a plain decimal ("16", "0.5": no sign, exponent, underscore, nan or inf).
+        """
         if isinstance(text, ExpertSpec):
             return text
         forms = 'lora:R[:ALPHA], adapter:SIZE[:ACTIVATION], hydra:R:HEADS[:ALPHA]'
@@ -100,12 +114,15 @@ class ExpertSpec:
         kind, args = parts[0].lower(), parts[1:]
         try:
             if kind == "lora" and len(args) in (1, 2):
-                return cls.lora(int(args[0]), float(args[1]) if len(args) == 2 else None)
+                return cls.lora(_whole_number("lora rank", args[0]),
+                                _plain_decimal(args[1]) if len(args) == 2 else None)
             if kind == "adapter" and len(args) in (1, 2):
-                return cls.adapter(int(args[0]), *(args[1:] and [args[1].lower()]))
+                return cls.adapter(_whole_number("adapter size", args[0]),
+                                   *(args[1:] and [args[1].lower()]))
             if kind == "hydra" and len(args) in (2, 3):
-                alpha = float(args[2]) if len(args) == 3 else None
-                return cls.hydra(int(args[0]), int(args[1]), alpha)
+                alpha = _plain_decimal(args[2]) if len(args) == 3 else None
+                return cls.hydra(_whole_number("hydra rank", args[0]),
+                                 _whole_number("hydra heads", args[1]), alpha)
         except ValueError as error:
             raise ValueError(f"cannot parse expert {text!r}: {error}; expected one of "
                              f"{forms}") from None
@@ -132,10 +149,26 @@ class ExpertSpec:
         return f"lora:{self.size}{alpha}"
 
 
+def _whole_number(name: str, text: str) -> int:
+    if not _WHOLE_NUMBER.fullmatch(text):
+        raise ValueError(f"{name} {text!r} must be written with the digits 0-9 only, such as "
+                         f"8 (no sign, space, underscore or other scripts' digits)")
+    return int(text)
+
+
+def _plain_decimal(text: str) -> float:
+    if not _PLAIN_DECIMAL.fullmatch(text):
+        raise ValueError(f"alpha {text!r} must be a plain decimal number such as 16 or 0.5 "
+                         f"(digits 0-9 and one optional point: no sign, exponent, space, "
+                         f"underscore, nan or inf)")
+    return float(text)
+
+
 def _exact_number(value: float) -> str:
-    """The shortest text that parses back to exactly `value` ("16", "0.5", "0.1")."""
-    short = f"{value:g}"
-    return short if float(short) == value else repr(float(value))
+    """The shortest plain decimal that parses back to exactly `value` ("16", "0.5",
+    "0.00001"): what `_plain_decimal` reads."""
+    text = format(Decimal(repr(float(value))), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def parse_experts(experts) -> list[ExpertSpec]:
@@ -255,6 +288,27 @@ def layer_index(name: str) -> int | None:
     return None
 
 
+def _layer_list(value) -> list[int]:
+    """layers_to_transform as a list: one index, or a list, tuple, range or set of them."""
+    allowed = ("layers_to_transform must be None or a non-empty list of layer indices "
+               "(integers >= 0; one integer for a single layer)")
+    if isinstance(value, int) and not isinstance(value, bool):
+        layers = [value]
+    elif isinstance(value, (list, tuple, range, set, frozenset)):
+        layers = list(value)
+    else:
+        raise ValueError(f"{allowed}, got {value!r}, a {type(value).__name__}")
+    if not layers:
+        raise ValueError(f"{allowed}, got an empty {type(value).__name__}")
+    for index in layers:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError(f"{allowed}, got {value!r}: {index!r} is a "
+                             f"{type(index).__name__}")
+        if index < 0:
+            raise ValueError(f"{allowed}, got {value!r}: {index} is negative")
+    return sorted(layers) if isinstance(value, (set, frozenset)) else layers
+
+
 @dataclass
 class MoAConfig:
     """How `get_moa_model` turns a transformers model into a MoA model.
@@ -314,13 +368,7 @@ class MoAConfig:
         if self.exclude_modules is not None:
             self.exclude_modules = self._patterns("exclude_modules", self.exclude_modules)
         if self.layers_to_transform is not None:
-            layers = self.layers_to_transform
-            layers = [layers] if isinstance(layers, int) else list(layers)
-            if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
-                                 for i in layers):
-                raise ValueError("layers_to_transform must be None or a non-empty list of "
-                                 f"layer indices >= 0, got {self.layers_to_transform!r}")
-            self.layers_to_transform = layers
+            self.layers_to_transform = _layer_list(self.layers_to_transform)
         self.experts = self._parse_experts(self.experts)
         if isinstance(self.router, dict):
             self.router = RouterConfig.from_dict(self.router)
@@ -351,7 +399,10 @@ class MoAConfig:
                              f"{self.aux_loss_coef!r}")
         if self.aux_loss_coef > 0 and self.router is None:
             raise ValueError("aux_loss_coef > 0 needs a router; this config has router=None")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise ValueError(f"dropout must be a number in [0, 1) such as 0.1 (0 for none), "
+                             f"got {self.dropout!r}, a {type(self.dropout).__name__}")
+        if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     @staticmethod
@@ -446,24 +497,43 @@ class MoAConfig:
         return cls.from_dict(json.loads(text))
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
-        """Write `moa_config.json` into `directory` (created if needed); returns its path."""
+        """Write `moa_config.json` into `directory` (created if needed); returns its path.
+        The file is replaced atomically: an interrupted or failed write leaves the previous
+        one. Beside an adapter's weights, MoAModel.save_pretrained is the way to change it (a
+        config that is not the weights' own is refused on loading)."""
+        from moa.serialization import write_file_atomically
+
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_json_string())
+        write_file_atomically(path, self.to_json_string().encode("utf-8"))
         return path
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> MoAConfig:
-        """Read `moa_config.json` from `directory`."""
+        """Read `moa_config.json` from `directory`. A file that is not UTF-8 JSON of a
+        MoAConfig is a ValueError (TypeError for JSON that is not an object) naming it."""
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}")
-        with open(path, encoding="utf-8") as handle:
-            try:
-                return cls.from_json_string(handle.read())
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON: {error}") from None
+        expected = "expected the JSON object that MoAConfig.save_pretrained writes"
+        with open(path, "rb") as handle:
+            raw = handle.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at "
+                             f"offset {error.start}); {expected}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            problem = "is empty" if not text.strip() else f"is not valid JSON: {error}"
+            raise ValueError(f"{path} {problem}; {expected}") from None
+        try:
+            return cls.from_dict(data)
+        except TypeError as error:
+            raise TypeError(f"{path}: {error}; {expected}") from None
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     # ---- presets -------------------------------------------------------------------------
 

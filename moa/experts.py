@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa.config import RouterConfig
-from moa.layers import MoALinear, MoARouter, autocast_off, compute_dtype
+from moa.layers import MoALinear, MoARouter, autocast_off, compute_dtype, is_plain_linear
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
 
 # Attention classes whose forward is the Llama one (q_proj -> [q_norm] -> rotary ->
@@ -206,7 +206,7 @@ class CollectingHook(_Hook):
     def __call__(self, module: MoALinear, args, kwargs):
         # Route here on every call, collecting or not, so that a checkpoint's recompute
         # takes the same path as the forward it replays.
-        if kwargs.get("gates") is not None or len(args) > 1:
+        if not module.active or kwargs.get("gates") is not None or len(args) > 1:
             return None
         x = args[0] if args else kwargs["x"]
         gates = module.route(x)
@@ -277,8 +277,17 @@ class ParallelAdapter(nn.Module):
 # the prompt expert
 # ---------------------------------------------------------------------------------------
 
-def _frozen(linear: nn.Module) -> nn.Linear:
+def _frozen(linear: nn.Module) -> nn.Module:
     return linear.base if isinstance(linear, MoALinear) else linear
+
+
+def frozen_projection(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """base(x) in x's dtype for a frozen projection: a plain nn.Linear's weights are cast to
+    x's dtype; any other base (quantized, hooked) is called as a module."""
+    if is_plain_linear(base):
+        return F.linear(x, base.weight.to(x.dtype),
+                        None if base.bias is None else base.bias.to(x.dtype))
+    return base(x).to(x.dtype)
 
 
 class PromptExpert(nn.Module):
@@ -306,7 +315,7 @@ class PromptExpert(nn.Module):
         self._position_embeddings = None
         self._query = None
 
-    def keys_and_gated_values(self, k_proj: nn.Linear, v_proj: nn.Linear,
+    def keys_and_gated_values(self, k_proj: nn.Module, v_proj: nn.Module,
                               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt keys [1, H, L, D] and values times the per-head gate [1, H, L, D], KV heads
         repeated for grouped-query attention (query head h reads KV head h // groups).
@@ -319,10 +328,7 @@ class PromptExpert(nn.Module):
         if caching and cached is not None and cached[0] == key:
             return cached[1]
         prompt = self.prompt.to(dtype)
-        keys = F.linear(prompt, k_proj.weight.to(dtype), None if k_proj.bias is None
-                        else k_proj.bias.to(dtype))
-        values = F.linear(prompt, v_proj.weight.to(dtype), None if v_proj.bias is None
-                          else v_proj.bias.to(dtype))
+        keys, values = frozen_projection(k_proj, prompt), frozen_projection(v_proj, prompt)
         groups = self.num_heads // self.num_kv_heads
         keys = keys.view(self.length, self.num_kv_heads, self.head_dim).transpose(0, 1)
         values = values.view(self.length, self.num_kv_heads, self.head_dim).transpose(0, 1)
@@ -332,7 +338,7 @@ class PromptExpert(nn.Module):
         self.__dict__["_keys_values"] = (key, (keys, values)) if caching else None
         return keys, values
 
-    def output(self, query: torch.Tensor, k_proj: nn.Linear, v_proj: nn.Linear) -> torch.Tensor:
+    def output(self, query: torch.Tensor, k_proj: nn.Module, v_proj: nn.Module) -> torch.Tensor:
         """o_p [B, S, H * D] for the post-rotary query [B, H, S, D] (before g_prompt)."""
         batch, heads, tokens, head_dim = query.shape
         dtype = query.dtype

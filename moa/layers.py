@@ -4,14 +4,20 @@ A MoALinear keeps its experts stacked raggedly (see moa_kernels/layout.py):
 
     shrink_weight [R, in], shrink_bias [R_ad], expand_weight [out, C], expand_bias [N_ad, out]
 
-and its optional router in `self.router` (a `MoARouter`). The math runs in one of three
-backends with the same semantics: "reference" (per-expert loop, the oracle), "torch"
-(fused PyTorch), "triton" (fused Triton kernels, CUDA or the Triton interpreter).
+and its optional router in `self.router` (a `MoARouter`). The base is any frozen module
+mapping [..., in] to [..., out] linearly: a plain nn.Linear (whose GEMM the backends may
+fuse with the experts' shrink GEMM), or anything else (bitsandbytes 4/8-bit layers, torchao
+quantized weights, hooked or FSDP-managed layers), which is called as a module, `base(x)`,
+so its quantization, hooks and unsharding run as their authors meant. The math runs in one
+of three backends with one contract (moa_kernels/backends.py): "reference" (per-expert
+loop, the oracle), "torch" (fused PyTorch), "triton" (fused Triton kernels, CUDA or the
+Triton interpreter).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -19,9 +25,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_globals
 
 from moa.config import BACKENDS, ExpertSpec, RouterConfig, parse_experts
-from moa_kernels import reference, torch_ops
+from moa_kernels import reference
+from moa_kernels.backends import get_backend
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.routing import RouterOps, gates_from_first_layer
 
@@ -69,20 +77,63 @@ def autocast_off(x: torch.Tensor):
 
 
 def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """Adapter and router tensors stay float32 beside a half-precision base."""
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+    """Adapter and router tensors stay float32 beside a half-precision (or non-float) base."""
+    if not base_dtype.is_floating_point or base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype
 
 
-def check_triton_input(x: torch.Tensor) -> None:
-    """Raise a clear error where the triton backend cannot run x."""
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend 'triton' runs on CUDA tensors, or on the CPU under the "
-                         f"Triton interpreter (TRITON_INTERPRET=1 set before triton is "
-                         f"imported); got a {x.device.type} tensor. Use backend 'torch' or "
-                         f"'auto' here")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"backend 'triton' supports float32, float16 and bfloat16 inputs, "
-                         f"got {x.dtype}; use backend 'torch' for other dtypes")
+ORDINARY_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
+
+
+def is_plain_linear(base: nn.Module) -> bool:
+    """True for an nn.Linear whose forward is nn.Linear's, with no forward hooks and
+    ordinary (not quantized, not sharded) tensors: its output is exactly
+    F.linear(x, weight, bias), so the backends may compute it in their own GEMM."""
+    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+        return False
+    if base._forward_hooks or base._forward_pre_hooks:
+        return False
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return False
+    return type(base.weight) in ORDINARY_TENSOR_TYPES and \
+        (base.bias is None or type(base.bias) in ORDINARY_TENSOR_TYPES)
+
+
+def base_compute_dtype(base: nn.Module) -> torch.dtype | None:
+    """The floating dtype the base computes in, where it says: bitsandbytes' 4-bit
+    `compute_dtype`, else a floating weight's dtype (torchao's quantized tensors report the
+    original one); None when it cannot be told (bitsandbytes int8)."""
+    compute = getattr(base, "compute_dtype", None)
+    if isinstance(compute, torch.dtype) and compute.is_floating_point:
+        return compute
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point and \
+            not getattr(weight, "bnb_quantized", False):
+        return weight.dtype
+    return None
+
+
+def _base_features(base: nn.Module) -> tuple[int, int]:
+    in_features = getattr(base, "in_features", None)
+    out_features = getattr(base, "out_features", None)
+    if not all(isinstance(v, int) and not isinstance(v, bool)
+               for v in (in_features, out_features)):
+        raise TypeError(f"MoALinear adapts a frozen module that maps [..., in_features] to "
+                        f"[..., out_features] linearly and says so through integer "
+                        f"`in_features` and `out_features` attributes (nn.Linear and its "
+                        f"subclasses: bitsandbytes Linear4bit and Linear8bitLt, torchao "
+                        f"quantized linears); got a {type(base).__name__}")
+    if in_features < 1 or out_features < 1:
+        raise ValueError(f"the base {type(base).__name__} has in_features={in_features} and "
+                         f"out_features={out_features}; both must be >= 1")
+    return in_features, out_features
+
+
+def _base_device(base: nn.Module) -> torch.device:
+    for tensor in itertools.chain(base.parameters(), base.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _new_parameter(shape, device, dtype) -> nn.Parameter:
@@ -165,7 +216,7 @@ class MoARouter(nn.Module):
                 max_threshold=config.max_threshold, top_k=config.top_k,
                 normalize_topk=config.normalize_topk)
 
-        return RouterOps(first_weight, first_bias, finish)
+        return RouterOps(first_weight, first_bias, finish, self.reference_gates)
 
     def reference_gates(self, x: torch.Tensor) -> torch.Tensor:
         """Gates by the reference router, in x's dtype."""
@@ -197,45 +248,59 @@ class MoALinear(nn.Module):
     """y = base(x) + sum_e g_e(x) * delta_e(dropout(x)), base frozen.
 
     Args:
-        base: the frozen nn.Linear to adapt (its parameters are set requires_grad=False).
+        base: the frozen module to adapt (its parameters are set requires_grad=False): any
+            module mapping [..., in_features] to [..., out_features] linearly, with integer
+            `in_features` and `out_features` attributes: nn.Linear, bitsandbytes Linear4bit
+            and Linear8bitLt, torchao quantized linears, hooked or FSDP-managed linears.
+            A plain, unhooked nn.Linear with ordinary tensors is computed by the backends
+            (its GEMM shares x with the experts' shrink GEMM); every other base is called as
+            a module and the backends add the mixture to its output.
         experts: ExpertSpecs or strings such as "lora:8", "adapter:16:gelu", "hydra:8:8".
         router: a RouterConfig (default: SwiGLU x4, sigmoid, soft: the paper's router), or
             None to drive the layer with `gates` (a shared router).
         dropout: dropout probability on the experts' input (not the router, not base).
         backend: "auto", "reference", "torch" or "triton" (see `resolve_backend`).
-        adapter_dtype: dtype of the adapter and router tensors; default float32 for a
-            half-precision base, else the base dtype.
+        adapter_dtype: dtype of the adapter and router tensors: a floating torch.dtype;
+            "base" for the base's compute dtype (bitsandbytes' compute_dtype, or a float
+            weight's dtype); None (default) for float32 beside a half-precision or quantized
+            base, else the base weight's dtype.
+
+    Input dtype: the layer computes in x's dtype (autocast's when autocast is on). A plain
+    nn.Linear base, like nn.Linear itself, refuses an input whose dtype differs from its
+    weight's outside autocast; other bases handle their input as they do alone. The output
+    has the base output's dtype.
+
+    `active` (default True) switches the experts off: the layer then returns base(x) alone,
+    without swapping modules (MoAModel.disable_adapters sets it).
     """
 
-    def __init__(self, base: nn.Linear, experts: Sequence[ExpertSpec | str] | str,
+    def __init__(self, base: nn.Module, experts: Sequence[ExpertSpec | str] | str,
                  router: RouterConfig | None = DEFAULT_ROUTER, dropout: float = 0.0,
-                 backend: str = "auto", adapter_dtype: torch.dtype | None = None) -> None:
+                 backend: str = "auto",
+                 adapter_dtype: torch.dtype | str | None = None) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"MoALinear adapts an nn.Linear, got {type(base).__name__}")
-        if type(base).forward is not nn.Linear.forward:
-            raise TypeError(f"MoALinear computes base(x) from base.weight and base.bias, but "
-                            f"{type(base).__name__} overrides nn.Linear.forward (quantized "
-                            "or otherwise customised layers are not supported); pass a plain "
-                            "nn.Linear")
-        if base._forward_hooks or base._forward_pre_hooks:
-            raise ValueError("the base nn.Linear has forward hooks, which MoALinear would "
-                             "bypass (it computes base(x) from the weights); remove them first")
+        if not isinstance(base, nn.Module):
+            raise TypeError(f"MoALinear adapts a frozen nn.Module, got {type(base).__name__}")
+        if isinstance(base, MoALinear):
+            raise TypeError("the base is already a MoALinear; adapt its .base instead")
+        if hasattr(base, "base_layer") and hasattr(base, "lora_A"):
+            raise TypeError(f"the base {type(base).__name__} is a PEFT LoRA layer; adapt the "
+                            "model before PEFT wraps it (or its base_layer)")
+        self.in_features, self.out_features = _base_features(base)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or \
+                not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.base = base.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
         self.specs = parse_experts(experts)
         self.layout = ExpertLayout.from_specs(self.specs, self.in_features, self.out_features)
         self.num_experts = self.layout.num_experts
         self.backend = backend
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        device = base.weight.device
-        if adapter_dtype is None:
-            adapter_dtype = default_adapter_dtype(base.weight.dtype)
-        factory = {"device": device, "dtype": adapter_dtype}
+        self.active = True
+        device = _base_device(base)
+        factory = {"device": device, "dtype": self._adapter_dtype(adapter_dtype)}
         layout = self.layout
         self.shrink_weight = _new_parameter((layout.shrink_rows, self.in_features), **factory)
         self.expand_weight = _new_parameter((self.out_features, layout.expand_columns),
@@ -248,9 +313,42 @@ class MoALinear(nn.Module):
         self.router = None
         if router is not None:
             self.router = MoARouter(self.in_features, self.num_experts, router, **factory)
+        self.register_buffer("expert_signature", expert_signature(self.specs, device))
+        self._register_load_state_dict_pre_hook(self._check_signature_on_load)
         self.last_gates: torch.Tensor | None = None
         if device.type != "meta":
             self.reset_expert_parameters()
+
+    def _adapter_dtype(self, adapter_dtype: torch.dtype | str | None) -> torch.dtype:
+        compute = base_compute_dtype(self.base)
+        if adapter_dtype is None:
+            return default_adapter_dtype(compute if compute is not None else torch.float32)
+        if adapter_dtype == "base":
+            if compute is None:
+                raise ValueError(f"adapter_dtype='base': the {type(self.base).__name__} base "
+                                 "does not say what dtype it computes in; pass a floating "
+                                 "torch.dtype (e.g. torch.bfloat16)")
+            return compute
+        if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
+            raise ValueError(f"adapter_dtype must be a floating torch.dtype, 'base' or None, "
+                             f"got {adapter_dtype!r}")
+        return adapter_dtype
+
+    def _check_signature_on_load(self, state_dict, prefix, *args) -> None:
+        """load_state_dict pre-hook: the incoming experts must be these experts (same
+        kinds, sizes, order and scalings), not only tensors of the same shapes."""
+        key = prefix + "expert_signature"
+        expected = expert_signature(self.specs, torch.device("cpu"))
+        if key not in state_dict:  # saved before signatures existed
+            state_dict[key] = expected
+            return
+        incoming = state_dict[key]
+        if tuple(incoming.shape) != tuple(expected.shape) or \
+                not torch.equal(incoming.detach().cpu().to(torch.int64), expected):
+            raise ValueError(f"{prefix or 'MoALinear'}: the state_dict holds other experts "
+                             f"({describe_signature(incoming)}) than this layer "
+                             f"([{', '.join(str(s) for s in self.specs)}]); build the layer "
+                             "with the experts it was saved with")
 
     # ---- parameters ----------------------------------------------------------------------
 
@@ -259,7 +357,7 @@ class MoALinear(nn.Module):
         """docs/DESIGN.md init: lora A kaiming-uniform (a=sqrt(5)), B zero; adapter weights
         xavier-uniform with gain 1e-4, biases zero."""
         initialised = set()
-        for slot, params in zip(self.layout.slots, self._expert_tensors(detach=True)):
+        for slot, params in zip(self.layout.slots, self.expert_parameters()):
             if slot.kind == "adapter":
                 nn.init.xavier_uniform_(params["down_weight"], gain=1e-4)
                 nn.init.xavier_uniform_(params["up_weight"], gain=1e-4)
@@ -292,32 +390,12 @@ class MoALinear(nn.Module):
             cache[key] = weight.new_zeros(shape)
         return cache[key]
 
-    def _expert_tensors(self, detach: bool, dtype: torch.dtype | None = None):
-        shrink_weight, shrink_bias, expand_weight, expand_bias = self._stacked(dtype)
-        if detach:
-            shrink_weight, shrink_bias, expand_weight, expand_bias = (
-                t.detach() for t in (shrink_weight, shrink_bias, expand_weight, expand_bias))
-        result = []
-        for slot in self.layout.slots:
-            rows, columns = slice(*slot.shrink), slice(*slot.expand)
-            if slot.kind == "adapter":
-                bias_rows = slice(slot.shrink[0] - self.layout.bias_start,
-                                  slot.shrink[1] - self.layout.bias_start)
-                result.append({"down_weight": shrink_weight[rows],
-                               "down_bias": shrink_bias[bias_rows],
-                               "up_weight": expand_weight[:, columns],
-                               "up_bias": expand_bias[slot.adapter_index]})
-            else:
-                result.append({"lora_A": shrink_weight[rows],
-                               "lora_B": expand_weight[:, columns]})
-        return result
-
     def expert_parameters(self) -> list[dict[str, torch.Tensor]]:
         """Per expert, live views of its tensors (writing into them changes the layer):
         lora/hydra {"lora_A" [r, in], "lora_B" [out, r]} (hydra heads share lora_A);
         adapter {"down_weight" [size, in], "down_bias" [size], "up_weight" [out, size],
         "up_bias" [out]}. The views are detached from autograd."""
-        return self._expert_tensors(detach=True)
+        return self.layout.expert_tensors(*(t.detach() for t in self._stacked()))
 
     def router_parameters(self) -> dict[str, torch.Tensor]:
         """Live, detached views of the router's tensors by name (absent biases left out)."""
@@ -348,6 +426,24 @@ class MoALinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input has shape {tuple(x.shape)}; its last dimension must be "
                              f"in_features={self.in_features}")
+        if x.device.type == "meta":
+            raise ValueError("MoALinear cannot run on meta tensors (they hold no values); "
+                             "materialise the model first (e.g. to_empty(), then load its "
+                             "weights)")
+
+    def _check_gates(self, gates, x: torch.Tensor) -> None:
+        expected = (*x.shape[:-1], self.num_experts)
+        if not isinstance(gates, torch.Tensor):
+            raise TypeError(f"gates must be a tensor of shape {expected}, got "
+                            f"{type(gates).__name__}")
+        if not gates.is_floating_point():
+            raise TypeError(f"gates must be a floating-point tensor, got {gates.dtype}")
+        if tuple(gates.shape) != expected:
+            raise ValueError(f"gates have shape {tuple(gates.shape)}, expected {expected} "
+                             "(input leading dims + experts)")
+        if gates.device != x.device:
+            raise ValueError(f"gates are on {gates.device}, the input on {x.device}; put "
+                             "them on the same device")
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None, *,
                 sparse: bool | None = None) -> torch.Tensor:
@@ -362,64 +458,83 @@ class MoALinear(nn.Module):
         with an error; the reference backend supports it.
         """
         self._check_input(x)
+        if not self.active:
+            self.last_gates = None
+            return self.base(x)
         leading = x.shape[:-1]
         if gates is None and self.router is None:
             raise ValueError("this MoALinear has no router (router=None): forward needs "
                              f"gates of shape {(*leading, self.num_experts)}")
-        if gates is not None and tuple(gates.shape) != (*leading, self.num_experts):
-            raise ValueError(f"gates have shape {tuple(gates.shape)}, expected "
-                             f"{(*leading, self.num_experts)} (input leading dims + experts)")
+        if gates is not None:
+            self._check_gates(gates, x)
+        plain = is_plain_linear(self.base)
         dtype = compute_dtype(x)
-        backend = resolve_backend(self.backend, x.device)
+        if plain and x.dtype != self.base.weight.dtype and \
+                not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input dtype {x.dtype} differs from the base weight's "
+                            f"{self.base.weight.dtype} (nn.Linear refuses this too); cast the "
+                            "input, or run under torch.autocast")
+        base_output = None if plain else self.base(x)
         with autocast_off(x):
             flat = x.reshape(-1, self.in_features).to(dtype)
             flat_gates = None if gates is None else gates.reshape(-1, self.num_experts)
             adapter_input = self.dropout(flat) if self.training and \
                 isinstance(self.dropout, nn.Dropout) else None
-            if backend == "reference":
-                if sparse and flat_gates is not None:
-                    flat_gates = flat_gates * (flat_gates != 0)
-                y, used_gates = self._forward_reference(flat, flat_gates, adapter_input)
+            if sparse is None:
+                sparse = gates is None and self.router.config.is_sparse
+            shrink_weight, shrink_bias, expand_weight, expand_bias = self._stacked(dtype)
+            if plain:
+                base_kwargs = {"base_weight": self.base.weight.to(dtype),
+                               "base_bias": None if self.base.bias is None
+                               else self.base.bias.to(dtype)}
             else:
-                y, used_gates = self._forward_fused(backend, flat, flat_gates, adapter_input,
-                                                    sparse)
+                base_kwargs = {"base_output": base_output.reshape(-1, self.out_features)
+                               .to(dtype)}
+            y, used_gates = get_backend(resolve_backend(self.backend, x.device))(
+                flat, **base_kwargs, layout=self.layout, shrink_weight=shrink_weight,
+                shrink_bias=shrink_bias, expand_weight=expand_weight, expand_bias=expand_bias,
+                router=None if flat_gates is not None else self.router.ops(dtype),
+                gates=flat_gates, adapter_input=adapter_input, sparse=bool(sparse))
         self.last_gates = used_gates.detach().reshape(*leading, self.num_experts)
+        if base_output is not None:
+            y = y.to(base_output.dtype)
         return y.reshape(*leading, self.out_features)
-
-    def _base_tensors(self, dtype):
-        weight, bias = self.base.weight, self.base.bias
-        if weight.dtype == dtype:
-            return weight, bias
-        return weight.to(dtype), None if bias is None else bias.to(dtype)
-
-    def _forward_reference(self, x, gates, adapter_input):
-        if gates is None:
-            gates = self.router.reference_gates(x)
-        experts = [(slot.kind, slot.scaling, slot.activation, params) for slot, params in
-                   zip(self.layout.slots, self._expert_tensors(detach=False, dtype=x.dtype))]
-        y = reference.reference_moa_linear(x, *self._base_tensors(x.dtype), experts,
-                                           gates.to(x.dtype), adapter_input)
-        return y, gates.to(x.dtype)
-
-    def _forward_fused(self, backend, x, gates, adapter_input, sparse):
-        if backend == "triton":
-            check_triton_input(x)
-            from moa_kernels import triton as ops
-        else:
-            ops = torch_ops
-        shrink_weight, shrink_bias, expand_weight, expand_bias = self._stacked(x.dtype)
-        base_weight, base_bias = self._base_tensors(x.dtype)
-        router = None if gates is not None or self.router is None else self.router.ops(x.dtype)
-        if sparse is None:
-            sparse = gates is None and self.router is not None and \
-                self.router.config.is_sparse
-        return ops.moa_linear(
-            x, base_weight=base_weight, base_bias=base_bias, layout=self.layout,
-            shrink_weight=shrink_weight, shrink_bias=shrink_bias, expand_weight=expand_weight,
-            expand_bias=expand_bias, router=router, gates=gates, adapter_input=adapter_input,
-            sparse=sparse)
 
     def extra_repr(self) -> str:
         experts = ", ".join(str(s) for s in self.specs)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"experts=[{experts}], backend={self.backend}")
+
+
+_KIND_CODES = {"lora": 1, "adapter": 2, "hydra": 3}
+_ACTIVATION_CODES = {"identity": 0, "silu": 1, "gelu": 2, "relu": 3}
+
+
+def expert_signature(specs: Sequence[ExpertSpec], device: torch.device) -> torch.Tensor:
+    """What a layer's experts are, as an int64 tensor [len(specs), 5] (kind, size, heads,
+    activation, the float64 bits of the scaling), so a state_dict of other experts with
+    tensors of the same shapes (permuted, re-scaled) is refused on load. Integer, so
+    model.half() or .to(dtype) leave it alone."""
+    rows = [[_KIND_CODES[s.kind], s.size, s.heads, _ACTIVATION_CODES[s.activation],
+             int(torch.tensor(s.scaling, dtype=torch.float64).view(torch.int64))]
+            for s in specs]
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def describe_signature(signature: torch.Tensor) -> str:
+    """The expert strings an expert_signature stands for (for error messages)."""
+    kinds = {code: kind for kind, code in _KIND_CODES.items()}
+    activations = {code: name for name, code in _ACTIVATION_CODES.items()}
+    try:
+        parts = []
+        for kind, size, heads, activation, scaling_bits in signature.cpu().tolist():
+            scaling = torch.tensor(scaling_bits, dtype=torch.int64).view(torch.float64).item()
+            kind = kinds[kind]
+            if kind == "adapter":
+                parts.append(f"adapter:{size}:{activations[activation]}")
+            else:
+                head = f"{heads}:" if kind == "hydra" else ""
+                parts.append(f"{kind}:{size}:{head}alpha={scaling * size:g}")
+        return "[" + ", ".join(parts) + "]"
+    except (KeyError, ValueError, TypeError):
+        return f"an unreadable signature of shape {tuple(signature.shape)}"

@@ -10,26 +10,22 @@ Saved form (`save_pretrained`): `moa_config.json` (MoAConfig.to_dict) and
 `adapter_model.safetensors` with the MoA tensors only, named as in the base model's
 `named_parameters()` ("model.layers.0.self_attn.q_proj.shrink_weight",
 "model.layers.0.moa_router.router.w1_weight", ...). Loading is strict: a missing, extra or
-differently shaped tensor is an error that names it.
+differently shaped tensor is an error that names it. moa/serialization.py writes both files
+or neither and checks on loading that they belong together.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
-import itertools
 import os
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moa.config import MoAConfig, layer_index, module_matches
+from moa.config import DEFAULT_EXPERT_KEY, MoAConfig, layer_index, module_matches
 from moa.experts import (
     GateCollector,
     LayerRouter,
@@ -43,10 +39,10 @@ from moa.experts import (
     load_balancing_loss,
     prompt_key_cache,
 )
-from moa.layers import MoALinear, default_adapter_dtype
+from moa.layers import ORDINARY_TENSOR_TYPES, MoALinear, default_adapter_dtype
+from moa.serialization import WEIGHTS_NAME, load_adapter, load_state_into, save_adapter
 from moa.stats import expert_names, format_router_stats, router_stats
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 MOA_MODULES = (MoALinear, LayerRouter, ParallelAdapter, PromptExpert)
 
 
@@ -69,14 +65,69 @@ def _unmatched_error(model: nn.Module, patterns: list[str], linear_names: list[s
             f"{'; '.join(hints)}. Its nn.Linear module names end in: {', '.join(leaves)}")
 
 
+def _leaves(names: list[str]) -> str:
+    return ", ".join(sorted({name.rsplit(".", 1)[-1] for name in names}))
+
+
+def _layers_text(layers: list[int]) -> str:
+    """[0, 1] as "[0, 1]", 0 to 31 as "0..31"."""
+    if len(layers) > 3 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}..{layers[-1]}"
+    return str(layers)
+
+
+def _peft_owner(name: str, by_name: dict[str, nn.Module]) -> str | None:
+    """The innermost of module `name` and its ancestors that is a PEFT module, or None."""
+    parts = name.split(".") if name else []
+    for depth in range(len(parts), -1, -1):
+        owner = ".".join(parts[:depth])
+        if type(by_name.get(owner)).__module__.split(".")[0] == "peft":
+            return owner
+    return None
+
+
+def _peft_error(name: str, owner: str, by_name: dict[str, nn.Module]) -> str:
+    wrapper = type(by_name[owner])
+    where = "" if owner == name else \
+        "in the PEFT model itself, " if not owner else f"inside {owner!r}, "
+    return (f"target_modules match {name!r}, which is already wrapped by PEFT ({where}a "
+            f"{wrapper.__module__}.{wrapper.__qualname__}); adapt the base model, not a PEFT "
+            f"model: pass the model without PEFT's adapters (a PEFT model's unload() or "
+            f"merge_and_unload() returns it)")
+
+
+def _unused_expert_key_error(key: str, config: MoAConfig, adapted: list[str],
+                             names: list[str]) -> str:
+    outside = [n for n in names if config.is_target(n) and module_matches(n, [key])]
+    elsewhere = [n for n in names if module_matches(n, [key])]
+    if outside:
+        reason = (f"It names only modules outside layers_to_transform="
+                  f"{config.layers_to_transform} (such as {outside[0]!r}).")
+    elif elsewhere:
+        reason = (f"It names {elsewhere[0]!r}, which target_modules and exclude_modules "
+                  f"leave unadapted.")
+    else:
+        depth = key.count(".") + 1
+        suffixes = sorted({".".join(n.split(".")[-depth:]) for n in adapted})
+        close = [repr(c) for c in difflib.get_close_matches(key, suffixes, n=3, cutoff=0.5)]
+        reason = (f"Did you mean {' or '.join(', '.join(close).rsplit(', ', 1))}?" if close
+                  else "No module name ends in it.")
+    return (f"experts key {key!r} matches no adapted module, so its experts would never be "
+            f"used. Keys are dotted suffixes of adapted module names (these end in: "
+            f"{_leaves(adapted)}), or {DEFAULT_EXPERT_KEY!r} for the default. {reason}")
+
+
 def find_targets(model: nn.Module, config: MoAConfig) -> list[tuple[str, nn.Linear]]:
     """The (name, nn.Linear) pairs `config` adapts, in module order.
 
-    Raises ValueError naming the pattern when a target matches nothing (with similar module
-    names), when it matches a module that is not an nn.Linear, or when layers_to_transform
-    leaves nothing.
+    The root module (name "") is never a target, so a regex such as ".*" is judged by the
+    named modules it matches. Raises ValueError naming the pattern when a target matches
+    nothing (with similar module names), when it matches a module that is not an nn.Linear
+    or is wrapped by PEFT, when layers_to_transform names a layer the model lacks or leaves
+    nothing, or when a key of an experts dict matches no adapted module.
     """
-    modules = list(model.named_modules())
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    by_name = dict(model.named_modules())
     linear_names = [n for n, m in modules if isinstance(m, nn.Linear)]
     if isinstance(config.target_modules, str):
         unmatched = [] if any(module_matches(n, config.target_modules) for n, _ in modules) \
@@ -90,19 +141,37 @@ def find_targets(model: nn.Module, config: MoAConfig) -> list[tuple[str, nn.Line
     for name, module in modules:
         if not config.is_target(name):
             continue
+        if (owner := _peft_owner(name, by_name)) is not None:
+            raise ValueError(_peft_error(name, owner, by_name))
         if not isinstance(module, nn.Linear):
+            hint = ""
+            if isinstance(config.target_modules, str) and linear_names:
+                hint = (f" (the regex {config.target_modules!r} must match nn.Linear names "
+                        f"only, such as {linear_names[0]!r})")
             raise ValueError(f"target_modules match {name!r}, a {type(module).__name__}; only "
-                             "nn.Linear modules can be adapted")
+                             f"nn.Linear modules can be adapted{hint}")
         if config.in_layers(name):
             targets.append((name, module))
+    found = sorted({i for n in linear_names if (i := layer_index(n)) is not None})
+    missing = [i for i in config.layers_to_transform or [] if i not in found]
     if not targets:
         matched = [n for n, _ in modules if module_matches(n, config.target_modules)]
         if not any(config.is_target(n) for n in matched):
             raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every module "
                              f"target_modules matches ({len(matched)} of them)")
-        found = sorted({i for n in linear_names if (i := layer_index(n)) is not None})
         raise ValueError(f"layers_to_transform={config.layers_to_transform} leaves no target "
-                         f"module; the model's layers are {found}")
+                         f"module; the model's layers are {_layers_text(found)}")
+    if missing:
+        raise ValueError(f"layers_to_transform={config.layers_to_transform} names "
+                         f"{'layers' if len(missing) > 1 else 'layer'} "
+                         f"{', '.join(map(str, missing))}, which this {type(model).__name__} "
+                         f"does not have; the model's layers are {_layers_text(found)}")
+    if isinstance(config.experts, dict):
+        adapted = [n for n, _ in targets]
+        for key in config.experts:
+            if key != DEFAULT_EXPERT_KEY and not any(module_matches(n, [key]) for n in adapted):
+                raise ValueError(_unused_expert_key_error(key, config, adapted,
+                                                          [n for n, _ in modules]))
     return targets
 
 
@@ -126,15 +195,6 @@ def _layer_of(name: str, layers: dict[str, nn.Module]) -> str:
                          f"{name!r} lies outside all of them ({len(layers)} layers such as "
                          f"{next(iter(layers))!r}); exclude it or use router_scope='module'")
     return max(owners, key=len)
-
-
-def _name_or_path(model: nn.Module) -> str:
-    """The checkpoint a transformers model came from ("" for one built from a config)."""
-    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
-
-
-def _last_part(name_or_path: str) -> str:
-    return os.path.basename(os.path.normpath(name_or_path))
 
 
 def _factory(module: nn.Module) -> dict:
@@ -311,6 +371,7 @@ class MoAModel(nn.Module):
                 raise ValueError(f"{type(parent).__name__}.{child} has adapter experts "
                                  f"({', '.join(adapters)}), whose non-linearity cannot be "
                                  "merged into a weight")
+        self._check_mergeable_weights()
         with torch.no_grad():
             for _, _, layer, base in self._swaps:
                 scalings = [s.scaling for s in layer.specs for _ in range(s.num_experts)]
@@ -319,16 +380,38 @@ class MoAModel(nn.Module):
                 base.weight += delta.to(base.weight.dtype)
         return self.unload()
 
+    def _check_mergeable_weights(self) -> None:
+        """Refuse, before anything changes, bases whose weight is not a plain float tensor
+        (quantized) and weights shared with another module (tied embeddings)."""
+        names = {id(module): name for name, module in self.model.named_modules()}
+        owners: dict[int, list[str]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(param), []).append(name)
+        for _, _, layer, base in self._swaps:
+            name = names.get(id(layer), type(base).__name__)
+            weight = getattr(base, "weight", None)
+            if not isinstance(base, nn.Linear) or type(weight) not in ORDINARY_TENSOR_TYPES \
+                    or not weight.dtype.is_floating_point \
+                    or getattr(weight, "bnb_quantized", False):
+                raise ValueError(f"{name} has a quantized base ({type(base).__name__}, weight "
+                                 f"{type(weight).__name__}); merging into it would need "
+                                 "dequantizing, merging and requantizing, which changes the "
+                                 "outputs. Keep the MoAModel, or load the base unquantized, "
+                                 "merge, then quantize the merged model")
+            shared = [n for n in owners.get(id(weight), []) if n != f"{name}.base.weight"]
+            if shared:
+                raise ValueError(f"{name}'s weight is shared with {', '.join(shared)} (tied "
+                                 "weights, e.g. tied input and output embeddings): merging "
+                                 "would change them too. Untie them first (give the module "
+                                 "its own copy of the weight) or leave it out of "
+                                 "target_modules")
+
     # ---- parameters ----------------------------------------------------------------------
 
     def moa_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) of every MoA tensor (experts and routers, not the frozen base),
-        named as in the base model's named_parameters(); inside disable_adapters too."""
-        # While adapters are disabled each MoALinear stands aside for its base nn.Linear.
-        standing_aside = {} if self._enabled else \
-            {id(base): layer for _, _, layer, base in self._swaps}
+        named as in the base model's named_parameters()."""
         for name, module in self.model.named_modules():
-            module = standing_aside.get(id(module), module)
             if isinstance(module, MOA_MODULES):
                 for param_name, param in module.named_parameters():
                     if isinstance(module, MoALinear) and param_name.startswith("base."):
@@ -339,22 +422,14 @@ class MoAModel(nn.Module):
         """The MoA tensors by name (detached, live)."""
         return {name: param.detach() for name, param in self.moa_named_parameters()}
 
-    def _all_parameters(self) -> list[nn.Parameter]:
-        """The model's parameters and the MoA ones (the same set unless adapters are off)."""
-        unique = {}
-        for param in itertools.chain(self.model.parameters(),
-                                     (p for _, p in self.moa_named_parameters())):
-            unique.setdefault(id(param), param)
-        return list(unique.values())
-
     def trainable_parameter_count(self) -> int:
         """Number of trainable elements (parameters with requires_grad)."""
-        return sum(p.numel() for p in self._all_parameters() if p.requires_grad)
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def print_trainable_parameters(self) -> None:
         """Print "trainable params: N || all params: M || trainable%: P" as PEFT does."""
         trainable = self.trainable_parameter_count()
-        total = sum(p.numel() for p in self._all_parameters())
+        total = sum(p.numel() for p in self.model.parameters())
         percent = 100 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {percent:.4f}")
@@ -406,8 +481,10 @@ class MoAModel(nn.Module):
 
     @contextmanager
     def disable_adapters(self) -> Iterator[None]:
-        """Inside, the model computes exactly its base outputs: every MoALinear is swapped
-        for its frozen nn.Linear and the layer-level experts stand down."""
+        """Inside, the model computes exactly its base outputs: every MoA module's `active`
+        flag is off (a MoALinear returns base(x), the layer-level experts stand down). The
+        module tree does not change, so eval(), .to(), state_dict() and parameters() inside
+        reach every MoA module."""
         if not self._enabled:
             yield
             return
@@ -418,14 +495,13 @@ class MoAModel(nn.Module):
             self._set_enabled(True)
 
     def _set_enabled(self, enabled: bool) -> None:
-        for parent, child, layer, base in self._swaps:
-            setattr(parent, child, layer if enabled else base)
-            layer.last_gates = None  # statistics describe the last forward only
         for module in self.model.modules():
-            if isinstance(module, (LayerRouter, ParallelAdapter, PromptExpert)):
+            if isinstance(module, MOA_MODULES):
                 module.active = enabled
+                if isinstance(module, (MoALinear, LayerRouter)):
+                    module.last_gates = None  # statistics describe the last forward only
                 if isinstance(module, LayerRouter):
-                    module.gates = module.last_gates = None
+                    module.gates = None
         self._enabled = enabled
 
     def router_stats(self) -> dict[str, dict]:
@@ -440,50 +516,24 @@ class MoAModel(nn.Module):
     # ---- saving and loading -------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write moa_config.json and adapter_model.safetensors (MoA tensors only; its
-        metadata names the base model, as its config's name_or_path, and the moa version)."""
-        from moa import __version__
-
-        os.makedirs(directory, exist_ok=True)
-        self.moa_config.save_pretrained(directory)
-        tensors = {name: t.detach().to("cpu").contiguous()
-                   for name, t in self.moa_state_dict().items()}
-        metadata = {"format": "pt", "moa_version": __version__,
-                    "base_model_name_or_path": _name_or_path(self.model)}
-        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata=metadata)
+        """Write moa_config.json and adapter_model.safetensors (MoA tensors only) into
+        `directory`, both or neither: the previous adapter there stays loadable and unchanged
+        if saving fails or is interrupted, and other files in it are left alone. The weights'
+        metadata names the base model (its config's name_or_path), the moa version and the
+        config and per-module experts they were saved with, which loading checks. Refused
+        (RuntimeError) after unload(); see moa.serialization."""
+        save_adapter(self, directory)
 
     def load_moa_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy `state` into the MoA tensors. Every MoA tensor must be present with its shape
         and nothing else may be; otherwise ValueError names the offending keys."""
-        expected = dict(self.moa_named_parameters())
-        missing = sorted(set(expected) - set(state))
-        extra = sorted(set(state) - set(expected))
-        mismatched = [f"{k} (saved {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-                      for k in sorted(set(expected) & set(state))
-                      if tuple(state[k].shape) != tuple(expected[k].shape)]
-        problems = []
-        for label, keys in (("missing keys", missing), ("unexpected keys", extra),
-                            ("shape mismatches", mismatched)):
-            if keys:
-                shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)"
-                                                if len(keys) > 20 else "")
-                problems.append(f"{label}: {shown}")
-        if problems:
-            raise ValueError("the saved MoA weights do not fit this model; "
-                             + "; ".join(problems))
-        not_float = [f"{k} ({state[k].dtype})" for k in sorted(expected)
-                     if not state[k].is_floating_point()]
-        if not_float:
-            raise ValueError("the saved MoA weights must be floating-point tensors; got "
-                             + ", ".join(not_float[:20]))
-        with torch.no_grad():
-            for name, param in expected.items():
-                param.copy_(state[name])  # a float dtype other than the model's is cast
+        load_state_into(self, state)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike,
                         is_trainable: bool = True, backend: str | None = None) -> MoAModel:
-        """Inject the saved configuration into `model` and load the saved MoA tensors. On
+        """Inject the saved configuration into `model` and load the saved MoA tensors. The
+        weights must be the ones saved with moa_config.json (see moa.serialization); on
         any error the model is left as it was.
 
         Args:
@@ -494,30 +544,7 @@ class MoAModel(nn.Module):
             backend: run with this backend instead of the saved one (e.g. "torch" on a
                 machine without a GPU for a config saved with "triton").
         """
-        path = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {os.fspath(directory)!r}")
-        config = MoAConfig.from_pretrained(directory)
-        if backend is not None:
-            config = dataclasses.replace(config, backend=backend)
-        state = load_file(path)
-        with safe_open(path, "pt") as handle:
-            trained_on = (handle.metadata() or {}).get("base_model_name_or_path", "")
-        loading_into = _name_or_path(model)
-        moa = cls(model, config)
-        try:
-            moa.load_moa_state_dict(state)
-        except BaseException:
-            moa.unload()
-            raise
-        # A hub id and a local copy of the same checkpoint share their last path part.
-        if trained_on and loading_into and _last_part(trained_on) != _last_part(loading_into):
-            warnings.warn(f"the adapter in {os.fspath(directory)!r} was trained on "
-                          f"{trained_on!r}; loading it into {loading_into!r}", stacklevel=2)
-        if not is_trainable:
-            for _, param in moa.moa_named_parameters():
-                param.requires_grad_(False)
-        return moa
+        return load_adapter(cls, model, directory, is_trainable, backend)
 
 
 __all__ = ["MoAModel", "WEIGHTS_NAME", "find_targets", "get_moa_model"]

@@ -118,10 +118,33 @@ class ExpertLayout:
         down biases shrink_bias [R - bias_start]."""
         return torch.cat([shrink_bias.new_zeros(self.bias_start), shrink_bias])
 
+    def expert_tensors(self, shrink_weight: torch.Tensor, shrink_bias: torch.Tensor,
+                       expand_weight: torch.Tensor, expand_bias: torch.Tensor
+                       ) -> list[dict[str, torch.Tensor]]:
+        """Per expert, views of its tensors in the stacked ones: lora/hydra
+        {"lora_A" [r, in], "lora_B" [out, r]} (hydra heads share lora_A); adapter
+        {"down_weight" [size, in], "down_bias" [size], "up_weight" [out, size],
+        "up_bias" [out]}."""
+        result = []
+        for slot in self.slots:
+            rows, columns = slice(*slot.shrink), slice(*slot.expand)
+            if slot.kind == "adapter":
+                bias_rows = slice(slot.shrink[0] - self.bias_start,
+                                  slot.shrink[1] - self.bias_start)
+                result.append({"down_weight": shrink_weight[rows],
+                               "down_bias": shrink_bias[bias_rows],
+                               "up_weight": expand_weight[:, columns],
+                               "up_bias": expand_bias[slot.adapter_index]})
+            else:
+                result.append({"lora_A": shrink_weight[rows],
+                               "lora_B": expand_weight[:, columns]})
+        return result
+
     def index_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Index tensors on `device` (cached):
         column_source [C] int64, column_expert [C] int64, column_scale [C] float32,
-        adapter_experts [N_ad] int64 (expert index of each expand_bias row)."""
+        adapter_experts [N_ad] int64 (expert index of each expand_bias row), row_owner
+        [E, R] float32 (1 where expert e reads shrink row r)."""
         device = torch.device(device)
         if device not in self._cache:
             columns = self.expand_columns
@@ -132,11 +155,15 @@ class ExpertLayout:
                     expert[c] = e
                     scale[c] = slot.scaling
             adapter_experts = [e for e, s in enumerate(self.slots) if s.adapter_index is not None]
+            row_owner = torch.zeros(self.num_experts, self.shrink_rows, dtype=torch.float32)
+            for e, slot in enumerate(self.slots):
+                row_owner[e, slot.shrink[0]:slot.shrink[1]] = 1.0
             self._cache[device] = {
                 "column_source": torch.tensor(source, dtype=torch.int64, device=device),
                 "column_expert": torch.tensor(expert, dtype=torch.int64, device=device),
                 "column_scale": torch.tensor(scale, dtype=torch.float32, device=device),
                 "adapter_experts": torch.tensor(adapter_experts, dtype=torch.int64,
                                                 device=device),
+                "row_owner": row_owner.to(device),
             }
         return self._cache[device]

@@ -1,18 +1,26 @@
 """The oracle: a per-expert loop that reads like the math of docs/DESIGN.md section 2.
 
-Every other backend is tested against these two functions. They favour clarity over
+Every other backend is tested against these functions. They favour clarity over
 speed on purpose: each expert runs as its own pair of small matmuls over all tokens, the
 way the published MoA code does, and autograd provides the backward.
 
     reference_router(x [..., in], params, ...)                    -> gates g [..., E]
     reference_moa_linear(x [..., in], base_weight, base_bias, experts, gates,
                          adapter_input=None)                      -> y [..., out]
+    moa_linear(x [T, in], *, base_output | base_weight, ...)      -> (y [T, out], g [T, E])
+
+`moa_linear` is this backend's side of the backend contract (moa_kernels/backends.py): the
+same entry point, with the same arguments, as torch_ops.moa_linear and
+moa_kernels.triton.moa_linear.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from moa_kernels.layout import ExpertLayout
+from moa_kernels.routing import RouterOps
 
 ACTIVATION_FUNCTIONS = {
     "silu": F.silu,
@@ -78,6 +86,36 @@ def reference_expert_delta(
     return F.linear(hidden, params["up_weight"], params["up_bias"])
 
 
+def reference_mixture(
+    base_output: torch.Tensor,
+    adapter_input: torch.Tensor,
+    experts: list[tuple[str, float, str, dict[str, torch.Tensor]]],
+    gates: torch.Tensor,
+    skip_zero_gates: bool = False,
+) -> torch.Tensor:
+    """base_output + sum_e g_e * delta_e(adapter_input).
+
+    Args:
+        base_output: [..., out] the frozen layer's output.
+        adapter_input: [..., in] what the experts read (the layer input after dropout).
+        experts: per expert (kind, scaling, activation, params) in gate order.
+        gates: [..., E] the applied gates.
+        skip_zero_gates: a pair whose gate is 0 is skipped: it adds exactly nothing (not
+            0 * delta, which is NaN for a non-finite delta) and its gate gets no gradient.
+    Returns:
+        [..., out] in base_output's dtype.
+    """
+    y = base_output
+    for e, (kind, scaling, activation, params) in enumerate(experts):
+        delta = reference_expert_delta(adapter_input, kind, scaling, activation, params)
+        gate = gates[..., e:e + 1].to(delta.dtype)
+        gated = gate * delta
+        if skip_zero_gates:
+            gated = torch.where(gate != 0, gated, torch.zeros_like(gated))
+        y = y + gated.to(y.dtype)
+    return y
+
+
 def reference_moa_linear(
     x: torch.Tensor,
     base_weight: torch.Tensor,
@@ -86,7 +124,7 @@ def reference_moa_linear(
     gates: torch.Tensor,
     adapter_input: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = base(x) + sum_e g_e * delta_e(adapter_input).
+    """y = base(x) + sum_e g_e * delta_e(adapter_input), base(x) = x W^T + b.
 
     Args:
         x: [..., in] the layer input (base and router read it).
@@ -97,8 +135,60 @@ def reference_moa_linear(
         [..., out] in the dtype of base(x).
     """
     adapter_input = x if adapter_input is None else adapter_input
-    y = F.linear(x, base_weight, base_bias)
-    for e, (kind, scaling, activation, params) in enumerate(experts):
-        delta = reference_expert_delta(adapter_input, kind, scaling, activation, params)
-        y = y + gates[..., e:e + 1].to(delta.dtype) * delta.to(y.dtype)
-    return y
+    return reference_mixture(F.linear(x, base_weight, base_bias), adapter_input, experts,
+                             gates)
+
+
+def moa_linear(
+    x: torch.Tensor,
+    *,
+    base_output: torch.Tensor | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
+    layout: ExpertLayout,
+    shrink_weight: torch.Tensor,
+    shrink_bias: torch.Tensor,
+    expand_weight: torch.Tensor,
+    expand_bias: torch.Tensor,
+    router: RouterOps | None = None,
+    gates: torch.Tensor | None = None,
+    adapter_input: torch.Tensor | None = None,
+    sparse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backend contract (moa_kernels/backends.py) by the per-expert loop.
+
+    y = base + sum_e g_e delta_e(adapter_input) for 2-D x, base being `base_output` (the
+    base module's output, any base) or x W^T + b from `base_weight`/`base_bias` (a plain
+    linear). The gates are the router's reference gates (`router.reference_gates`) unless
+    given; with `sparse` a zero gate skips its pair (adds nothing, gets no gradient).
+    Returns y [T, out] and the applied gates [T, E], in x's dtype.
+    """
+    base = resolve_base_output(x, base_output, base_weight, base_bias)
+    if gates is None:
+        if router is None:
+            raise ValueError("moa_linear needs a router or gates")
+        gates = router.reference_gates(x)
+    if gates.shape != (x.shape[0], layout.num_experts):
+        raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "
+                         f"got {tuple(gates.shape)}")
+    gates = gates.to(x.dtype)
+    experts = [(slot.kind, slot.scaling, slot.activation, params) for slot, params in
+               zip(layout.slots, layout.expert_tensors(shrink_weight, shrink_bias,
+                                                       expand_weight, expand_bias))]
+    adapter_input = x if adapter_input is None else adapter_input
+    return reference_mixture(base, adapter_input, experts, gates, skip_zero_gates=sparse), gates
+
+
+def resolve_base_output(x: torch.Tensor, base_output: torch.Tensor | None,
+                        base_weight: torch.Tensor | None,
+                        base_bias: torch.Tensor | None) -> torch.Tensor:
+    """The base output of the backend contract: base_output itself, or x W^T + b."""
+    if (base_output is None) == (base_weight is None):
+        raise ValueError("give exactly one of base_output (any base) and base_weight (a "
+                         "plain linear base)")
+    if base_output is not None:
+        if base_output.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"base_output has shape {tuple(base_output.shape)}, x has "
+                             f"{tuple(x.shape)}: their leading dimensions must agree")
+        return base_output
+    return F.linear(x, base_weight, base_bias)

@@ -110,9 +110,12 @@ class RouterOps:
     GEMM, and a function that finishes the gates from that layer's output.
 
     first_weight [F, in], first_bias [F] or None; finish(first_layer [T, F]) returns
-    (gates [T, E], active [T, E] bool), as `gates_from_first_layer` does.
+    (gates [T, E], active [T, E] bool), as `gates_from_first_layer` does;
+    reference_gates(x [T, in]) gives the same gates by the reference router (the oracle
+    backend's way), or is None.
     """
 
     first_weight: torch.Tensor
     first_bias: torch.Tensor | None
     finish: object  # Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    reference_gates: object = None  # Callable[[torch.Tensor], torch.Tensor] | None

@@ -2,25 +2,32 @@
 
 Plan (T tokens, R stacked shrink rows, C expand columns, F router first-layer width):
 
+The base output is either given (`base_output`: any frozen module, called by the layer) or
+computed here from a plain linear's weights (`base_weight`), the fast path of step 1.
+
 Dense (soft mode, or gates given):
   1. `_BaseAndShrink`: y = base(x) and h = x @ [A_stack; W_router1]^T + bias: two GEMMs that
-     share the saved x; backward accumulates dx = dy W_base + dh W_shrink in place.
+     share the saved x; backward accumulates dx = dy W_base + dh W_shrink in place. With a
+     given base output, h = F.linear(x, [A_stack; W_router1]) under plain autograd.
   2. The router finishes from h[:, R:] with ordinary autograd ([T, F] tensors only).
   3. `_GatedExpand`: u = act(h[:, :R]) * g * scaling per column, then one GEMM
-     y += [u, g_adapters] @ [B_stack, up_biases]^T, in place into y. Backward recomputes the
+     y + [u, g_adapters] @ [B_stack, up_biases]^T with y as its addend (out of place: no
+     tensor another op returned is modified, so autograd, torch.compile and tensor
+     subclasses see plain functional ops). Backward recomputes the
      activations from the saved h ([T, R]), so nothing of size [T, out] or [T, E, out] is
      stored.
 Sparse (threshold, adaptive, topk):
   1. as above, with the router rows only.
   2. the gates give a `RoutingPlan` (pairs sorted by expert; one host sync, here only).
   3. `_SparseExperts`: per expert, gather its active rows of x into a reused workspace, run
-     its shrink and expand, and add the result into y with index_add (sequential, so
+     its shrink and expand, and add the result into a copy of y with index_add (sequential, so
      deterministic, on CPU; on CUDA it is deterministic only under
      torch.use_deterministic_algorithms(True) -- CUDA's default backend is triton, whose
      combine is deterministic). Backward re-gathers x instead of saving the gathered rows, and
      hands its dx pieces to `_BaseAndShrink`, which adds them into the dx it allocates.
   When more than DENSE_ABOVE_ACTIVE_FRACTION of the pairs are active, step 3 is the dense
-  `_GatedExpand` with the masked gates instead (the same math, cheaper on CPU).
+  `_GatedExpand` with the skipped pairs' hidden zeroed and their gates masked instead (the
+  same math, cheaper on CPU).
 Without grad mode the autograd Functions' forwards run directly (`_apply`).
 """
 
@@ -44,8 +51,9 @@ DENSE_ABOVE_ACTIVE_FRACTION = 0.5
 def moa_linear(
     x: torch.Tensor,
     *,
-    base_weight: torch.Tensor,
-    base_bias: torch.Tensor | None,
+    base_output: torch.Tensor | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
     layout: ExpertLayout,
     shrink_weight: torch.Tensor,
     shrink_bias: torch.Tensor,
@@ -56,10 +64,14 @@ def moa_linear(
     adapter_input: torch.Tensor | None = None,
     sparse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = base(x) + sum_e g_e delta_e(adapter_input) for 2-D x.
+    """y = base + sum_e g_e delta_e(adapter_input) for 2-D x (the backend contract of
+    moa_kernels/backends.py).
 
     Args:
         x: [T, in]. adapter_input: [T, in] what the experts read (x after dropout), or None.
+        base_output: [T, out] the base module's output for x (any base); or base_weight
+            [out, in] and base_bias [out] of a plain linear, whose GEMM then shares x with
+            the shrink GEMM (`_BaseAndShrink`).
         shrink_weight [R, in], shrink_bias [R - layout.bias_start], expand_weight [out, C],
         expand_bias [N_ad, out]: the stacked expert tensors, in x's dtype.
         router: the router's first layer and finisher; or None with `gates` [T, E] given.
@@ -67,6 +79,9 @@ def moa_linear(
     Returns:
         y [T, out] and the applied gates [T, E].
     """
+    if (base_output is None) == (base_weight is None):
+        raise ValueError("give exactly one of base_output (any base) and base_weight (a "
+                         "plain linear base)")
     expert_rows = 0 if sparse else layout.shrink_rows
     fused_input = adapter_input is None
     weights, biases = [], []  # a None bias: that block of rows has none
@@ -76,18 +91,24 @@ def moa_linear(
     if router is not None:
         weights.append(router.first_weight)
         biases.append(router.first_bias)
+    fused_base = base_output is None
     # Sparse experts hand their share of dx to _BaseAndShrink, which adds it into the dx it
     # allocates anyway (saves a [T, in] buffer and an add pass). Not with dropout: then
     # the experts' dx must flow back through the dropout.
-    link = _InputGradLink() if sparse and fused_input and router is not None else None
+    link = _InputGradLink() if sparse and fused_input and router is not None and fused_base \
+        else None
+    weight = bias = None
     if weights:
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-        bias = None
         if len(biases) == 1:
             bias = biases[0]
         elif any(b is not None for b in biases):
             bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
                               for w, b in zip(weights, biases)])
+    if not fused_base:
+        y = base_output
+        h = F.linear(x, weight, bias) if weight is not None else x.new_empty(x.shape[0], 0)
+    elif weight is not None:
         y, h = _apply(_BaseAndShrink, x, base_weight, base_bias, weight, bias, link)
     else:
         y, h = F.linear(x, base_weight, base_bias), x.new_empty(x.shape[0], 0)
@@ -101,9 +122,10 @@ def moa_linear(
     active = None
     if router is not None:
         gates, active = router.finish(h)
-    if gates.shape != (x.shape[0], layout.num_experts):
+    if gates is None or gates.shape != (x.shape[0], layout.num_experts):
+        shape = None if gates is None else tuple(gates.shape)
         raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "
-                         f"got {tuple(gates.shape)}")
+                         f"got {shape}")
     gates = gates.to(x.dtype)
 
     if not sparse:
@@ -114,10 +136,16 @@ def moa_linear(
     plan = RoutingPlan.from_active(active)
     expert_input = x if adapter_input is None else adapter_input
     if plan.num_pairs > DENSE_ABOVE_ACTIVE_FRACTION * active.numel():
-        # Mostly active: the dense path with the masked gates is the same math and cheaper.
-        # A skipped pair has g = 0 and no gate gradient, as on the sparse path: the router's
-        # own mask ensures that, the multiply does it for gates from outside.
+        # Mostly active: the dense path with the skipped pairs masked out is the same math
+        # and cheaper. A skipped pair's hidden is zeroed (not multiplied by its zero gate:
+        # 0 * inf would reach tokens not routed to it), so act(0) = 0 adds nothing and its
+        # gate gets no gradient from the expert; the adapters' gated up-bias is masked
+        # through the gates (the router's own mask does that, the multiply for outside
+        # gates).
         hidden = F.linear(expert_input, shrink_weight, layout.full_shrink_bias(shrink_bias))
+        # [T, E] @ [E, R]: a shrink row is kept while an expert reading it is active.
+        row_active = active.to(torch.float32) @ layout.index_tensors(hidden.device)["row_owner"]
+        hidden = torch.where(row_active > 0, hidden, torch.zeros_like(hidden))
         masked = gates if router is not None else gates * active
         y = _apply(_GatedExpand, y, hidden, masked, expand_weight, expand_bias, layout)
         return y, gates
@@ -130,9 +158,6 @@ class _NoGradContext:
     """Stands in for an autograd ctx when nothing will be differentiated."""
 
     def save_for_backward(self, *tensors) -> None:
-        pass
-
-    def mark_dirty(self, *tensors) -> None:
         pass
 
 
@@ -257,13 +282,13 @@ def _expand_operands(hidden, gates, expand_weight, expand_bias, layout):
 
 
 class _GatedExpand(torch.autograd.Function):
-    """y [T, out] += gated expand of hidden [T, R] (pre-activation), in place."""
+    """y [T, out] + gated expand of hidden [T, R] (pre-activation), as a new tensor (the
+    GEMM reads y as its addend: no pass of its own, and y is never modified)."""
 
     @staticmethod
     def forward(ctx, y, hidden, gates, expand_weight, expand_bias, layout):
         u, weight, *_ = _expand_operands(hidden, gates, expand_weight, expand_bias, layout)
-        y.addmm_(u, weight.t())
-        ctx.mark_dirty(y)
+        y = torch.addmm(y, u, weight.t())
         ctx.layout = layout
         ctx.save_for_backward(hidden, gates, expand_weight, expand_bias)
         return y
@@ -310,7 +335,8 @@ def _expert_weights(slot, layout, shrink_weight, shrink_bias, expand_weight, exp
 
 
 class _SparseExperts(torch.autograd.Function):
-    """y [T, out] += sum over active pairs (t, e) of g[t, e] delta_e(x[t]), in place.
+    """y [T, out] + sum over active pairs (t, e) of g[t, e] delta_e(x[t]), as a new tensor
+    (one copy of y, then index_add per expert into the copy; y is never modified).
 
     Works expert by expert on the plan's contiguous slices. The gathered rows of each expert
     go into one workspace per call, reused across experts: at most [max count, in] of
@@ -321,6 +347,7 @@ class _SparseExperts(torch.autograd.Function):
     def forward(ctx, y, x, shrink_weight, shrink_bias, expand_weight, expand_bias, gates,
                 plan, layout, link=None):
         sorted_gates = gates[plan.token_index, plan.expert_index]
+        y = y.clone()
         largest = max(plan.counts_host, default=0)
         x_rows = x.new_empty(largest, x.shape[1])
         out_rows = y.new_empty(largest, y.shape[1])
@@ -341,7 +368,6 @@ class _SparseExperts(torch.autograd.Function):
             y.index_add_(0, tokens, out)
             hiddens.append(hidden)
             start = stop
-        ctx.mark_dirty(y)
         ctx.plan, ctx.layout, ctx.link = plan, layout, link
         ctx.save_for_backward(x, shrink_weight, shrink_bias, expand_weight, expand_bias,
                               sorted_gates, *hiddens)

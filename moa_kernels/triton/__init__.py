@@ -4,7 +4,8 @@ same semantics), run as three custom ops (see ops.py).
 Plan (T tokens, R stacked shrink rows, C expand columns, F router first-layer width):
 
 Dense (soft mode, or gates given):
-  1. y = base(x) (the frozen GEMM stays with cuBLAS), h = moa::shrink(x, [A_stack;
+  1. y = base(x) (given by the layer for any base; for a plain linear the frozen GEMM
+     stays with cuBLAS), h = moa::shrink(x, [A_stack;
      W_router1]) [T, R + F] fp32: x is read once for every expert and the router.
   2. The router finishes from h[:, R:] with ordinary autograd ([T, F] tensors only).
   3. y = moa::gated_expand(y, h[:, :R], g): activation, gate and scaling in the operand
@@ -21,9 +22,10 @@ Backward: registered per op; see each kernel file's docstring.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from moa_kernels.backends import check_triton_input
 from moa_kernels.layout import ExpertLayout
+from moa_kernels.reference import resolve_base_output
 from moa_kernels.routing import RouterOps
 from moa_kernels.triton.ops import gated_expand_op, grouped_shrink_op, shrink_op
 from moa_kernels.triton.plan import KernelLayout, TritonPlan
@@ -34,8 +36,9 @@ __all__ = ["moa_linear", "KernelLayout", "TritonPlan"]
 def moa_linear(
     x: torch.Tensor,
     *,
-    base_weight: torch.Tensor,
-    base_bias: torch.Tensor | None,
+    base_output: torch.Tensor | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
     layout: ExpertLayout,
     shrink_weight: torch.Tensor,
     shrink_bias: torch.Tensor,
@@ -46,10 +49,13 @@ def moa_linear(
     adapter_input: torch.Tensor | None = None,
     sparse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = base(x) + sum_e g_e delta_e(adapter_input) for 2-D x.
+    """y = base + sum_e g_e delta_e(adapter_input) for 2-D x (the backend contract of
+    moa_kernels/backends.py).
 
     Args:
         x: [T, in]. adapter_input: [T, in] what the experts read (x after dropout), or None.
+        base_output: [T, out] the base module's output for x (any base); or base_weight
+            [out, in] and base_bias [out] of a plain linear (cuBLAS computes x W^T + b).
         shrink_weight [R, in], shrink_bias [R - layout.bias_start], expand_weight [out, C],
         expand_bias [N_ad, out]: the stacked expert tensors (fp32, fp16 or bf16).
         router: the router's first layer and finisher; or None with `gates` [T, E] given.
@@ -57,10 +63,11 @@ def moa_linear(
     Returns:
         y [T, out] in x's dtype and the applied gates [T, E] in x's dtype.
     """
+    check_triton_input(x)
     meta = KernelLayout.of(layout, x.device)
     rows = layout.shrink_rows
     full_bias = layout.full_shrink_bias(shrink_bias)
-    y = F.linear(x, base_weight, base_bias)
+    y = resolve_base_output(x, base_output, base_weight, base_bias).contiguous()
     fused = adapter_input is None and not sparse
     hidden = active = None
     if router is not None:

@@ -117,12 +117,30 @@ def test_bad_fields_fail_with_what_is_allowed(kwargs, message):
         MoAConfig(**kwargs)
 
 
-@pytest.mark.parametrize("alpha", [1 / 3, 123456789.0, 16.0, 0.1])
+@pytest.mark.parametrize("alpha", [1 / 3, 12345.678, 16.0, 0.1, 1e-05, 65504.0])
 def test_alpha_survives_the_json_round_trip_exactly(alpha):
     config = MoAConfig(experts=[ExpertSpec.lora(4, alpha), ExpertSpec.hydra(2, 3, alpha)])
     again = MoAConfig.from_json_string(config.to_json_string())
     assert again == config
     assert [spec.alpha for spec in again.experts] == [alpha, alpha]
+    assert "e" not in str(config.experts[0]).split(":")[2]  # plain decimal, as parse reads
+
+
+@pytest.mark.parametrize("text, spec", [
+    ("lora:8", ExpertSpec.lora(8)),
+    ("LORA:08:16", ExpertSpec.lora(8, 16.0)),  # kind is case-blind; a leading zero is fine
+    ("lora:8:.5", ExpertSpec.lora(8, 0.5)),
+    ("lora:8:16.", ExpertSpec.lora(8, 16.0)),
+    (" hydra:4:2:65504 ", ExpertSpec.hydra(4, 2, 65504.0)),  # around the text: stripped
+    ("adapter:16:GELU", ExpertSpec.adapter(16, "gelu")),
+])
+def test_plain_expert_strings_parse(text, spec):
+    assert ExpertSpec.parse(text) == spec
+
+
+def test_a_comma_separated_experts_string_may_have_spaces_after_commas():
+    assert MoAConfig(experts="lora:8, adapter:16").experts == [ExpertSpec.lora(8),
+                                                               ExpertSpec.adapter(16)]
 
 
 def test_alpha_must_be_a_number_not_a_bool():

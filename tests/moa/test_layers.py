@@ -128,7 +128,7 @@ def test_router_config_accepts_valid_thresholds(max_threshold):
         (lambda: ExpertSpec.adapter(0), ValueError, r"size must be an integer >= 1, got 0"),
         (lambda: ExpertSpec.hydra(0, 2), ValueError, r"rank must be an integer >= 1"),
         (lambda: ExpertSpec.hydra(2, 0), ValueError, r"heads must be an integer >= 1"),
-        (lambda: ExpertSpec.parse("lora:-3"), ValueError, r"lora:-3.*rank.*>= 1, got -3"),
+        (lambda: ExpertSpec.parse("lora:-3"), ValueError, r"lora:-3.*rank '-3' must be written with the digits 0-9"),
         (lambda: ExpertSpec.parse("adapter:0"), ValueError, r"adapter:0.*size.*>= 1, got 0"),
         # unparsable expert strings: the message lists the accepted forms
         (lambda: ExpertSpec.parse("conv:3"), ValueError,
@@ -318,28 +318,6 @@ def test_route_under_autocast_gives_the_applied_gates():
         gates = layer.route(x)
     assert gates.dtype == layer.last_gates.dtype == torch.bfloat16
     assert torch.equal(gates, layer.last_gates)
-
-
-def test_base_layers_that_moa_cannot_honour_are_refused():
-    # MoALinear computes base(x) from base.weight and base.bias: a subclass with its own
-    # forward (a quantized layer, say) or a forward hook would be bypassed silently
-    class Doubled(nn.Linear):
-        def forward(self, x):
-            return 2 * super().forward(x)
-
-    with pytest.raises(TypeError, match=r"Doubled overrides nn.Linear.forward"):
-        MoALinear(Doubled(9, 7), ["lora:2"])
-    hooked = nn.Linear(9, 7)
-    hooked.register_forward_hook(lambda module, args, out: out * 2)
-    with pytest.raises(ValueError, match=r"forward hooks"):
-        MoALinear(hooked, ["lora:2"])
-
-    class Plain(nn.Linear):  # a subclass that keeps nn.Linear's forward is fine
-        pass
-
-    layer = MoALinear(Plain(9, 7), ["lora:2"])
-    x = torch.randn(4, 9)
-    assert torch.equal(layer(x), layer.base(x))
 
 
 # ---------------------------------------------------------------------------------------
@@ -587,7 +565,7 @@ def test_initialisation_follows_design():
 
 def spy_backends(monkeypatch):
     calls = []
-    original_reference, original_torch = reference.reference_moa_linear, torch_ops.moa_linear
+    original_reference, original_torch = reference.moa_linear, torch_ops.moa_linear
 
     def spy_reference(*args, **kwargs):
         calls.append("reference")
@@ -597,7 +575,7 @@ def spy_backends(monkeypatch):
         calls.append("torch")
         return original_torch(*args, **kwargs)
 
-    monkeypatch.setattr(reference, "reference_moa_linear", spy_reference)
+    monkeypatch.setattr(reference, "moa_linear", spy_reference)
     monkeypatch.setattr(torch_ops, "moa_linear", spy_torch)
     return calls
 

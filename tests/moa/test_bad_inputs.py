@@ -1,0 +1,157 @@
+"""Bad inputs and the errors they must give, as one table.
+
+Each row is pytest.param(make, ExpectedError, fragment, id=...): calling make() (no
+arguments) must raise ExpectedError, or a subclass, with `fragment` in its message. The id
+says what the row covers. To add a case, append a row; helpers that build what a row needs
+sit above the table. A `moa` command runs through `cli`, which turns a non-zero exit into
+CommandFailed (after checking that stderr is one line and not a traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from moa import ExpertSpec, MoAConfig, get_moa_model
+from moa.cli import main
+from tests.moa.tiny import tiny_llama
+
+
+class CommandFailed(Exception):
+    """`moa ...` exited non-zero; the message is its exit status and stderr."""
+
+
+def cli(*argv: str) -> None:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = main(list(argv))
+    text = err.getvalue()
+    if status != 0:
+        assert text.startswith("moa: error: ") and text.count("\n") == 1, text
+        raise CommandFailed(f"exit {status}: {text}")
+
+
+def inject(model=None, **config):
+    """get_moa_model on a fresh 2-layer tiny Llama (or `model`) with MoAConfig(**config)."""
+    return get_moa_model(tiny_llama() if model is None else model, MoAConfig(**config))
+
+
+def peft_model():
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"]))
+
+
+def demo_into(prepare) -> None:
+    """`moa demo --steps 1 --out D` after prepare(D) has set up a fresh folder D."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        prepare(out)
+        cli("demo", "--steps", "1", "--out", str(out))
+
+
+def _weights_path_is_a_directory(out: Path) -> None:
+    (out / "adapter" / "adapter_model.safetensors").mkdir(parents=True)
+
+
+def _out_is_a_file(out: Path) -> None:
+    out.write_text("not a folder")
+
+
+DIGITS_ONLY = "must be written with the digits 0-9 only"
+PLAIN_DECIMAL = "must be a plain decimal number such as 16 or 0.5"
+LAYERS_ALLOWED = "layers_to_transform must be None or a non-empty list of layer indices"
+Q_PROJ_0 = "model.layers.0.self_attn.q_proj"
+
+BAD_INPUTS = [
+    # ---- expert strings: numbers int() / float() take but nobody means -------------------
+    pytest.param(lambda: ExpertSpec.parse("lora:8_0"), ValueError,
+                 f"lora rank '8_0' {DIGITS_ONLY}", id="expert-rank-underscore-is-not-80"),
+    pytest.param(lambda: ExpertSpec.parse("lora:\u0668"), ValueError,
+                 f"lora rank '\u0668' {DIGITS_ONLY}", id="expert-rank-arabic-indic-digit"),
+    pytest.param(lambda: ExpertSpec.parse("lora: 8"), ValueError,
+                 f"lora rank ' 8' {DIGITS_ONLY}", id="expert-rank-space-inside"),
+    pytest.param(lambda: ExpertSpec.parse("lora:+8"), ValueError,
+                 f"lora rank '+8' {DIGITS_ONLY}", id="expert-rank-plus-sign"),
+    pytest.param(lambda: ExpertSpec.parse("adapter:1_6"), ValueError,
+                 f"adapter size '1_6' {DIGITS_ONLY}", id="expert-adapter-size-underscore"),
+    pytest.param(lambda: ExpertSpec.parse("hydra:8:8_0"), ValueError,
+                 f"hydra heads '8_0' {DIGITS_ONLY}", id="expert-hydra-heads-underscore"),
+    pytest.param(lambda: ExpertSpec.parse("lora:8:1e308"), ValueError,
+                 f"alpha '1e308' {PLAIN_DECIMAL}", id="expert-alpha-exponent"),
+    pytest.param(lambda: ExpertSpec.parse("lora:8:nan"), ValueError,
+                 f"alpha 'nan' {PLAIN_DECIMAL}", id="expert-alpha-nan"),
+    pytest.param(lambda: ExpertSpec.parse("hydra:8:2:inf"), ValueError,
+                 f"alpha 'inf' {PLAIN_DECIMAL}", id="expert-alpha-inf"),
+    pytest.param(lambda: ExpertSpec.parse("lora:8:1_0"), ValueError,
+                 f"alpha '1_0' {PLAIN_DECIMAL}", id="expert-alpha-underscore"),
+    pytest.param(lambda: ExpertSpec.parse("lora:8:100000"), ValueError,
+                 "alpha must be at most 65504 (the largest float16",
+                 id="expert-alpha-above-the-bound"),
+    pytest.param(lambda: ExpertSpec.lora(8, 1e308), ValueError,
+                 "alpha must be at most 65504", id="expertspec-alpha-1e308"),
+    # ---- MoAConfig fields of the wrong type ---------------------------------------------
+    pytest.param(lambda: MoAConfig(dropout="0.1"), ValueError,
+                 "dropout must be a number in [0, 1) such as 0.1 (0 for none), got '0.1', "
+                 "a str", id="dropout-as-a-string"),
+    pytest.param(lambda: MoAConfig(dropout=None), ValueError,
+                 "dropout must be a number in [0, 1) such as 0.1 (0 for none), got None",
+                 id="dropout-none"),
+    pytest.param(lambda: MoAConfig(dropout=True), ValueError, "got True, a bool",
+                 id="dropout-bool"),
+    pytest.param(lambda: MoAConfig(layers_to_transform=1.0), ValueError,
+                 f"{LAYERS_ALLOWED} (integers >= 0; one integer for a single layer), got 1.0, "
+                 "a float", id="layers-to-transform-a-float"),
+    pytest.param(lambda: MoAConfig(layers_to_transform="0,1"), ValueError,
+                 f"{LAYERS_ALLOWED} (integers >= 0; one integer for a single layer), got "
+                 "'0,1', a str", id="layers-to-transform-a-string"),
+    pytest.param(lambda: MoAConfig(layers_to_transform=[0, 1.0]), ValueError,
+                 "got [0, 1.0]: 1.0 is a float", id="layers-to-transform-a-float-entry"),
+    # ---- injection: what the config names must exist in the model ------------------------
+    pytest.param(lambda: inject(layers_to_transform=[0, 99]), ValueError,
+                 "layers_to_transform=[0, 99] names layer 99, which this LlamaForCausalLM "
+                 "does not have; the model's layers are [0, 1]", id="layers-beyond-the-model"),
+    pytest.param(lambda: inject(experts={"*": ["lora:4"], "q_porj": ["lora:8"]}), ValueError,
+                 "experts key 'q_porj' matches no adapted module, so its experts would never "
+                 "be used", id="experts-key-typo"),
+    pytest.param(lambda: inject(experts={"*": ["lora:4"], "q_porj": ["lora:8"]}), ValueError,
+                 "Did you mean 'q_proj'", id="experts-key-typo-names-what-it-could-mean"),
+    pytest.param(lambda: inject(experts={"*": ["lora:4"], "self_attn.q_porj": ["lora:8"]}),
+                 ValueError, "Did you mean 'self_attn.q_proj'", id="experts-dotted-key-typo"),
+    pytest.param(lambda: inject(experts={"*": ["lora:4"], "gate_proj": ["lora:8"]}),
+                 ValueError, "It names 'model.layers.0.mlp.gate_proj', which target_modules "
+                 "and exclude_modules leave unadapted", id="experts-key-of-an-untargeted-module"),
+    pytest.param(lambda: inject(layers_to_transform=[0],
+                                experts={"*": ["lora:4"], "layers.1.self_attn.q_proj": ["lora:8"]}),
+                 ValueError, "It names only modules outside layers_to_transform=[0]",
+                 id="experts-key-outside-layers-to-transform"),
+    pytest.param(lambda: inject(target_modules=".*"), ValueError,
+                 "target_modules match 'model', a LlamaModel; only nn.Linear modules can be "
+                 "adapted (the regex '.*' must match nn.Linear names only, such as "
+                 f"'{Q_PROJ_0}')", id="regex-matching-everything-names-a-real-module"),
+    pytest.param(lambda: inject(peft_model().base_model.model, target_modules=["q_proj"]),
+                 ValueError, f"target_modules match '{Q_PROJ_0}', which is already wrapped by "
+                 "PEFT (a peft.tuners.lora.layer.Linear); adapt the base model, not a PEFT "
+                 "model", id="peft-wrapped-target"),
+    pytest.param(lambda: inject(peft_model(), target_modules=["q_proj"]), ValueError,
+                 "which is already wrapped by PEFT", id="peft-model-given"),
+    pytest.param(lambda: inject(peft_model(), target_modules=r".*lora_A\.default"), ValueError,
+                 "which is already wrapped by PEFT (inside "
+                 f"'base_model.model.{Q_PROJ_0}'", id="peft-internal-linear-targeted"),
+    # ---- the moa command: one line, non-zero exit ----------------------------------------
+    pytest.param(lambda: demo_into(_weights_path_is_a_directory), CommandFailed,
+                 "exit 1: moa: error: cannot write the demo's output ",
+                 id="demo-out-weights-path-is-a-directory"),
+    pytest.param(lambda: demo_into(_out_is_a_file), CommandFailed,
+                 "is a file, not a directory", id="demo-out-is-a-file"),
+]
+
+
+@pytest.mark.parametrize("make, expected_error, fragment", BAD_INPUTS)
+def test_bad_input_fails_clearly(make, expected_error, fragment):
+    with pytest.raises(expected_error, match=re.escape(fragment)):
+        make()
