@@ -69,8 +69,9 @@ def reference_router(
     # topk
     keep = torch.zeros_like(p).scatter(-1, p.topk(top_k, dim=-1).indices, 1.0)
     kept = p * keep
-    if normalize_topk:
-        kept = kept / kept.sum(dim=-1, keepdim=True)
+    if normalize_topk:  # kept gates that all underflowed to 0 stay 0 (not 0 / 0)
+        total = kept.sum(dim=-1, keepdim=True)
+        kept = kept / torch.where(total == 0, torch.ones_like(total), total)
     return kept
 
 

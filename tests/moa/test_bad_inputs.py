@@ -16,8 +16,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
-from moa import ExpertSpec, MoAConfig, get_moa_model
+from moa import ExpertSpec, MoAConfig, MoALinear, get_moa_model
 from moa.cli import main
 from tests.moa.tiny import tiny_llama
 
@@ -39,6 +41,11 @@ def cli(*argv: str) -> None:
 def inject(model=None, **config):
     """get_moa_model on a fresh 2-layer tiny Llama (or `model`) with MoAConfig(**config)."""
     return get_moa_model(tiny_llama() if model is None else model, MoAConfig(**config))
+
+
+def layer(experts=("lora:2",), **options) -> MoALinear:
+    """A MoALinear over nn.Linear(8, 4) without a router (gates come from outside)."""
+    return MoALinear(nn.Linear(8, 4), list(experts), router=None, **options)
 
 
 def peft_model():
@@ -142,6 +149,48 @@ BAD_INPUTS = [
     pytest.param(lambda: inject(peft_model(), target_modules=r".*lora_A\.default"), ValueError,
                  "which is already wrapped by PEFT (inside "
                  f"'base_model.model.{Q_PROJ_0}'", id="peft-internal-linear-targeted"),
+    # ---- MoALinear: the layer and its inputs ---------------------------------------------
+    pytest.param(lambda: layer()(torch.randn(3, 8), [[0.5]] * 3), TypeError,
+                 "gates must be a tensor of shape (3, 1), got list", id="gates-as-a-list"),
+    pytest.param(lambda: layer()(torch.randn(3, 8), torch.ones(3, 1, device="meta")),
+                 ValueError, "gates are on meta, the input on cpu; put them on the same device",
+                 id="gates-on-another-device"),
+    pytest.param(lambda: layer()(torch.randn(3, 8), torch.ones(3, 1, dtype=torch.int64)),
+                 TypeError, "gates must be a floating-point tensor, got torch.int64",
+                 id="integer-gates"),
+    pytest.param(lambda: layer(dropout="0.1"), ValueError,
+                 "dropout must be a number in [0, 1), got '0.1'", id="layer-dropout-as-string"),
+    pytest.param(lambda: layer(dropout=None), ValueError,
+                 "dropout must be a number in [0, 1), got None", id="layer-dropout-none"),
+    pytest.param(lambda: layer(adapter_dtype=torch.int8), ValueError,
+                 "adapter_dtype must be a floating torch.dtype, 'base' or None, got "
+                 "torch.int8", id="adapter-dtype-not-floating"),
+    pytest.param(lambda: layer(adapter_dtype="float32"), ValueError,
+                 "adapter_dtype must be a floating torch.dtype, 'base' or None, got "
+                 "'float32'", id="adapter-dtype-as-string"),
+    pytest.param(lambda: MoALinear(nn.Linear(0, 4), ["lora:2"]), ValueError,
+                 "has in_features=0 and out_features=4; both must be >= 1",
+                 id="linear-with-no-inputs"),
+    pytest.param(lambda: MoALinear(nn.Linear(8, 4, device="meta"), ["lora:2"])(
+                     torch.randn(3, 8, device="meta")), ValueError,
+                 "MoALinear cannot run on meta tensors (they hold no values); materialise",
+                 id="meta-tensors"),
+    pytest.param(lambda: layer()(torch.randn(3, 8, dtype=torch.float64),
+                                 torch.ones(3, 1, dtype=torch.float64)), TypeError,
+                 "input dtype torch.float64 differs from the base weight's torch.float32 "
+                 "(nn.Linear refuses this too)", id="input-dtype-other-than-the-base"),
+    pytest.param(lambda: MoALinear(layer(), ["lora:2"]), TypeError,
+                 "the base is already a MoALinear; adapt its .base instead",
+                 id="moalinear-as-base"),
+    pytest.param(lambda: MoALinear(nn.Conv1d(8, 4, 1), ["lora:2"]), TypeError,
+                 "integer `in_features` and `out_features` attributes", id="conv-as-base"),
+    pytest.param(lambda: layer(["lora:2", "lora:4"]).load_state_dict(
+                     layer(["lora:4", "lora:2"]).state_dict()), ValueError,
+                 "the state_dict holds other experts ([lora:4:alpha=4, lora:2:alpha=2]) than "
+                 "this layer ([lora:2, lora:4])", id="state-dict-of-permuted-experts"),
+    pytest.param(lambda: layer(["lora:8:8"]).load_state_dict(
+                     layer(["lora:8:64"]).state_dict()), ValueError,
+                 "holds other experts ([lora:8:alpha=64])", id="state-dict-of-rescaled-experts"),
     # ---- the moa command: one line, non-zero exit ----------------------------------------
     pytest.param(lambda: demo_into(_weights_path_is_a_directory), CommandFailed,
                  "exit 1: moa: error: cannot write the demo's output ",

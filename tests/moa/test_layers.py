@@ -128,7 +128,8 @@ def test_router_config_accepts_valid_thresholds(max_threshold):
         (lambda: ExpertSpec.adapter(0), ValueError, r"size must be an integer >= 1, got 0"),
         (lambda: ExpertSpec.hydra(0, 2), ValueError, r"rank must be an integer >= 1"),
         (lambda: ExpertSpec.hydra(2, 0), ValueError, r"heads must be an integer >= 1"),
-        (lambda: ExpertSpec.parse("lora:-3"), ValueError, r"lora:-3.*rank '-3' must be written with the digits 0-9"),
+        (lambda: ExpertSpec.parse("lora:-3"), ValueError,
+         r"lora:-3.*rank '-3' must be written with the digits 0-9"),
         (lambda: ExpertSpec.parse("adapter:0"), ValueError, r"adapter:0.*size.*>= 1, got 0"),
         # unparsable expert strings: the message lists the accepted forms
         (lambda: ExpertSpec.parse("conv:3"), ValueError,
