@@ -22,6 +22,7 @@ ROUTER_KINDS = ("linear", "swiglu")
 GATES = ("sigmoid", "softmax")
 MODES = ("soft", "threshold", "adaptive", "topk")
 BACKENDS = ("auto", "reference", "torch", "triton")
+ADAPTER_DTYPES = ("base", "float32", "bfloat16", "float16", "float64")
 # The largest float16: alpha / r <= alpha then fits every adapter dtype. Published LoRA alphas
 # are r to a few times r, so anything near this bound is a mistake, not a setting.
 MAX_ALPHA = 65504.0
@@ -345,6 +346,10 @@ class MoAConfig:
             zeros of a 2-D attention_mask given to MoAModel's forward) does not count.
         dropout: dropout probability on the experts' input.
         backend: MoALinear backend: "auto", "reference", "torch" or "triton".
+        adapter_dtype: dtype of every MoA tensor: None (float32 beside a half-precision or
+            quantized base, else the base's dtype), "base" (the base's compute dtype: a
+            4-bit layer's bnb_4bit_compute_dtype, else its weight's dtype), or one of
+            "float32", "bfloat16", "float16", "float64".
     """
 
     target_modules: list[str] | str = field(default_factory=_paper_targets)
@@ -360,6 +365,7 @@ class MoAConfig:
     aux_loss_coef: float = 0.0
     dropout: float = 0.0
     backend: str = "auto"
+    adapter_dtype: str | None = None
 
     def __post_init__(self) -> None:
         self.target_modules = self._patterns("target_modules", self.target_modules)
@@ -377,6 +383,8 @@ class MoAConfig:
                             f"got {type(self.router).__name__}")
         _check_choice("router_scope", self.router_scope, ROUTER_SCOPES)
         _check_choice("backend", self.backend, BACKENDS)
+        if self.adapter_dtype is not None:
+            _check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         _check_choice("parallel_adapter_activation", self.parallel_adapter_activation,
                       ACTIVATIONS)
         for name in ("parallel_adapter", "prompt_length"):

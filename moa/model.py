@@ -197,9 +197,23 @@ def _layer_of(name: str, layers: dict[str, nn.Module]) -> str:
     return max(owners, key=len)
 
 
-def _factory(module: nn.Module) -> dict:
+def _factory(module: nn.Module, adapter_dtype: str | None) -> dict:
+    """Device and dtype of the layer-level experts beside `module`'s parameters."""
     param = next(module.parameters())
-    return {"device": param.device, "dtype": default_adapter_dtype(param.dtype)}
+    if adapter_dtype is None:
+        dtype = default_adapter_dtype(param.dtype)
+    elif adapter_dtype == "base":
+        dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+    else:
+        dtype = getattr(torch, adapter_dtype)
+    return {"device": param.device, "dtype": dtype}
+
+
+def _layer_adapter_dtype(adapter_dtype: str | None) -> torch.dtype | str | None:
+    """MoAConfig.adapter_dtype as MoALinear takes it."""
+    if adapter_dtype is None or adapter_dtype == "base":
+        return adapter_dtype
+    return getattr(torch, adapter_dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,7 +278,8 @@ class MoAModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             layer = MoALinear(base, config.experts_for(name), module_router,
-                              dropout=config.dropout, backend=config.backend)
+                              dropout=config.dropout, backend=config.backend,
+                              adapter_dtype=_layer_adapter_dtype(config.adapter_dtype))
             setattr(parent, child, layer)
             self._swaps.append((parent, child, layer, base))
             if config.router_scope == "layer":
@@ -312,7 +327,10 @@ class MoAModel(nn.Module):
         if not names:
             return
         factory = _factory(layer.input_layernorm if any(True for _ in
-                           layer.input_layernorm.parameters()) else layer)
+                           layer.input_layernorm.parameters()) else layer,
+                           config.adapter_dtype)
+        if config.adapter_dtype == "base" and adapted:  # the adapted linears' compute dtype
+            factory["dtype"] = adapted[0][1].shrink_weight.dtype
         router = LayerRouter(hidden, names, config.router, self._collector, **factory)
         self._add(layer, "moa_router", router)
         self._hooks.append(layer.input_layernorm.register_forward_hook(router.input_norm_hook))

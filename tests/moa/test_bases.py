@@ -318,3 +318,23 @@ def test_merge_refuses_a_quantized_base(llama_checkpoint):
     with pytest.raises(ValueError, match=r"quantized base \(Linear4bit.*requantizing"):
         moa.merge_and_unload()
     assert any(isinstance(m, MoALinear) for m in moa.modules())  # nothing was unloaded
+
+
+@pytest.mark.parametrize("adapter_dtype, expected", [
+    (None, torch.float32),  # default beside a 4-bit base
+    ("base", torch.bfloat16),  # bnb_4bit_compute_dtype
+    ("float64", torch.float64),  # explicit
+])
+def test_moa_config_adapter_dtype(adapter_dtype, expected, llama_checkpoint):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(llama_checkpoint, quantization_config=config,
+                                                 device_map="cpu")
+    moa = get_moa_model(model, MoAConfig.preset("soft_moa", adapter_dtype=adapter_dtype))
+    assert {p.dtype for _, p in moa.moa_named_parameters()} == {expected}
+
+
+def test_moa_config_adapter_dtype_is_checked():
+    with pytest.raises(ValueError, match="unknown adapter_dtype 'fp8'; allowed: base, float32"):
+        MoAConfig(adapter_dtype="fp8")
