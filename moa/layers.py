@@ -36,9 +36,15 @@ from moa_kernels.routing import RouterOps, gates_from_first_layer
 DEFAULT_ROUTER = RouterConfig()  # frozen, so one shared instance is safe
 
 
+# auto picks triton on CUDA only once benchmarks/gpu_suite.sh has passed on real hardware
+# with its figures in benchmarks/RESULTS.md; until then the triton backend has never run on
+# a GPU (only the interpreter and sm_90 builds have checked it), so auto takes torch.
+TRITON_AUTO_ON_CUDA = False
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend to run: an explicit choice wins, then MOA_BACKEND, then triton on CUDA
-    (when importable), else torch."""
+    """The backend to run: an explicit choice wins, then MOA_BACKEND, then auto: torch
+    (triton on CUDA once TRITON_AUTO_ON_CUDA is set, see there)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -46,7 +52,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"unknown MOA_BACKEND {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+        backend = "triton" if TRITON_AUTO_ON_CUDA and device.type == "cuda" \
+            and triton_available() else "torch"
     return backend
 
 
