@@ -18,7 +18,7 @@ from decimal import Decimal
 
 EXPERT_KINDS = ("lora", "adapter", "hydra")
 ACTIVATIONS = ("silu", "gelu", "relu", "identity")
-ROUTER_KINDS = ("linear", "swiglu")
+ROUTER_KINDS = ("linear", "swiglu", "group")
 GATES = ("sigmoid", "softmax")
 MODES = ("soft", "threshold", "adaptive", "topk")
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -190,8 +190,11 @@ def parse_experts(experts) -> list[ExpertSpec]:
 class RouterConfig:
     """How a router maps a token to expert gates.
 
-    kind: "linear" (z = W x + b) or "swiglu" (z = W2 (silu(W1 x + b1) * (W3 x + b3)) + b2
-        with hidden = hidden_factor * E).
+    kind: "linear" (z = W x + b), "swiglu" (z = W2 (silu(W1 x + b1) * (W3 x + b3)) + b2
+        with hidden = hidden_factor * E), or "group" (UniPELT-style, layer routers only: one
+        logit per adapter group of the decoder layer, z_k = w_k . x + b_k, shared by the
+        group's experts: every expert of the adapted modules, the parallel adapter, the
+        prompt expert; sigmoid gate, soft mode).
     gate: "sigmoid" (paper default) or "softmax" over the experts, giving p.
     mode: "soft" (g = p), "threshold" (Sparse MoA: g = p * [p >= G],
         G = max_threshold * sigmoid(w_G . x + b_G)), "adaptive" (AdaMoLE: a = p - G,
@@ -223,6 +226,9 @@ class RouterConfig:
                 not isinstance(self.max_threshold, (int, float)) or \
                 not 0.0 < self.max_threshold <= 1.0:
             raise ValueError(f"max_threshold must be in (0, 1], got {self.max_threshold!r}")
+        if self.kind == "group" and (self.gate != "sigmoid" or self.mode != "soft"):
+            raise ValueError(f"a 'group' router gives one sigmoid gate per adapter group in "
+                             f"soft mode; got gate {self.gate!r} and mode {self.mode!r}")
 
     @property
     def uses_threshold(self) -> bool:
@@ -258,7 +264,9 @@ class RouterConfig:
 # ---------------------------------------------------------------------------------------
 
 CONFIG_NAME = "moa_config.json"
-ROUTER_SCOPES = ("layer", "module")
+ROUTER_SCOPES = ("layer", "instance", "module")
+ROUTER_INPUTS = ("input_norm", "residual")
+LAYER_SCOPES = ("layer", "instance")
 PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
 DEFAULT_EXPERT_KEY = "*"
 
@@ -330,8 +338,16 @@ class MoAConfig:
         router: the RouterConfig, or None for no router (every expert always on, gate 1:
             plain LoRA or adapters).
         router_scope: "layer": one router per decoder layer reads the layer's input-norm
-            output and gates every expert of the layer (each module takes its slice);
-            "module": every adapted module has its own router on its own input.
+            output and gates every expert of the layer per token (each module takes its
+            slice); "instance": the same router reads the mean over the sequence of that
+            input (padding left out through the attention mask) and gives one gate vector
+            per sequence, used by every token (during training it reads the whole sequence,
+            future tokens included, as published; in generate it is computed from the prompt
+            and reused at every decoding step); "module": every adapted module has its own
+            router on its own input.
+        router_input: what the layer router reads (scopes "layer" and "instance"):
+            "input_norm", the output of the decoder layer's input norm, or "residual", the
+            decoder layer's input before that norm (the published LLaMA-3 code).
         parallel_adapter: bottleneck size of a parallel adapter beside each MLP (input: the
             MLP's input, output added to the MLP's), or None. Needs router_scope "layer".
         parallel_adapter_activation: its activation ("silu", "gelu", "relu", "identity").
@@ -359,6 +375,7 @@ class MoAConfig:
         default_factory=_paper_experts)
     router: RouterConfig | None = field(default_factory=RouterConfig)
     router_scope: str = "layer"
+    router_input: str = "input_norm"
     parallel_adapter: int | None = 16
     parallel_adapter_activation: str = "silu"
     prompt_length: int | None = 10
@@ -382,6 +399,15 @@ class MoAConfig:
             raise TypeError("router must be a RouterConfig, a dict of its fields or None, "
                             f"got {type(self.router).__name__}")
         _check_choice("router_scope", self.router_scope, ROUTER_SCOPES)
+        _check_choice("router_input", self.router_input, ROUTER_INPUTS)
+        if self.router_input != "input_norm" and self.router_scope not in LAYER_SCOPES:
+            raise ValueError(f"router_input={self.router_input!r} is for layer routers "
+                             f"(router_scope 'layer' or 'instance'), got router_scope "
+                             f"{self.router_scope!r}")
+        if self.router is not None and self.router.kind == "group" and \
+                self.router_scope not in LAYER_SCOPES:
+            raise ValueError("a 'group' router gates the adapter groups of a decoder layer; "
+                             "it needs router_scope 'layer' or 'instance'")
         _check_choice("backend", self.backend, BACKENDS)
         if self.adapter_dtype is not None:
             _check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
@@ -392,10 +418,10 @@ class MoAConfig:
             if value is None:
                 continue
             _check_positive_int(name, value)
-            if self.router_scope != "layer":
+            if self.router_scope not in LAYER_SCOPES:
                 raise ValueError(f"{name} is a layer-level expert gated by the layer router; "
-                                 "it needs router_scope='layer' (set it to None for "
-                                 "router_scope='module')")
+                                 "it needs router_scope 'layer' or 'instance' (set it to "
+                                 "None for router_scope='module')")
         if self.prompt_length is not None and self.router is not None and \
                 self.router.mode != "soft":
             raise ValueError(f"the prompt expert is only used with a soft router (mode "
@@ -552,6 +578,12 @@ class MoAConfig:
         soft_moa: layer router SwiGLU x4, sigmoid, soft; lora r=8 alpha=8 on q, k, v, o,
             down; parallel adapter 16 (SiLU); prompt 10.
         sparse_moa: the same with mode "threshold" (max 0.5) and no prompt expert.
+        instance_moa: soft_moa with instance routing (one gate vector per sequence, from
+            the mean of the input-norm outputs).
+        unipeft: UniPELT-style: lora r=8 alpha=8 on q, k, v, o, down, parallel adapter 16,
+            prompt 10, and per decoder layer one sigmoid gate per group on the sequence
+            mean: the LoRA modules, the prompt, the parallel adapter (the published code
+            feeds the parallel adapter from the prompt's gate; here each group has its own).
         lora: plain LoRA r=16 (alpha 16) on the same modules, no router.
         molora: 8 x lora r=8 per module, bias-free linear softmax router per module, soft.
         hydralora: shared A, 8 B heads, r=8, bias-free linear softmax router per module.
@@ -582,6 +614,8 @@ PRESETS: dict[str, dict] = {
     "soft_moa": {},
     "sparse_moa": {"router": RouterConfig(mode="threshold", max_threshold=0.5),
                    "prompt_length": None},
+    "instance_moa": {"router_scope": "instance"},
+    "unipeft": {"router": RouterConfig(kind="group"), "router_scope": "instance"},
     "lora": {"experts": ["lora:16:16"], "router": None, "router_scope": "module",
              "parallel_adapter": None, "prompt_length": None},
     "molora": {"experts": _EIGHT_LORAS, "router": _module_router(), "router_scope": "module",

@@ -28,7 +28,7 @@ Every hook stands down when its module's `active` flag is off (`MoAModel.disable
 
 from __future__ import annotations
 
-import sys
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -37,13 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa.config import RouterConfig
+from moa.families import GENERIC, ModelFamily, rotary_function
 from moa.layers import MoALinear, MoARouter, autocast_off, compute_dtype, is_plain_linear
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
-
-# Attention classes whose forward is the Llama one (q_proj -> [q_norm] -> rotary ->
-# attention -> o_proj) and whose module defines apply_rotary_pos_emb(q, k, cos, sin).
-PROMPT_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention",
-                            "Qwen3Attention")
 
 
 class GateCollector:
@@ -96,43 +92,135 @@ def load_balancing_loss(gates: torch.Tensor) -> torch.Tensor:
 # the layer router
 # ---------------------------------------------------------------------------------------
 
+class RoutingContext:
+    """What the layer routers of one model share about the current forward: the 2-D
+    attention mask [B, S] it was given (captured by a pre-hook on the model), and, inside
+    MoAModel.generate, whether instance gates computed from the prompt are reused."""
+
+    def __init__(self) -> None:
+        self.attention_mask: torch.Tensor | None = None
+        self.reuse_instance_gates = False
+
+    def model_pre_hook(self, module: nn.Module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask")
+        self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 \
+            else None
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean over the sequence of x [B, S, H] -> [B, H], counting only the tokens that the
+    attention mask [B, S] marks (all of them without a mask, or with one of another shape)."""
+    if mask is None or tuple(mask.shape) != tuple(x.shape[:2]):
+        return x.mean(dim=1)
+    weights = mask.to(x.dtype)[..., None]
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+class GroupGates(nn.Module):
+    """UniPELT-style gates: one sigmoid gate per adapter group, g_e = sigmoid(w_k . x + b_k)
+    for every expert e of group k (router kind "group").
+
+    weight [K, in] (nn.Linear's default init), bias [K] (zeros): one Linear(in, 1) per group.
+    """
+
+    def __init__(self, in_features: int, groups: list[int], config: RouterConfig, *,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        order = sorted(set(groups))
+        self.config, self.in_features, self.num_groups = config, in_features, len(order)
+        self.weight = nn.Parameter(torch.empty(len(order), in_features, device=device,
+                                               dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(len(order), device=device, dtype=dtype))
+        if self.weight.device.type != "meta":
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.register_buffer("group_index", torch.tensor([order.index(g) for g in groups],
+                                                         device=device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Gates [..., E] for x [..., in], in x's compute dtype."""
+        dtype = compute_dtype(x)
+        with autocast_off(x):
+            logits = F.linear(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
+            return torch.sigmoid(logits).index_select(-1, self.group_index)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, groups={self.num_groups}"
+
+
 class LayerRouter(nn.Module):
     """One router for a whole decoder layer (docs/DESIGN.md section 4).
 
     Args:
-        hidden_size: width of the input-norm output it reads.
+        hidden_size: width of what it reads (the input norm's output, or the residual).
         expert_names: a name per gated expert, in gate order.
         config: the RouterConfig, or None for constant gates of 1.
         collector: where its gates go for the auxiliary loss, or None.
+        scope: "layer" (gates per token) or "instance" (one gate vector per sequence, from
+            the mean over the sequence, padding left out through `context`'s attention mask).
+        groups: for a "group" router, the adapter group of each expert.
+        context: the model's RoutingContext (the attention mask; generate's reuse flag).
     Attributes:
-        gates: [B, S, E] the gates of the current forward (with their graph), set by the
-            input-norm hook; last_gates: the same, detached, for `router_stats`.
+        gates: [B, S, E] ([B, 1, E] for instance scope) the gates of the current forward
+            (with their graph), set by the input-norm hook; last_gates: the same, detached,
+            for `router_stats`.
     """
 
     def __init__(self, hidden_size: int, expert_names: list[str],
                  config: RouterConfig | None, collector: GateCollector | None = None, *,
-                 device=None, dtype=None) -> None:
+                 scope: str = "layer", groups: list[int] | None = None,
+                 context: RoutingContext | None = None, device=None, dtype=None) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.expert_names = list(expert_names)
         self.num_experts = len(self.expert_names)
-        self.router = None if config is None else MoARouter(
-            hidden_size, self.num_experts, config, device=device, dtype=dtype)
+        self.scope = scope
+        factory = {"device": device, "dtype": dtype}
+        if config is None:
+            self.router = None
+        elif config.kind == "group":
+            if groups is None or len(groups) != self.num_experts:
+                raise ValueError("a 'group' router needs the group of each expert")
+            self.router = GroupGates(hidden_size, groups, config, **factory)
+        else:
+            self.router = MoARouter(hidden_size, self.num_experts, config, **factory)
         self.collector = collector
+        self.context = context
         self.active = True
         self.gates: torch.Tensor | None = None
         self.last_gates: torch.Tensor | None = None
+        self.prompt_gates: torch.Tensor | None = None  # instance gates kept over a generate
 
     def route(self, normed: torch.Tensor) -> torch.Tensor:
-        """Gates [..., E] for the input-norm output normed [..., hidden]; kept in `gates`."""
+        """Gates for what the router reads, normed [..., hidden]: [..., E] per token, or
+        [B, 1, E] per sequence for instance scope ([B, S, hidden] input); kept in `gates`."""
         if self.router is None:
             gates = normed.new_ones(*normed.shape[:-1], self.num_experts)
+        elif self.scope == "instance":
+            gates = self._instance_gates(normed)
         else:
             gates = self.router(normed)
-            if self.collector is not None:
-                self.collector.add(gates)
+        if self.router is not None and self.collector is not None:
+            self.collector.add(gates)
         self.gates = gates
         self.last_gates = gates.detach()
+        return gates
+
+    def _instance_gates(self, normed: torch.Tensor) -> torch.Tensor:
+        if normed.dim() != 3:
+            raise ValueError(f"instance routing reads [batch, sequence, hidden] inputs, got "
+                             f"shape {tuple(normed.shape)}")
+        context = self.context
+        reuse = context is not None and context.reuse_instance_gates
+        if reuse and self.prompt_gates is not None:
+            if self.prompt_gates.shape[0] != normed.shape[0]:
+                raise RuntimeError(f"instance gates were computed for {self.prompt_gates.shape[0]}"
+                                   f" sequences in this generate call, but a decoding step "
+                                   f"has {normed.shape[0]}")
+            return self.prompt_gates
+        mask = None if context is None else context.attention_mask
+        gates = self.router(masked_mean(normed, mask)[:, None, :])
+        if reuse:
+            self.prompt_gates = gates
         return gates
 
     @property
@@ -142,11 +230,14 @@ class LayerRouter(nn.Module):
         return self.router is not None and self.router.config.is_sparse
 
     def gates_for(self, start: int, stop: int, x: torch.Tensor, who: str) -> torch.Tensor:
-        """The gates [..., stop - start] of experts start..stop-1 for an input x [..., F]."""
+        """The gates [..., stop - start] of experts start..stop-1 for an input x [..., F]
+        (instance gates [B, 1, E] broadcast over x's tokens)."""
         if self.gates is None:
             raise RuntimeError(f"{who} ran before its layer's input norm: the layer router "
                                "has no gates for this forward")
         gates = self.gates[..., start:stop]
+        if self.scope == "instance" and x.dim() == 3 and gates.shape[0] == x.shape[0]:
+            gates = gates.expand(*x.shape[:-1], stop - start)
         if gates.shape[:-1] != x.shape[:-1]:
             raise RuntimeError(f"{who} got an input of shape {tuple(x.shape)} but its layer "
                                f"router's gates have shape {tuple(self.gates.shape)}; the "
@@ -155,12 +246,37 @@ class LayerRouter(nn.Module):
         return gates
 
     def input_norm_hook(self, module: nn.Module, args, output) -> None:
-        """Forward hook on the layer's input_layernorm."""
+        """Forward hook on the layer's input norm (router_input "input_norm")."""
         if self.active:
             self.route(output[0] if isinstance(output, tuple) else output)
 
+    def residual_hook(self, module: nn.Module, args) -> None:
+        """Forward pre-hook on the layer's input norm (router_input "residual"): routes on
+        the norm's input, the decoder layer's residual stream."""
+        if self.active:
+            self.route(args[0])
+
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, experts={self.expert_names}"
+        return f"hidden_size={self.hidden_size}, scope={self.scope}, experts={self.expert_names}"
+
+
+@contextmanager
+def instance_gate_reuse(model: nn.Module, context: RoutingContext | None) -> Iterator[None]:
+    """Inside (MoAModel.generate), instance routers compute their gates from the prompt on
+    the first forward and reuse them at every decoding step."""
+    routers = [m for m in model.modules() if isinstance(m, LayerRouter)]
+    if context is None:
+        yield
+        return
+    for router in routers:
+        router.prompt_gates = None
+    context.reuse_instance_gates = True
+    try:
+        yield
+    finally:
+        context.reuse_instance_gates = False
+        for router in routers:
+            router.prompt_gates = None
 
 
 class _Hook:
@@ -361,11 +477,6 @@ class PromptExpert(nn.Module):
         if self.active:
             self._query = output
 
-    def o_proj_pre_hook(self, attention: nn.Module, router: LayerRouter, index: int,
-                        who: str) -> Callable:
-        """A forward pre-hook (with_kwargs) on o_proj adding g_index * o_p to its input."""
-        return PromptOutputHook(self, attention, router, index, who)
-
     def extra_repr(self) -> str:
         return f"length={self.length}, hidden_size={self.hidden_size}, heads={self.num_heads}"
 
@@ -391,9 +502,9 @@ class PromptOutputHook(_Hook):
     prompt expert captured and adds g_index * o_p to the o_proj input [B, S, H * D]."""
 
     def __init__(self, prompt: PromptExpert, attention: nn.Module, router: LayerRouter,
-                 index: int, who: str) -> None:
+                 index: int, who: str, family: ModelFamily = GENERIC) -> None:
         self.prompt, self.attention, self.router = prompt, attention, router
-        self.index, self.who = index, who
+        self.index, self.who, self.family = index, who, family
 
     def __call__(self, module: nn.Module, args, kwargs):
         prompt, attention = self.prompt, self.attention
@@ -409,27 +520,14 @@ class PromptOutputHook(_Hook):
         batch, tokens = x.shape[:2]
         query = query.reshape(batch, tokens, -1, prompt.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
-        rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
-        query, _ = rotary(query, query, cos, sin)
-        out = prompt.output(query, _frozen(attention.k_proj), _frozen(attention.v_proj))
+        query, _ = rotary_function(self.family, attention)(query, query, cos, sin)
+        out = prompt.output(query, _frozen(getattr(attention, self.family.key)),
+                            _frozen(getattr(attention, self.family.value)))
         gate = self.router.gates_for(self.index, self.index + 1, x, self.who)
         x = x + (gate.to(out.dtype) * out).to(x.dtype)
         if args:
             return (x, *args[1:]), kwargs
         return args, {**kwargs, key: x}
-
-
-def check_prompt_attention(attention: nn.Module, name: str) -> None:
-    """Raise a clear error unless `attention` is of a family the prompt expert supports."""
-    kind = type(attention).__name__
-    if kind not in PROMPT_ATTENTION_CLASSES:
-        raise ValueError(f"the prompt expert supports the attention of the Llama, Mistral, "
-                         f"Qwen2 and Qwen3 families ({', '.join(PROMPT_ATTENTION_CLASSES)}); "
-                         f"{name!r} is a {kind}. Set prompt_length=None for this model")
-    module = sys.modules[type(attention).__module__]
-    if not callable(getattr(module, "apply_rotary_pos_emb", None)):
-        raise ValueError(f"{kind} is in a module without apply_rotary_pos_emb; the prompt "
-                         "expert cannot rebuild its rotary query")
 
 
 @contextmanager
@@ -448,19 +546,19 @@ def prompt_key_cache(model: nn.Module) -> Iterator[None]:
 
 
 def attach_prompt(attention: nn.Module, prompt: PromptExpert, router: LayerRouter,
-                  index: int, name: str) -> list:
-    """Register the prompt expert's three hooks; returns their handles."""
-    query_module = getattr(attention, "q_norm", None)
-    if query_module is None:
-        query_module = attention.q_proj
+                  index: int, name: str, family: ModelFamily = GENERIC) -> list:
+    """Register the prompt expert's three hooks (where `family` says the attention keeps
+    its query, query norm and output projection); returns their handles."""
+    query_module = getattr(attention, family.query_norm or family.query)
     return [
         attention.register_forward_pre_hook(prompt.attention_pre_hook, with_kwargs=True),
         query_module.register_forward_hook(prompt.query_hook),
-        attention.o_proj.register_forward_pre_hook(
-            prompt.o_proj_pre_hook(attention, router, index, f"prompt expert of {name}"),
-            with_kwargs=True),
+        getattr(attention, family.output).register_forward_pre_hook(
+            PromptOutputHook(prompt, attention, router, index, f"prompt expert of {name}",
+                             family), with_kwargs=True),
     ]
 
 
-__all__ = ["GateCollector", "LayerRouter", "ParallelAdapter", "PromptExpert",
-           "PROMPT_ATTENTION_CLASSES", "load_balancing_loss", "prompt_key_cache"]
+__all__ = ["GateCollector", "GroupGates", "LayerRouter", "ParallelAdapter", "PromptExpert",
+           "RoutingContext", "instance_gate_reuse", "load_balancing_loss", "masked_mean",
+           "prompt_key_cache"]

@@ -5,7 +5,8 @@ pattern and similar module names), `find_decoder_layers` the decoder layers that
 router. `Injection` replaces each target by a `MoALinear` in place (the frozen layer as its
 `.base`, so module names are kept) and, with router_scope="layer", adds per decoder layer the
 router, parallel adapter and prompt expert of moa/experts.py with the hooks that connect
-them; it records every change so that `remove` takes all of it out again. MoAModel
+them (where each family keeps its norm, attention, MLP and query: moa/families.py); it
+records every change so that `remove` takes all of it out again. MoAModel
 (moa/model.py) owns one Injection; nothing here knows about saving or the wrapper.
 """
 
@@ -16,22 +17,26 @@ import difflib
 import torch
 from torch import nn
 
-from moa.config import DEFAULT_EXPERT_KEY, MoAConfig, layer_index, module_matches
+from moa.config import DEFAULT_EXPERT_KEY, LAYER_SCOPES, MoAConfig, layer_index, module_matches
 from moa.experts import (
     GateCollector,
     LayerRouter,
     ParallelAdapter,
     PromptExpert,
+    RoutingContext,
     attach_prompt,
-    check_prompt_attention,
     collecting_pre_hook,
     constant_gates_pre_hook,
     gates_pre_hook,
 )
+from moa.families import check_prompt_attention, family_of
 from moa.layers import MoALinear, default_adapter_dtype
 from moa.stats import expert_names
 
 MOA_MODULES = (MoALinear, LayerRouter, ParallelAdapter, PromptExpert)
+# The adapter groups a "group" router gates (UniPELT): the adapted modules' experts, the
+# parallel adapter, the prompt expert.
+MODULE_GROUP, PARALLEL_ADAPTER_GROUP, PROMPT_GROUP = 0, 1, 2
 
 # ---------------------------------------------------------------------------------------
 # finding what to adapt
@@ -158,12 +163,13 @@ def find_targets(model: nn.Module, config: MoAConfig) -> list[tuple[str, nn.Line
 
 
 def find_decoder_layers(model: nn.Module, config: MoAConfig) -> dict[str, nn.Module]:
-    """Decoder layers (modules with an `input_layernorm`) within layers_to_transform."""
+    """Decoder layers (of a family in moa/families.py, or with an `input_layernorm`) within
+    layers_to_transform."""
     layers = {name: module for name, module in model.named_modules()
-              if isinstance(getattr(module, "input_layernorm", None), nn.Module)
-              and config.in_layers(name)}
+              if family_of(module) is not None and config.in_layers(name)}
     if not layers:
-        raise ValueError(f"router_scope='layer' needs pre-norm decoder layers with an "
+        raise ValueError(f"router_scope={config.router_scope!r} needs pre-norm decoder layers "
+                         f"with an "
                          f"input_layernorm (Llama-style); {type(model).__name__} has none "
                          f"(within layers_to_transform). Use router_scope='module' with "
                          f"parallel_adapter=None and prompt_length=None")
@@ -219,6 +225,7 @@ class Injection:
         self.swaps: list[tuple[nn.Module, str, MoALinear, nn.Linear]] = []
         self.hooks: list = []
         self.added: list[tuple[nn.Module, str]] = []
+        self.context = RoutingContext()  # the attention mask, for instance routers
 
     def inject(self) -> None:
         """Swap in the MoALinear layers and wire the layer-level experts (see the module
@@ -226,7 +233,8 @@ class Injection:
         before the error stays recorded, so `remove` undoes it."""
         config, model = self.config, self.model
         targets = find_targets(model, config)
-        layers = find_decoder_layers(model, config) if config.router_scope == "layer" else {}
+        layer_scope = config.router_scope in LAYER_SCOPES
+        layers = find_decoder_layers(model, config) if layer_scope else {}
         per_layer: dict[str, list[tuple[str, MoALinear]]] = {name: [] for name in layers}
         module_router = config.router if config.router_scope == "module" else None
         for name, base in targets:
@@ -237,7 +245,7 @@ class Injection:
                               adapter_dtype=_layer_adapter_dtype(config.adapter_dtype))
             setattr(parent, child, layer)
             self.swaps.append((parent, child, layer, base))
-            if config.router_scope == "layer":
+            if layer_scope:
                 per_layer[_layer_of(name, layers)].append((name, layer))
             elif config.router is None:
                 self.hooks.append(layer.register_forward_pre_hook(
@@ -247,12 +255,16 @@ class Injection:
                     collecting_pre_hook(self.collector), with_kwargs=True))
         for layer_name, layer in layers.items():
             self.wire_layer(layer_name, layer, per_layer[layer_name])
+        if config.router_scope == "instance":
+            self.hooks.append(model.register_forward_pre_hook(self.context.model_pre_hook,
+                                                              with_kwargs=True))
 
     def wire_layer(self, layer_name: str, layer: nn.Module,
                    adapted: list[tuple[str, MoALinear]]) -> None:
         """Give decoder layer `layer_name` its router over the experts of `adapted` (its
         MoALinear layers) and the parallel adapter and prompt expert the config asks for."""
         config = self.config
+        family = family_of(layer)
         model_config = getattr(self.model, "config", None)
         if hasattr(model_config, "get_text_config"):  # composite (e.g. vision-language) models
             model_config = model_config.get_text_config()
@@ -260,37 +272,46 @@ class Injection:
         if hidden is None:
             raise ValueError("router_scope='layer' needs model.config.hidden_size (or the "
                              "text config's, for a composite model)")
-        names, slices = [], []
+        names, slices, groups = [], [], []
         for name, module in adapted:
             relative = name[len(layer_name) + 1:]
             slices.append((len(names), len(names) + module.num_experts, name, module))
             names += [f"{relative}:{e}" for e in expert_names(module)]
+            groups += [MODULE_GROUP] * module.num_experts
+        mlp = getattr(layer, family.mlp, None)
+        attention = getattr(layer, family.attention, None)
         adapter_index = prompt_index = None
         if config.parallel_adapter is not None:
-            if not isinstance(getattr(layer, "mlp", None), nn.Module):
+            if not isinstance(mlp, nn.Module):
                 raise ValueError(f"the parallel adapter sits beside the MLP, but {layer_name!r}"
-                                 f" ({type(layer).__name__}) has no `mlp` module")
+                                 f" ({type(layer).__name__}) has no `{family.mlp}` module")
             adapter_index = len(names)
             names.append(f"parallel_adapter:adapter:{config.parallel_adapter}:"
                          f"{config.parallel_adapter_activation}")
+            groups.append(PARALLEL_ADAPTER_GROUP)
         if config.prompt_length is not None:
-            attention = getattr(layer, "self_attn", None)
             if attention is None:
                 raise ValueError(f"the prompt expert sits in attention, but {layer_name!r} "
-                                 f"({type(layer).__name__}) has no `self_attn` module")
-            check_prompt_attention(attention, f"{layer_name}.self_attn")
+                                 f"({type(layer).__name__}) has no `{family.attention}` module")
+            check_prompt_attention(family, attention, f"{layer_name}.{family.attention}")
             prompt_index = len(names)
             names.append(f"prompt:{config.prompt_length}")
+            groups.append(PROMPT_GROUP)
         if not names:
             return
-        factory = _factory(layer.input_layernorm if any(True for _ in
-                           layer.input_layernorm.parameters()) else layer,
+        input_norm = getattr(layer, family.input_norm)
+        factory = _factory(input_norm if any(True for _ in input_norm.parameters()) else layer,
                            config.adapter_dtype)
         if config.adapter_dtype == "base" and adapted:  # the adapted linears' compute dtype
             factory["dtype"] = adapted[0][1].shrink_weight.dtype
-        router = LayerRouter(hidden, names, config.router, self.collector, **factory)
+        router = LayerRouter(hidden, names, config.router, self.collector,
+                             scope="instance" if config.router_scope == "instance" else "layer",
+                             groups=groups, context=self.context, **factory)
         self.add(layer, "moa_router", router)
-        self.hooks.append(layer.input_layernorm.register_forward_hook(router.input_norm_hook))
+        if config.router_input == "residual":
+            self.hooks.append(input_norm.register_forward_pre_hook(router.residual_hook))
+        else:
+            self.hooks.append(input_norm.register_forward_hook(router.input_norm_hook))
         for start, stop, name, module in slices:
             self.hooks.append(module.register_forward_pre_hook(
                 gates_pre_hook(router, start, stop, name), with_kwargs=True))
@@ -299,14 +320,14 @@ class Injection:
                                       config.parallel_adapter_activation, config.dropout,
                                       **factory)
             self.add(layer, "moa_parallel_adapter", adapter)
-            self.hooks.append(layer.mlp.register_forward_hook(
+            self.hooks.append(mlp.register_forward_hook(
                 adapter.mlp_hook(router, adapter_index, f"parallel adapter of {layer_name}"),
                 with_kwargs=True))
         if prompt_index is not None:
-            prompt = PromptExpert(layer.self_attn, config.prompt_length, hidden, **factory)
-            self.add(layer.self_attn, "moa_prompt", prompt)
-            self.hooks += attach_prompt(layer.self_attn, prompt, router, prompt_index,
-                                        f"{layer_name}.self_attn")
+            prompt = PromptExpert(attention, config.prompt_length, hidden, **factory)
+            self.add(attention, "moa_prompt", prompt)
+            self.hooks += attach_prompt(attention, prompt, router, prompt_index,
+                                        f"{layer_name}.{family.attention}", family)
 
     def add(self, owner: nn.Module, attribute: str, module: nn.Module) -> None:
         """Set `owner.attribute = module`, recorded for `remove`."""

@@ -163,6 +163,10 @@ class MoARouter(nn.Module):
         if not isinstance(config, RouterConfig):
             raise TypeError(f"router must be a RouterConfig or None, got {type(config).__name__}")
         config.check_num_experts(num_experts)
+        if config.kind == "group":
+            raise ValueError("a 'group' router gates the adapter groups of a decoder layer "
+                             "(MoAConfig with router_scope 'layer' or 'instance'); a "
+                             "MoALinear's own router is 'linear' or 'swiglu'")
         self.config, self.in_features, self.num_experts = config, in_features, num_experts
         factory = {"device": device, "dtype": dtype}
         if config.kind == "linear":

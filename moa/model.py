@@ -32,6 +32,7 @@ from moa.experts import (
     LayerRouter,
     ParallelAdapter,
     PromptExpert,
+    instance_gate_reuse,
     load_balancing_loss,
     prompt_key_cache,
 )
@@ -229,8 +230,11 @@ class MoAModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         """The model's generate, adapters on (unless inside disable_adapters). The prompt
-        experts' keys and values are computed once per call, not once per decoded token."""
-        with prompt_key_cache(self.model):
+        experts' keys and values are computed once per call, not once per decoded token;
+        instance routers compute their gates from the prompt and reuse them at every
+        decoding step."""
+        with prompt_key_cache(self.model), \
+                instance_gate_reuse(self.model, self._injection.context):
             return self.model.generate(*args, **kwargs)
 
     @contextmanager

@@ -92,7 +92,7 @@ def test_experts_dict_takes_the_longest_suffix_then_the_default():
 
 @pytest.mark.parametrize("kwargs, message", [
     # each row: a bad field, and what the error must say
-    ({"router_scope": "global"}, "unknown router_scope 'global'; allowed: layer, module"),
+    ({"router_scope": "global"}, "unknown router_scope 'global'; allowed: layer, instance, module"),
     ({"router_scope": "module"}, "parallel_adapter is a layer-level expert"),
     ({"router": RouterConfig(mode="threshold")}, "prompt expert is only used with a soft"),
     ({"router": None, "aux_loss_coef": 0.1}, "aux_loss_coef > 0 needs a router"),

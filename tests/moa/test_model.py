@@ -14,10 +14,14 @@ from safetensors.torch import load_file, save_file
 from transformers import (
     BertConfig,
     BertModel,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GemmaConfig,
     GemmaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -46,6 +50,10 @@ def tiny_family(family: str, seed: int = 0):
         return Qwen2ForCausalLM(Qwen2Config(**SMALL)).eval()
     if family == "qwen3":  # q_norm / k_norm on the head dim
         return Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=16)).eval()
+    if family == "gemma":  # (1 + w) RMSNorm, scaled embeddings
+        return GemmaForCausalLM(GemmaConfig(**SMALL, head_dim=16)).eval()
+    if family == "gemma2":  # pre and post norms around attention and MLP, soft-capping
+        return Gemma2ForCausalLM(Gemma2Config(**SMALL, head_dim=16)).eval()
     raise ValueError(family)
 
 
@@ -145,7 +153,7 @@ def rotate_half(x):
     return torch.cat((-second, first), dim=-1)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"])
 def test_prompt_expert_matches_the_hand_computed_attention_term(family):
     moa = get_moa_model(tiny_family(family), MoAConfig())
     perturb(moa, scale=0.5)  # gates non-zero, LoRA B non-zero (q_proj's LoRA moves q)
@@ -187,13 +195,17 @@ def test_prompt_expert_matches_the_hand_computed_attention_term(family):
     assert relative_error(with_prompt, expected) < 1e-5
 
 
-def test_prompt_expert_on_other_architectures_is_a_clear_error():
-    config = GemmaConfig(**SMALL, head_dim=16)
+def test_prompt_expert_on_a_fused_qkv_attention_is_a_clear_error():
+    # Phi-3 projects q, k and v with one qkv_proj: no separate key and value projections
+    # for the prompt keys (moa/families.py), but its layers take layer routers.
+    config = Phi3Config(**SMALL, pad_token_id=0)
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"prompt expert supports .* 'model\.layers\.0\.self_attn'"
-                       r" is a GemmaAttention\. Set prompt_length=None"):
-        get_moa_model(GemmaForCausalLM(config), MoAConfig())
-    moa = get_moa_model(GemmaForCausalLM(config), MoAConfig(prompt_length=None))
+                       r" is a Phi3Attention\. Set prompt_length=None"):
+        get_moa_model(Phi3ForCausalLM(config), MoAConfig(target_modules=["qkv_proj"]))
+    moa = get_moa_model(Phi3ForCausalLM(config),
+                        MoAConfig(target_modules=["qkv_proj", "o_proj", "down_proj"],
+                                  prompt_length=None))
     perturb(moa)
     assert moa(token_batch(), labels=token_batch()).loss.isfinite()
 
@@ -282,9 +294,17 @@ def parameter_flags(model):
     return [(name, param.requires_grad) for name, param in model.named_parameters()]
 
 
+def llama_with_custom_last_attention():
+    """A tiny Llama whose last attention module is of a class the family table lacks."""
+    model = tiny_llama()
+    attention = model.model.layers[-1].self_attn
+    attention.__class__ = type("CustomAttention", (type(attention),), {})
+    return model
+
+
 @pytest.mark.parametrize("make_model, config", [
     # the prompt expert's architecture check fails after the first layers were wired
-    (lambda: GemmaForCausalLM(GemmaConfig(**SMALL, head_dim=16)), MoAConfig()),
+    (lambda: llama_with_custom_last_attention(), MoAConfig()),
     # top_k above the experts of a module fails when its MoALinear is built
     (tiny_llama, MoAConfig(router=RouterConfig(mode="topk", top_k=50), prompt_length=None)),
 ])
