@@ -202,6 +202,11 @@ class RouterConfig:
         normalize_topk).
     bias: whether the router's linear layers have biases (False for the bias-free routers of
         the MoLoRA and HydraLoRA baselines). The threshold layer always has a bias.
+    learn_threshold: mode "threshold" only. False (the published Sparse MoA): G enters only
+        through the comparison, gets no gradient and is frozen (requires_grad False, so DDP
+        with find_unused_parameters=False works). True: G trains through a straight-through
+        estimator of the mask, d g_e / d G = -p_e on the pairs that run (0 on skipped pairs,
+        whose expert output is never computed); the forward values are unchanged.
     """
 
     kind: str = "swiglu"
@@ -212,6 +217,7 @@ class RouterConfig:
     top_k: int = 2
     normalize_topk: bool = True
     bias: bool = True
+    learn_threshold: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("router kind", self.kind, ROUTER_KINDS)
@@ -219,13 +225,18 @@ class RouterConfig:
         _check_choice("mode", self.mode, MODES)
         _check_positive_int("hidden_factor", self.hidden_factor)
         _check_positive_int("top_k", self.top_k)
-        for name in ("normalize_topk", "bias"):
+        for name in ("normalize_topk", "bias", "learn_threshold"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.max_threshold, bool) or \
                 not isinstance(self.max_threshold, (int, float)) or \
                 not 0.0 < self.max_threshold <= 1.0:
             raise ValueError(f"max_threshold must be in (0, 1], got {self.max_threshold!r}")
+        if self.learn_threshold and self.mode != "threshold":
+            raise ValueError(f"learn_threshold applies to mode 'threshold' (Sparse MoA), not "
+                             f"{self.mode!r}" + (": the adaptive threshold always learns, "
+                                                 "through a = p - G" if self.mode == "adaptive"
+                                                 else ""))
         if self.kind == "group" and (self.gate != "sigmoid" or self.mode != "soft"):
             raise ValueError(f"a 'group' router gives one sigmoid gate per adapter group in "
                              f"soft mode; got gate {self.gate!r} and mode {self.mode!r}")

@@ -147,13 +147,31 @@ def _new_parameter(shape, device, dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
 
 
+def threshold_straight_through(gates: torch.Tensor, threshold_logit: torch.Tensor,
+                               max_threshold: float) -> torch.Tensor:
+    """Sparse MoA gates g = p * [p >= G] with a straight-through gradient for G.
+
+    Args:
+        gates: [T, E] the applied gates p * m; threshold_logit: [T, 1] w_G . x + b_G.
+    Returns:
+        [T, E] equal to `gates` in value (G - G is exactly 0), with d g_e / d G = -g_e: on a
+        pair that runs, raising the threshold acts as lowering its gate by p_e; a skipped
+        pair (g_e = 0) adds nothing, so every backend (the sparse ones never compute a
+        skipped expert's output) gives the reference's gradient. d g / d p is unchanged.
+    """
+    threshold = max_threshold * torch.sigmoid(threshold_logit)
+    return gates * (1 + (threshold.detach() - threshold))
+
+
 class MoARouter(nn.Module):
     """Per-token gates g [..., E] over E experts (docs/DESIGN.md section 2).
 
     Parameters are named as `router_parameters()` reports them: weight, bias (linear) or
     w1_weight, w1_bias, w3_weight, w3_bias, w2_weight, w2_bias (swiglu); threshold_weight
     [1, in] and threshold_bias [1] in the threshold and adaptive modes. Biases start at zero,
-    weights as nn.Linear's.
+    weights as nn.Linear's. In mode "threshold" the threshold tensors are frozen
+    (requires_grad False: the published method never updates them) unless
+    config.learn_threshold, which trains them through `threshold_straight_through`.
     """
 
     def __init__(self, in_features: int, num_experts: int, config: RouterConfig | None = None,
@@ -178,6 +196,9 @@ class MoARouter(nn.Module):
             self._linear("w2_weight", "w2_bias", num_experts, hidden, config.bias, factory)
         if config.uses_threshold:
             self._linear("threshold_weight", "threshold_bias", 1, in_features, True, factory)
+            if config.mode == "threshold" and not config.learn_threshold:
+                self.threshold_weight.requires_grad_(False)
+                self.threshold_bias.requires_grad_(False)
 
     def _linear(self, weight_name, bias_name, rows, columns, bias, factory) -> None:
         weight = _new_parameter((rows, columns), **factory)
@@ -205,7 +226,7 @@ class MoARouter(nn.Module):
         if config.uses_threshold:
             # In threshold mode G only enters through a comparison, so it gets no gradient;
             # detaching keeps its .grad None exactly as in the reference.
-            detach = config.mode == "threshold"
+            detach = config.mode == "threshold" and not config.learn_threshold
             weights.append(self.threshold_weight.detach() if detach else self.threshold_weight)
             biases.append(self.threshold_bias.detach() if detach else self.threshold_bias)
         first_weight = torch.cat(weights).to(dtype)
@@ -219,13 +240,17 @@ class MoARouter(nn.Module):
         def finish(first_layer: torch.Tensor):
             # The head is tiny ([T, F]): run it in at least fp32 (fp64 stays fp64).
             head_dtype = torch.promote_types(first_layer.dtype, torch.float32)
-            return gates_from_first_layer(
+            gates, active = gates_from_first_layer(
                 first_layer.to(head_dtype), kind=config.kind, gate=config.gate,
                 mode=config.mode, num_experts=self.num_experts,
                 w2_weight=None if w2_weight is None else w2_weight.to(head_dtype),
                 w2_bias=None if w2_bias is None else w2_bias.to(head_dtype),
                 max_threshold=config.max_threshold, top_k=config.top_k,
                 normalize_topk=config.normalize_topk)
+            if config.learn_threshold:  # the threshold logit is the last column
+                gates = threshold_straight_through(
+                    gates, first_layer[:, -1:].to(head_dtype), config.max_threshold)
+            return gates, active
 
         return RouterOps(first_weight, first_bias, finish, self.reference_gates)
 
@@ -233,9 +258,14 @@ class MoARouter(nn.Module):
         """Gates by the reference router, in x's dtype."""
         params = {k: None if v is None else v.to(x.dtype) for k, v in self.tensors().items()}
         c = self.config
-        return reference.reference_router(
+        gates = reference.reference_router(
             x, params, kind=c.kind, gate=c.gate, mode=c.mode, max_threshold=c.max_threshold,
             top_k=c.top_k, normalize_topk=c.normalize_topk)
+        if c.learn_threshold:
+            gates = threshold_straight_through(
+                gates, F.linear(x, params["threshold_weight"], params["threshold_bias"]),
+                c.max_threshold)
+        return gates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Applied gates g [..., E] for x [..., in] (fused: one matmul for the first layer)."""

@@ -22,6 +22,7 @@ import copy
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -38,7 +39,17 @@ from moa.experts import (
 )
 from moa.injection import MOA_MODULES, Injection, find_decoder_layers, find_targets
 from moa.layers import ORDINARY_TENSOR_TYPES, MoALinear
-from moa.serialization import WEIGHTS_NAME, load_adapter, load_state_into, save_adapter
+from moa.serialization import (
+    WEIGHTS_NAME,
+    TensorSlot,
+    clean_name,
+    gather_adapter_state,
+    load_adapter,
+    load_adapter_into,
+    load_state_into,
+    push_adapter,
+    save_adapter,
+)
 from moa.stats import format_router_stats, router_stats
 
 
@@ -77,11 +88,30 @@ class MoAModel(nn.Module):
         self._requires_grad = [(param, param.requires_grad) for param in model.parameters()]
         self._enabled = True
         model.requires_grad_(False)
+        self._slots: list[TensorSlot] = []
         try:
             self._injection.inject()
         except BaseException:
             self.unload()  # a failed injection leaves the model as it was
             raise
+        # Where each MoA tensor lives, before any wrapper can rename or unregister it: what
+        # save_pretrained reads (and gathers) on a wrapped or sharded model.
+        self._slots = [TensorSlot(name, owner, attribute, tuple(param.shape))
+                       for name, owner, attribute, param in self._moa_tensors()]
+
+    # The Trainer's quantized-base check (transformers.trainer_utils.
+    # validate_quantization_for_training) reads this flag as "trainable adapters are attached".
+    _hf_peft_config_loaded: ClassVar[bool] = True
+
+    # PEFT's and transformers' adapter-management methods, which attribute forwarding would
+    # otherwise hand to the base model (acting on it, not on the MoA adapter): those that
+    # MoAModel does not define are refused (see __getattr__).
+    ADAPTER_METHODS: ClassVar[frozenset[str]] = frozenset({
+        "load_adapter", "add_adapter", "set_adapter", "delete_adapter", "enable_adapters",
+        "disable_adapters", "active_adapters", "active_adapter", "get_adapter_state_dict",
+        "enable_peft_hotswap", "push_to_hub", "save_pretrained", "merge_adapter",
+        "unmerge_adapter", "add_weighted_adapter", "set_adapters", "load_lora_adapter",
+        "peft_config"})
 
     def __getattr__(self, name: str):
         try:
@@ -90,10 +120,18 @@ class MoAModel(nn.Module):
             if name == "model":
                 raise
         try:
-            return getattr(self.model, name)
+            found = getattr(self.model, name)
         except AttributeError:
             raise AttributeError(f"neither MoAModel nor its {type(self.model).__name__} has "
                                  f"an attribute {name!r}") from None
+        if name in self.ADAPTER_METHODS:
+            raise AttributeError(
+                f"MoAModel does not support {name!r}: it holds one MoA adapter ('default'), "
+                f"and forwarding {name!r} to the {type(self.model).__name__} inside would act "
+                f"on the base model, not on the adapter. MoAModel has save_pretrained, "
+                f"from_pretrained, load_adapter, push_to_hub, disable_adapters, unload and "
+                f"merge_and_unload") from None
+        return found
 
     # ---- taking MoA out -----------------------------------------------------------------
 
@@ -103,7 +141,7 @@ class MoAModel(nn.Module):
         self._injection.remove()
         for param, requires_grad in self._requires_grad:
             param.requires_grad_(requires_grad)
-        self._requires_grad = []
+        self._requires_grad, self._slots = [], []
         return self.model
 
     def merge_and_unload(self) -> nn.Module:
@@ -165,13 +203,22 @@ class MoAModel(nn.Module):
 
     def moa_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) of every MoA tensor (experts and routers, not the frozen base),
-        named as in the base model's named_parameters()."""
+        named as in the base model's named_parameters() (free of the path parts wrappers
+        such as FSDP1 insert). On a sharded model these are the local shards: save_pretrained
+        and get_adapter_state_dict gather them whole."""
+        for name, _, _, param in self._moa_tensors():
+            yield name, param
+
+    def _moa_tensors(self) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
+        """(name, owning module, attribute, parameter) of every MoA tensor."""
         for name, module in self.model.named_modules():
             if isinstance(module, MOA_MODULES):
                 for param_name, param in module.named_parameters():
                     if isinstance(module, MoALinear) and param_name.startswith("base."):
                         continue
-                    yield f"{name}.{param_name}", param
+                    owner, _, attribute = param_name.rpartition(".")
+                    yield clean_name(f"{name}.{param_name}"), module.get_submodule(owner), \
+                        attribute, param
 
     def moa_state_dict(self) -> dict[str, torch.Tensor]:
         """The MoA tensors by name (detached, live)."""
@@ -181,12 +228,27 @@ class MoAModel(nn.Module):
         """Number of trainable elements (parameters with requires_grad)."""
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
+    def frozen_moa_parameter_count(self) -> int:
+        """Number of elements of MoA tensors that do not train: the Sparse MoA thresholds
+        (router mode "threshold" without learn_threshold: the published method never
+        updates them), or every MoA tensor after from_pretrained(is_trainable=False). With
+        trainable_parameter_count() it adds up to the published parameter count."""
+        return sum(p.numel() for _, p in self.moa_named_parameters() if not p.requires_grad)
+
     def print_trainable_parameters(self) -> None:
-        """Print "trainable params: N || all params: M || trainable%: P" as PEFT does."""
+        """Print "trainable params: N || all params: M || trainable%: P" as PEFT does, with
+        frozen MoA tensors apart: "trainable params: N (+ F frozen thresholds) || ..."."""
         trainable = self.trainable_parameter_count()
         total = sum(p.numel() for p in self.model.parameters())
         percent = 100 * trainable / total if total else 0.0
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        frozen = [(name, p.numel()) for name, p in self.moa_named_parameters()
+                  if not p.requires_grad]
+        apart = ""
+        if frozen:
+            what = "thresholds" if all(".threshold_" in name for name, _ in frozen) \
+                else "MoA params"
+            apart = f" (+ {sum(n for _, n in frozen):,d} frozen {what})"
+        print(f"trainable params: {trainable:,d}{apart} || all params: {total:,d} || "
               f"trainable%: {percent:.4f}")
 
     def get_base_model(self) -> nn.Module:
@@ -273,36 +335,154 @@ class MoAModel(nn.Module):
 
     # ---- saving and loading -------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike,
+                        state_dict: dict[str, torch.Tensor] | None = None,
+                        safe_serialization: bool = True, is_main_process: bool | None = None,
+                        selected_adapters: list[str] | None = None, push_to_hub: bool = False,
+                        **push_kwargs) -> None:
         """Write moa_config.json and adapter_model.safetensors (MoA tensors only) into
-        `directory`, both or neither: the previous adapter there stays loadable and unchanged
-        if saving fails or is interrupted, and other files in it are left alone. The weights'
-        metadata names the base model (its config's name_or_path), the moa version and the
-        config and per-module experts they were saved with, which loading checks. Refused
-        (RuntimeError) after unload(); see moa.serialization."""
-        save_adapter(self, directory)
+        `save_directory`, both or neither: the previous adapter there stays loadable and
+        unchanged if saving fails or is interrupted, and other files in it are left alone.
+        The weights' metadata names the base model (its config's name_or_path), the moa
+        version and the config and per-module experts they were saved with, which loading
+        checks. Refused (RuntimeError) after unload(); see moa.serialization.
+
+        Under data parallelism call it on every rank, as with PEFT: the MoA tensors are
+        gathered whole from FSDP2 (DTensor), FSDP1 (each unit inside the model unsharded in
+        turn) and DeepSpeed ZeRO-3 (GatheredParameters), read as they are under DDP and
+        ZeRO-1/2, and written once, by the main process, under the names one process would
+        use. The keywords are PEFT's and the Trainer's.
+
+        Args:
+            save_directory: where to write (created if needed).
+            state_dict: a full state dict to take the MoA tensors from instead of the model
+                (the model's, the base model's or a DDP/DeepSpeed engine's; see
+                moa.serialization.adapter_state_from); other tensors in it are ignored.
+            safe_serialization: must be True: adapters are safetensors only.
+            is_main_process: whether this process writes; None: rank 0 of the default
+                process group (or the only process).
+            selected_adapters: None or ["default"] (a MoAModel holds one adapter).
+            push_to_hub: also upload the adapter files (push_to_hub's keywords: repo_id,
+                default the directory's name; commit_message, private, token, revision,
+                create_pr).
+        """
+        if not safe_serialization:
+            raise ValueError("MoA adapters are saved as safetensors only "
+                             "(safe_serialization=False would mean pickle, which moa never "
+                             "writes or reads); leave safe_serialization=True")
+        self._check_adapter_names(selected_adapters or [], "selected_adapters")
+        allowed = {"repo_id", "commit_message", "private", "token", "revision", "create_pr"}
+        unknown = sorted(set(push_kwargs) - allowed) if push_to_hub else sorted(push_kwargs)
+        if unknown:
+            raise TypeError(f"save_pretrained got unexpected keyword arguments "
+                            f"{', '.join(unknown)}" + (
+                                "" if push_to_hub else
+                                " (push_to_hub=True takes repo_id, commit_message, private, "
+                                "token, revision and create_pr)"))
+        save_adapter(self, save_directory, state_dict=state_dict,
+                     is_main_process=is_main_process)
+        if push_to_hub:
+            repo_id = push_kwargs.pop("repo_id", None) or \
+                os.path.basename(os.path.normpath(os.fspath(save_directory)))
+            push_adapter(self, repo_id, directory=save_directory, **push_kwargs)
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None,
+                    private: bool | None = None, token: str | bool | None = None,
+                    revision: str | None = None, create_pr: bool = False):
+        """Upload the adapter (moa_config.json and adapter_model.safetensors, never the base
+        model) to the Hugging Face Hub repo `repo_id`, created if needed. Call it on every
+        rank of a sharded model (the tensors are gathered as for save_pretrained); the main
+        process uploads. Returns huggingface_hub's CommitInfo there, None elsewhere."""
+        return push_adapter(self, repo_id, commit_message=commit_message, private=private,
+                            token=token, revision=revision, create_pr=create_pr)
 
     def load_moa_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy `state` into the MoA tensors. Every MoA tensor must be present with its shape
         and nothing else may be; otherwise ValueError names the offending keys."""
         load_state_into(self, state)
 
+    def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """Whole CPU copies of the MoA tensors by name, as save_pretrained writes them
+        (gathered from a sharded model: call it on every rank then)."""
+        self._check_adapter_names([adapter_name], "adapter_name")
+        return gather_adapter_state(self)[0]
+
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike,
-                        is_trainable: bool = True, backend: str | None = None) -> MoAModel:
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike,
+                        is_trainable: bool = True, backend: str | None = None, *,
+                        revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False) -> MoAModel:
         """Inject the saved configuration into `model` and load the saved MoA tensors. The
         weights must be the ones saved with moa_config.json (see moa.serialization); on
         any error the model is left as it was.
 
         Args:
-            model: a fresh base model (the one the adapters were trained on).
-            directory: what save_pretrained wrote (a Trainer checkpoint holds the whole
-                model instead: save the adapter with MoAModel.save_pretrained).
+            model: a fresh base model (the one the adapters were trained on). To train it
+                sharded (FSDP, DeepSpeed), load first, then wrap.
+            model_id: a directory save_pretrained wrote (a Trainer checkpoint of
+                moa.trainer.MoATrainer is one), or a Hugging Face Hub repo id ("user/repo"),
+                fetched into huggingface_hub's cache or found there (offline with
+                HF_HUB_OFFLINE=1).
             is_trainable: False freezes the MoA tensors too (inference).
             backend: run with this backend instead of the saved one (e.g. "torch" on a
                 machine without a GPU for a config saved with "triton").
+            revision, token, cache_dir, local_files_only: for a Hub id, as huggingface_hub
+                takes them (revision: a branch, tag or commit).
         """
-        return load_adapter(cls, model, directory, is_trainable, backend)
+        return load_adapter(cls, model, model_id, is_trainable, backend, revision=revision,
+                            token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+
+    # ---- PEFT's adapter management, for the one adapter a MoAModel holds ---------------
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """["default"]: a MoAModel holds one adapter (PEFT's property of the same name)."""
+        return ["default"]
+
+    @property
+    def active_adapter(self) -> str:
+        return "default"
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str = "default",
+                     is_trainable: bool = True, *, revision: str | None = None,
+                     token: str | bool | None = None, **_ignored) -> None:
+        """Load the tensors of a saved adapter with this model's configuration (a checkpoint
+        of the same training, a directory or a Hub id) into this model's MoA modules; what
+        the Trainer calls on resuming. is_trainable=False freezes them. A different
+        configuration is a ValueError: load that with from_pretrained into a fresh model."""
+        self._check_adapter_names([adapter_name], "adapter_name")
+        load_adapter_into(self, model_id, revision=revision, token=token)
+        if not is_trainable:
+            for _, param in self.moa_named_parameters():
+                param.requires_grad_(False)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Accepts "default", the one adapter (already active); other names are an error."""
+        self._check_adapter_names([adapter_name], "adapter_name")
+
+    def add_adapter(self, *args, **kwargs):
+        """Refused: a MoAModel holds one MoA adapter."""
+        raise NotImplementedError(
+            "a MoAModel holds one MoA adapter ('default'); to train another, inject into a "
+            "fresh base model with get_moa_model (or unload() this one first)")
+
+    def delete_adapter(self, *args, **kwargs):
+        """Refused: the one adapter comes out with unload()."""
+        raise NotImplementedError("a MoAModel holds one MoA adapter; unload() takes it out "
+                                  "and gives back the base model")
+
+    def enable_adapters(self) -> None:
+        """Refused: adapters are on except inside `with moa.disable_adapters():`."""
+        raise NotImplementedError("MoA adapters are on except inside `with "
+                                  "moa_model.disable_adapters():`, which switches them back "
+                                  "on when it ends")
+
+    def _check_adapter_names(self, names: list[str], what: str) -> None:
+        others = [name for name in names if name != "default"]
+        if others:
+            raise ValueError(f"{what}={others if len(names) > 1 else others[0]!r}: a MoAModel "
+                             f"holds one adapter, named 'default'")
 
 
 __all__ = ["MOA_MODULES", "MoAModel", "WEIGHTS_NAME", "find_decoder_layers", "find_targets",

@@ -51,13 +51,15 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -206,24 +208,54 @@ def adapter_metadata(moa: MoAModel, config_json: str,
                                            sort_keys=True)}
 
 
-def save_adapter(moa: MoAModel, directory: str | os.PathLike) -> None:
+def save_adapter(moa: MoAModel, directory: str | os.PathLike,
+                 state_dict: dict[str, torch.Tensor] | None = None,
+                 is_main_process: bool | None = None) -> None:
     """Write moa's moa_config.json and adapter_model.safetensors into `directory` (created
     if needed), replacing both or neither, and nothing else in it (see the module docstring).
 
-    Raises RuntimeError when moa holds no MoA tensors (after unload() or merge_and_unload()),
-    and OSError, with the errno of the cause, when the files cannot be written (a full disk):
-    the previous adapter in `directory` is then unchanged.
+    Args:
+        moa: the MoAModel, wrapped or sharded or not (see `gather_adapter_state`).
+        directory: where to write.
+        state_dict: take the MoA tensors from this state dict instead of the model (see
+            `adapter_state_from`); None reads (and gathers) the model's.
+        is_main_process: whether this process writes; None: rank 0 of the default process
+            group, or the only process.
+    Raises RuntimeError when moa holds no MoA tensors (after unload() or merge_and_unload())
+    or a tensor cannot be read whole, and OSError, with the errno of the cause, when the files
+    cannot be written (a full disk): the previous adapter in `directory` is then unchanged.
+    When the tensors were gathered collectively, every rank returns once the writer has
+    finished, and raises if it failed.
     """
     directory = os.fspath(directory)
-    state = moa.moa_state_dict()
-    if not state:
+    if not moa._slots:
         raise RuntimeError(f"this MoAModel holds no MoA tensors (unload() or "
                            f"merge_and_unload() took them out), so there is no adapter to save; "
                            f"refusing to write an empty adapter into {directory!r}")
+    writer = is_main() if is_main_process is None else bool(is_main_process)
+    if state_dict is None:
+        state, collective = gather_adapter_state(moa)
+    else:
+        state, collective = adapter_state_from(moa, state_dict, writer)
+    failure = None
+    if writer:
+        try:
+            _write_adapter(moa, directory, state)
+        except BaseException as error:  # every rank learns of it below, then it propagates
+            failure = error
+    del state
+    if collective and _world_size() > 1 and not _all_succeeded(failure is None):
+        if failure is None:
+            raise RuntimeError(f"saving the MoA adapter into {directory!r} failed on the "
+                               f"writing rank (see its error); the {CONFIG_NAME} and "
+                               f"{WEIGHTS_NAME} already there (if any) are unchanged")
+    if failure is not None:
+        raise failure
+
+
+def _write_adapter(moa: MoAModel, directory: str, state: dict[str, torch.Tensor]) -> None:
     config_json = moa.moa_config.to_json_string()
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
-    weights = safetensors.torch.save(tensors, metadata=adapter_metadata(moa, config_json, state))
-    del tensors
+    weights = safetensors.torch.save(state, metadata=adapter_metadata(moa, config_json, state))
     os.makedirs(directory, exist_ok=True)
     staging = None
     try:
@@ -245,6 +277,184 @@ def save_adapter(moa: MoAModel, directory: str | os.PathLike) -> None:
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# whole tensors from wrapped and sharded models
+# ---------------------------------------------------------------------------------------
+#
+# Users call save_pretrained on every rank. What a MoA tensor holds there depends on the
+# wrapper: DDP and DeepSpeed ZeRO-1/2 keep a full replica on each rank (nothing to gather);
+# FSDP2 (fully_shard) turns it into a DTensor (full_tensor() all-gathers it); FSDP1
+# (FullyShardedDataParallel) leaves a flat slice of its unit's FlatParameter until the unit is
+# unsharded (summon_full_params); ZeRO-3 leaves an empty tensor with `ds_shape` until
+# deepspeed.zero.GatheredParameters gathers it. The tensors are read through the (module,
+# attribute) slots recorded at injection, which survive every wrapper (FSDP1 with
+# use_orig_params=False unregisters the parameters but sets the attributes while
+# unsharded), and named as recorded, free of the prefixes wrappers insert into module paths.
+
+WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+# Leading parts under which a state dict may hold the model's MoA tensors: the base model's
+# own names, MoAModel.state_dict()'s, and those of a DDP or DeepSpeed engine around either.
+STATE_DICT_PREFIXES = ("", "model.", "module.model.", "module.")
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one MoA tensor lives: `module.<attribute>`, named `name` (as in the unwrapped
+    base model's named_parameters()) with `shape`, as recorded at injection."""
+
+    name: str
+    module: nn.Module
+    attribute: str
+    shape: tuple[int, ...]
+
+
+def clean_name(name: str) -> str:
+    """`name` without the path parts wrappers insert: FSDP1's _fsdp_wrapped_module,
+    activation checkpointing's _checkpoint_wrapped_module, torch.compile's _orig_mod."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
+
+
+def is_main() -> bool:
+    """True on rank 0 of the default process group, or without one."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_succeeded(succeeded: bool) -> bool:
+    """Whether every rank succeeded (a collective: every rank calls it)."""
+    backend = str(dist.get_backend())
+    device = torch.device("cpu")
+    if "gloo" not in backend and torch.accelerator.is_available():
+        device = torch.accelerator.current_accelerator()
+    failed = torch.tensor([0 if succeeded else 1], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    return failed.item() == 0
+
+
+def _fsdp1_units(model: nn.Module) -> dict[str, nn.Module]:
+    """FSDP1 units (FullyShardedDataParallel instances) inside `model`, by module path."""
+    if "torch.distributed.fsdp" not in sys.modules or not dist.is_available():
+        return {}
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, FullyShardedDataParallel)}
+
+
+def _whole_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def gather_adapter_state(moa: MoAModel) -> tuple[dict[str, torch.Tensor], bool]:
+    """Whole CPU copies of moa's MoA tensors, by name, and whether gathering them was a
+    collective. When any tensor is sharded (FSDP1, FSDP2, ZeRO-3) every rank of the process
+    group must call this, as users call save_pretrained; each FSDP1 unit is unsharded on
+    its own (the peak is one unit, not the model), ZeRO-3 and FSDP2 gather the MoA tensors
+    only, never the frozen base.
+
+    Raises RuntimeError naming a tensor that is still not whole, e.g. one that an FSDP1 unit
+    wrapping the MoAModel from outside shards (wrap the decoder layers with an
+    auto_wrap_policy so each MoA tensor lies in a unit inside the model, or pass the full
+    state dict: save_pretrained(directory, state_dict=...)).
+    """
+    slots: list[TensorSlot] = moa._slots
+    units = _fsdp1_units(moa.model)
+    owner = {}  # id(module) -> the path of its innermost FSDP1 unit
+    for path, module in moa.model.named_modules():
+        inside = [unit for unit in units if unit == path or path.startswith(unit + ".")
+                  or unit == ""]
+        if inside:
+            owner[id(module)] = max(inside, key=len)
+    state: dict[str, torch.Tensor] = {}
+    for unit_path, unit in units.items():
+        mine = [slot for slot in slots if owner.get(id(slot.module)) == unit_path]
+        if not mine:
+            continue
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
+            for slot in mine:
+                state[slot.name] = _whole_copy(getattr(slot.module, slot.attribute))
+    rest = [slot for slot in slots if slot.name not in state]
+    zero3 = [slot for slot in rest if hasattr(getattr(slot.module, slot.attribute), "ds_id")]
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(
+                [getattr(slot.module, slot.attribute) for slot in zero3], modifier_rank=None):
+            for slot in zero3:
+                state[slot.name] = _whole_copy(getattr(slot.module, slot.attribute))
+    collective = bool(units) or bool(zero3)
+    for slot in slots:
+        if slot.name in state:
+            continue
+        tensor = getattr(slot.module, slot.attribute)
+        if _is_dtensor(tensor):
+            tensor = tensor.full_tensor()
+            collective = True
+        state[slot.name] = _whole_copy(tensor)
+    _check_whole(state, slots, "the model")
+    return state, collective
+
+
+def _is_dtensor(tensor) -> bool:
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _check_whole(state: dict[str, torch.Tensor], slots: list[TensorSlot], source: str) -> None:
+    wrong = [f"{slot.name} (got {tuple(state[slot.name].shape)}, the tensor is "
+             f"{slot.shape})" for slot in slots
+             if slot.name in state and tuple(state[slot.name].shape) != slot.shape]
+    if wrong:
+        raise RuntimeError(
+            f"cannot read the MoA tensors whole from {source}: "
+            + ", ".join(wrong[:_SHOWN]) + (f", ... ({len(wrong)} in all)"
+                                           if len(wrong) > _SHOWN else "")
+            + ". A wrapper shards them without a way to gather them from inside the MoAModel "
+            "(an FSDP1 FullyShardedDataParallel around the MoAModel itself: wrap its decoder "
+            "layers with an auto_wrap_policy, so each MoA tensor lies in a unit inside the "
+            "model, or pass the full state dict: save_pretrained(directory, state_dict=...))")
+
+
+def adapter_state_from(moa: MoAModel, state_dict: dict[str, torch.Tensor],
+                       writer: bool) -> tuple[dict[str, torch.Tensor], bool]:
+    """moa's MoA tensors taken from `state_dict` (whole CPU copies), and whether reading
+    them was a collective (DTensor values are all-gathered: every rank passes its state
+    dict). Keys may carry wrapper path parts and one of STATE_DICT_PREFIXES (a state dict of
+    the base model, of the MoAModel, or of a DDP or DeepSpeed engine around it); the other
+    tensors in it are ignored. A rank that does not write may pass an empty dict (a full
+    state dict gathered to rank 0 only); the writer's must hold every MoA tensor."""
+    slots: list[TensorSlot] = moa._slots
+    by_clean = {clean_name(key): key for key in state_dict}
+    counts = {prefix: sum(prefix + slot.name in by_clean for slot in slots)
+              for prefix in STATE_DICT_PREFIXES}
+    prefix = max(STATE_DICT_PREFIXES, key=lambda p: counts[p])  # first of the best
+    found = [slot for slot in slots if prefix + slot.name in by_clean]
+    collective = False
+    state = {}
+    for slot in found:
+        tensor = state_dict[by_clean[prefix + slot.name]]
+        if _is_dtensor(tensor):
+            tensor = tensor.full_tensor()
+            collective = True
+        state[slot.name] = _whole_copy(tensor)
+    if writer and len(found) < len(slots):
+        missing = [slot.name for slot in slots if slot not in found]
+        raise ValueError("the state_dict passed to save_pretrained lacks MoA tensors of this "
+                         "model: " + ", ".join(missing[:_SHOWN])
+                         + (f", ... ({len(missing)} in all)" if len(missing) > _SHOWN else "")
+                         + "; pass the full (gathered) state dict, or none to read the model")
+    _check_whole(state, slots, "the state_dict")
+    return state, collective
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,14 +579,13 @@ def _last_part(name_or_path: str) -> str:
     return os.path.basename(os.path.normpath(name_or_path))
 
 
-def load_adapter(cls: type[MoAModel], model: nn.Module, directory: str | os.PathLike,
-                 is_trainable: bool = True, backend: str | None = None) -> MoAModel:
-    """What MoAModel.from_pretrained does: read and check both files, inject, load; on any
-    error `model` is left as it was."""
-    directory = os.fspath(directory)
+def load_adapter(cls: type[MoAModel], model: nn.Module, source: str | os.PathLike,
+                 is_trainable: bool = True, backend: str | None = None,
+                 **hub: object) -> MoAModel:
+    """What MoAModel.from_pretrained does: find the adapter (`resolve_adapter`), read and
+    check both files, inject, load; on any error `model` is left as it was."""
+    directory = resolve_adapter(source, **hub)
     path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
     config = MoAConfig.from_pretrained(directory)
     state, metadata = read_weights(path)
     check_config(metadata, config, directory)
@@ -393,14 +602,123 @@ def load_adapter(cls: type[MoAModel], model: nn.Module, directory: str | os.Path
         raise
     # A hub id and a local copy of the same checkpoint share their last path part.
     if trained_on and loading_into and _last_part(trained_on) != _last_part(loading_into):
-        warnings.warn(f"the adapter in {directory!r} was trained on {trained_on!r}; loading "
-                      f"it into {loading_into!r}", stacklevel=3)
+        warnings.warn(f"the adapter in {os.fspath(source)!r} was trained on {trained_on!r}; "
+                      f"loading it into {loading_into!r}", stacklevel=3)
     if not is_trainable:
         for _, param in moa.moa_named_parameters():
             param.requires_grad_(False)
     return moa
 
 
-__all__ = ["WEIGHTS_NAME", "adapter_metadata", "check_config", "check_module_experts",
-           "load_adapter", "load_state_into", "read_weights", "save_adapter",
-           "write_file_atomically"]
+def load_adapter_into(moa: MoAModel, source: str | os.PathLike, **hub: object) -> None:
+    """What MoAModel.load_adapter does: copy a saved adapter's tensors into moa's MoA
+    modules (a Trainer checkpoint of the same run, for instance). Its config must be moa's
+    (RUNTIME_FIELDS aside), else ValueError names the differences; moa's tensors are only
+    changed once everything is checked."""
+    directory = resolve_adapter(source, **hub)
+    path = os.path.join(directory, WEIGHTS_NAME)
+    config = MoAConfig.from_pretrained(directory)
+    state, metadata = read_weights(path)
+    check_config(metadata, config, directory)
+    saved, current = json.loads(config.to_json_string()), \
+        json.loads(moa.moa_config.to_json_string())
+    differences = [f"{name}: {json.dumps(saved.get(name))} there, "
+                   f"{json.dumps(current.get(name))} in this model"
+                   for name in sorted(set(saved) | set(current))
+                   if name not in RUNTIME_FIELDS and saved.get(name) != current.get(name)]
+    if differences:
+        raise ValueError(f"the adapter in {os.fspath(source)!r} has another configuration "
+                         f"than this MoAModel's: " + "; ".join(differences)
+                         + ". Load it into a fresh base model with MoAModel.from_pretrained")
+    check_module_experts(metadata, moa, path)
+    moa.load_moa_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------
+# the Hugging Face Hub
+# ---------------------------------------------------------------------------------------
+
+def resolve_adapter(source: str | os.PathLike, *, revision: str | None = None,
+                    token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+                    local_files_only: bool = False) -> str:
+    """The local directory holding the adapter `source` names: a directory, or a Hub repo id
+    ("user/repo") whose moa_config.json and adapter_model.safetensors huggingface_hub fetches
+    at `revision` (a branch, tag or commit; None: the default branch) into its cache, or
+    finds there: with HF_HUB_OFFLINE=1 or local_files_only=True only the cache is read, and
+    without a connection huggingface_hub falls back to it. Both files come from one commit.
+
+    Raises FileNotFoundError when `source` is neither a directory holding an adapter nor a
+    repo (or revision) that holds one, naming what was tried.
+    """
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path!r}")
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} names a commit of a Hub repo, but "
+                             f"{path!r} is a local directory")
+        return path
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise FileNotFoundError(f"{path!r} is neither a directory nor a Hugging Face Hub "
+                                f"repo id (user/repo)") from None
+    where = (f"{path!r} (no local directory of that name; tried it as a Hugging Face Hub "
+             f"repo id{f' at revision {revision!r}' if revision else ''})")
+    options = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
+    try:
+        config_path = hf_hub_download(path, CONFIG_NAME, revision=revision, **options)
+        # snapshots/<commit>/moa_config.json: the weights from the same commit, even if the
+        # branch moves between the two downloads
+        commit = os.path.basename(os.path.dirname(config_path))
+        weights_path = hf_hub_download(path, WEIGHTS_NAME, revision=commit, **options)
+    except OSError as error:  # huggingface_hub's errors are OSErrors
+        offline = ""
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE or local_files_only:
+            offline = (" (offline: HF_HUB_OFFLINE=1 or local_files_only=True reads the local "
+                       "cache only, which does not hold it)")
+        raise FileNotFoundError(f"cannot load a MoA adapter from {where}{offline}: "
+                                f"{type(error).__name__}: {error}") from error
+    if os.path.dirname(config_path) != os.path.dirname(weights_path):
+        raise FileNotFoundError(f"{where}: {CONFIG_NAME} and {WEIGHTS_NAME} resolved to "
+                                f"different snapshots")
+    return os.path.dirname(config_path)
+
+
+def push_adapter(moa: MoAModel, repo_id: str, *, commit_message: str | None = None,
+                 private: bool | None = None, token: str | bool | None = None,
+                 revision: str | None = None, create_pr: bool = False,
+                 directory: str | os.PathLike | None = None) -> object:
+    """What MoAModel.push_to_hub does: save the adapter (on every rank: it may be a
+    collective) and upload moa_config.json and adapter_model.safetensors, nothing else, to
+    `repo_id` from the main process (created if needed). `directory`: upload the adapter
+    already saved there instead (its other files stay local). Returns huggingface_hub's
+    CommitInfo on the main process, None elsewhere."""
+    if directory is None:
+        with tempfile.TemporaryDirectory(prefix="moa-push-") as staging:
+            save_adapter(moa, staging)
+            return push_adapter(moa, repo_id, commit_message=commit_message, private=private,
+                                token=token, revision=revision, create_pr=create_pr,
+                                directory=staging)
+    if not is_main():
+        return None
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=os.fspath(directory),
+                             allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
+                             commit_message=commit_message or "Upload MoA adapter",
+                             revision=revision, create_pr=create_pr)
+
+
+__all__ = ["WEIGHTS_NAME", "TensorSlot", "adapter_metadata", "adapter_state_from",
+           "check_config", "check_module_experts", "clean_name", "gather_adapter_state",
+           "is_main", "load_adapter", "load_adapter_into", "load_state_into", "push_adapter",
+           "read_weights", "resolve_adapter", "save_adapter", "write_file_atomically"]
