@@ -1,22 +1,19 @@
-"""Triton kernels for MoALinear: the twin of moa_kernels/torch_ops.py (same entry point,
-same semantics), run as three custom ops (see ops.py).
+"""The triton backend for MoALinear: the twin of moa_kernels/torch_ops.py (same entry point,
+same semantics), run as two custom ops (ops.py) over the layout's packed column space
+(plan.py).
 
-Plan (T tokens, R stacked shrink rows, C expand columns, F router first-layer width):
-
-Dense (soft mode, or gates given):
-  1. y = base(x) (given by the layer for any base; for a plain linear the frozen GEMM
-     stays with cuBLAS), h = moa::shrink(x, [A_stack;
-     W_router1]) [T, R + F] fp32: x is read once for every expert and the router.
-  2. The router finishes from h[:, R:] with ordinary autograd ([T, F] tensors only).
-  3. y = moa::gated_expand(y, h[:, :R], g): activation, gate and scaling in the operand
-     prologue, expand GEMM, gated up-biases and the base output in the epilogue.
-Sparse (threshold, adaptive, topk):
-  1. y = base(x), h = moa::shrink(x, W_router1) (router rows only).
-  2. The gates give a `TritonPlan` (pairs sorted by expert and by shrink group) built on
-     the device without a host sync.
-  3. H = moa::grouped_shrink(x, plan) on active pairs only (rows gathered in the loads),
-     then y = moa::gated_expand(y, H, g, plan), skipping experts per token tile.
-Backward: registered per op; see each kernel file's docstring.
+Plan (T tokens; h_width, k_width: the packed widths; F router first-layer rows):
+  1. y, h = moa::shrink(x, [A packed; W_router1], base): x is read once for every expert
+     and the router (one cuBLAS GEMM, h [T, S] in x's dtype); y = x Wb^T + bb beside it
+     for a plain linear base (any other base's output is given).
+  2. The router finishes from h[:, h_width:] with ordinary autograd ([T, F] tensors only);
+     in the sparse modes it also gives the active pairs.
+  3. out = moa::gated_expand(y, h[:, :h_width], g, active): u = the gated, activated,
+     scaled h (a Triton kernel; 0 on inactive pairs) and one cuBLAS addmm, out = y + u B^T
+     with the adapters' up-biases as columns of the packed B.
+Backward: registered per op; see shrink.py and expand.py, whose docstrings argue each
+choice from its bytes and FLOPs. Sparse modes run the dense GEMMs with the inactive pairs
+masked (expand.py says why that is the fast way on a GPU); no routing plan is built.
 """
 
 from __future__ import annotations
@@ -27,10 +24,11 @@ from moa_kernels.backends import check_triton_input
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.reference import resolve_base_output
 from moa_kernels.routing import RouterOps
-from moa_kernels.triton.ops import gated_expand_op, grouped_shrink_op, shrink_op
-from moa_kernels.triton.plan import KernelLayout, TritonPlan
+from moa_kernels.triton.kernel_utils import align16
+from moa_kernels.triton.ops import gated_expand_op, shrink_op
+from moa_kernels.triton.plan import KernelLayout, layout_code
 
-__all__ = ["moa_linear", "KernelLayout", "TritonPlan"]
+__all__ = ["moa_linear", "KernelLayout"]
 
 
 def moa_linear(
@@ -64,41 +62,53 @@ def moa_linear(
         y [T, out] in x's dtype and the applied gates [T, E] in x's dtype.
     """
     check_triton_input(x)
-    meta = KernelLayout.of(layout, x.device)
-    rows = layout.shrink_rows
-    full_bias = layout.full_shrink_bias(shrink_bias)
-    y = resolve_base_output(x, base_output, base_weight, base_bias).contiguous()
-    fused = adapter_input is None and not sparse
-    hidden = active = None
+    code, scales = _code(layout)
+    width = align16(layout.expand_columns)
+    if base_output is not None or base_weight is None:
+        base_output = resolve_base_output(x, base_output, base_weight, base_bias)
+    full_bias = layout.full_shrink_bias(shrink_bias) \
+        if layout.bias_start < layout.shrink_rows else None
+    first_weight = router.first_weight if router is not None else None
+    first_bias = router.first_bias if router is not None else None
+    if adapter_input is None:  # one GEMM over x for the experts, the router and the base
+        y, h = shrink_op(x, shrink_weight, full_bias, first_weight, first_bias, base_weight,
+                         base_bias, code, scales)
+        hidden, router_h = h[:, :width], h[:, width:]
+    else:  # the experts read adapter_input (x after dropout); router and base read x
+        y = x.new_empty(0)
+        router_h = None
+        if router is not None:
+            y, router_h = shrink_op(x, None, None, first_weight, first_bias, base_weight,
+                                    base_bias, [], [])
+        elif base_weight is not None:
+            y = torch.nn.functional.linear(x, base_weight, base_bias)
+        hidden = shrink_op(adapter_input, shrink_weight, full_bias, None, None, None, None,
+                           code, scales)[1][:, :width]
+    if base_output is not None:
+        y = base_output
+    active = None
     if router is not None:
-        if fused:
-            first_bias = router.first_bias if router.first_bias is not None else \
-                router.first_weight.new_zeros(router.first_weight.shape[0])
-            h = shrink_op(x, torch.cat([shrink_weight, router.first_weight]),
-                          torch.cat([full_bias, first_bias]))
-            hidden, router_h = h[:, :rows], h[:, rows:]
-        else:
-            router_h = shrink_op(x, router.first_weight, router.first_bias)
-        gates, active = router.finish(router_h)  # fp32: the head runs in fp32 anyway
+        gates, active = router.finish(router_h[:, :first_weight.shape[0]])
     if gates is None or gates.shape != (x.shape[0], layout.num_experts):
         shape = None if gates is None else tuple(gates.shape)
         raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "
                          f"got {shape}")
     gates = gates.to(x.dtype).contiguous()
-    expert_input = x if adapter_input is None else adapter_input
     if not sparse:
-        if hidden is None:
-            hidden = shrink_op(expert_input, shrink_weight, full_bias)
-        y = gated_expand_op(y, hidden, gates, expand_weight, expand_bias, meta.expert_meta,
-                            meta.expert_scale, meta.group_meta, meta.max_rank, None, None, None)
-        return y, gates
-    if active is None:
+        active = None
+    elif active is None:
         active = gates != 0
-    plan = TritonPlan.build(active, meta)
-    groups, experts = plan.groups, plan.experts
-    hidden = grouped_shrink_op(expert_input, shrink_weight, full_bias, groups.token_index,
-                               groups.offsets, groups.active, meta.group_meta, meta.max_rank)
-    y = gated_expand_op(y, hidden, gates, expand_weight, expand_bias, meta.expert_meta,
-                        meta.expert_scale, meta.group_meta, meta.max_rank, experts.active,
-                        experts.token_index, experts.offsets)
-    return y, gates
+    out, _ = gated_expand_op(y, hidden, gates, active, expand_weight, expand_bias, code,
+                             scales)
+    return out, gates
+
+
+def _code(layout: ExpertLayout) -> tuple[list[int], list[float]]:
+    """layout_code(layout), cached in the layout in eager mode (under torch.compile built
+    while tracing: plain Python, a constant of the graph)."""
+    if torch.compiler.is_compiling():
+        return layout_code(layout)
+    key = "moa_kernels.triton.code"
+    if key not in layout._cache:
+        layout._cache[key] = layout_code(layout)
+    return layout._cache[key]

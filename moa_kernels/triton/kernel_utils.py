@@ -1,9 +1,12 @@
-"""Small helpers shared by every kernel family: dtype and tile choices on the host side,
-and the adapter activations (with their derivatives) as jit functions.
+"""Small helpers shared by the kernels: the adapter activations (and their derivatives)
+over the packed column ranges, and tile choices on the host side.
 
-Activation codes (int32, per expert or per shrink group, read from the layout metadata):
-0 identity, 1 silu, 2 gelu (exact, erf form, as F.gelu), 3 relu. The kernels pick the
-activation with `tl.where` on a runtime code, so one compiled kernel serves every layout.
+Activations: the packed column space (plan.py) orders the expert columns identity | silu |
+gelu | relu, so each activation covers one column range given as constexprs (`SILU`,
+`GELU`, `RELU`: the first column of each class; a class is empty when its start equals the
+next one's). The kernels walk the columns in blocks whose start is a constexpr too, so
+each block evaluates only the activations whose range meets it, with no select where one
+class covers the whole block: a LoRA-only block is the identity.
 """
 
 from __future__ import annotations
@@ -12,52 +15,77 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATION_CODES = {"identity": 0, "silu": 1, "gelu": 2, "relu": 3}
+ACTIVATION_ORDER = ("identity", "silu", "gelu", "relu")
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
-# Tile edges are clamped to [16, 64]: 16 is the smallest edge tl.dot accepts, 64 keeps a
-# fp32 [64, 64] accumulator in registers at 4 warps. Retune on a GPU with do_bench.
-MIN_BLOCK, MAX_BLOCK = 16, 64
-
-# Rank chunk: the ragged rank dimension is walked in chunks of this many rows, so an
-# expert of rank r costs ceil(r / BLOCK_R) chunks, never the largest rank of the layer.
-BLOCK_R = 32
-
-
-def block(dim: int, high: int = MAX_BLOCK) -> int:
-    """A power-of-two tile edge covering `dim`, clamped to [MIN_BLOCK, high]."""
-    return max(MIN_BLOCK, min(high, triton.next_power_of_2(max(int(dim), 1))))
+# Token rows per program of the gate kernels: they are elementwise over [T, k_width] tiles
+# (no tensor-core work), so the tile only has to give each thread a few 16-byte loads; 32
+# rows x 64 columns is 16 fp32 values per thread at 4 warps. Retune on a GPU with do_bench.
+BLOCK_T = 32
+# Column tile of the gate kernels (a power of two; k_width is a multiple of 16).
+MAX_BLOCK_COLUMNS = 64
 
 
-def dot_dtype(dtype: torch.dtype) -> tl.dtype:
-    """The tl dtype both operands of tl.dot are cast to (the data dtype; fp32 accumulates)."""
-    return TL_DTYPES[dtype]
+def align16(n: int) -> int:
+    """n rounded up to a multiple of 16 (16 elements: 16-byte aligned rows in every dtype,
+    and the K granularity of the tensor cores)."""
+    return -(-int(n) // 16) * 16
 
 
-def precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact fp32 unless the user allowed TF32 for matmuls."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def block_columns(width: int) -> int:
+    """The column tile for a packed width (a power of two, 16 to MAX_BLOCK_COLUMNS)."""
+    return max(16, min(MAX_BLOCK_COLUMNS, triton.next_power_of_2(max(int(width), 1))))
 
 
 @triton.jit
-def activate(h, code):
-    """act(h) for an fp32 tile h and a scalar activation code."""
-    silu = h * tl.sigmoid(h)
-    gelu = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-    relu = tl.maximum(h, 0.0)
-    return tl.where(code == 1, silu, tl.where(code == 2, gelu, tl.where(code == 3, relu, h)))
+def _silu(h):
+    return h * tl.sigmoid(h)
 
 
 @triton.jit
-def activate_grad(h, code):
-    """d act(h) / d h for an fp32 tile h (relu: 0 at h = 0, as torch)."""
-    sig = tl.sigmoid(h)
-    dsilu = sig * (1.0 + h * (1.0 - sig))
-    dgelu = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476)) + \
-        h * tl.exp(-0.5 * h * h) * 0.3989422804014327
-    drelu = tl.where(h > 0.0, 1.0, 0.0)
-    return tl.where(code == 1, dsilu, tl.where(code == 2, dgelu,
-                                               tl.where(code == 3, drelu, 1.0)))
+def _gelu(h):
+    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def _select(a, value, cols, LO: tl.constexpr, HI: tl.constexpr, C0: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """value on the columns [LO, HI) of the block [C0, C0 + BLOCK), a elsewhere."""
+    if (LO <= C0) & (HI >= C0 + BLOCK):
+        return value
+    return tl.where(((cols >= LO) & (cols < HI))[None, :], value, a)
+
+
+@triton.jit
+def activate(h, cols, C0: tl.constexpr, BLOCK: tl.constexpr, SILU: tl.constexpr,
+             GELU: tl.constexpr, RELU: tl.constexpr, STOP: tl.constexpr):
+    """act(h) for an fp32 tile h [M, BLOCK] of the packed columns cols = C0 + arange(BLOCK):
+    identity below SILU, silu in [SILU, GELU), gelu in [GELU, RELU), relu in [RELU, STOP).
+    Only the classes that meet this block are evaluated (all constexpr)."""
+    a = h
+    if (SILU < GELU) & (SILU < C0 + BLOCK) & (GELU > C0):
+        a = _select(a, h * tl.sigmoid(h), cols, SILU, GELU, C0, BLOCK)
+    if (GELU < RELU) & (GELU < C0 + BLOCK) & (RELU > C0):
+        a = _select(a, 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476)), cols, GELU,
+                    RELU, C0, BLOCK)
+    if (RELU < STOP) & (RELU < C0 + BLOCK) & (STOP > C0):
+        a = _select(a, tl.maximum(h, 0.0), cols, RELU, STOP, C0, BLOCK)
+    return a
+
+
+@triton.jit
+def activate_grad(h, cols, C0: tl.constexpr, BLOCK: tl.constexpr, SILU: tl.constexpr,
+                  GELU: tl.constexpr, RELU: tl.constexpr, STOP: tl.constexpr):
+    """d act(h) / d h over the same ranges (relu: 0 at h = 0, as torch)."""
+    d = tl.full(h.shape, 1.0, tl.float32)
+    if (SILU < GELU) & (SILU < C0 + BLOCK) & (GELU > C0):
+        sig = tl.sigmoid(h)
+        d = _select(d, sig * (1.0 + h * (1.0 - sig)), cols, SILU, GELU, C0, BLOCK)
+    if (GELU < RELU) & (GELU < C0 + BLOCK) & (RELU > C0):
+        dgelu = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476)) + \
+            h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+        d = _select(d, dgelu, cols, GELU, RELU, C0, BLOCK)
+    if (RELU < STOP) & (RELU < C0 + BLOCK) & (STOP > C0):
+        d = _select(d, tl.where(h > 0.0, 1.0, 0.0), cols, RELU, STOP, C0, BLOCK)
+    return d

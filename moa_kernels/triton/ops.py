@@ -1,124 +1,110 @@
-"""The autograd glue: each kernel family as a torch.library custom op (moa::...), with a
-fake implementation for tracing and a registered backward that calls its own custom op.
+"""The autograd glue: each op family as a torch.library custom op (moa::...), with a fake
+implementation for tracing and a registered backward that calls its own custom op.
 
-    moa::shrink          x [T, in], W [S, in], b [S]?         -> h [T, S] fp32
-    moa::grouped_shrink  x, W [R, in], b [R], plan of groups  -> H [T, R] fp32
-    moa::gated_expand    y [T, out], h [T, R], g [T, E], ...   -> y + sum_e g_e delta_e
+    moa::shrink         x [T, in], expert rows, router rows, base  -> y [T, out] (or empty),
+                                                                      h [T, S]
+    moa::gated_expand   y [T, out], h [T, h_width], g [T, E], ...  -> y + sum_e g_e delta_e,
+                                                                      u [T, k_width]
 
-torch.compile sees three opaque ops (and their backward ops) instead of Triton launches,
-so it traces a model using them without graph breaks; eager mode pays one Python
-dispatch per op.
+The layout enters as `code` and `scales` (plan.layout_code: plain ints and floats, so a
+constant under torch.compile); the packed weights are looked up (cached per parameter
+version) inside the ops, where the tensors are real. torch.compile sees opaque ops
+(and their backward ops) instead of Triton launches and cuBLAS calls, so it traces a
+model using them without graph breaks; eager mode pays one Python dispatch per op.
 """
 
 from typing import Optional
 
 import torch
 
-from moa_kernels.triton import expand, shrink, sparse
-from moa_kernels.triton.plan import PairList
+from moa_kernels.triton import expand, shrink
+from moa_kernels.triton.plan import KernelLayout, code_widths
 
 Tensor = torch.Tensor
 
 
+def _meta(code, scales, device) -> KernelLayout | None:
+    return KernelLayout.of(code, scales, device) if code else None
+
+
 # ---------------------------------------------------------------------------------------
-# dense shrink
+# shrink (with the base GEMM beside it)
 # ---------------------------------------------------------------------------------------
 
 @torch.library.custom_op("moa::shrink", mutates_args=())
-def shrink_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:  # noqa: UP045
-    return shrink.shrink_forward(x, weight, bias)
+def shrink_op(x: Tensor, shrink_weight: Optional[Tensor], full_bias: Optional[Tensor],  # noqa: UP045
+              router_weight: Optional[Tensor], router_bias: Optional[Tensor],  # noqa: UP045
+              base_weight: Optional[Tensor], base_bias: Optional[Tensor],  # noqa: UP045
+              code: list[int], scales: list[float]) -> tuple[Tensor, Tensor]:
+    y, h, _ = shrink.shrink_forward(x, _meta(code, scales, x.device), shrink_weight,
+                                    full_bias, router_weight, router_bias, base_weight,
+                                    base_bias)
+    return y, h
 
 
 @shrink_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+def _(x, shrink_weight, full_bias, router_weight, router_bias, base_weight, base_bias, code,
+      scales):
+    width = code_widths(code)["h_width"] if code else 0
+    rows = router_weight.shape[0] if router_weight is not None else 0
+    y = x.new_empty(x.shape[0], base_weight.shape[0]) if base_weight is not None else \
+        x.new_empty(0)
+    return y, x.new_empty(x.shape[0], shrink.align16(width + rows))
 
 
 @torch.library.custom_op("moa::shrink_backward", mutates_args=())
-def shrink_backward_op(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool,
-                       need_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return shrink.shrink_backward(grad, x, weight, need_x, need_weight)
+def shrink_backward_op(grad_h: Tensor, grad_y: Optional[Tensor], x: Tensor,  # noqa: UP045
+                       shrink_weight: Optional[Tensor],  # noqa: UP045
+                       router_weight: Optional[Tensor],  # noqa: UP045
+                       base_weight: Optional[Tensor],  # noqa: UP045
+                       code: list[int], scales: list[float], need: list[bool]
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    meta = _meta(code, scales, x.device)
+    weight = shrink.stacked_weight(x, meta, shrink_weight, router_weight)
+    rows = router_weight.shape[0] if router_weight is not None else 0
+    grads = shrink.shrink_backward(grad_h, grad_y, x, weight, meta, rows, base_weight, need)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @shrink_backward_op.register_fake
-def _(grad, x, weight, need_x, need_weight):
-    return _fake_shrink_grads(grad, x, weight, need_x, need_weight)
+def _(grad_h, grad_y, x, shrink_weight, router_weight, base_weight, code, scales, need):
+    shapes = [x.shape, None if shrink_weight is None else shrink_weight.shape,
+              None if shrink_weight is None else shrink_weight.shape[:1],
+              None if router_weight is None else router_weight.shape,
+              None if router_weight is None else router_weight.shape[:1],
+              None if base_weight is None else base_weight.shape,
+              None if base_weight is None else base_weight.shape[:1]]
+    dtypes = [x.dtype, x.dtype, torch.float32, x.dtype, torch.float32, x.dtype, torch.float32]
+    return tuple(x.new_empty(shape, dtype=dtype) if wanted and shape is not None else
+                 x.new_empty(0) for shape, dtype, wanted in zip(shapes, dtypes, need))
 
 
-def _fake_shrink_grads(grad, x, weight, need_x, need_weight):
-    dx = torch.empty_like(x) if need_x else x.new_empty(0)
-    dw = torch.empty_like(weight) if need_weight else weight.new_empty(0)
-    db = grad.new_empty(weight.shape[0] if need_weight else 0)
-    return dx, dw, db
+_SHRINK_INPUTS = 7  # tensor inputs of moa::shrink, in order
 
 
 def _shrink_setup(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.bias_dtype = None if bias is None else bias.dtype
+    x, shrink_weight, full_bias, router_weight, router_bias, base_weight, base_bias, code, \
+        scales = inputs
+    ctx.save_for_backward(x, shrink_weight, router_weight, base_weight)
+    ctx.code, ctx.scales = code, scales
+    ctx.dtypes = [None if t is None else t.dtype for t in inputs[:_SHRINK_INPUTS]]
+    ctx.has_base = base_weight is not None
 
 
-def _shrink_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx, dw, db = shrink_backward_op(grad.contiguous(), x, weight, need_x, need_w or need_b)
-    return (dx if need_x else None, dw if need_w else None,
-            db.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None)
+def _shrink_backward(ctx, grad_y, grad_h):
+    x, shrink_weight, router_weight, base_weight = ctx.saved_tensors
+    need = [bool(n) and d is not None for n, d in
+            zip(ctx.needs_input_grad[:_SHRINK_INPUTS], ctx.dtypes)]
+    grads = shrink_backward_op(grad_h.contiguous(),
+                               grad_y.contiguous() if ctx.has_base else None, x,
+                               shrink_weight, router_weight, base_weight, ctx.code,
+                               ctx.scales, need)
+    result = [g.to(dtype) if wanted else None
+              for g, dtype, wanted in zip(grads, ctx.dtypes, need)]
+    return (*result, None, None)
 
 
 shrink_op.register_autograd(_shrink_backward, setup_context=_shrink_setup)
-
-
-# ---------------------------------------------------------------------------------------
-# grouped (sparse) shrink
-# ---------------------------------------------------------------------------------------
-
-@torch.library.custom_op("moa::grouped_shrink", mutates_args=())
-def grouped_shrink_op(x: Tensor, weight: Tensor, bias: Tensor, token_index: Tensor,
-                      offsets: Tensor, active: Tensor, group_meta: Tensor,
-                      max_rank: int) -> Tensor:
-    return sparse.grouped_shrink_forward(x, weight, bias, PairList(token_index, offsets, active),
-                                         group_meta, max_rank)
-
-
-@grouped_shrink_op.register_fake
-def _(x, weight, bias, token_index, offsets, active, group_meta, max_rank):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("moa::grouped_shrink_backward", mutates_args=())
-def grouped_shrink_backward_op(grad: Tensor, x: Tensor, weight: Tensor, token_index: Tensor,
-                               offsets: Tensor, active: Tensor, group_meta: Tensor,
-                               max_rank: int, need_x: bool, need_weight: bool
-                               ) -> tuple[Tensor, Tensor, Tensor]:
-    return sparse.grouped_shrink_backward(grad, x, weight,
-                                          PairList(token_index, offsets, active), group_meta,
-                                          max_rank, need_x, need_weight)
-
-
-@grouped_shrink_backward_op.register_fake
-def _(grad, x, weight, token_index, offsets, active, group_meta, max_rank, need_x,
-      need_weight):
-    return _fake_shrink_grads(grad, x, weight, need_x, need_weight)
-
-
-def _grouped_setup(ctx, inputs, output):
-    x, weight, bias, token_index, offsets, active, group_meta, max_rank = inputs
-    ctx.save_for_backward(x, weight, token_index, offsets, active, group_meta)
-    ctx.max_rank, ctx.bias_dtype = max_rank, bias.dtype
-
-
-def _grouped_backward(ctx, grad):
-    x, weight, token_index, offsets, active, group_meta = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx, dw, db = grouped_shrink_backward_op(grad.contiguous(), x, weight, token_index,
-                                            offsets, active, group_meta, ctx.max_rank,
-                                            need_x, need_w or need_b)
-    return (dx if need_x else None, dw if need_w else None,
-            db.to(ctx.bias_dtype) if need_b else None, None, None, None, None, None)
-
-
-grouped_shrink_op.register_autograd(_grouped_backward, setup_context=_grouped_setup)
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,65 +112,55 @@ grouped_shrink_op.register_autograd(_grouped_backward, setup_context=_grouped_se
 # ---------------------------------------------------------------------------------------
 
 @torch.library.custom_op("moa::gated_expand", mutates_args=())
-def gated_expand_op(y: Tensor, hidden: Tensor, gates: Tensor, expand_weight: Tensor,
-                    expand_bias: Tensor, expert_meta: Tensor, expert_scale: Tensor,
-                    group_meta: Tensor, max_rank: int, active: Optional[Tensor],  # noqa: UP045
-                    token_index: Optional[Tensor], offsets: Optional[Tensor]  # noqa: UP045
-                    ) -> Tensor:
-    return expand.gated_expand_forward(y, hidden, gates, expand_weight, expand_bias,
-                                       expert_meta, expert_scale, active)
+def gated_expand_op(y: Tensor, hidden: Tensor, gates: Tensor,
+                    active: Optional[Tensor], expand_weight: Tensor,  # noqa: UP045
+                    expand_bias: Tensor, code: list[int], scales: list[float]
+                    ) -> tuple[Tensor, Tensor]:
+    return expand.gated_expand_forward(y, hidden, gates, active, expand_weight, expand_bias,
+                                       KernelLayout.of(code, scales, y.device))
 
 
 @gated_expand_op.register_fake
-def _(y, hidden, gates, expand_weight, expand_bias, expert_meta, expert_scale, group_meta,
-      max_rank, active, token_index, offsets):
-    return torch.empty_like(y)
+def _(y, hidden, gates, active, expand_weight, expand_bias, code, scales):
+    return torch.empty_like(y), y.new_empty(y.shape[0], code_widths(code)["k_width"])
 
 
 @torch.library.custom_op("moa::gated_expand_backward", mutates_args=())
-def gated_expand_backward_op(grad: Tensor, hidden: Tensor, gates: Tensor, expand_weight: Tensor,
-                             expand_bias: Tensor, expert_meta: Tensor, expert_scale: Tensor,
-                             group_meta: Tensor, max_rank: int,
-                             active: Optional[Tensor],  # noqa: UP045
-                             token_index: Optional[Tensor],  # noqa: UP045
-                             offsets: Optional[Tensor]  # noqa: UP045
-                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return expand.gated_expand_backward(grad, hidden, gates, expand_weight, expand_bias,
-                                        expert_meta, expert_scale, group_meta, max_rank,
-                                        active, token_index, offsets)
+def gated_expand_backward_op(grad: Tensor, hidden: Tensor, gates: Tensor,
+                             active: Optional[Tensor], u: Tensor,  # noqa: UP045
+                             expand_weight: Tensor, expand_bias: Tensor, code: list[int],
+                             scales: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return expand.gated_expand_backward(grad, hidden, gates, active, u, expand_weight,
+                                        expand_bias, KernelLayout.of(code, scales, grad.device))
 
 
 @gated_expand_backward_op.register_fake
-def _(grad, hidden, gates, expand_weight, expand_bias, expert_meta, expert_scale, group_meta,
-      max_rank, active, token_index, offsets):
-    return (hidden.new_empty(hidden.shape, dtype=torch.float32),
+def _(grad, hidden, gates, active, u, expand_weight, expand_bias, code, scales):
+    return (hidden.new_empty(hidden.shape[0], code_widths(code)["h_width"]),
             gates.new_empty(gates.shape, dtype=torch.float32), torch.empty_like(expand_weight),
             torch.empty_like(expand_bias))
 
 
 def _expand_setup(ctx, inputs, output):
-    (y, hidden, gates, expand_weight, expand_bias, expert_meta, expert_scale, group_meta,
-     max_rank, active, token_index, offsets) = inputs
-    ctx.save_for_backward(hidden, gates, expand_weight, expand_bias, expert_meta,
-                          expert_scale, group_meta, active, token_index, offsets)
-    ctx.max_rank, ctx.hidden_dtype, ctx.gates_dtype = max_rank, hidden.dtype, gates.dtype
+    y, hidden, gates, active, expand_weight, expand_bias, code, scales = inputs
+    ctx.save_for_backward(hidden, gates, active, output[1], expand_weight, expand_bias)
+    ctx.code, ctx.scales = code, scales
+    ctx.dtypes = (hidden.dtype, gates.dtype)
 
 
-def _expand_backward(ctx, grad):
-    (hidden, gates, expand_weight, expand_bias, expert_meta, expert_scale, group_meta, active,
-     token_index, offsets) = ctx.saved_tensors
-    grads = [None] * 12
+def _expand_backward(ctx, grad, _grad_u):
+    hidden, gates, active, u, expand_weight, expand_bias = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    if not any(needs[1:5]):
-        return grad, *grads[1:]
-    d_hidden, d_gates, d_weight, d_bias = gated_expand_backward_op(
-        grad.contiguous(), hidden, gates, expand_weight, expand_bias, expert_meta,
-        expert_scale, group_meta, ctx.max_rank, active, token_index, offsets)
+    grads = [None] * 8
     grads[0] = grad if needs[0] else None
-    grads[1] = d_hidden.to(ctx.hidden_dtype) if needs[1] else None
-    grads[2] = d_gates.to(ctx.gates_dtype) if needs[2] else None
-    grads[3] = d_weight if needs[3] else None
-    grads[4] = d_bias if needs[4] else None
+    if any(needs[1:3]) or any(needs[4:6]):
+        d_hidden, d_gates, d_weight, d_bias = gated_expand_backward_op(
+            grad.contiguous(), hidden, gates, active, u, expand_weight, expand_bias, ctx.code,
+            ctx.scales)
+        grads[1] = d_hidden.to(ctx.dtypes[0]) if needs[1] else None
+        grads[2] = d_gates.to(ctx.dtypes[1]) if needs[2] else None
+        grads[4] = d_weight if needs[4] else None
+        grads[5] = d_bias if needs[5] else None
     return tuple(grads)
 
 

@@ -1,86 +1,273 @@
-"""Kernel metadata: the layout as small int32 tables, and a routing plan built without a
-host synchronisation.
+"""Kernel metadata: a layout's packed column space, and the packed weights, cached per
+parameter version.
 
-`KernelLayout` (one per ExpertLayout and device, cached in the layout) gives every kernel
-the ragged segments as device tables, one row of 8 int32 per expert or shrink group:
+The expand GEMM's inner dimension is the packed column space K of one layer:
 
-    expert_meta [E, 8]:  col_start, col_stop, row_start, activation, adapter (-1: none),
-                         group, 0, 0        (columns of expand_weight, rows of h)
-    group_meta  [G, 8]:  row_start, row_stop, row_start, 0, -1, expert_start, expert_stop,
-                         activation         (a shrink group: rows shared by its experts,
-                                             one expert each except hydra heads)
+    K columns [0, C)          the C expert columns of expand_weight (hydra: one block per
+                              head), ordered identity | silu | gelu | relu (stable within
+                              each class), so each activation covers one column range
+                              known when the kernel is compiled
+    K columns [C, C + N_ad)   one per adapter: its up-bias b_up as a column of B, read by
+                              u = g (the bias joins the expand GEMM instead of a pass of
+                              its own)
+    K columns up to k_width   zero padding to a multiple of 16 (16-byte aligned rows of
+                              the packed B and of u: vectorised loads, tensor-core K)
 
-The first five columns of both tables have the same meaning ("segment": right-operand
-range, left-operand start, activation, adapter), so the segmented GEMM reads either.
+The shrink writes h in the same order: h column c < C is the pre-activation that K column c
+reads (hydra heads duplicate their shared A rows: the shrink is bound by reading x, so
+the extra rows cost no time, and every expand load is a contiguous row segment), then zero
+padding to h_width = ceil16(C), then the router's first layer (when fused).
 
-`TritonPlan.build(active)` lists the active (token, expert) pairs sorted by expert then
-token with a cumsum and a scatter: fixed-size tensors, no nonzero(), no .tolist(), no
-host sync. Pairs past an expert's count are never read (kernels early-exit on counts).
+`layout_code(layout)` gives the layout as plain ints (what the custom ops take: a constant
+under torch.compile); `KernelLayout.of(code, scales, device)`, called inside the ops, holds
+the map as small device tables and ints (cached per distinct layout and device).
+`packed(kind, sources, extra, build)` caches a packed weight per version of its source
+tensors (weak references: an entry dies with its tensor, and an in-place update, e.g. the
+optimizer step, bumps the version and re-packs), so a steady training or decoding loop
+packs nothing per call.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from moa_kernels.layout import ExpertLayout
-from moa_kernels.triton.kernel_utils import ACTIVATION_CODES
+from moa_kernels.triton.kernel_utils import ACTIVATION_ORDER, align16
+
+ACTIVATION_CODES = {name: i for i, name in enumerate(ACTIVATION_ORDER)}
+KIND_CODES = {"lora": 0, "adapter": 1, "hydra": 2}
+_SLOT_FIELDS = 7  # kind, shrink start, shrink stop, expand start, expand stop, act, adapter
+
+
+def layout_code(layout: ExpertLayout) -> tuple[list[int], list[float]]:
+    """The layout as plain ints and floats, what the custom ops take (a constant under
+    torch.compile): [R, C, N_ad] + 7 ints per slot (kind, shrink rows, expand columns,
+    activation, adapter index or -1), and the slots' scalings."""
+    code = [layout.shrink_rows, layout.expand_columns, layout.num_adapters]
+    for slot in layout.slots:
+        code += [KIND_CODES[slot.kind], *slot.shrink, *slot.expand,
+                 ACTIVATION_CODES[slot.activation],
+                 -1 if slot.adapter_index is None else slot.adapter_index]
+    return code, [float(slot.scaling) for slot in layout.slots]
+
+
+def code_widths(code: list[int]) -> dict[str, int]:
+    """The sizes of a layout code's packed space (plain ints, for fake implementations):
+    rows R, columns C, adapters N_ad, experts E, k_width, h_width."""
+    rows, columns, adapters = code[:3]
+    return {"rows": rows, "columns": columns, "adapters": adapters,
+            "experts": (len(code) - 3) // _SLOT_FIELDS,
+            "k_width": align16(columns + adapters), "h_width": align16(columns)}
 
 
 @dataclass
 class KernelLayout:
-    expert_meta: torch.Tensor  # [E, 8] int32
-    expert_scale: torch.Tensor  # [E] fp32
-    group_meta: torch.Tensor  # [G, 8] int32
-    expert_group: torch.Tensor  # [E] int64
+    """The packed column space of one layout on one device (see the module docstring).
+
+    Ints: columns C, rows R, adapters N_ad, k_width, h_width, act_starts (first K column
+    of silu, gelu, relu; each class runs to the next start, relu to C), num_experts,
+    experts_pad (a power of two >= 16: the gate-gradient tile), identity_order (K columns
+    [0, C) are expand_weight's own order) and identity_rows (h columns [0, C) are the
+    shrink rows in order).
+    Device tables: column_expert [k_width] int32 (the gate of each K column; 0 on padding),
+    column_scale [k_width] fp32 (alpha / r; 1 on bias columns; 0 on padding),
+    expand_source [C] int64 (expand_weight column of K column c), expand_inverse [C] int64
+    (K column of expand_weight column j), shrink_source [C] int64 (shrink row of h column
+    c), shrink_first [R] int64 (the first h column that reads shrink row r).
+    hydra_blocks: per hydra group (first shrink row, rank, first h column, heads).
+    """
+
+    columns: int
+    rows: int
+    adapters: int
+    k_width: int
+    h_width: int
+    act_starts: tuple[int, int, int]
     num_experts: int
-    num_groups: int
-    max_rank: int
-    shared_shrink: bool
+    experts_pad: int
+    identity_order: bool
+    identity_rows: bool
+    column_expert: torch.Tensor
+    column_scale: torch.Tensor
+    expand_source: torch.Tensor
+    expand_inverse: torch.Tensor
+    shrink_source: torch.Tensor
+    shrink_first: torch.Tensor
+    hydra_blocks: tuple[tuple[int, int, int, int], ...]
 
     @classmethod
-    def of(cls, layout: ExpertLayout, device: torch.device) -> KernelLayout:
-        """The (cached) tables of `layout` on `device`."""
-        device = torch.device(device)
-        key = ("moa_kernels.triton", device)
-        if key not in layout._cache:
-            layout._cache[key] = cls._build(layout, device)
-        return layout._cache[key]
+    def of(cls, code: list[int], scales: list[float], device: torch.device) -> KernelLayout:
+        """The packed space of `layout_code`'s output on `device` (cached; called inside
+        the custom ops, with real tensors)."""
+        key = (tuple(code), tuple(scales), torch.device(device))
+        meta = _LAYOUTS.get(key)
+        if meta is None:
+            meta = _LAYOUTS[key] = cls._build(code, scales, torch.device(device))
+        return meta
 
     @classmethod
-    def _build(cls, layout: ExpertLayout, device: torch.device) -> KernelLayout:
-        groups: list[list[int]] = []
-        for e, slot in enumerate(layout.slots):
-            if groups and layout.slots[groups[-1][0]].shrink == slot.shrink:
-                groups[-1].append(e)
-            else:
-                groups.append([e])
-        expert_rows, expert_group = [], []
-        for g, members in enumerate(groups):
-            for e in members:
-                slot = layout.slots[e]
-                adapter = -1 if slot.adapter_index is None else slot.adapter_index
-                expert_rows.append([slot.expand[0], slot.expand[1], slot.shrink[0],
-                                    ACTIVATION_CODES[slot.activation], adapter, g, 0, 0])
-                expert_group.append(g)
-        group_rows = []
-        for members in groups:
-            slot = layout.slots[members[0]]
-            group_rows.append([slot.shrink[0], slot.shrink[1], slot.shrink[0], 0, -1,
-                               members[0], members[-1] + 1, ACTIVATION_CODES[slot.activation]])
-        return cls(
-            torch.tensor(expert_rows, dtype=torch.int32, device=device),
-            torch.tensor([s.scaling for s in layout.slots], dtype=torch.float32, device=device),
-            torch.tensor(group_rows, dtype=torch.int32, device=device),
-            torch.tensor(expert_group, dtype=torch.int64, device=device),
-            len(layout.slots), len(groups), max(s.rank for s in layout.slots),
-            len(groups) != len(layout.slots))
+    def _build(cls, code: list[int], scales: list[float], device: torch.device) -> KernelLayout:
+        rows, columns, adapters = code[:3]
+        slots = [code[3 + i:3 + i + _SLOT_FIELDS] for i in range(0, len(code) - 3, _SLOT_FIELDS)]
+        owner = [0] * columns
+        for e, (_, _, _, c0, c1, _, _) in enumerate(slots):
+            for c in range(c0, c1):
+                owner[c] = e
+        order = sorted(range(columns), key=lambda c: slots[owner[c]][5])
+        starts = tuple(next((k for k, c in enumerate(order) if slots[owner[c]][5] >= act),
+                            columns) for act in range(1, len(ACTIVATION_ORDER)))
+        k_width = align16(columns + adapters)
+        expert, scale = [0] * k_width, [0.0] * k_width
+        source_row = [0] * columns
+        for k, c in enumerate(order):
+            e = owner[c]
+            expert[k], scale[k] = e, scales[e]
+            source_row[k] = slots[e][1] + c - slots[e][3]
+        for e, slot in enumerate(slots):
+            if slot[6] >= 0:
+                expert[columns + slot[6]], scale[columns + slot[6]] = e, 1.0
+        inverse = [0] * columns
+        for k, c in enumerate(order):
+            inverse[c] = k
+        first = [0] * rows
+        for k in reversed(range(columns)):
+            first[source_row[k]] = k
+        hydra, seen = [], set()
+        for slot in slots:
+            if slot[0] == KIND_CODES["hydra"] and (slot[1], slot[2]) not in seen:
+                seen.add((slot[1], slot[2]))
+                heads = sum((s[1], s[2]) == (slot[1], slot[2]) for s in slots)
+                hydra.append((slot[1], slot[2] - slot[1], first[slot[1]], heads))
+
+        def table(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(columns, rows, adapters, k_width, align16(columns), starts, len(slots),
+                   max(16, 1 << (len(slots) - 1).bit_length()), order == list(range(columns)),
+                   source_row == list(range(rows)), table(expert, torch.int32),
+                   table(scale, torch.float32), table(order, torch.int64),
+                   table(inverse, torch.int64), table(source_row, torch.int64),
+                   table(first, torch.int64), tuple(hydra))
+
+
+_LAYOUTS: dict[tuple, KernelLayout] = {}
+
+
+# ---------------------------------------------------------------------------------------
+# packed weights, cached per parameter version
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class _Entry:
+    refs: list
+    stamp: tuple
+    value: object
+
+
+_PACKED: dict[tuple, _Entry] = {}
+
+
+def _stamp(tensor: torch.Tensor) -> tuple:
+    return (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device,
+            tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def packed(kind: str, sources: tuple[torch.Tensor, ...], extra: tuple,
+           build: Callable[[], object]) -> object:
+    """build() for these source tensors, cached until one of them changes (in place: its
+    version; or its storage) or dies. `extra` completes the key (dtype, layout tables)."""
+    key = (kind, extra, *(id(s) for s in sources))
+    stamp = tuple(_stamp(s) for s in sources)
+    entry = _PACKED.get(key)
+    if entry is not None and entry.stamp == stamp and \
+            all(ref() is s for ref, s in zip(entry.refs, sources)):
+        return entry.value
+    value = build()
+
+    def forget(_, key=key):
+        _PACKED.pop(key, None)
+
+    _PACKED[key] = _Entry([weakref.ref(s, forget) for s in sources], stamp, value)
+    return value
+
+
+def pack_expand(meta: KernelLayout, expand_weight: torch.Tensor, expand_bias: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """B packed [out, k_width] in `dtype`: expand_weight's columns in K order, the adapters'
+    up-biases as columns, zero padding (cached per version of the two tensors)."""
+    def build():
+        out = expand_weight.shape[0]
+        result = torch.zeros(out, meta.k_width, device=expand_weight.device, dtype=dtype)
+        weight = expand_weight if meta.identity_order else \
+            expand_weight.index_select(1, meta.expand_source)
+        result[:, :meta.columns] = weight
+        if meta.adapters:
+            result[:, meta.columns:meta.columns + meta.adapters] = expand_bias.t()
+        return result
+
+    sources = (expand_weight, expand_bias) if meta.adapters else (expand_weight,)
+    return packed("expand", sources, (dtype, id(meta)), build)
+
+
+def pack_shrink(meta: KernelLayout, shrink_weight: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """A packed [h_width, in] in `dtype`: shrink row shrink_source[c] as row c (hydra rows
+    repeated per head), zero padding (cached per version of shrink_weight)."""
+    def build():
+        result = torch.zeros(meta.h_width, shrink_weight.shape[1],
+                             device=shrink_weight.device, dtype=dtype)
+        rows = shrink_weight if meta.identity_rows else \
+            shrink_weight.index_select(0, meta.shrink_source)
+        result[:meta.columns] = rows
+        return result
+
+    return packed("shrink", (shrink_weight,), (dtype, id(meta)), build)
+
+
+def pack_shrink_bias(meta: KernelLayout, full_bias: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The packed shrink bias [h_width] (small: packed per call)."""
+    result = full_bias.new_zeros(meta.h_width, dtype=dtype)
+    result[:meta.columns] = full_bias if meta.identity_rows else \
+        full_bias.index_select(0, meta.shrink_source)
+    return result
+
+
+def unpack_shrink_rows(meta: KernelLayout, packed_rows: torch.Tensor) -> torch.Tensor:
+    """The gradient of the shrink rows [R, ...] from the gradient of the packed rows
+    [h_width, ...]: each row takes its first h column, hydra rows add their other heads
+    (a fixed-order sum: deterministic)."""
+    if meta.identity_rows:
+        return packed_rows[:meta.rows]
+    result = packed_rows.index_select(0, meta.shrink_first)
+    for row, rank, column, heads in meta.hydra_blocks:
+        blocks = packed_rows[column:column + heads * rank]
+        result[row:row + rank] = blocks.reshape(heads, rank, *blocks.shape[1:]).sum(0)
+    return result
+
+
+def unpack_expand(meta: KernelLayout, packed_grad: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d expand_weight [out, C], d expand_bias [N_ad, out]) from d B packed
+    [out, k_width], as new tensors (a custom op's outputs may not alias each other)."""
+    columns = packed_grad[:, :meta.columns]
+    weight = columns.clone(memory_format=torch.contiguous_format) if meta.identity_order \
+        else columns.index_select(1, meta.expand_inverse)
+    if not meta.adapters:
+        return weight, packed_grad.new_empty(0, packed_grad.shape[0])
+    bias = packed_grad[:, meta.columns:meta.columns + meta.adapters].t().clone(
+        memory_format=torch.contiguous_format)
+    return weight, bias
 
 
 @dataclass
 class PairList:
-    """Active pairs of one [T, S] mask (S experts or groups), sorted by column then token.
+    """Active pairs of one [T, S] mask (S experts or groups), sorted by column then token,
+    built on the device without a host sync (a cumsum and a scatter; no nonzero()).
 
     token_index [T * S + 1] int32 (entries past offsets[S] are unused), offsets [S + 1]
     int64, active [T, S] int8.
@@ -105,22 +292,3 @@ class PairList:
         token_index.scatter_(0, destination.reshape(-1), token_ids.expand(columns, tokens)
                              .reshape(-1))
         return cls(token_index, offsets, active.to(torch.int8).contiguous())
-
-
-@dataclass
-class TritonPlan:
-    """The routing plan of one router call: pairs by expert, and by shrink group (the same
-    object when no expert shares its shrink rows)."""
-
-    experts: PairList
-    groups: PairList
-
-    @classmethod
-    def build(cls, active: torch.Tensor, meta: KernelLayout) -> TritonPlan:
-        """From active [T, E] bool."""
-        experts = PairList.build(active)
-        if not meta.shared_shrink:
-            return cls(experts, experts)
-        group_hits = active.new_zeros(active.shape[0], meta.num_groups, dtype=torch.float32)
-        group_hits.index_add_(1, meta.expert_group, active.to(torch.float32))
-        return cls(experts, PairList.build(group_hits > 0))

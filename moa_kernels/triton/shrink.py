@@ -1,119 +1,151 @@
-"""Dense shrink: h = x @ W^T + b over every stacked shrink row, and its backward GEMMs.
+"""Shrink: h = x @ W^T + b over the packed shrink rows, with the base layer's GEMM beside
+it, and the backward. All plain GEMMs, so all cuBLAS (torch.mm / addmm).
 
-W is [S, in] = [A_stack; W_down (adapters); router first layer (+ threshold row)], so x is
-read once for all experts and the router (S = R + F). The same tiled GEMM kernel, fed other
-strides, also gives the backward: dx = dh @ W and dW = dh^T @ x with db = column sums of
-dh fused in (the program of the first column block sums its rows of dh^T).
+W [S, in] = [A packed (h_width rows, plan.py); router first layer (F rows, when fused);
+zero rows to a multiple of 16], so x is read once for every expert and the router and h
+[T, S] has 16-aligned rows for the gate kernels. The packed A is cached per version of
+shrink_weight; the router's first layer arrives as a new tensor per call (MoARouter.ops
+concatenates it), so W costs one concatenation per call when a router is fused (none in
+the paper layout, whose MoALinears take their gates from a layer router).
 
-Kernel `_matmul_kernel`: C[M, N] = A[M, K] @ B[K, N] (+ bias[N]), any strides.
-  grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); each program walks K in BLOCK_K steps with an
-  fp32 accumulator; operands cast to the data dtype (fp32 dots are IEEE unless TF32 is on).
-  Row offsets are int64 (row * stride may pass 2^31).
-FLOPs and bytes per call (T tokens, S rows, b = bytes per element, h kept in fp32):
-  forward  h = x W^T + b:   2 T in S FLOPs;  b (T in + S in) + 4 T S bytes
-  dx = dh W:                2 T S in FLOPs;  4 T S + b (S in + T in) bytes
-  dW = dh^T x, db:          2 S T in FLOPs;  4 T S + b (T in + S in) bytes
+With a plain linear base (base_weight given) the op also computes y = x Wb^T + bb, so that
+its backward can add the experts' dx into the base's dx in the same GEMM (addmm_, beta = 1)
+instead of autograd adding two [T, in] tensors (one pass over dx saved: 2 b T in bytes).
+
+Why cuBLAS: the shrink is a GEMM with N = S <= a few hundred: its arithmetic intensity is
+about S FLOP per byte of x, below the H100's ridge (~270) for every preset, so it is bound
+by reading x once, which cuBLAS does at full bandwidth with its own split-K and tile
+choices; nothing is fused into it that a bias vector would not express. The backward's
+dx = dh @ W and dW = dh^T @ x are plain GEMMs too (dW: cuBLAS splits the T reduction
+deterministically; db = column sums of dh in fp32).
+
+FLOPs and bytes per call (T tokens, S rows, b bytes per element):
+  forward  h = x W^T + b:   2 T in S FLOPs;   b (T in + S in + T S) bytes
+  dx = dh W (+ base dx):    2 T S in FLOPs;   b (T S + S in) + 2 b T in bytes (beta = 1)
+  dW = dh^T x, db:          2 S T in FLOPs;   b (T S + T in + S in) bytes
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+import torch.nn.functional as F
 
-from moa_kernels.triton.kernel_utils import block, dot_dtype, precision
+from moa_kernels.triton.kernel_utils import align16
+from moa_kernels.triton.plan import (
+    KernelLayout,
+    pack_shrink,
+    pack_shrink_bias,
+    unpack_shrink_rows,
+)
+
+_ZEROS: dict[tuple, torch.Tensor] = {}
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype,
-           data_dtype: torch.dtype, bias: torch.Tensor | None = None,
-           rowsum: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """C = A @ B (+ bias) with fp32 accumulation.
+def _zeros(rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+    """A cached block of zeros (never written) for padding W."""
+    key = (rows, columns, like.dtype, like.device)
+    if key not in _ZEROS:
+        _ZEROS[key] = like.new_zeros(rows, columns)
+    return _ZEROS[key]
+
+
+def shrink_width(meta: KernelLayout | None, router_rows: int) -> int:
+    """S: the columns of h (expert part, router part, padding to 16)."""
+    return align16((meta.h_width if meta is not None else 0) + router_rows)
+
+
+def stacked_weight(x: torch.Tensor, meta: KernelLayout | None, shrink_weight, router_weight
+                   ) -> torch.Tensor:
+    """W [S, in] in x's dtype (see the module docstring)."""
+    parts = []
+    if meta is not None:
+        parts.append(pack_shrink(meta, shrink_weight, x.dtype))
+    if router_weight is not None:
+        parts.append(router_weight.to(x.dtype))
+    rows = sum(p.shape[0] for p in parts)
+    if rows % 16:
+        parts.append(_zeros(align16(rows) - rows, x.shape[1], parts[0]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def stacked_bias(x: torch.Tensor, meta: KernelLayout | None, full_bias, router_weight,
+                 router_bias) -> torch.Tensor | None:
+    """b [S] in x's dtype, or None when every row's bias is zero."""
+    expert_bias = full_bias is not None and meta is not None
+    if not expert_bias and router_bias is None:
+        return None
+    parts = []
+    if meta is not None:
+        parts.append(pack_shrink_bias(meta, full_bias, x.dtype) if expert_bias else
+                     x.new_zeros(meta.h_width))
+    if router_weight is not None:
+        parts.append(router_bias.to(x.dtype) if router_bias is not None else
+                     x.new_zeros(router_weight.shape[0]))
+    rows = sum(p.shape[0] for p in parts)
+    if rows % 16:
+        parts.append(x.new_zeros(align16(rows) - rows))
+    return torch.cat(parts)
+
+
+def shrink_forward(x: torch.Tensor, meta: KernelLayout | None, shrink_weight, full_bias,
+                   router_weight, router_bias, base_weight, base_bias
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, W): y = x Wb^T + bb [T, out] (an empty tensor without base_weight), h [T, S]
+    in x's dtype, and the W [S, in] used (for the backward).
 
     Args:
-        a: [M, K], b: [K, N] (any strides, any float dtypes); bias: [N] or None.
-        out_dtype: dtype of C. data_dtype: dtype both dot operands are cast to.
-        rowsum: also return the row sums of A, [M] fp32 (the bias gradient of dW = dh^T x).
-    Returns:
-        C [M, N] out_dtype, and the row sums [M] fp32 or None.
+        x: [T, in]; meta: the packed space, or None (no expert rows: a router alone);
+        shrink_weight [R, in] and full_bias [R] or None; router_weight [F, in] or None,
+        router_bias [F] or None; base_weight [out, in] or None, base_bias [out] or None.
     """
-    m, k = a.shape
-    n = b.shape[1]
-    c = torch.empty(m, n, device=a.device, dtype=out_dtype)
-    sums = torch.zeros(m, device=a.device, dtype=torch.float32) if rowsum else None
-    if m == 0 or n == 0:
-        return c, sums
-    if k == 0:
-        c.zero_()
-        if bias is not None:
-            c += bias
-        return c, sums
-    block_m, block_n, block_k = block(m), block(n), block(k)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _matmul_kernel[grid](
-        a, b, c, bias if bias is not None else c, sums if rowsum else c, m, n, k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        HAS_BIAS=bias is not None, ROWSUM=rowsum, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, DOT_DTYPE=dot_dtype(data_dtype), PRECISION=precision(data_dtype))
-    return c, sums
+    weight = stacked_weight(x, meta, shrink_weight, router_weight)
+    bias = stacked_bias(x, meta, full_bias, router_weight, router_bias)
+    h = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    y = F.linear(x, base_weight, base_bias) if base_weight is not None else x.new_empty(0)
+    return y, h, weight
 
 
-def shrink_forward(x: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-    """h = x @ weight^T + bias. x [T, in], weight [S, in], bias [S] or None -> [T, S] fp32."""
-    return matmul(x, weight.t(), out_dtype=torch.float32, data_dtype=x.dtype, bias=bias)[0]
+def shrink_backward(grad_h: torch.Tensor, grad_y: torch.Tensor | None, x: torch.Tensor,
+                    weight: torch.Tensor, meta: KernelLayout | None, router_rows: int,
+                    base_weight: torch.Tensor | None, need: list[bool]
+                    ) -> list[torch.Tensor | None]:
+    """Gradients of shrink_forward from grad_h [T, S] and grad_y [T, out] (or None).
 
-
-def shrink_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                    need_x: bool, need_weight: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of shrink_forward from grad [T, S] fp32.
-
-    Returns dx [T, in] (x.dtype), dW [S, in] (weight.dtype), db [S] fp32; an empty tensor
-    stands for a gradient that is not needed.
+    need: which of (x, shrink_weight, full_bias, router_weight, router_bias, base_weight,
+    base_bias) need a gradient. Returns them in that order (None where not needed); the
+    weight gradients in x's dtype, the biases' in fp32.
     """
-    dx = matmul(grad, weight, out_dtype=x.dtype, data_dtype=x.dtype)[0] if need_x \
-        else x.new_empty(0)
-    dw, db = weight.new_empty(0), grad.new_empty(0)
-    if need_weight:
-        dw, db = matmul(grad.t(), x, out_dtype=weight.dtype, data_dtype=x.dtype, rowsum=True)
-    return dx, dw, db
+    need_x, need_w, need_b, need_rw, need_rb, need_bw, need_bb = need
+    grad_h = grad_h.to(x.dtype)
+    result: list[torch.Tensor | None] = [None] * 7
+    if need_x:
+        if grad_y is not None and base_weight is not None:
+            dx = torch.mm(grad_y, base_weight.to(grad_y.dtype))
+            result[0] = dx.addmm_(grad_h, weight)
+        else:
+            result[0] = torch.mm(grad_h, weight)
+    # (fresh tensors, not views of one: a custom op's outputs may not alias each other)
+    width = meta.h_width if meta is not None else 0
+    if need_w or need_rw:
+        grad_weight = torch.mm(grad_h.t(), x)
+        if need_w:
+            result[1] = _fresh(unpack_shrink_rows(meta, grad_weight[:width]), grad_weight)
+        if need_rw:
+            result[3] = grad_weight[width:width + router_rows].clone()
+    if need_b or need_rb:
+        grad_bias = grad_h.sum(0, dtype=torch.float32)
+        if need_b:
+            result[2] = _fresh(unpack_shrink_rows(meta, grad_bias[:width]), grad_bias)
+        if need_rb:
+            result[4] = grad_bias[width:width + router_rows].clone()
+    if (need_bw or need_bb) and grad_y is not None:
+        if need_bw:
+            result[5] = torch.mm(grad_y.t(), x)
+        if need_bb:
+            result[6] = grad_y.sum(0, dtype=torch.float32)
+    return result
 
 
-# ---------------------------------------------------------------------------------------
-# jit kernels
-# ---------------------------------------------------------------------------------------
-
-@triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, sums_ptr, M, N, K,
-                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   HAS_BIAS: tl.constexpr, ROWSUM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    rows_a = offs_m.to(tl.int64) * stride_am
-    cols_b = offs_n.to(tl.int64) * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sums = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        a = tl.load(a_ptr + rows_a[:, None] + offs_k.to(tl.int64)[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k.to(tl.int64)[:, None] * stride_bk + cols_b[None, :],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if ROWSUM:
-            sums += tl.sum(a.to(tl.float32), axis=1)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + \
-        offs_n.to(tl.int64)[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    if ROWSUM:
-        if pid_n == 0:
-            tl.store(sums_ptr + offs_m, sums, mask=mask_m)
+def _fresh(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """tensor, copied if it is a view of base."""
+    return tensor.clone() if tensor._base is base or tensor is base else tensor
