@@ -375,23 +375,42 @@ def tiny_configs() -> list[LayerConfig]:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def measure(configs: list[LayerConfig], dtypes: list[str]) -> list[dict]:
+_PENDING: list[Launch] = []  # the launches a forked build worker compiles (by index)
+
+
+def _build_row(index: int) -> dict:
+    return build(_PENDING[index]).row()
+
+
+def measure(configs: list[LayerConfig], dtypes: list[str], jobs: int = 1) -> list[dict]:
     """Every distinct build that one forward + backward of each config makes in each dtype,
-    compiled and reported once (with every config that makes it)."""
+    compiled and reported once (with every config that makes it); `jobs` builds at a time
+    (forked processes: the builds are independent)."""
     rows: dict[str, dict] = {}
+    launches: list[Launch] = []
     for dtype in dtypes:
         for config in configs:
-            with recording() as launches:
+            with recording() as recorded:
                 config.run(DTYPES[dtype])
-            for launch in unique(launches):
+            for launch in unique(recorded):
                 if launch.key not in rows:
                     rows[launch.key] = {"dtype": dtype, "configs": [],
-                                        **build(launch).row(),
                                         "constants": {k: repr(v) for k, v in
                                                       launch.constants.items()},
                                         "aligned": launch.aligned}
+                    launches.append(launch)
                 if config.name not in rows[launch.key]["configs"]:
                     rows[launch.key]["configs"].append(config.name)
+    _PENDING[:] = launches
+    if jobs > 1 and len(launches) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            reports = pool.map(_build_row, range(len(launches)))
+    else:
+        reports = [_build_row(i) for i in range(len(launches))]
+    for launch, report in zip(launches, reports):
+        rows[launch.key].update(report)
     return list(rows.values())
 
 
@@ -429,10 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the table")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a build breaks the budget (see Build.violations)")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                        help="builds compiled at a time")
     args = parser.parse_args(argv)
     configs = {"realistic": layer_configs(), "tiny": tiny_configs(),
                "all": layer_configs() + tiny_configs()}[args.set]
-    rows = measure(configs, args.dtypes.split(","))
+    rows = measure(configs, args.dtypes.split(","), args.jobs)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1)

@@ -49,6 +49,7 @@ from moa_kernels.triton.kernel_utils import (
     activate,
     activate_grad,
     block_columns,
+    mm_fp32,
 )
 from moa_kernels.triton.plan import KernelLayout, pack_expand, unpack_expand
 
@@ -61,7 +62,7 @@ def gated_expand_forward(y: torch.Tensor, hidden: torch.Tensor, gates: torch.Ten
 
     Args:
         y: [T, out] base output (the compute dtype); hidden: [T, >= h_width] the shrink
-        output in packed order (plan.py), the compute dtype, rows 16-aligned; gates:
+        output in packed order (plan.py), fp32, rows 16-aligned; gates:
         [T, E]; active: [T, E] bool (sparse modes) or None; expand_weight [out, C] and
         expand_bias [N_ad, out] (any float dtype: packed, cached, in y's dtype).
     Returns:
@@ -87,7 +88,7 @@ def gated_expand_backward(grad: torch.Tensor, hidden: torch.Tensor, gates: torch
     [N_ad, out] in their tensors' dtypes.
     """
     packed = pack_expand(meta, expand_weight, expand_bias, grad.dtype)
-    grad_u = torch.mm(grad, packed)
+    grad_u = mm_fp32(grad, packed)
     grad_packed = torch.mm(grad.t(), u)
     tokens = grad.shape[0]
     grad_hidden = torch.empty(tokens, meta.h_width, device=grad.device, dtype=hidden.dtype)

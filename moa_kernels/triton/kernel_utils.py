@@ -27,6 +27,36 @@ BLOCK_T = 32
 MAX_BLOCK_COLUMNS = 64
 
 
+_OUT_DTYPE_WORKS: dict[torch.device, bool] = {}
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """a @ b (+ bias) [M, N] in fp32 from fp16 / bf16 (or fp32) operands, accumulated in
+    fp32 and never rounded to the operands' dtype: cuBLAS's fp32-output GEMM
+    (`out_dtype`, CUDA) where this torch has it, else the operands cast to fp32 (the CPU
+    and the interpreter; on a GPU a fallback that copies the operands)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    if a.device.type == "cuda" and _out_dtype_works(a.device):
+        out = torch.mm(a, b, out_dtype=torch.float32)
+        return out if bias is None else out.add_(bias)
+    out = torch.mm(a.float(), b.float())
+    return out if bias is None else out.add_(bias)
+
+
+def _out_dtype_works(device: torch.device) -> bool:
+    """Whether torch.mm(..., out_dtype=torch.float32) runs here (probed once per device)."""
+    if device not in _OUT_DTYPE_WORKS:
+        try:
+            probe = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
+            works = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            works = False
+        _OUT_DTYPE_WORKS[device] = works
+    return _OUT_DTYPE_WORKS[device]
+
+
 def align16(n: int) -> int:
     """n rounded up to a multiple of 16 (16 elements: 16-byte aligned rows in every dtype,
     and the K granularity of the tensor cores)."""

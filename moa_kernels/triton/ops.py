@@ -49,7 +49,7 @@ def _(x, shrink_weight, full_bias, router_weight, router_bias, base_weight, base
     rows = router_weight.shape[0] if router_weight is not None else 0
     y = x.new_empty(x.shape[0], base_weight.shape[0]) if base_weight is not None else \
         x.new_empty(0)
-    return y, x.new_empty(x.shape[0], shrink.align16(width + rows))
+    return y, x.new_empty(x.shape[0], shrink.align16(width + rows), dtype=torch.float32)
 
 
 @torch.library.custom_op("moa::shrink_backward", mutates_args=())

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moa_kernels.triton.kernel_utils import align16
+from moa_kernels.triton.kernel_utils import align16, mm_fp32
 from moa_kernels.triton.plan import (
     KernelLayout,
     pack_shrink,
@@ -70,20 +70,20 @@ def stacked_weight(x: torch.Tensor, meta: KernelLayout | None, shrink_weight, ro
 
 def stacked_bias(x: torch.Tensor, meta: KernelLayout | None, full_bias, router_weight,
                  router_bias) -> torch.Tensor | None:
-    """b [S] in x's dtype, or None when every row's bias is zero."""
+    """b [S] in fp32, or None when every row's bias is zero."""
     expert_bias = full_bias is not None and meta is not None
     if not expert_bias and router_bias is None:
         return None
     parts = []
     if meta is not None:
-        parts.append(pack_shrink_bias(meta, full_bias, x.dtype) if expert_bias else
-                     x.new_zeros(meta.h_width))
+        parts.append(pack_shrink_bias(meta, full_bias, torch.float32) if expert_bias else
+                     x.new_zeros(meta.h_width, dtype=torch.float32))
     if router_weight is not None:
-        parts.append(router_bias.to(x.dtype) if router_bias is not None else
-                     x.new_zeros(router_weight.shape[0]))
+        parts.append(router_bias.float() if router_bias is not None else
+                     x.new_zeros(router_weight.shape[0], dtype=torch.float32))
     rows = sum(p.shape[0] for p in parts)
     if rows % 16:
-        parts.append(x.new_zeros(align16(rows) - rows))
+        parts.append(x.new_zeros(align16(rows) - rows, dtype=torch.float32))
     return torch.cat(parts)
 
 
@@ -91,7 +91,8 @@ def shrink_forward(x: torch.Tensor, meta: KernelLayout | None, shrink_weight, fu
                    router_weight, router_bias, base_weight, base_bias
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, W): y = x Wb^T + bb [T, out] (an empty tensor without base_weight), h [T, S]
-    in x's dtype, and the W [S, in] used (for the backward).
+    in fp32 (accumulated in fp32 and kept so: the adapters' pre-activations and the router
+    logits are not rounded to x's dtype), and the W [S, in] used (for the backward).
 
     Args:
         x: [T, in]; meta: the packed space, or None (no expert rows: a router alone);
@@ -100,7 +101,7 @@ def shrink_forward(x: torch.Tensor, meta: KernelLayout | None, shrink_weight, fu
     """
     weight = stacked_weight(x, meta, shrink_weight, router_weight)
     bias = stacked_bias(x, meta, full_bias, router_weight, router_bias)
-    h = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    h = mm_fp32(x, weight.t(), bias)
     y = F.linear(x, base_weight, base_bias) if base_weight is not None else x.new_empty(0)
     return y, h, weight
 
@@ -109,13 +110,16 @@ def shrink_backward(grad_h: torch.Tensor, grad_y: torch.Tensor | None, x: torch.
                     weight: torch.Tensor, meta: KernelLayout | None, router_rows: int,
                     base_weight: torch.Tensor | None, need: list[bool]
                     ) -> list[torch.Tensor | None]:
-    """Gradients of shrink_forward from grad_h [T, S] and grad_y [T, out] (or None).
+    """Gradients of shrink_forward from grad_h [T, S] (fp32) and grad_y [T, out] (or None):
+    grad_h is rounded to x's dtype for the cuBLAS GEMMs, as their operands; db sums the fp32
+    grad_h.
 
     need: which of (x, shrink_weight, full_bias, router_weight, router_bias, base_weight,
     base_bias) need a gradient. Returns them in that order (None where not needed); the
     weight gradients in x's dtype, the biases' in fp32.
     """
     need_x, need_w, need_b, need_rw, need_rb, need_bw, need_bb = need
+    grad_bias = grad_h.sum(0, dtype=torch.float32) if need_b or need_rb else None
     grad_h = grad_h.to(x.dtype)
     result: list[torch.Tensor | None] = [None] * 7
     if need_x:
@@ -132,8 +136,7 @@ def shrink_backward(grad_h: torch.Tensor, grad_y: torch.Tensor | None, x: torch.
             result[1] = _fresh(unpack_shrink_rows(meta, grad_weight[:width]), grad_weight)
         if need_rw:
             result[3] = grad_weight[width:width + router_rows].clone()
-    if need_b or need_rb:
-        grad_bias = grad_h.sum(0, dtype=torch.float32)
+    if grad_bias is not None:
         if need_b:
             result[2] = _fresh(unpack_shrink_rows(meta, grad_bias[:width]), grad_bias)
         if need_rb:

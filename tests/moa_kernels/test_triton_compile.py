@@ -54,7 +54,7 @@ def _builds(tmp_path, selection: str, dtypes: str) -> list[dict]:
 
 @pytest.mark.parametrize("selection, dtypes", [
     ("realistic", "bf16,fp16,fp32"),  # L1, M8 soft / top-2, the 8B layer at T = 8192
-    ("tiny", "bf16,fp32"),  # odd sizes (nothing 16-divisible), every mode and activation
+    ("tiny", "bf16"),  # odd sizes (nothing 16-divisible), every mode and activation
 ])
 def test_sm90_builds_as_a_gpu_run_makes_them_are_within_budget(tmp_path, selection, dtypes):
     rows = _builds(tmp_path, selection, dtypes)
