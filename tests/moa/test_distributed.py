@@ -12,6 +12,9 @@ more than every scenario together):
   parameters), AdamW steps, save_pretrained on every rank.
 - fsdp1: FullyShardedDataParallel with one unit per decoder layer (use_orig_params=True:
   `_fsdp_wrapped_module.` in every module path), AdamW steps, save_pretrained on every rank.
+- fsdp1_root: one FullyShardedDataParallel unit around the MoAModel: its MoA tensors are
+  slices that the model cannot gather from inside; save_pretrained says so and writes
+  nothing, and with FSDP's full state dict passed as state_dict= it saves.
 - zero3: DeepSpeed ZeRO-3 (DS_ACCELERATOR=cpu, every parameter partitioned), AdamW steps,
   save_pretrained on every rank; skipped where deepspeed is not installed.
 The parent reloads each saved adapter into a fresh model and compares its logits with a
@@ -52,7 +55,7 @@ STEPS = 3
 LR = 1e-2
 DEADLINE_S = 240
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-SCENARIOS = ["ddp", "ddp_sparse", "ddp_sparse_learned", "fsdp2", "fsdp1"] + \
+SCENARIOS = ["ddp", "ddp_sparse", "ddp_sparse_learned", "fsdp2", "fsdp1", "fsdp1_root"] + \
     (["zero3"] if HAS_DEEPSPEED else [])
 
 
@@ -155,6 +158,25 @@ def run_fsdp1(rank: int, out: str) -> None:
     moa.save_pretrained(os.path.join(out, "adapter"))
 
 
+def run_fsdp1_root(rank: int, out: str) -> None:
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    moa = build_model()
+    model = FSDP(moa, use_orig_params=True, device_id=torch.device("cpu"))
+    train_sharded(model, rank)
+    try:
+        moa.save_pretrained(os.path.join(out, "refused"))
+    except RuntimeError as error:
+        with open(os.path.join(out, f"rank{rank}.refusal"), "w") as handle:
+            handle.write(str(error))
+    # (offload_to_cpu=True: a segfault in FSDP1's state-dict hook with CPU tensors, torch 2.13)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+        state = model.state_dict()  # the whole model on rank 0, empty elsewhere
+    moa.save_pretrained(os.path.join(out, "adapter"), state_dict=state)
+
+
 def run_zero3(rank: int, out: str) -> None:
     os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE))
@@ -182,7 +204,8 @@ def run_zero3(rank: int, out: str) -> None:
 
 RUNS = {"ddp": run_ddp, "ddp_sparse": run_ddp_sparse,
         "ddp_sparse_learned": lambda rank, out: run_ddp_sparse(rank, out, learn_threshold=True),
-        "fsdp2": run_fsdp2, "fsdp1": run_fsdp1, "zero3": run_zero3}
+        "fsdp2": run_fsdp2, "fsdp1": run_fsdp1, "fsdp1_root": run_fsdp1_root,
+        "zero3": run_zero3}
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -333,15 +356,32 @@ def test_sparse_moa_under_ddp_without_unused_parameters_matches_one_process(runs
     assert_adapter_reproduces(out / "adapter", single)
 
 
-@pytest.mark.parametrize("scenario", ["fsdp2", "fsdp1", "zero3"])
-def test_sharded_training_saves_on_every_rank_what_one_process_saves(runs, scenario):
+@pytest.fixture(scope="module")
+def trained_in_one_process() -> MoAModel:
+    """What every sharded scenario trains, in one process on the combined batch."""
+    single = build_model()
+    train_one_process(single)
+    return single
+
+
+@pytest.mark.parametrize("scenario", ["fsdp2", "fsdp1", "fsdp1_root", "zero3"])
+def test_sharded_training_saves_on_every_rank_what_one_process_saves(runs, scenario,
+                                                                     trained_in_one_process):
     if scenario == "zero3" and not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed (scripts/setup.sh installs it with the test "
                     "extra)")
     out = results(runs, scenario)
-    single = build_model()
-    train_one_process(single)
+    single = trained_in_one_process
     assert_adapter_reproduces(out / "adapter", single)
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
     for name, param in single.moa_named_parameters():
         assert relative_error(saved[name], param.detach()) < 1e-4, name
+
+
+def test_an_fsdp1_unit_around_the_moa_model_is_refused_with_the_way_out(runs):
+    out = results(runs, "fsdp1_root")
+    assert not (out / "refused").exists()
+    for rank in range(WORLD_SIZE):
+        message = (out / f"rank{rank}.refusal").read_text()
+        assert "cannot read the MoA tensors whole" in message
+        assert "auto_wrap_policy" in message and "state_dict=" in message
