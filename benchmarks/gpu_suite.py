@@ -1,0 +1,532 @@
+"""The GPU suite: one command on a CUDA machine that runs every CUDA test, `moa check
+--device cuda` and the layer benchmarks, and writes what it measured into a folder.
+
+    bash benchmarks/gpu_suite.sh OUT [--quick] [--dry-run]
+
+Needs torch, triton, transformers and pytest installed (no network: it uses this
+repository's files only, on PYTHONPATH) and works with the torch / triton it finds (torch
+2.11 + triton 3.6 as well as the pinned 2.13 / 3.9: only long-standing APIs are used,
+triton.testing.do_bench among them).
+
+Steps, each a subprocess with its own time limit (the whole suite is meant to finish in
+8 minutes on an H100 or H200, compilation included; --quick in 4):
+  1. tests     pytest over the CUDA tests (TEST_FILES, compiled kernels: TRITON_INTERPRET=0;
+               bf16 included; T from 1 to 16384, ranks above 32, NaN-prefilled buffers,
+               non-unit strides, and the JIT's registers / spills, written to OUT);
+  2. check     `python -m moa check --device cuda` (skipped by --quick);
+  3. bench     do_bench medians, forward and forward + backward, of L1, M8 soft and top-2
+               (T = 2048, 2048 x 2048) and a Llama-3.1-8B layer (T = 8192; q, k, v, o,
+               down with LoRA r=8 and one layer router), bf16: the triton backend, the
+               torch backend, PEFT-style LoRA (cuBLAS twice: x A^T, then B, the scaling and
+               the add) of the same total rank, and the frozen base alone (--quick: L1).
+Writes OUT/results.json (everything), OUT/summary.md (the tables), OUT/<step>.log. Exits 1
+if a step failed (a test, a check case, a benchmark error, a time limit).
+
+--dry-run runs the same harness on the CPU under the Triton interpreter with tiny shapes:
+the test step collects the full CUDA selection (so a missing file or a renamed test fails
+here) and runs a few of its cases; check and bench run small. CI runs it
+(tests/moa_kernels/test_gpu_suite.py), so the first GPU run cannot fail on a typo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The CUDA tests. Left out: test_triton_compile's sm_90 ahead-of-time builds (CI's check
+# without a GPU, on triton 3.9 internals) and every CPU-only test file.
+TEST_FILES = ["tests/moa_kernels/test_triton_gpu.py", "tests/moa_kernels/test_triton_ops.py",
+              "tests/moa_kernels/test_triton_compile.py"]
+TEST_FILTER = "not sm90_builds and not jit_specialisation"
+# What --dry-run runs of them under the interpreter (after collecting all of them); the
+# environment variable MOA_GPU_SUITE_DRY_TESTS may name others (node ids, space-separated)
+DRY_TESTS = ["tests/moa_kernels/test_triton_gpu.py::"
+             "test_token_counts_and_ranks_above_32[1-topk-torch.bfloat16]"]
+STEPS = ("tests", "check", "bench")
+
+# Seconds per step: (full, quick). Together under the 8 / 4 minute goals.
+LIMITS = {"tests": (300, 170), "check": (70, 0), "bench": (100, 50)}
+DRY_LIMITS = {"tests": 600, "check": 600, "bench": 600}
+
+TARGETS = [  # issue 13, on a GPU
+    ("L1 fwd+bwd / frozen base", "<=", 1.5),
+    ("L1 fwd+bwd speed-up of triton over PEFT-style cuBLAS twice", ">=", 1.3),
+    ("M8 top-2 adapter overhead / soft overhead (triton, fwd+bwd)", "<=", 0.6),
+]
+
+
+# ---------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="folder for results.json, summary.md, logs")
+    parser.add_argument("--quick", action="store_true", help="tests and L1 only (4 minutes)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, Triton interpreter, tiny shapes: test the harness")
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help="the steps to run, comma-separated (default: all)")
+    parser.add_argument("--bench-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    chosen = [step for step in args.steps.split(",") if step]
+    if not set(chosen) <= set(STEPS):
+        parser.error(f"--steps takes {', '.join(STEPS)}; got {args.steps!r}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.bench_only:  # the bench step's own process
+        return run_benchmarks(args.out, quick=args.quick, dry_run=args.dry_run)
+    started = time.monotonic()
+    environment = _environment(args.dry_run)
+    print(f"gpu suite: {environment['device']}; torch {environment['torch']}, triton "
+          f"{environment['triton']}; {_mode(args)}; writing {args.out}", flush=True)
+    if not args.dry_run and not environment["cuda"]:
+        print("gpu suite: no CUDA device here (use --dry-run to test the harness on a CPU)",
+              file=sys.stderr)
+        return 2
+    runners = {"tests": _tests, "check": _check, "bench": _bench}
+    steps = [runners[name](args) for name in STEPS
+             if name in chosen and not (name == "check" and args.quick)]
+    results = {"environment": environment, "mode": _mode(args), "steps": steps,
+               "seconds": round(time.monotonic() - started, 1)}
+    results.update(_collect(args.out))
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "summary.md").write_text(summary(results))
+    failed = [step["name"] for step in steps if step["status"] != "passed"]
+    print(f"gpu suite: {'FAILED: ' + ', '.join(failed) if failed else 'passed'} in "
+          f"{results['seconds']:.0f} s; see {args.out / 'summary.md'}", flush=True)
+    return 1 if failed else 0
+
+
+def _mode(args) -> str:
+    return "dry-run" if args.dry_run else "quick" if args.quick else "full"
+
+
+def _limit(args, step: str) -> int:
+    return DRY_LIMITS[step] if args.dry_run else LIMITS[step][1 if args.quick else 0]
+
+
+def _child_env(args) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
+                                     if env.get("PYTHONPATH") else "")
+    env["TRITON_INTERPRET"] = "1" if args.dry_run else "0"
+    env["MOA_GPU_SUITE_OUT"] = str(args.out.resolve())
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's notice
+    return env
+
+
+def _run(name: str, command: list[str], args, limit: int) -> dict:
+    """Run one step, its output to OUT/<name>.log; passed, failed or timed out."""
+    log = args.out / f"{name}.log"
+    print(f"[{name}] {' '.join(command)} (limit {limit} s)", flush=True)
+    started = time.monotonic()
+    with open(log, "w") as handle:
+        try:
+            code = subprocess.run(command, cwd=ROOT, env=_child_env(args), stdout=handle,
+                                  stderr=subprocess.STDOUT, timeout=limit).returncode
+            status = "passed" if code == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            code, status = None, "timed out"
+    seconds = round(time.monotonic() - started, 1)
+    tail = log.read_text(errors="replace").splitlines()[-15:]
+    print(f"[{name}] {status} in {seconds} s", flush=True)
+    if status != "passed":
+        print("\n".join(f"    {line}" for line in tail), flush=True)
+    return {"name": name, "status": status, "returncode": code, "seconds": seconds,
+            "log": log.name, "tail": tail}
+
+
+def _tests(args) -> dict:
+    pytest = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE"]
+    if args.dry_run:  # the whole selection must collect; then a few cases really run
+        collect = _run("tests-collect", pytest + ["--collect-only", *TEST_FILES, "-k",
+                                                  TEST_FILTER], args, _limit(args, "tests"))
+        if collect["status"] != "passed":
+            return {**collect, "name": "tests"}
+        chosen = os.environ.get("MOA_GPU_SUITE_DRY_TESTS", "").split() or DRY_TESTS
+        step = _run("tests", pytest + [f"--junitxml={args.out / 'tests.xml'}", *chosen],
+                    args, _limit(args, "tests"))
+        step["collected"] = _collected(args.out / "tests-collect.log")
+        return step
+    return _run("tests", pytest + [f"--junitxml={args.out / 'tests.xml'}", *TEST_FILES, "-k",
+                                   TEST_FILTER], args, _limit(args, "tests"))
+
+
+def _collected(log: Path) -> int | None:
+    """The count of pytest's "N tests collected" (or "N/M tests collected": N selected)."""
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        words = line.split()
+        if len(words) >= 3 and words[1] in ("test", "tests") and words[2] == "collected":
+            count = words[0].split("/")[0]
+            if count.isdigit():
+                return int(count)
+    return None
+
+
+def _check(args) -> dict:
+    device = "cpu" if args.dry_run else "cuda"
+    cases = "1" if args.dry_run else "3"
+    return _run("check", [sys.executable, "-m", "moa", "check", "--device", device,
+                          "--cases", cases, "--seed", "0"], args, _limit(args, "check"))
+
+
+def _bench(args) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), str(args.out), "--bench-only"]
+    command += ["--quick"] if args.quick else []
+    command += ["--dry-run"] if args.dry_run else []
+    return _run("bench", command, args, _limit(args, "bench"))
+
+
+def _environment(dry_run: bool) -> dict:
+    import torch
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda and not dry_run else \
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"torch": torch.__version__, "triton": triton_version, "cuda": cuda,
+            "cuda_version": torch.version.cuda, "device": device,
+            "capability": list(torch.cuda.get_device_capability()) if cuda else None,
+            "python": platform.python_version(), "commit": _commit()}
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _collect(out: Path) -> dict:
+    """What the steps left in OUT: test counts (junit xml), benchmark rows, JIT builds."""
+    found: dict = {}
+    xml = out / "tests.xml"
+    if xml.exists():
+        suite = ElementTree.parse(xml).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        found["tests"] = {key: int(suite.get(key, 0))
+                          for key in ("tests", "failures", "errors", "skipped")}
+    bench = out / "bench.json"
+    if bench.exists():
+        found["bench"] = json.loads(bench.read_text())
+    builds = []
+    for path in sorted(out.glob("jit_builds_*.json")):
+        builds += json.loads(path.read_text())
+    if builds:
+        found["jit_builds"] = builds
+    return found
+
+
+def summary(results: dict) -> str:
+    """The markdown summary of a suite run."""
+    env = results["environment"]
+    lines = [f"# GPU suite ({results['mode']})", "",
+             f"{env['device']}; torch {env['torch']} (CUDA {env['cuda_version']}), triton "
+             f"{env['triton']}, Python {env['python']}; commit {env['commit']}; "
+             f"{results['seconds']:.0f} s in all.", "",
+             "| step | status | seconds |", "|---|---|---:|"]
+    lines += [f"| {s['name']} | {s['status']} | {s['seconds']} |" for s in results["steps"]]
+    if "tests" in results:
+        t = results["tests"]
+        lines += ["", f"Tests: {t['tests']} run, {t['failures']} failed, {t['errors']} "
+                      f"errors, {t['skipped']} skipped."]
+    bench = results.get("bench")
+    if bench:
+        if results["mode"] == "dry-run":
+            lines += ["", "Dry run: CPU, Triton interpreter, tiny shapes. These figures test "
+                          "the harness; they measure nothing about the kernels."]
+        lines += ["", bench_markdown(bench)]
+    builds = results.get("jit_builds")
+    if builds:
+        lines += ["", "Builds the JIT made in the test step (registers and spills from the "
+                      "driver):", "", "| kernel | dtype | warps | registers | spills | shared "
+                      "(B) |", "|---|---|---:|---:|---:|---:|"]
+        seen = set()
+        for b in builds:
+            key = tuple(sorted(b.items()))
+            if key not in seen:
+                seen.add(key)
+                lines.append(f"| `{b['kernel']}` | {b['dtype']} | {b['warps']} | "
+                             f"{b['registers']} | {b['spills']} | {b['shared']} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# the benchmarks (run in their own process: TRITON_INTERPRET is set before triton loads)
+# ---------------------------------------------------------------------------------------
+
+FULL = {"tokens": 2048, "features": 2048, "8b_tokens": 8192, "hidden": 4096, "kv": 1024,
+        "intermediate": 14336}
+TINY = {"tokens": 32, "features": 64, "8b_tokens": 32, "hidden": 64, "kv": 32,
+        "intermediate": 96}
+VARIANTS = ("base", "triton", "torch", "peft")
+
+
+def run_benchmarks(out: Path, *, quick: bool, dry_run: bool) -> int:
+    import torch
+
+    from moa.bench import LAYER_CASES
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    dtype = torch.bfloat16
+    shapes = TINY if dry_run else FULL
+    timer = _cpu_timer if dry_run else _cuda_timer()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    cases = [case for case in LAYER_CASES if not quick or case.name.startswith("L1")]
+    for case in cases:
+        modules = _layer_variants(case, shapes, device, dtype)
+        rows += _time_variants(case.name, modules, timer, shapes["tokens"], device, dtype)
+        del modules
+    if not quick:
+        modules = _eight_b_variants(shapes, device, dtype)
+        rows += _time_variants("8B layer", modules, timer, shapes["8b_tokens"], device, dtype)
+    result = {"device": str(device), "dtype": "bf16", "shapes": shapes, "rows": rows,
+              "ratios": _ratios(rows)}
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    (out / "bench.md").write_text(bench_markdown(result) + "\n")
+    print(bench_markdown(result))
+    return 0
+
+
+def _cuda_timer():
+    from triton.testing import do_bench
+
+    def timer(fn, grad_to_none):
+        return do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
+
+    return timer
+
+
+def _cpu_timer(fn, grad_to_none):
+    """do_bench's contract on the CPU (the dry run): one warm-up call, one timed (ms)."""
+    samples = []
+    for i in range(2):
+        for tensor in grad_to_none or ():
+            tensor.grad = None
+        started = time.perf_counter()
+        fn()
+        if i:
+            samples.append((time.perf_counter() - started) * 1e3)
+    return sorted(samples)[len(samples) // 2]
+
+
+class CublasTwiceLoRA:
+    """PEFT-style LoRA on a frozen linear (what peft's LoraLayer forward does): base(x) +
+    B(A(x)) * scaling, two cuBLAS GEMMs and the elementwise scale and add."""
+
+    def __init__(self, base, rank: int, device, dtype):
+        import torch
+        from torch import nn
+
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.lora_B.weight.normal_(0.0, 0.02)
+        self.scaling = 1.0
+
+    def __call__(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+    def parameters(self):
+        return [*self.lora_A.parameters(), *self.lora_B.parameters()]
+
+
+def _layer_variants(case, shapes, device, dtype) -> dict:
+    import torch
+    from torch import nn
+
+    from moa import MoALinear
+
+    torch.manual_seed(0)
+    d = shapes["features"]
+    base = nn.Linear(d, d, device=device, dtype=dtype).requires_grad_(False)
+    modules = {"base": (lambda x: base(x), [])}
+    for backend in ("triton", "torch"):
+        layer = MoALinear(base, list(case.experts), case.router, backend=backend,
+                          adapter_dtype="base")
+        with torch.no_grad():
+            layer.expand_weight.normal_(0.0, 0.02)
+        modules[backend] = (layer, list(p for p in layer.parameters() if p.requires_grad))
+    lora = CublasTwiceLoRA(base, layer.layout.expand_columns, device, dtype)
+    modules["peft"] = (lora, lora.parameters())
+    return modules
+
+
+class EightBLayer:
+    """The adapted projections of one Llama-3.1-8B decoder layer: q, k, v, o (hidden 4096,
+    8 KV heads of 128) and down (intermediate 14336), each with LoRA r=8, gated by one
+    layer router (SwiGLU x4, sigmoid, soft) on the attention input; or the frozen
+    projections alone, or PEFT-style LoRA r=8 on each."""
+
+    SHAPES = ("q", "k", "v", "o", "down")
+
+    def __init__(self, bases: dict, variant: str, device, dtype):
+        from moa import MoALinear, RouterConfig
+        from moa.layers import MoARouter
+
+        self.variant, self.bases = variant, bases
+        self.router = None
+        self.parts = dict(bases)
+        if variant in ("triton", "torch"):
+            hidden = bases["q"].in_features
+            self.router = MoARouter(hidden, len(self.SHAPES), RouterConfig()).to(device, dtype)
+            self.parts = {name: MoALinear(base, ["lora:8"], None, backend=variant,
+                                          adapter_dtype="base") for name, base in bases.items()}
+            for layer in self.parts.values():
+                layer.expand_weight.data.normal_(0.0, 0.02)
+        elif variant == "peft":
+            self.parts = {name: CublasTwiceLoRA(base, 8, device, dtype)
+                          for name, base in bases.items()}
+
+    def __call__(self, inputs):
+        x_attn, x_o, x_down = inputs
+        feeds = {"q": x_attn, "k": x_attn, "v": x_attn, "o": x_o, "down": x_down}
+        if self.router is None:
+            return [self.parts[name](feeds[name]) for name in self.SHAPES]
+        gates = self.router(x_attn)
+        return [self.parts[name](feeds[name], gates[:, i:i + 1])
+                for i, name in enumerate(self.SHAPES)]
+
+    def parameters(self):
+        params = [] if self.router is None else list(self.router.parameters())
+        for part in self.parts.values():
+            if part not in self.bases.values():
+                params += [p for p in part.parameters() if p.requires_grad]
+        return params
+
+
+def _eight_b_variants(shapes, device, dtype) -> dict:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    hidden, kv, inter = shapes["hidden"], shapes["kv"], shapes["intermediate"]
+    dims = {"q": (hidden, hidden), "k": (hidden, kv), "v": (hidden, kv), "o": (hidden, hidden),
+            "down": (inter, hidden)}
+    bases = {name: nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
+             .requires_grad_(False) for name, (d_in, d_out) in dims.items()}
+    modules = {}
+    for variant in VARIANTS:
+        layer = EightBLayer(bases, variant, device, dtype)
+        modules[variant] = (layer, layer.parameters())
+    return modules
+
+
+def _time_variants(case: str, modules: dict, timer, tokens: int, device, dtype) -> list[dict]:
+    import torch
+
+    probe = next(iter(modules.values()))[0]
+    if isinstance(probe, EightBLayer):
+        bases = probe.bases
+        inputs = [torch.randn(tokens, bases["q"].in_features, device=device, dtype=dtype),
+                  torch.randn(tokens, bases["o"].in_features, device=device, dtype=dtype),
+                  torch.randn(tokens, bases["down"].in_features, device=device, dtype=dtype)]
+    else:
+        base = modules["peft"][0].base
+        inputs = [torch.randn(tokens, base.in_features, device=device, dtype=dtype)]
+    leaves = [x.requires_grad_(True) for x in inputs]
+    rows = []
+    for variant, (module, params) in modules.items():
+        def call(module=module):
+            return module(leaves) if isinstance(module, EightBLayer) else module(leaves[0])
+
+        with torch.no_grad():
+            outputs = call()
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        grads = [torch.randn_like(y) for y in outputs]
+
+        def forward(call=call):
+            with torch.no_grad():
+                call()
+
+        def train(call=call, grads=grads):
+            outputs = call()
+            torch.autograd.backward(outputs if isinstance(outputs, list) else [outputs], grads)
+
+        try:
+            fwd = timer(forward, None)
+            fwd_bwd = timer(train, leaves + list(params))
+            rows.append({"case": case, "variant": variant, "fwd_ms": round(fwd, 4),
+                         "fwd_bwd_ms": round(fwd_bwd, 4)})
+        except Exception as error:  # one broken variant must not hide the others' figures
+            rows.append({"case": case, "variant": variant, "error": repr(error)[:300]})
+        print(f"{case:9s} {variant:7s} {rows[-1]}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return rows
+
+
+def _ratios(rows: list[dict]) -> dict:
+    times = {(r["case"], r["variant"]): r for r in rows if "error" not in r}
+    ratios = {}
+    for (case, variant), row in times.items():
+        base = times.get((case, "base"))
+        if base and variant != "base":
+            ratios[f"{case} {variant} fwd / base"] = row["fwd_ms"] / base["fwd_ms"]
+            ratios[f"{case} {variant} fwd+bwd / base"] = row["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+        peft = times.get((case, "peft"))
+        if peft and variant in ("triton", "torch"):
+            ratios[f"{case} {variant} fwd+bwd speed-up over peft"] = \
+                peft["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+    for variant in ("triton", "torch"):
+        soft, topk = times.get(("M8 soft", variant)), times.get(("M8 topk2", variant))
+        base = times.get(("M8 soft", "base"))
+        if soft and topk and base:
+            dense = soft["fwd_bwd_ms"] - base["fwd_bwd_ms"]
+            sparse = topk["fwd_bwd_ms"] - base["fwd_bwd_ms"]
+            ratios[f"M8 {variant} top-2 overhead / soft overhead (fwd+bwd)"] = \
+                sparse / dense if dense > 0 else float("nan")
+    return {key: round(value, 4) for key, value in ratios.items()}
+
+
+def bench_markdown(bench: dict) -> str:
+    rows = bench["rows"]
+    base = {r["case"]: r for r in rows if r["variant"] == "base" and "error" not in r}
+    lines = [f"Layer benchmarks ({bench['device']}, {bench['dtype']}; do_bench medians; "
+             f"shapes {bench['shapes']}):", "",
+             "| case | variant | fwd ms | fwd x base | fwd+bwd ms | fwd+bwd x base |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['variant']} | error: {r['error']} | | | |")
+            continue
+        b = base.get(r["case"])
+        fwd_ratio = f"{r['fwd_ms'] / b['fwd_ms']:.3f}" if b else ""
+        train_ratio = f"{r['fwd_bwd_ms'] / b['fwd_bwd_ms']:.3f}" if b else ""
+        lines.append(f"| {r['case']} | {r['variant']} | {r['fwd_ms']:.4f} | {fwd_ratio} | "
+                     f"{r['fwd_bwd_ms']:.4f} | {train_ratio} |")
+    ratios = bench["ratios"]
+    measured = {
+        TARGETS[0][0]: ratios.get("L1 soft triton fwd+bwd / base"),
+        TARGETS[1][0]: ratios.get("L1 soft triton fwd+bwd speed-up over peft"),
+        TARGETS[2][0]: ratios.get("M8 triton top-2 overhead / soft overhead (fwd+bwd)"),
+    }
+    lines += ["", "| target | goal | measured | met |", "|---|---|---:|---|"]
+    for name, op, goal in TARGETS:
+        value = measured[name]
+        met = "" if value is None else ("yes" if (value <= goal if op == "<=" else
+                                                  value >= goal) else "no")
+        shown = "" if value is None else f"{value:.3f}"
+        lines.append(f"| {name} | {op} {goal} | {shown} | {met} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
