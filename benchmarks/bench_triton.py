@@ -5,8 +5,10 @@ backend and the reference backend, as medians from triton.testing.do_bench.
         [--dtype bf16] [--backends triton,torch,reference]
 
 Forward = one layer call; fwd+bwd = call + backward of a fixed dy, x requiring grad and the
-base frozen. Every ratio is taken between numbers of the same run. Without CUDA it prints
-why and exits 0 (CI has no GPU; see benchmarks/roofline.py for the kernels' floors).
+base frozen; the adapters in the base's dtype. Every ratio is taken between numbers of the
+same run. Without CUDA it prints why and exits 0 (CI has no GPU; see benchmarks/roofline.py
+for the kernels' floors). benchmarks/gpu_suite.sh runs the fuller set (the 8B layer,
+PEFT-style LoRA) with the tests, and writes its figures to a folder.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def main() -> int:
     for case in _cases():
         torch.manual_seed(0)
         base = nn.Linear(args.features, args.features, device=device, dtype=dtype)
-        layer = MoALinear(base, list(case.experts), case.router)
+        layer = MoALinear(base, list(case.experts), case.router, adapter_dtype="base")
         x = torch.randn(args.tokens, args.features, device=device, dtype=dtype,
                         requires_grad=True)
         grad_y = torch.randn(args.tokens, args.features, device=device, dtype=dtype)

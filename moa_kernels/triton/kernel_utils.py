@@ -39,8 +39,11 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
     if a.dtype == torch.float32:
         return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
     if a.device.type == "cuda" and _out_dtype_works(a.device):
-        out = torch.mm(a, b, out_dtype=torch.float32)
-        return out if bias is None else out.add_(bias)
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            return out if bias is None else out.add_(bias)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_WORKS[a.device] = False  # this shape or layout: the fallback below
     out = torch.mm(a.float(), b.float())
     return out if bias is None else out.add_(bias)
 
@@ -83,8 +86,10 @@ def _select(a, value, cols, LO: tl.constexpr, HI: tl.constexpr, C0: tl.constexpr
             BLOCK: tl.constexpr):
     """value on the columns [LO, HI) of the block [C0, C0 + BLOCK), a elsewhere."""
     if (LO <= C0) & (HI >= C0 + BLOCK):
-        return value
-    return tl.where(((cols >= LO) & (cols < HI))[None, :], value, a)
+        out = value
+    else:
+        out = tl.where(((cols >= LO) & (cols < HI))[None, :], value, a)
+    return out
 
 
 @triton.jit
