@@ -43,6 +43,14 @@ metadata load unchecked, as before.
 Weights are only ever read with safetensors (never pickle). An empty, truncated or malformed
 file, or a moa_config.json that is not UTF-8 JSON, is a ValueError that names the file, the
 problem and what was expected.
+
+Distributed training: `save_adapter` is called on every rank. `gather_adapter_state` reads
+each MoA tensor whole from whatever wraps or shards it (DDP, FSDP1, FSDP2, DeepSpeed ZeRO;
+see the section "whole tensors from wrapped and sharded models"), the main process writes as
+above, and after a collective gather every rank learns whether the write succeeded.
+
+The Hub: `resolve_adapter` turns a repo id into a directory of huggingface_hub's cache (or
+finds it there, offline); `push_adapter` uploads the two adapter files.
 """
 
 from __future__ import annotations
@@ -370,6 +378,12 @@ def gather_adapter_state(moa: MoAModel) -> tuple[dict[str, torch.Tensor], bool]:
                   or unit == ""]
         if inside:
             owner[id(module)] = max(inside, key=len)
+    if any(getattr(unit, "_is_root", False) is None for unit in units.values()):
+        # Unsharding a unit before its root's first forward would make the unit a root of
+        # its own, and that first forward would then fail.
+        raise RuntimeError("FSDP1 sets its units up on the model's first forward; gathering "
+                           "the MoA tensors before it would break that forward. Save before "
+                           "wrapping the model (the tensors are the same), or after a forward")
     state: dict[str, torch.Tensor] = {}
     for unit_path, unit in units.items():
         mine = [slot for slot in slots if owner.get(id(slot.module)) == unit_path]
@@ -395,6 +409,9 @@ def gather_adapter_state(moa: MoAModel) -> tuple[dict[str, torch.Tensor], bool]:
             continue
         tensor = getattr(slot.module, slot.attribute)
         if _is_dtensor(tensor):
+            if tensor.device.type != tensor.device_mesh.device_type:
+                # FSDP2's CPU offload: the shards live on the CPU, the mesh (NCCL) on the GPU
+                tensor = tensor.to(tensor.device_mesh.device_type)
             tensor = tensor.full_tensor()
             collective = True
         state[slot.name] = _whole_copy(tensor)

@@ -102,8 +102,8 @@ def twin_layers(base: nn.Module, plain: nn.Linear, router: RouterConfig):
     reference = MoALinear(plain, EXPERTS, router)
     with torch.no_grad():  # move B (zero at init) so that every expert matters
         for layer in (quantized, reference):
-            for param in layer.parameters():
-                if param.requires_grad:
+            for name, param in layer.named_parameters():
+                if not name.startswith("base."):  # every MoA tensor, frozen thresholds too
                     param.copy_(torch.randn(param.shape,
                                             generator=torch.Generator().manual_seed(9)) * 0.3)
     return quantized, reference

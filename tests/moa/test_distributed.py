@@ -11,7 +11,8 @@ more than every scenario together):
 - fsdp2: from_pretrained, then fully_shard per decoder layer and on the MoAModel (DTensor
   parameters), AdamW steps, save_pretrained on every rank.
 - fsdp1: FullyShardedDataParallel with one unit per decoder layer (use_orig_params=True:
-  `_fsdp_wrapped_module.` in every module path), AdamW steps, save_pretrained on every rank.
+  `_fsdp_wrapped_module.` in every module path), AdamW steps, save_pretrained on every rank
+  (before the first forward, which sets the units up, it is refused and breaks nothing).
 - fsdp1_root: one FullyShardedDataParallel unit around the MoAModel: its MoA tensors are
   slices that the model cannot gather from inside; save_pretrained says so and writes
   nothing, and with FSDP's full state dict passed as state_dict= it saves.
@@ -153,6 +154,11 @@ def run_fsdp1(rank: int, out: str) -> None:
     moa = build_model()
     model = FullyShardedDataParallel(moa, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
                                      use_orig_params=True, device_id=torch.device("cpu"))
+    try:  # before the first forward: refused, and the training below still works
+        moa.save_pretrained(os.path.join(out, "too-early"))
+    except RuntimeError as error:
+        with open(os.path.join(out, f"rank{rank}.refusal"), "w") as handle:
+            handle.write(str(error))
     train_sharded(model, rank)
     assert any("_fsdp_wrapped_module" in name for name, _ in moa.named_parameters())
     moa.save_pretrained(os.path.join(out, "adapter"))
@@ -385,3 +391,10 @@ def test_an_fsdp1_unit_around_the_moa_model_is_refused_with_the_way_out(runs):
         message = (out / f"rank{rank}.refusal").read_text()
         assert "cannot read the MoA tensors whole" in message
         assert "auto_wrap_policy" in message and "state_dict=" in message
+
+
+def test_saving_an_fsdp1_model_before_its_first_forward_is_refused(runs):
+    out = results(runs, "fsdp1")
+    assert not (out / "too-early").exists()
+    for rank in range(WORLD_SIZE):
+        assert "first forward" in (out / f"rank{rank}.refusal").read_text()
