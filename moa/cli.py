@@ -1,4 +1,4 @@
-"""The `moa` command (also `python -m moa`): demo, bench, check.
+"""The `moa` command (also `python -m moa`): demo, train, evaluate, bench, check.
 
 Bad flags and bad paths end in one line on stderr and a non-zero exit, never a traceback:
 exit status 2 for bad flags, 1 for a ValueError or OSError (a bad checkpoint, an output
@@ -76,8 +76,13 @@ def _device(text: str) -> str:
 
 def _checkpoint_dir(text: str) -> str:
     path = Path(text)
+    if text.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"--model {text!r}: no such GGUF file")
+        return text
     if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"--model {text!r} is not a directory")
+        raise argparse.ArgumentTypeError(f"--model {text!r} is not a directory (nor a .gguf "
+                                         "file)")
     if not (path / "config.json").is_file():
         raise argparse.ArgumentTypeError(
             f"--model {text!r} is not a transformers checkpoint (no config.json in it)")
@@ -97,11 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MoAConfig preset to inject")
     demo.add_argument("--steps", type=_positive_int, default=200, help="training steps")
     demo.add_argument("--model", type=_checkpoint_dir, default=None,
-                      help="a local transformers causal-LM checkpoint directory "
-                           "(default: an embedded 4-layer Llama built from a config)")
+                      help="a local transformers causal-LM checkpoint directory or a .gguf "
+                           "file (default: an embedded 4-layer Llama built from a config)")
     demo.add_argument("--out", default="moa-demo", help="output directory")
     demo.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     demo.add_argument("--seed", type=_seed, default=0, help="seed of the model and the data")
+
+    from moa.evaluate import EVALUATE_OPTIONS
+    from moa.train import TRAIN_OPTIONS, add_options
+
+    train = commands.add_parser("train", help="fine-tune MoA adapters on a JSON/JSONL file "
+                                "with the transformers Trainer")
+    train.add_argument("--config", metavar="FILE", default=None,
+                       help="JSON or YAML file of options, keyed as the flags without dashes; "
+                            "flags given override it")
+    add_options(train, TRAIN_OPTIONS)
+    evaluate = commands.add_parser("evaluate", help="accuracy on multiple-choice and "
+                                   "arithmetic records, with or without an adapter")
+    evaluate.add_argument("--config", metavar="FILE", default=None,
+                          help="JSON or YAML file of options, keyed as the flags; flags given "
+                               "override it")
+    add_options(evaluate, EVALUATE_OPTIONS)
 
     bench = commands.add_parser("bench", help="layer and model benchmarks, as ratios")
     bench.add_argument("--quick", action="store_true", help="small shapes, under a minute")
@@ -125,6 +146,21 @@ def _demo(args) -> int:
     result = run_demo(args.preset, args.steps, args.model, args.out, args.device, args.seed)
     print(f"done in {result.seconds:.1f} s: loss {result.losses[0]:.3f} -> "
           f"{result.losses[-1]:.3f}")
+    return 0
+
+
+def _train(args) -> int:
+    from moa.train import TrainOptions, run_train
+
+    result = run_train(TrainOptions.from_args(args))
+    print(f"done in {result.seconds:.1f} s")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from moa.evaluate import EvaluateOptions, run_evaluate
+
+    run_evaluate(EvaluateOptions.from_args(args))
     return 0
 
 
@@ -174,7 +210,8 @@ def _one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"demo": _demo, "bench": _bench, "check": _check}[args.command](args)
+        return {"demo": _demo, "train": _train, "evaluate": _evaluate, "bench": _bench,
+                "check": _check}[args.command](args)
     except CommandError as error:
         print(f"moa: error: {_one_line(error)}", file=sys.stderr)
         return 2

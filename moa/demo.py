@@ -67,9 +67,14 @@ def build_demo_model(seed: int = 0):
 
 
 def load_model(path: str | None, seed: int):
-    """A fresh base model: the embedded default (path None) or a local checkpoint."""
+    """A fresh base model: the embedded default (path None), a local checkpoint or a .gguf
+    file (moa.loading checks that it holds a model)."""
     if path is None:
         return build_demo_model(seed)
+    from moa.loading import is_gguf, load_base_model
+
+    if is_gguf(path):
+        return load_base_model(path)
     from transformers import AutoModelForCausalLM
 
     try:

