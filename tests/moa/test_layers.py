@@ -605,6 +605,16 @@ def test_backend_selection(monkeypatch, backend, env, ran):
     layer(torch.randn(3, 9))
     assert calls == [ran]
     assert resolve_backend(backend, torch.device("cpu")) == ran
+    if backend == "auto" and not env:
+        # auto takes torch on CUDA too until the GPU suite has passed on real hardware
+        # (TRITON_AUTO_ON_CUDA); the switch then picks triton there, never on the CPU
+        from moa import layers
+
+        assert resolve_backend("auto", torch.device("cuda")) == "torch"
+        monkeypatch.setattr(layers, "TRITON_AUTO_ON_CUDA", True)
+        on_cuda = "triton" if layers.triton_available() else "torch"
+        assert resolve_backend("auto", torch.device("cuda")) == on_cuda
+        assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
 def test_triton_backend_input_errors_name_what_is_allowed(monkeypatch):
