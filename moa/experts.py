@@ -39,6 +39,7 @@ from torch import nn
 from moa.config import RouterConfig
 from moa.families import GENERIC, ModelFamily, rotary_function
 from moa.layers import MoALinear, MoARouter, autocast_off, compute_dtype, is_plain_linear
+from moa_kernels.layer_experts import gated_adapter, prompt_attention
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
 
 
@@ -380,6 +381,17 @@ class ParallelAdapter(nn.Module):
             hidden = ACTIVATION_FUNCTIONS[self.activation](hidden)
             return F.linear(hidden, self.up_weight.to(dtype), self.up_bias.to(dtype))
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """out + gate * delta(x) as a new tensor of out's dtype (out [..., out_features],
+        x [..., in_features], gate [..., 1]): one fused op (moa_kernels/layer_experts.py)
+        that saves x and the bottleneck, not delta, for the backward."""
+        dtype = compute_dtype(x)
+        with autocast_off(x):
+            x = self.dropout(x.to(dtype))
+            return gated_adapter(out, x, gate.to(dtype), self.down_weight.to(dtype),
+                                 self.down_bias.to(dtype), self.up_weight.to(dtype),
+                                 self.up_bias.to(dtype), self.activation)
+
     def mlp_hook(self, router: LayerRouter, index: int, who: str) -> Callable:
         """A forward hook (with_kwargs) on the MLP adding g_index * delta(mlp input)."""
         return ParallelAdapterHook(self, router, index, who)
@@ -428,43 +440,50 @@ class PromptExpert(nn.Module):
             nn.init.normal_(self.prompt)
         self.active = True
         self.cache_keys_values = False  # on only inside MoAModel.generate (prompt_key_cache)
+        self._keys_values = None  # (dtype, keys, values) while cache_keys_values
         self._position_embeddings = None
         self._query = None
 
     def keys_and_gated_values(self, k_proj: nn.Module, v_proj: nn.Module,
                               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt keys [1, H, L, D] and values times the per-head gate [1, H, L, D], KV heads
-        repeated for grouped-query attention (query head h reads KV head h // groups).
+        """Prompt keys times head_dim^-0.5 [H, L, D] and values times the per-head gate
+        [H, L, D], KV heads repeated for grouped-query attention (query head h reads KV
+        head h // groups).
 
         They depend only on the prompt, the gate and the frozen projections, so within one
         `generate` call without grad mode (see prompt_key_cache) they are computed once."""
         caching = self.cache_keys_values and not torch.is_grad_enabled()
-        key = (dtype, self.prompt.device, self.prompt._version, self.gate._version)
-        cached = self.__dict__.get("_keys_values")
-        if caching and cached is not None and cached[0] == key:
-            return cached[1]
+        cached = self._keys_values
+        if caching and cached is not None and cached[0] == dtype:
+            return cached[1], cached[2]
         prompt = self.prompt.to(dtype)
         keys, values = frozen_projection(k_proj, prompt), frozen_projection(v_proj, prompt)
         groups = self.num_heads // self.num_kv_heads
         keys = keys.view(self.length, self.num_kv_heads, self.head_dim).transpose(0, 1)
         values = values.view(self.length, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        keys = keys.repeat_interleave(groups, dim=0)[None]  # [1, H, L, D]
-        values = values.repeat_interleave(groups, dim=0)[None] * \
-            self.gate.to(dtype)[:, None, None]
-        self.__dict__["_keys_values"] = (key, (keys, values)) if caching else None
+        keys = keys.repeat_interleave(groups, dim=0) * self.head_dim ** -0.5  # [H, L, D]
+        values = values.repeat_interleave(groups, dim=0) * self.gate.to(dtype)[:, None, None]
+        if caching:
+            self._keys_values = (dtype, keys, values)
         return keys, values
+
+    def add_output(self, x: torch.Tensor, query: torch.Tensor, gate: torch.Tensor,
+                   k_proj: nn.Module, v_proj: nn.Module) -> torch.Tensor:
+        """x + gate * o_p as a new tensor of x's dtype, for the post-rotary query
+        [B, H, S, D], x [B, S, H * D] (the o_proj input) and the router's gate [B, S, 1]:
+        one fused op (moa_kernels/layer_experts.py) that saves the query and the [B, H, S, L]
+        prompt probabilities, not o_p, for the backward. Computes in the query's dtype
+        (autocast's, when autocast is on)."""
+        dtype = compute_dtype(query)
+        with autocast_off(query):
+            keys, gated_values = self.keys_and_gated_values(k_proj, v_proj, dtype)
+            return prompt_attention(x, query.to(dtype), keys, gated_values, gate.to(dtype))
 
     def output(self, query: torch.Tensor, k_proj: nn.Module, v_proj: nn.Module) -> torch.Tensor:
         """o_p [B, S, H * D] for the post-rotary query [B, H, S, D] (before g_prompt)."""
         batch, heads, tokens, head_dim = query.shape
-        dtype = query.dtype
-        keys, gated_values = self.keys_and_gated_values(k_proj, v_proj, dtype)
-        # softmax(q K_p^T / sqrt(D)) V_p per head, over the L prompt keys only (no mask): one
-        # fused op, which matters when decoding a handful of tokens per call.
-        out = F.scaled_dot_product_attention(
-            query, keys.expand(batch, -1, -1, -1), gated_values.expand(batch, -1, -1, -1),
-            scale=head_dim ** -0.5)  # [B, H, S, D]
-        return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+        zeros = query.new_zeros(batch, tokens, heads * head_dim)
+        return self.add_output(zeros, query, query.new_ones(batch, tokens, 1), k_proj, v_proj)
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -491,10 +510,9 @@ class ParallelAdapterHook(_Hook):
     def __call__(self, module: nn.Module, args, kwargs, output):
         if not self.adapter.active:
             return None
-        x = args[0] if args else next(iter(kwargs.values()))
+        x = args[0] if args else kwargs[list(kwargs)[0]]  # the MLP input, by any name
         gate = self.router.gates_for(self.index, self.index + 1, x, self.who)
-        delta = self.adapter(x)
-        return output + (gate.to(delta.dtype) * delta).to(output.dtype)
+        return self.adapter.add_to(output, x, gate)
 
 
 class PromptOutputHook(_Hook):
@@ -505,6 +523,7 @@ class PromptOutputHook(_Hook):
                  index: int, who: str, family: ModelFamily = GENERIC) -> None:
         self.prompt, self.attention, self.router = prompt, attention, router
         self.index, self.who, self.family = index, who, family
+        self.rotary = rotary_function(family, attention)  # looked up once
 
     def __call__(self, module: nn.Module, args, kwargs):
         prompt, attention = self.prompt, self.attention
@@ -515,16 +534,16 @@ class PromptOutputHook(_Hook):
         if query is None or position_embeddings is None:
             raise RuntimeError(f"{self.who}: the prompt expert did not see this forward's "
                                "query and position embeddings")
-        key = None if args else next(iter(kwargs))  # o_proj's input, by any keyword name
+        key = None if args else list(kwargs)[0]  # o_proj's input, by any keyword name
         x = args[0] if args else kwargs[key]
         batch, tokens = x.shape[:2]
         query = query.reshape(batch, tokens, -1, prompt.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
-        query, _ = rotary_function(self.family, attention)(query, query, cos, sin)
-        out = prompt.output(query, _frozen(getattr(attention, self.family.key)),
-                            _frozen(getattr(attention, self.family.value)))
+        # The family's rotary rotates a key too: give it one head of the query (discarded).
+        query, _ = self.rotary(query, query[:, :1], cos, sin)
         gate = self.router.gates_for(self.index, self.index + 1, x, self.who)
-        x = x + (gate.to(out.dtype) * out).to(x.dtype)
+        x = prompt.add_output(x, query, gate, _frozen(getattr(attention, self.family.key)),
+                              _frozen(getattr(attention, self.family.value)))
         if args:
             return (x, *args[1:]), kwargs
         return args, {**kwargs, key: x}
@@ -542,7 +561,7 @@ def prompt_key_cache(model: nn.Module) -> Iterator[None]:
     finally:
         for prompt in prompts:
             prompt.cache_keys_values = False
-            prompt.__dict__.pop("_keys_values", None)
+            prompt._keys_values = None
 
 
 def attach_prompt(attention: nn.Module, prompt: PromptExpert, router: LayerRouter,

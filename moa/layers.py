@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,8 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 from moa.config import BACKENDS, ExpertSpec, RouterConfig, parse_experts
-from moa_kernels import reference
-from moa_kernels.backends import get_backend
+from moa_kernels import reference, torch_ops
+from moa_kernels.backends import check_triton_input, get_backend
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.routing import RouterOps, gates_from_first_layer
 
@@ -55,6 +55,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         backend = "triton" if TRITON_AUTO_ON_CUDA and device.type == "cuda" \
             and triton_available() else "torch"
     return backend
+
+
+# The backends' modules, imported once: torch.compile traces an attribute lookup on them
+# (get_backend's importlib call would break the graph). Triton is imported on first use,
+# after its input check (triton picks compiled or interpreted kernels at import).
+_BACKEND_MODULES = {"reference": reference, "torch": torch_ops}
+
+
+def backend_function(name: str, x: torch.Tensor) -> Callable:
+    """The `moa_linear` entry point of backend `name` (resolved) for the input x."""
+    if name == "triton":
+        check_triton_input(x)
+        import moa_kernels.triton as triton_backend  # an import statement compiles
+
+        return triton_backend.moa_linear
+    module = _BACKEND_MODULES.get(name)
+    return get_backend(name) if module is None else module.moa_linear
 
 
 def triton_available() -> bool:
@@ -531,7 +548,7 @@ class MoALinear(nn.Module):
             else:
                 base_kwargs = {"base_output": base_output.reshape(-1, self.out_features)
                                .to(dtype)}
-            y, used_gates = get_backend(resolve_backend(self.backend, x.device))(
+            y, used_gates = backend_function(resolve_backend(self.backend, x.device), x)(
                 flat, **base_kwargs, layout=self.layout, shrink_weight=shrink_weight,
                 shrink_bias=shrink_bias, expand_weight=expand_weight, expand_bias=expand_bias,
                 router=None if flat_gates is not None else self.router.ops(dtype),

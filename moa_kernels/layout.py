@@ -12,12 +12,14 @@ owns shrink rows `shrink[e]` and expand columns `expand[e]`. Expand column c rea
 shrink row `column_source[c]`, is scaled by `column_scale[c]` and gated by expert
 `column_expert[c]`. Without hydra experts column_source is the identity.
 The layout is plain Python; `index_tensors(device)` gives (and caches) its index tensors.
+Everything derived from the slots is computed once, at construction, into plain attributes:
+torch.compile reads them as constants (functools.cached_property takes a lock, which
+breaks a graph).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 
@@ -63,6 +65,16 @@ class ExpertLayout:
     activation_segments: list[ActivationSegment]
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # Derived once (the slots never change): plain attributes, constant under compile.
+        self.num_experts = len(self.slots)
+        self.num_adapters = sum(slot.adapter_index is not None for slot in self.slots)
+        # True when every expert's scaling is 1 (alpha = r), so gates need no rescaling.
+        self.unit_scaling = all(slot.scaling == 1.0 for slot in self.slots)
+        # True when some shrink rows feed several experts (hydra heads).
+        self.has_shared_shrink = any(slot.kind == "hydra" for slot in self.slots)
+        self._index_lists = self._build_index_lists()
+
     @classmethod
     def from_specs(cls, specs, in_features: int, out_features: int) -> ExpertLayout:
         """Build from expert specs (objects with kind, size, scaling, activation, heads)."""
@@ -95,24 +107,6 @@ class ExpertLayout:
                 segments.append(ActivationSegment(start, stop, specs[i].activation))
         return cls(in_features, out_features, slots, row, column, bias_start, segments)
 
-    @property
-    def num_experts(self) -> int:
-        return len(self.slots)
-
-    @cached_property
-    def num_adapters(self) -> int:
-        return sum(slot.adapter_index is not None for slot in self.slots)
-
-    @cached_property
-    def unit_scaling(self) -> bool:
-        """True when every expert's scaling is 1 (alpha = r), so gates need no rescaling."""
-        return all(slot.scaling == 1.0 for slot in self.slots)
-
-    @cached_property
-    def has_shared_shrink(self) -> bool:
-        """True when some shrink rows feed several experts (hydra heads)."""
-        return any(slot.kind == "hydra" for slot in self.slots)
-
     def full_shrink_bias(self, shrink_bias: torch.Tensor) -> torch.Tensor:
         """The bias of every shrink row [R]: zeros for the lora/hydra rows, then the adapters'
         down biases shrink_bias [R - bias_start]."""
@@ -140,30 +134,59 @@ class ExpertLayout:
                                "lora_B": expand_weight[:, columns]})
         return result
 
+    def _build_index_lists(self) -> dict[str, list]:
+        columns = self.expand_columns
+        source, expert, scale = [0] * columns, [0] * columns, [0.0] * columns
+        row_owner = [[0.0] * self.shrink_rows for _ in self.slots]
+        for e, slot in enumerate(self.slots):
+            for c in range(*slot.expand):
+                source[c] = c - slot.expand[0] + slot.shrink[0]
+                expert[c] = e
+                scale[c] = slot.scaling
+            for r in range(*slot.shrink):
+                row_owner[e][r] = 1.0
+        adapter_experts = [e for e, s in enumerate(self.slots) if s.adapter_index is not None]
+        # gate_map [C + N_ad, E]: column c's scaling in the column of its expert, then a 1
+        # per adapter (its gated up-bias); d gates = [d u_columns * act, d u_bias] @ gate_map.
+        gate_map = [[0.0] * self.num_experts for _ in range(columns + len(adapter_experts))]
+        for c in range(columns):
+            gate_map[c][expert[c]] = scale[c]
+        for a, e in enumerate(adapter_experts):
+            gate_map[columns + a][e] = 1.0
+        # source_map [C, R]: 1 where column c reads shrink row r (hydra heads share rows).
+        source_map = [[0.0] * self.shrink_rows for _ in range(columns)]
+        for c in range(columns):
+            source_map[c][source[c]] = 1.0
+        return {"column_source": source, "column_expert": expert, "column_scale": scale,
+                "adapter_experts": adapter_experts, "row_owner": row_owner,
+                "gate_map": gate_map, "source_map": source_map}
+
     def index_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Index tensors on `device` (cached):
+        """Index tensors on `device` (cached per device in eager mode; under torch.compile
+        built in the graph as constants, so no cache is written while tracing):
         column_source [C] int64, column_expert [C] int64, column_scale [C] float32,
         adapter_experts [N_ad] int64 (expert index of each expand_bias row), row_owner
-        [E, R] float32 (1 where expert e reads shrink row r)."""
+        [E, R] float32 (1 where expert e reads shrink row r), gate_map [C + N_ad, E] float32
+        (column c's scaling at its expert, then 1 at each adapter's expert), source_map
+        [C, R] float32 (1 where column c reads shrink row r). The maps turn the backward's
+        per-expert sums into small GEMMs (deterministic; no scatter for the compiler)."""
         device = torch.device(device)
+        if torch.compiler.is_compiling():
+            return self._make_index_tensors(device)
         if device not in self._cache:
-            columns = self.expand_columns
-            source, expert, scale = [0] * columns, [0] * columns, [0.0] * columns
-            for e, slot in enumerate(self.slots):
-                for c in range(*slot.expand):
-                    source[c] = c - slot.expand[0] + slot.shrink[0]
-                    expert[c] = e
-                    scale[c] = slot.scaling
-            adapter_experts = [e for e, s in enumerate(self.slots) if s.adapter_index is not None]
-            row_owner = torch.zeros(self.num_experts, self.shrink_rows, dtype=torch.float32)
-            for e, slot in enumerate(self.slots):
-                row_owner[e, slot.shrink[0]:slot.shrink[1]] = 1.0
-            self._cache[device] = {
-                "column_source": torch.tensor(source, dtype=torch.int64, device=device),
-                "column_expert": torch.tensor(expert, dtype=torch.int64, device=device),
-                "column_scale": torch.tensor(scale, dtype=torch.float32, device=device),
-                "adapter_experts": torch.tensor(adapter_experts, dtype=torch.int64,
-                                                device=device),
-                "row_owner": row_owner.to(device),
-            }
+            self._cache[device] = self._make_index_tensors(device)
         return self._cache[device]
+
+    def _make_index_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        lists = self._index_lists
+        index = {name: torch.tensor(lists[name], dtype=torch.int64, device=device)
+                 for name in ("column_source", "column_expert", "adapter_experts")}
+        index["column_scale"] = torch.tensor(lists["column_scale"], dtype=torch.float32,
+                                             device=device)
+        shapes = {"row_owner": (self.num_experts, self.shrink_rows),
+                  "gate_map": (self.expand_columns + self.num_adapters, self.num_experts),
+                  "source_map": (self.expand_columns, self.shrink_rows)}
+        for name, shape in shapes.items():
+            index[name] = torch.tensor(lists[name], dtype=torch.float32,
+                                       device=device).reshape(shape)
+        return index

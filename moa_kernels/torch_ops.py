@@ -14,8 +14,9 @@ Dense (soft mode, or gates given):
      y + [u, g_adapters] @ [B_stack, up_biases]^T with y as its addend (out of place: no
      tensor another op returned is modified, so autograd, torch.compile and tensor
      subclasses see plain functional ops). Backward recomputes the
-     activations from the saved h ([T, R]), so nothing of size [T, out] or [T, E, out] is
-     stored.
+     activations (and their derivatives, written out: no nested autograd call) from the
+     saved h ([T, R]), so nothing of size [T, out] or [T, E, out] is stored; the per-expert
+     gate gradients are one small GEMM with the layout's gate map (no scatter).
 Sparse (threshold, adaptive, topk):
   1. as above, with the router rows only.
   2. the gates give a `RoutingPlan` (pairs sorted by expert; one host sync, here only).
@@ -28,6 +29,10 @@ Sparse (threshold, adaptive, topk):
   When more than DENSE_ABOVE_ACTIVE_FRACTION of the pairs are active, step 3 is the dense
   `_GatedExpand` with the skipped pairs' hidden zeroed and their gates masked instead (the
   same math, cheaper on CPU).
+torch.compile: every step traces with fullgraph=True (dynamo traces the autograd Functions,
+forward and backward). The sparse modes take the dense, masked step 3 under compile: the
+routing plan's sizes depend on the data (nonzero, counts read on the host), the masked
+dense path has static shapes and is the same math.
 Without grad mode the autograd Functions' forwards run directly (`_apply`).
 """
 
@@ -82,7 +87,10 @@ def moa_linear(
     if (base_output is None) == (base_weight is None):
         raise ValueError("give exactly one of base_output (any base) and base_weight (a "
                          "plain linear base)")
-    expert_rows = 0 if sparse else layout.shrink_rows
+    # Under torch.compile the sparse modes run the dense path with the skipped pairs masked
+    # (the same math, static shapes): a routing plan's sizes depend on the data.
+    planned = sparse and not torch.compiler.is_compiling()
+    expert_rows = 0 if planned else layout.shrink_rows
     fused_input = adapter_input is None
     weights, biases = [], []  # a None bias: that block of rows has none
     if fused_input and expert_rows:
@@ -95,7 +103,7 @@ def moa_linear(
     # Sparse experts hand their share of dx to _BaseAndShrink, which adds it into the dx it
     # allocates anyway (saves a [T, in] buffer and an add pass). Not with dropout: then
     # the experts' dx must flow back through the dropout.
-    link = _InputGradLink() if sparse and fused_input and router is not None and fused_base \
+    link = _InputGradLink() if planned and fused_input and router is not None and fused_base \
         else None
     weight = bias = None
     if weights:
@@ -114,7 +122,7 @@ def moa_linear(
         y, h = F.linear(x, base_weight, base_bias), x.new_empty(x.shape[0], 0)
 
     hidden = None
-    if not sparse:
+    if not planned:
         if fused_input:
             hidden, h = h[:, :expert_rows], h[:, expert_rows:]
         else:
@@ -133,25 +141,35 @@ def moa_linear(
         return y, gates
     if active is None:
         active = gates != 0
+    masked = gates if router is not None else gates * active
+    if not planned:
+        y = _apply(_GatedExpand, y, _masked_hidden(hidden, active, layout), masked,
+                   expand_weight, expand_bias, layout)
+        return y, gates
     plan = RoutingPlan.from_active(active)
     expert_input = x if adapter_input is None else adapter_input
     if plan.num_pairs > DENSE_ABOVE_ACTIVE_FRACTION * active.numel():
         # Mostly active: the dense path with the skipped pairs masked out is the same math
-        # and cheaper. A skipped pair's hidden is zeroed (not multiplied by its zero gate:
-        # 0 * inf would reach tokens not routed to it), so act(0) = 0 adds nothing and its
-        # gate gets no gradient from the expert; the adapters' gated up-bias is masked
-        # through the gates (the router's own mask does that, the multiply for outside
-        # gates).
+        # and cheaper.
         hidden = F.linear(expert_input, shrink_weight, layout.full_shrink_bias(shrink_bias))
-        # [T, E] @ [E, R]: a shrink row is kept while an expert reading it is active.
-        row_active = active.to(torch.float32) @ layout.index_tensors(hidden.device)["row_owner"]
-        hidden = torch.where(row_active > 0, hidden, torch.zeros_like(hidden))
-        masked = gates if router is not None else gates * active
-        y = _apply(_GatedExpand, y, hidden, masked, expand_weight, expand_bias, layout)
+        y = _apply(_GatedExpand, y, _masked_hidden(hidden, active, layout), masked,
+                   expand_weight, expand_bias, layout)
         return y, gates
     y = _apply(_SparseExperts, y, expert_input, shrink_weight, shrink_bias, expand_weight,
                expand_bias, gates, plan, layout, link)
     return y, gates
+
+
+def _masked_hidden(hidden: torch.Tensor, active: torch.Tensor,
+                   layout: ExpertLayout) -> torch.Tensor:
+    """hidden [T, R] with the rows of skipped pairs zeroed, for the dense path of a sparse
+    mode. Zeroed, not multiplied by the zero gate (0 * inf would reach tokens not routed to
+    the expert), so act(0) = 0 adds nothing and the gate gets no gradient from the expert;
+    the adapters' gated up-bias is masked through the gates (the router's own mask does
+    that; outside gates are multiplied by the mask)."""
+    # [T, E] @ [E, R]: a shrink row is kept while an expert reading it is active.
+    row_active = active.to(torch.float32) @ layout.index_tensors(hidden.device)["row_owner"]
+    return torch.where(row_active > 0, hidden, torch.zeros_like(hidden))
 
 
 class _NoGradContext:
@@ -184,15 +202,34 @@ def _activate(hidden: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
     return out
 
 
+def _silu_derivative(hidden: torch.Tensor) -> torch.Tensor:
+    sigmoid = torch.sigmoid(hidden)
+    return sigmoid * (1 + hidden * (1 - sigmoid))
+
+
+def _gelu_derivative(hidden: torch.Tensor) -> torch.Tensor:  # the exact (erf) GELU
+    return 0.5 * (1 + torch.erf(hidden * 0.5 ** 0.5)) + \
+        hidden * torch.exp(-0.5 * hidden * hidden) * (2 * torch.pi) ** -0.5
+
+
+def _relu_derivative(hidden: torch.Tensor) -> torch.Tensor:
+    return (hidden > 0).to(hidden.dtype)
+
+
+# d act / d hidden, written out (what autograd's own backward of each function computes),
+# so the backward of the autograd Functions needs no nested autograd call and traces under
+# torch.compile.
+ACTIVATION_DERIVATIVES = {"silu": _silu_derivative, "gelu": _gelu_derivative,
+                          "relu": _relu_derivative}
+
+
 def _activation_backward(hidden: torch.Tensor, grad: torch.Tensor,
                          layout: ExpertLayout) -> torch.Tensor:
-    """d loss / d hidden from d loss / d act(hidden), recomputing the activations."""
+    """d loss / d hidden from d loss / d act(hidden) [T, R] (modified in place), the
+    activations' derivatives recomputed from hidden."""
     for segment in layout.activation_segments:
         rows = slice(segment.start, segment.stop)
-        with torch.enable_grad():
-            pre = hidden[:, rows].detach().requires_grad_(True)
-            (grad[:, rows],) = torch.autograd.grad(
-                ACTIVATION_FUNCTIONS[segment.activation](pre), pre, grad[:, rows])
+        grad[:, rows] *= ACTIVATION_DERIVATIVES[segment.activation](hidden[:, rows])
     return grad
 
 
@@ -305,15 +342,14 @@ class _GatedExpand(torch.autograd.Function):
         columns_count = layout.expand_columns
         grad_columns_u = grad_u[:, :columns_count]
 
-        grad_gates = gates.new_zeros(gates.shape).index_add_(
-            1, index["column_expert"],
-            grad_columns_u * columns * index["column_scale"].to(gates.dtype))
+        # Per-expert sums over its columns as one small GEMM with the layout's gate map.
+        grad_gated = grad_columns_u * columns
         if layout.num_adapters:
-            grad_gates.index_add_(1, index["adapter_experts"], grad_u[:, columns_count:])
+            grad_gated = torch.cat([grad_gated, grad_u[:, columns_count:]], dim=1)
+        grad_gates = grad_gated @ index["gate_map"].to(gates.dtype)
         grad_activated = grad_columns_u * column_gates
-        if layout.has_shared_shrink:
-            grad_activated = hidden.new_zeros(hidden.shape).index_add_(
-                1, index["column_source"], grad_activated)
+        if layout.has_shared_shrink:  # hydra heads: sum the columns that read a row
+            grad_activated = grad_activated @ index["source_map"].to(hidden.dtype)
         grad_hidden = _activation_backward(hidden, grad_activated, layout)
         grad_expand_weight = grad_weight[:, :columns_count]
         grad_expand_bias = grad_weight[:, columns_count:].t() if layout.num_adapters else None
@@ -403,9 +439,7 @@ class _SparseExperts(torch.autograd.Function):
                 slot, layout, shrink_weight, shrink_bias, expand_weight, expand_bias)
             grad_out = torch.index_select(grad_y, 0, tokens, out=grad_rows[:count])
             gate = sorted_gates[start:stop, None]
-            with torch.enable_grad():
-                pre = hidden.detach().requires_grad_(slot.activation != "identity")
-                activated = _activation_of(slot)(pre)
+            activated = _activation_of(slot)(hidden)
             grad_activated_scaled = grad_out @ up  # d loss / d (gate * scaling * act)
             grad_expand_weight_t[columns].addmm_(activated.t() * (gate.t() * slot.scaling),
                                                  grad_out)
@@ -416,7 +450,7 @@ class _SparseExperts(torch.autograd.Function):
             sorted_grad_gates[start:stop] = grad_gate
             grad_hidden = grad_activated_scaled * (gate * slot.scaling)
             if slot.activation != "identity":
-                (grad_hidden,) = torch.autograd.grad(activated, pre, grad_hidden)
+                grad_hidden *= ACTIVATION_DERIVATIVES[slot.activation](hidden)
             x_slice = torch.index_select(x, 0, tokens, out=x_rows[:count])
             grad_shrink_weight[rows].addmm_(grad_hidden.t(), x_slice)
             if slot.adapter_index is not None:

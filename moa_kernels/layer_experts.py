@@ -1,0 +1,154 @@
+"""Fused PyTorch ops of the model-level experts: the gated parallel adapter and the prompt
+attention (docs/DESIGN.md section 4), as autograd Functions that save little.
+
+Both add their gated output to a tensor the model computes anyway (the MLP output; the
+o_proj input), out of place, and save for the backward only what cannot be recomputed
+cheaply. T tokens, N features, K the adapter bottleneck, H heads of D, L prompt tokens.
+
+`gated_adapter(out, x, gate, W_down, b_down, W_up, b_up, activation)`:
+  forward: h = x W_down^T + b_down [T, K]; u = [act(h) * g, g] [T, K + 1];
+           y = out + u [W_up, b_up]^T (one GEMM with out as its addend).
+  saves:   x [T, N] (the only big one: d W_down = dh^T x needs it), h [T, K], g [T, 1].
+  backward: G = dy W_up [T, K]; dg = <G, act(h)> + dy . b_up; d[W_up, b_up] = dy^T u;
+           dh = G * g * act'(h): act(h), u and act' are recomputed from h, and the
+           adapter's output W_up act(h) + b_up [T, N] is never stored (dg needs only G).
+`prompt_attention(x, q, keys, values, gate)`:
+  forward: P = softmax(q keys^T) [B, H, S, L] (keys pre-scaled by D^-0.5, values gated per
+           head); y = x + g * (P values) laid out as x [B, S, H * D].
+  saves:   q [B, H, S, D] (d keys = dS^T q needs it), P (L / D of q's size), g [B, S, 1].
+  backward: o = P values is recomputed (L-long dot products), so neither o nor its
+           [B, S, H * D] copy is stored; dP = g dy values^T, dS = P (dP - <dP, P>).
+Without grad mode the forwards run directly (decoding: no autograd bookkeeping).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moa_kernels.reference import ACTIVATION_FUNCTIONS
+from moa_kernels.torch_ops import ACTIVATION_DERIVATIVES, _apply
+
+
+def gated_adapter(out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
+                  down_weight: torch.Tensor, down_bias: torch.Tensor, up_weight: torch.Tensor,
+                  up_bias: torch.Tensor, activation: str) -> torch.Tensor:
+    """out + g * (W_up act(W_down x + b_down) + b_up), a new tensor.
+
+    Args:
+        out: [..., N] what the adapter's output is added to (any float dtype).
+        x: [..., M] the adapter input; gate: [..., 1]; down_weight [K, M], down_bias [K],
+            up_weight [N, K], up_bias [N]: all in one compute dtype.
+        activation: a key of ACTIVATION_FUNCTIONS.
+    Returns:
+        [..., N] in out's dtype.
+    """
+    leading = out.shape[:-1]
+    y = _apply(_GatedAdapter, out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]),
+               gate.reshape(-1, 1), down_weight, down_bias, up_weight, up_bias, activation)
+    return y.reshape(*leading, out.shape[-1])
+
+
+def prompt_attention(x: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + g * concat_h softmax(q_h keys_h^T) values_h, a new tensor.
+
+    Args:
+        x: [B, S, H * D] what the prompt output is added to (the o_proj input).
+        query: [B, H, S, D] the attention's post-rotary query, in the compute dtype.
+        keys: [H, L, D] the prompt keys times D^-0.5; values: [H, L, D] the prompt values
+            times the per-head gate; gate: [B, S, 1] the router's prompt gate.
+    Returns:
+        [B, S, H * D] in x's dtype.
+    """
+    return _apply(_PromptAttention, x, query, keys, values, gate)
+
+
+# ---------------------------------------------------------------------------------------
+# the parallel adapter
+# ---------------------------------------------------------------------------------------
+
+def _adapter_operands(hidden, gate, up_weight, up_bias, activation):
+    activated = ACTIVATION_FUNCTIONS[activation](hidden)
+    u = torch.cat([activated * gate, gate], dim=1)  # [T, K + 1]
+    weight = torch.cat([up_weight, up_bias[:, None]], dim=1)  # [N, K + 1]
+    return activated, u, weight
+
+
+class _GatedAdapter(torch.autograd.Function):
+    """(out [T, N], x [T, M], gate [T, 1], weights) -> out + gated adapter output [T, N]."""
+
+    @staticmethod
+    def forward(ctx, out, x, gate, down_weight, down_bias, up_weight, up_bias, activation):
+        hidden = F.linear(x, down_weight, down_bias)
+        _, u, weight = _adapter_operands(hidden, gate, up_weight, up_bias, activation)
+        if out.dtype == u.dtype:
+            y = torch.addmm(out, u, weight.t())
+        else:
+            y = out + (u @ weight.t()).to(out.dtype)
+        ctx.activation = activation
+        ctx.save_for_backward(x, gate, hidden, down_weight, up_weight, up_bias)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, gate, hidden, down_weight, up_weight, up_bias = ctx.saved_tensors
+        activation = ctx.activation
+        grad = grad_y.to(hidden.dtype)
+        activated, u, weight = _adapter_operands(hidden, gate, up_weight, up_bias, activation)
+        grad_u = grad @ weight  # [T, K + 1]: d loss / d u
+        size = hidden.shape[1]
+        grad_activated_gated = grad_u[:, :size]  # G = dy W_up
+        grad_gate = (grad_activated_gated * activated).sum(1, keepdim=True) + grad_u[:, size:]
+        grad_weight = grad.t() @ u  # [N, K + 1]
+        grad_hidden = grad_activated_gated * gate
+        if activation != "identity":
+            grad_hidden = grad_hidden * ACTIVATION_DERIVATIVES[activation](hidden)
+        needs = ctx.needs_input_grad
+        grad_x = grad_hidden @ down_weight if needs[1] else None
+        grad_down_weight = grad_hidden.t() @ x if needs[3] else None
+        grad_down_bias = grad_hidden.sum(0) if needs[4] else None
+        return (grad_y, grad_x, grad_gate, grad_down_weight, grad_down_bias,
+                grad_weight[:, :size], grad_weight[:, size], None)
+
+
+# ---------------------------------------------------------------------------------------
+# the prompt attention
+# ---------------------------------------------------------------------------------------
+
+class _PromptAttention(torch.autograd.Function):
+    """(x [B, S, H * D], q [B, H, S, D], keys, values [H, L, D], gate [B, S, 1]) ->
+    x + g * prompt attention output, laid out as x."""
+
+    @staticmethod
+    def forward(ctx, x, query, keys, values, gate):
+        batch, heads, tokens, head_dim = query.shape
+        probs = torch.softmax(torch.matmul(query, keys.transpose(1, 2)), dim=-1)
+        out = torch.matmul(probs, values).transpose(1, 2)  # [B, S, H, D] (a view)
+        x4 = x.reshape(batch, tokens, heads, head_dim)
+        if x.dtype == query.dtype:
+            y = torch.addcmul(x4, gate[..., None], out)
+        else:
+            y = x4 + (gate[..., None] * out).to(x.dtype)
+        ctx.save_for_backward(query, keys, values, probs, gate)
+        return y.reshape(batch, tokens, heads * head_dim)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        query, keys, values, probs, gate = ctx.saved_tensors
+        batch, heads, tokens, head_dim = query.shape
+        grad_out = grad_y.to(query.dtype).reshape(batch, tokens, heads, head_dim).transpose(1, 2)
+        out = torch.matmul(probs, values)  # [B, H, S, D], recomputed
+        grad_gate = (grad_out * out).sum(dim=(1, 3))[..., None]  # [B, S, 1]
+        grad_out = grad_out * gate[:, None]  # d loss / d (P values)
+        grad_values = torch.matmul(probs.transpose(2, 3), grad_out).sum(0)  # [H, L, D]
+        grad_probs = torch.matmul(grad_out, values.transpose(1, 2))  # [B, H, S, L]
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+        grad_query = torch.matmul(grad_scores, keys)
+        grad_keys = torch.matmul(grad_scores.transpose(2, 3), query).sum(0)  # [H, L, D]
+        return grad_y, grad_query, grad_keys, grad_values, grad_gate
+
+
+__all__ = ["gated_adapter", "prompt_attention"]
