@@ -262,33 +262,3 @@ def unpack_expand(meta: KernelLayout, packed_grad: torch.Tensor
     bias = packed_grad[:, meta.columns:meta.columns + meta.adapters].t().clone(
         memory_format=torch.contiguous_format)
     return weight, bias
-
-
-@dataclass
-class PairList:
-    """Active pairs of one [T, S] mask (S experts or groups), sorted by column then token,
-    built on the device without a host sync (a cumsum and a scatter; no nonzero()).
-
-    token_index [T * S + 1] int32 (entries past offsets[S] are unused), offsets [S + 1]
-    int64, active [T, S] int8.
-    """
-
-    token_index: torch.Tensor
-    offsets: torch.Tensor
-    active: torch.Tensor
-
-    @classmethod
-    def build(cls, active: torch.Tensor) -> PairList:
-        tokens, columns = active.shape
-        by_column = active.t()
-        counts = by_column.sum(dim=1)
-        offsets = torch.zeros(columns + 1, dtype=torch.int64, device=active.device)
-        torch.cumsum(counts, dim=0, out=offsets[1:])
-        rank_in_column = torch.cumsum(by_column.to(torch.int64), dim=1) - 1
-        dump = tokens * columns  # inactive pairs all land in this one spare slot
-        destination = torch.where(by_column, offsets[:-1, None] + rank_in_column, dump)
-        token_ids = torch.arange(tokens, dtype=torch.int32, device=active.device)
-        token_index = torch.zeros(dump + 1, dtype=torch.int32, device=active.device)
-        token_index.scatter_(0, destination.reshape(-1), token_ids.expand(columns, tokens)
-                             .reshape(-1))
-        return cls(token_index, offsets, active.to(torch.int8).contiguous())

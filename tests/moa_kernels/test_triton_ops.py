@@ -3,8 +3,9 @@
 Each case builds one MoALinear, runs it with backend="reference" and backend="triton" on
 the same input, and compares y and the gradients of x and of every trainable parameter.
 On CPU the kernels run in the Triton interpreter (tests/conftest.py switches it on before
-triton is imported); with TRITON_INTERPRET=0 and a GPU the same cases run compiled on CUDA,
-bf16 included. (The 3.9 interpreter computes tl.dot wrongly on bf16, so no bf16 on CPU.)
+triton is imported); with TRITON_INTERPRET=0 and a GPU the same cases run compiled on CUDA.
+bf16 runs on both: the 3.9 interpreter computes tl.dot wrongly on bf16 operands, but the
+kernels hold no bf16 dot (their GEMMs are torch's; the one Triton dot is fp32).
 
 Errors are measured as in tests/conftest.py: against max(||expected||, a rounding floor),
 and gradients that are zero by construction (`router_gates_vanish`: the router's gradients
@@ -71,7 +72,7 @@ CASES = [
     ("hydra-threshold", ["hydra:6:5"], RouterConfig(mode="threshold"), 64, 20, 18),
     # hydra only, soft, un-normalised topk off: dense path sums heads into shared rows
     ("hydra-soft", ["hydra:4:2", "lora:2"], RouterConfig(gate="softmax"), 5, 20, 18),
-    # ranks above one BLOCK_R chunk (37, 33): the rank-chunk loops of every kernel
+    # ranks 37 and 33: a packed width (72) past one 64-column block of the gate kernels
     ("rank-chunks-threshold", ["adapter:37:relu", "lora:33", "lora:1"],
      RouterConfig(mode="threshold"), 64, 23, 19),
     # topk without renormalisation, sigmoid gate, hydra and adapter mixed
@@ -92,6 +93,9 @@ def _devices_and_dtypes():
         params.append(pytest.param("cuda", dtype, marks=pytest.mark.skipif(
             not CUDA or INTERPRETED,
             reason="needs a CUDA GPU and TRITON_INTERPRET=0 (compiled kernels)")))
+    # last, so that DEVICE_DTYPES[:1] and [2:3] stay CPU fp32 and CUDA fp32
+    params.append(pytest.param("cpu", torch.bfloat16, marks=pytest.mark.skipif(
+        not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")))
     return params
 
 
@@ -279,17 +283,50 @@ def test_zero_tokens():
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")
-def test_plan_is_sorted_by_expert_and_matches_the_mask():
-    from moa_kernels.triton.plan import PairList
+def test_packed_column_space_sorts_activations_and_repeats_hydra_rows():
+    # interleaved activations and a hydra group: K columns identity | silu | gelu | relu,
+    # the adapters' up-biases after them, hydra heads reading their shared rows
+    from moa_kernels.triton.plan import KernelLayout, layout_code
 
-    torch.manual_seed(3)
-    active = torch.rand(11, 5) < 0.4
-    active[:, 3] = False  # an expert with no token
-    pairs = PairList.build(active)
-    offsets = pairs.offsets.tolist()
-    for e in range(5):
-        tokens = pairs.token_index[offsets[e]:offsets[e + 1]].tolist()
-        assert tokens == active[:, e].nonzero().flatten().tolist()
+    layer = _make_layer(["adapter:2:gelu", "lora:3", "adapter:2:silu", "hydra:2:2",
+                         "adapter:1:relu"], None, 8, 6, "cpu", torch.float32)
+    meta = KernelLayout.of(*layout_code(layer.layout), "cpu")
+    slots = layer.layout.slots
+    order = meta.expand_source.tolist()
+    owner = {c: e for e, slot in enumerate(slots) for c in range(*slot.expand)}
+    activations = [slots[owner[c]].activation for c in order]
+    assert activations == ["identity"] * 7 + ["silu"] * 2 + ["gelu"] * 2 + ["relu"]
+    assert meta.act_starts == (7, 9, 11) and meta.columns == 12 and meta.adapters == 3
+    assert meta.k_width == 16 and meta.h_width == 16
+    rows = meta.shrink_source.tolist()
+    for k, c in enumerate(order):  # h column k holds the shrink row K column k reads
+        slot = slots[owner[c]]
+        assert rows[k] == slot.shrink[0] + c - slot.expand[0]
+    assert len(meta.hydra_blocks) == 1 and meta.hydra_blocks[0][3] == 2
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")
+def test_packed_weights_are_cached_per_parameter_version(monkeypatch):
+    # a steady loop packs nothing per call; an in-place update (the optimizer's) re-packs,
+    # and the output follows the new weights
+    from moa_kernels.triton import plan
+
+    built = []
+    original = plan.packed
+
+    def counting(kind, sources, extra, build):
+        return original(kind, sources, extra, lambda: built.append(kind) or build())
+
+    monkeypatch.setattr(plan, "packed", counting)
+    layer = _make_layer(["lora:4", "adapter:3:silu"], None, 13, 11, "cpu", torch.float32)
+    x, gates = torch.randn(5, 13), torch.rand(5, 2)
+    for _ in range(3):
+        layer(x, gates).sum().backward()
+    assert sorted(built) == ["expand", "shrink"]
+    with torch.no_grad():
+        layer.expand_weight.mul_(2.0)
+    _compare(layer, x, torch.float32, gates)
+    assert sorted(built) == ["expand", "expand", "shrink"]
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")
