@@ -6,8 +6,9 @@ Scenarios (one pair of worker processes runs them all, in order, since starting 
 more than every scenario together):
 - ddp: one backward under DistributedDataParallel; the gradients.
 - ddp_sparse, ddp_sparse_learned: sparse_moa under DDP with find_unused_parameters=False
-  (the default), several AdamW steps; the published frozen thresholds, then
-  RouterConfig(learn_threshold=True); every step's gradients, and the saved adapter.
+  (the default), several AdamW steps; the published frozen thresholds (with reentrant
+  activation checkpointing), then RouterConfig(learn_threshold=True); every step's
+  gradients, and the saved adapter.
 - fsdp2: from_pretrained, then fully_shard per decoder layer and on the MoAModel (DTensor
   parameters), AdamW steps, save_pretrained on every rank.
 - fsdp1: FullyShardedDataParallel with one unit per decoder layer (use_orig_params=True:
@@ -109,6 +110,10 @@ def run_ddp(rank: int, out: str) -> None:
 
 def run_ddp_sparse(rank: int, out: str, learn_threshold: bool = False) -> None:
     moa = build_model(sparse_config(learn_threshold))
+    if not learn_threshold:  # with reentrant activation checkpointing as well
+        moa.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": True})
+        assert all(layer.gradient_checkpointing for layer in moa.model.model.layers)
     model = DistributedDataParallel(moa)  # find_unused_parameters=False, the default
     optimizer, ids = optimizer_for(model), BATCH.chunk(WORLD_SIZE)[rank]
     for step in range(STEPS):
