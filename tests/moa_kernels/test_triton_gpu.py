@@ -194,12 +194,18 @@ def test_jit_builds_within_budget(dtype):
 
 
 def _compiled(kernel) -> list:
-    """The kernels the JIT compiled for `kernel` on the current device (triton 3.x keeps
-    them in device_caches[device][0]; older ones in cache[device])."""
+    """The kernels the JIT compiled for `kernel` on the current device: triton 3.x keeps
+    them in a dict inside device_caches[device] (a tuple whose layout changes between
+    versions), older ones in cache[device]; a compiled kernel is what has `asm`."""
     device = torch.cuda.current_device()
     caches = getattr(kernel, "device_caches", None)
-    cache = caches[device][0] if caches is not None else kernel.cache[device]
-    compiled = list(cache.values())
+    if caches is not None:
+        entry = caches[device]
+        dicts = [c for c in (entry if isinstance(entry, tuple) else (entry,))
+                 if isinstance(c, dict)]
+    else:
+        dicts = [kernel.cache[device]]
+    compiled = [k for cache in dicts for k in cache.values() if hasattr(k, "asm")]
     for item in compiled:
         if getattr(item, "n_regs", None) is None and hasattr(item, "_init_handles"):
             item._init_handles()
