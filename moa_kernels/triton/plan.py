@@ -179,7 +179,11 @@ def _stamp(tensor: torch.Tensor) -> tuple:
 def packed(kind: str, sources: tuple[torch.Tensor, ...], extra: tuple,
            build: Callable[[], object]) -> object:
     """build() for these source tensors, cached until one of them changes (in place: its
-    version; or its storage) or dies. `extra` completes the key (dtype, layout tables)."""
+    version; or its storage) or dies. `extra` completes the key (dtype, layout tables).
+    Inference tensors (made under torch.inference_mode) have no version counter: built
+    afresh, not cached."""
+    if any(s.is_inference() for s in sources):
+        return build()
     key = (kind, extra, *(id(s) for s in sources))
     stamp = tuple(_stamp(s) for s in sources)
     entry = _PACKED.get(key)

@@ -330,6 +330,23 @@ def test_packed_weights_are_cached_per_parameter_version(monkeypatch):
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("adapter_dtype", [None, "base"])  # fp32 adapters (cast per call)
+def test_inference_mode(adapter_dtype):
+    # under torch.inference_mode the casts of the adapters are inference tensors, which
+    # have no version counter: packed afresh, never cached; the same y as under no_grad
+    torch.manual_seed(0)
+    layer = MoALinear(nn.Linear(16, 12).to(torch.bfloat16), ["lora:4", "adapter:3:silu"],
+                      RouterConfig(mode="topk"), backend="triton",
+                      adapter_dtype=adapter_dtype)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x)
+    for _ in range(2):
+        with torch.inference_mode():
+            assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")
 @pytest.mark.parametrize("mode", ["soft", "topk"])
 def test_fp32_adapters_with_fp16_input(mode):
     # adapters kept in fp32 while x is fp16: the kernels cast operands in their loads, and
