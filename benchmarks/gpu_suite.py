@@ -393,6 +393,8 @@ class EightBLayer:
     SHAPES = ("q", "k", "v", "o", "down")
 
     def __init__(self, bases: dict, variant: str, device, dtype):
+        import torch
+
         from moa import MoALinear, RouterConfig
         from moa.layers import MoARouter
 
@@ -404,8 +406,9 @@ class EightBLayer:
             self.router = MoARouter(hidden, len(self.SHAPES), RouterConfig()).to(device, dtype)
             self.parts = {name: MoALinear(base, ["lora:8"], None, backend=variant,
                                           adapter_dtype="base") for name, base in bases.items()}
-            for layer in self.parts.values():
-                layer.expand_weight.data.normal_(0.0, 0.02)
+            with torch.no_grad():  # B starts at zero; give the experts real work
+                for layer in self.parts.values():
+                    layer.expand_weight.normal_(0.0, 0.02)
         elif variant == "peft":
             self.parts = {name: CublasTwiceLoRA(base, 8, device, dtype)
                           for name, base in bases.items()}

@@ -29,6 +29,7 @@ packs nothing per call.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,6 +170,14 @@ class _Entry:
 
 
 _PACKED: dict[tuple, _Entry] = {}
+# MOA_TRITON_PACK_CACHE=0 packs on every call (a debugging switch: see `packed`)
+_CACHE_ON = os.environ.get("MOA_TRITON_PACK_CACHE", "1") != "0"
+
+
+def clear_packed() -> None:
+    """Forget every cached packed weight (after changing weights through `.data`, which
+    bypasses the version counter; see `packed`)."""
+    _PACKED.clear()
 
 
 def _stamp(tensor: torch.Tensor) -> tuple:
@@ -181,8 +190,11 @@ def packed(kind: str, sources: tuple[torch.Tensor, ...], extra: tuple,
     """build() for these source tensors, cached until one of them changes (in place: its
     version; or its storage) or dies. `extra` completes the key (dtype, layout tables).
     Inference tensors (made under torch.inference_mode) have no version counter: built
-    afresh, not cached."""
-    if any(s.is_inference() for s in sources):
+    afresh, not cached. A change made through `tensor.data` (e.g. `p.data.copy_(...)`)
+    bypasses the version counter, as it does autograd's checks: call `clear_packed()`
+    after one (torch.optim, load_state_dict and in-place updates under no_grad all bump
+    the version)."""
+    if not _CACHE_ON or any(s.is_inference() for s in sources):
         return build()
     key = (kind, extra, *(id(s) for s in sources))
     stamp = tuple(_stamp(s) for s in sources)
