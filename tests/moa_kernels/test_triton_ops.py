@@ -327,6 +327,10 @@ def test_packed_weights_are_cached_per_parameter_version(monkeypatch):
         layer.expand_weight.mul_(2.0)
     _compare(layer, x, torch.float32, gates)
     assert sorted(built) == ["expand", "expand", "shrink"]
+    layer.shrink_weight.data.mul_(0.5)  # .data bypasses the version counter: clear by hand
+    plan.clear_packed()
+    _compare(layer, x, torch.float32, gates)
+    assert sorted(built) == ["expand", "expand", "expand", "shrink", "shrink"]
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")
