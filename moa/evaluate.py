@@ -1,13 +1,13 @@
 """`moa evaluate`: accuracy of a model, with or without a MoA adapter, on a data file.
 
 Multiple choice (moa/data.py's formats): every choice is scored by the sum of its tokens'
-log-probabilities after the prompt, in batches of (prompt, choice) sequences padded on the
-right and sorted by length; the prediction is the best choice ("accuracy"), and the best
-choice after dividing by its length in characters ("accuracy_norm", as LM evaluation
-harnesses do). Arithmetic: greedy generation from the prompt in batches padded on the left
-(generate gives the positions that skip the padding); the response is cut at the end-of-text
-token or where a new prompt begins, and its last number must equal the answer within 1e-3,
-as the published evaluation checks.
+log-probabilities after the prompt, the prompt run once per record (a KV cache shared by
+its choices), records batched by prompt length; the prediction is the best choice
+("accuracy"), and the best choice after dividing by its length in characters
+("accuracy_norm", as LM evaluation harnesses do). Arithmetic: greedy generation from the
+prompt in batches padded on the left (generate gives the positions that skip the padding);
+the response is cut at the end-of-text token or where a new prompt begins, and its last
+number must equal the answer within 1e-3, as the published evaluation checks.
 
 Output: a table on stdout and a JSON file whose top level has "accuracy" (over every
 record; multiple choice counts its unnormalised prediction), "records", per task
@@ -17,6 +17,7 @@ record; multiple choice counts its unnormalised prediction), "records", per task
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 import warnings
@@ -96,18 +97,6 @@ class EvaluationResult:
 # scoring
 # ---------------------------------------------------------------------------------------
 
-def _join(context: list[int], continuation: list[int], max_length: int,
-          keep: int) -> tuple[list[int], int]:
-    """context + continuation within max_length: the continuation's end and the context's
-    first `keep` (special) tokens stay, the context's start after them goes first. Returns
-    the ids and where the continuation starts."""
-    continuation = continuation[:max(1, max_length - keep - 1)]
-    room = max_length - len(continuation)
-    if len(context) > room:
-        context = context[:keep] + context[len(context) - (room - keep):]
-    return context + continuation, len(context)
-
-
 def _leading_specials(tokenizer, ids: list[int]) -> int:
     special = set(tokenizer.all_special_ids)
     count_ = 0
@@ -116,44 +105,91 @@ def _leading_specials(tokenizer, ids: list[int]) -> int:
     return count_
 
 
+def _fit(context: list[int], keep: int, room: int) -> list[int]:
+    """context within `room` tokens: its first `keep` (special) tokens stay, the start of
+    the rest goes first."""
+    if len(context) <= room:
+        return context
+    return context[:keep] + context[len(context) - (room - keep):]
+
+
+def _accepts(model, name: str) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(inner.forward).parameters
+
+
 @torch.no_grad()
 def score_multiple_choice(model, tokenizer, items: list[MultipleChoiceItem], batch_size: int,
                           max_length: int, device: torch.device,
                           progress: bool = True) -> list[list[float]]:
     """Per item, per continuation: the sum of the continuation's token log-probabilities
-    after the context (float64 sums of float32 log-softmax values)."""
+    after the context (float64 sums of float32 log-softmax values).
+
+    Each context runs once: a batch of `batch_size` contexts, padded on the left (position
+    ids skip the padding), fills a KV cache and gives the first continuation token's
+    distribution; the cache is then repeated per choice and the continuations' remaining
+    tokens run on it, padded on the right. A choice is scored as if after its context alone.
+    """
     from tqdm import tqdm
 
-    requests = []  # (item, choice, ids, continuation start)
-    for index, item in enumerate(items):
-        for choice, continuation in enumerate(item.continuations):
-            context_text, continuation_text = split_context(item.context, continuation)
-            context = tokenizer(context_text, add_special_tokens=True)["input_ids"] or \
-                [tokenizer.eos_token_id]
-            tokens = tokenizer(continuation_text, add_special_tokens=False)["input_ids"]
-            if not tokens:
+    contexts, continuations = [], []
+    for item in items:
+        context_text, _ = split_context(item.context, "")
+        context = tokenizer(context_text, add_special_tokens=True)["input_ids"] or \
+            [tokenizer.eos_token_id]
+        tokens = []
+        for continuation in item.continuations:
+            ids = tokenizer(split_context(item.context, continuation)[1],
+                            add_special_tokens=False)["input_ids"]
+            if not ids:
                 raise ValueError(f"choice {continuation!r} tokenizes to nothing")
-            ids, start = _join(context, tokens, max_length,
-                               _leading_specials(tokenizer, context))
-            requests.append((index, choice, ids, start))
+            tokens.append(ids[:max(1, max_length // 2)])
+        room = max(1, max_length - max(len(t) for t in tokens))
+        contexts.append(_fit(context, _leading_specials(tokenizer, context), room))
+        continuations.append(tokens)
+    keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     scores = [[0.0] * len(item.continuations) for item in items]
-    order = sorted(range(len(requests)), key=lambda r: -len(requests[r][2]))
+    order = sorted(range(len(items)), key=lambda i: -len(contexts[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="scoring choices", unit="batch", disable=not progress,
                       mininterval=0.5):
-        longest = max(len(requests[r][2]) for r in batch)
+        longest = max(len(contexts[i]) for i in batch)
         ids = torch.full((len(batch), longest), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, r in enumerate(batch):
-            sequence = requests[r][2]
-            ids[row, :len(sequence)] = torch.tensor(sequence)
-            mask[row, :len(sequence)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for row, r in enumerate(batch):
-            index, choice, sequence, start = requests[r]
-            targets = torch.tensor(sequence[start:], device=logits.device)
-            rows = logits[row, start - 1:len(sequence) - 1].float().log_softmax(-1)
-            scores[index][choice] = rows.gather(1, targets[:, None]).double().sum().item()
+        for row, i in enumerate(batch):
+            ids[row, longest - len(contexts[i]):] = torch.tensor(contexts[i])
+            mask[row, longest - len(contexts[i]):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        output = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       position_ids=positions.to(device), use_cache=True, **keep_last)
+        first = output.logits[:, -1].float().log_softmax(-1)
+        requests = [(row, i, choice) for row, i in enumerate(batch)
+                    for choice in range(len(continuations[i]))]
+        for row, i, choice in requests:
+            scores[i][choice] = first[row, continuations[i][choice][0]].double().item()
+        rest = max(len(continuations[i][choice]) for _, i, choice in requests) - 1
+        if rest == 0:
+            continue
+        cache = output.past_key_values
+        cache.reorder_cache(torch.tensor([row for row, _, _ in requests], device=device))
+        tail = torch.full((len(requests), rest), tokenizer.pad_token_id, dtype=torch.long)
+        tail_mask = torch.zeros((len(requests), rest), dtype=torch.long)
+        for r, (_, i, choice) in enumerate(requests):
+            inputs = continuations[i][choice][:-1]
+            tail[r, :len(inputs)] = torch.tensor(inputs, dtype=torch.long)
+            tail_mask[r, :len(inputs)] = 1
+        rows = torch.tensor([row for row, _, _ in requests])
+        full_mask = torch.cat([mask[rows], tail_mask], dim=1)
+        tail_positions = mask[rows].sum(-1, keepdim=True) + torch.arange(rest)
+        logits = model(input_ids=tail.to(device), attention_mask=full_mask.to(device),
+                       position_ids=tail_positions.to(device), past_key_values=cache,
+                       use_cache=True).logits
+        for r, (_, i, choice) in enumerate(requests):
+            targets = continuations[i][choice][1:]
+            if targets:
+                values = logits[r, :len(targets)].float().log_softmax(-1)
+                picked = values.gather(1, torch.tensor(targets, device=values.device)[:, None])
+                scores[i][choice] += picked.double().sum().item()
     return scores
 
 

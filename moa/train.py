@@ -8,8 +8,9 @@ every step, an eval file's loss at intervals, checkpoints at intervals) -> the a
 with MoAModel.save_pretrained into OUT/adapter, the loss curve as OUT/loss.png, the log as
 OUT/log_history.json and the options as OUT/train_options.json.
 
-Checkpoints are the Trainer's own (OUT/checkpoints/checkpoint-N, the whole model with the
-optimizer, scheduler and RNG states; `--resume last` or `--resume DIR` continues one).
+Checkpoints are MoATrainer's (OUT/checkpoints/checkpoint-N: the adapter files beside the
+Trainer's optimizer, scheduler, RNG and state files, not the base model); `--resume last`
+or `--resume DIR` continues one exactly.
 """
 
 from __future__ import annotations
@@ -288,45 +289,12 @@ class TrainOptions:
 # the Trainer
 # ---------------------------------------------------------------------------------------
 
-def _unique_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """state without the later names of tensors that share memory (tied weights)."""
-    seen, unique = set(), {}
-    for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-               tuple(tensor.shape), tuple(tensor.stride()))
-        if key not in seen:
-            seen.add(key)
-            unique[name] = tensor
-    return unique
-
-
-def _whole_model_trainer_class():
-    from transformers import Trainer
-
-    class WholeModelTrainer(Trainer):
-        """The Trainer with its own whole-model checkpoints; a tied weight (SmolLM2's
-        embeddings and head) is stored once, since safetensors refuses tensors that share
-        memory, and loading the checkpoint (non-strict) restores it through the tie."""
-
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            if state_dict is None:
-                state_dict = _unique_storage(self.model.state_dict())
-            super()._save(output_dir, state_dict)
-
-        def _issue_warnings_after_load(self, load_result) -> None:
-            state = self.model.state_dict()
-            aliases = set(state) - set(_unique_storage(state))
-            missing = [k for k in load_result.missing_keys if k not in aliases]
-            super()._issue_warnings_after_load(
-                load_result._replace(missing_keys=missing))
-
-    return WholeModelTrainer
-
-
 def checkpoint_trainer_class():
-    """The Trainer class whose checkpoints `moa train` writes and resumes from: today the
-    Trainer's whole-model checkpoints. Adapter-only checkpoints replace this one line."""
-    return _whole_model_trainer_class()
+    """The Trainer class whose checkpoints `moa train` writes and resumes from: MoATrainer,
+    whose checkpoints hold the adapter (moa/trainer.py), not the whole model."""
+    from moa.trainer import MoATrainer
+
+    return MoATrainer
 
 
 def _progress_callback_class():

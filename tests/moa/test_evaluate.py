@@ -23,6 +23,7 @@ from moa.data import (
 )
 from moa.evaluate import cut_response, evaluate_items, score_multiple_choice
 from moa.loading import build_text_model, byte_tokenizer
+from tests.moa.tiny import perturb
 
 
 @pytest.fixture(autouse=True)
@@ -100,12 +101,25 @@ def test_responses_stop_where_a_new_prompt_begins():
 
 # ---- scoring -------------------------------------------------------------------------------
 
-def test_batched_scores_are_the_log_likelihoods_of_each_choice():
+@pytest.mark.parametrize("preset", [
+    None,  # the base model
+    "soft_moa",  # routers, parallel adapters and the position-dependent prompt expert
+])
+def test_batched_scores_are_the_log_likelihoods_of_each_choice(preset):
     tokenizer, model = byte_tokenizer(), build_text_model()
+    if preset is not None:
+        model = get_moa_model(model, MoAConfig.preset(preset)).eval()
+        perturb(model)
     items = [MultipleChoiceItem("Question: a?\nAnswer:", [" yes", " no", " maybe so"], 0),
-             MultipleChoiceItem("Q: much longer context here\nA: ", ["x", "yy"], 1)]
-    scores = score_multiple_choice(model, tokenizer, items, batch_size=2, max_length=512,
+             MultipleChoiceItem("Q: much longer context here\nA: ", ["x", "yy"], 1),
+             MultipleChoiceItem("Pick:", ["a", "b", "c", "d"], 2)]  # one token each
+    scores = score_multiple_choice(model, tokenizer, items, batch_size=3, max_length=512,
                                    device=torch.device("cpu"), progress=False)
+    # one item per batch: no padding, and the last batch has one-token choices only
+    alone = score_multiple_choice(model, tokenizer, items, batch_size=1, max_length=512,
+                                  device=torch.device("cpu"), progress=False)
+    for batched, single in zip(scores, alone):
+        assert batched == pytest.approx(single, abs=1e-4)
     for item, item_scores in zip(items, scores):
         for continuation, score in zip(item.continuations, item_scores):
             context = item.context.rstrip(" ")  # the space moves to the continuation

@@ -130,6 +130,9 @@ def test_resuming_a_checkpoint_gives_the_uninterrupted_run(tmp_path):
     whole = run_train(quiet(out=str(tmp_path / "whole"), **options), log=lambda _: None,
                       progress=False)
     assert [step for step, _ in whole.eval_losses] == [3, 6]
+    checkpoint = tmp_path / "whole" / "checkpoints" / "checkpoint-3"
+    assert (checkpoint / "adapter_model.safetensors").is_file()  # the adapter, not the model
+    assert not (checkpoint / "model.safetensors").exists()
     # an interrupted run: the same options, stopped after its checkpoint at step 3
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "whole" / "checkpoints" / "checkpoint-3",
@@ -144,6 +147,20 @@ def test_resuming_a_checkpoint_gives_the_uninterrupted_run(tmp_path):
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+def test_bf16_checkpointing_accumulation_and_epochs(tmp_path):
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    result = run_train(TrainOptions(data=data, out=str(tmp_path / "out"), epochs=2,
+                                    batch_size=2, gradient_accumulation=2, bf16=True,
+                                    gradient_checkpointing=True, warmup_steps=1,
+                                    weight_decay=0.01, device="cpu"),
+                       log=lambda _: None, progress=False)
+    # 6 examples in micro-batches of 2, 2 per step: 2 steps per epoch
+    assert [step for step, _ in result.losses] == [1, 2, 3, 4]
+    assert all(loss == loss and loss < 20 for _, loss in result.losses)
+    assert result.model.get_base_model().dtype == torch.bfloat16
+    assert {p.dtype for _, p in result.model.moa_named_parameters()} == {torch.float32}
 
 
 def test_a_checkpoint_directory_model_trains(tmp_path):
