@@ -6,7 +6,7 @@ Plan (T tokens, K = k_width packed columns, out features, b bytes per element):
                                                          * g[t, e_c] * s_c (bias column:
                                                          g), 0 where (t, e_c) is inactive
             out = torch.addmm(y, u, B^T)                 cuBLAS, beta = 1: y read once
-  backward  du = dy @ B                                  cuBLAS [T, K]
+  backward  du = dy @ B                                  cuBLAS [T, K], fp32 out
             dB = dy^T @ u                                cuBLAS [out, K] (u saved: T K b)
             dh, dg = `_gate_grad_kernel`(du, h, g, active)
                                                          dg[t, e] = sum_{c of e} du act s,
@@ -33,9 +33,10 @@ A grouped GEMM over the active pairs would save FLOPs that cost no time here and
 read dy once per active pair of a token (k times for top-k) and write and re-read
 per-pair deltas of [k T, out]: more bytes, not fewer.
 
-FLOPs and bytes per call (N_ad adapters; h, u, du, dh are [T, K]-sized, b bytes):
-  forward:  2 T K out FLOPs;        2 b T out + b K out + 3 b T K bytes
-  backward: 4 T K out FLOPs;        2 b T out + b K out + 5 b T K bytes (+ 4 T E for dg)
+FLOPs and bytes per call (b bytes per element of the data; h, du, dh fp32, u in b; all
+[T, K]-sized; E experts):
+  forward:  2 T K out FLOPs;   2 b T out + b K out + (4 + 2 b) T K bytes
+  backward: 4 T K out FLOPs;   2 b T out + 2 b K out + (16 + b) T K + 4 T E bytes
 """
 
 from __future__ import annotations

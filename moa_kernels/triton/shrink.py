@@ -19,10 +19,14 @@ choices; nothing is fused into it that a bias vector would not express. The back
 dx = dh @ W and dW = dh^T @ x are plain GEMMs too (dW: cuBLAS splits the T reduction
 deterministically; db = column sums of dh in fp32).
 
-FLOPs and bytes per call (T tokens, S rows, b bytes per element):
-  forward  h = x W^T + b:   2 T in S FLOPs;   b (T in + S in + T S) bytes
+h is written in fp32 (cuBLAS's fp32-output GEMM where torch has it: the adapters'
+pre-activations and the router logits are never rounded to bf16); its gradient is
+rounded to the data dtype once, as the operand of the two backward GEMMs.
+
+FLOPs and bytes per call (T tokens, S rows, b bytes per element of the data):
+  forward  h = x W^T + b:   2 T in S FLOPs;   b (T in + S in) + 4 T S bytes
   dx = dh W (+ base dx):    2 T S in FLOPs;   b (T S + S in) + 2 b T in bytes (beta = 1)
-  dW = dh^T x, db:          2 S T in FLOPs;   b (T S + T in + S in) bytes
+  dW = dh^T x, db:          2 S T in FLOPs;   b (T S + T in + S in) + 4 T S bytes
 """
 
 from __future__ import annotations
