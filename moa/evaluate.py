@@ -47,7 +47,7 @@ EVALUATE_OPTIONS: tuple[Option, ...] = (
            "moa train's OUT/adapter); none: the base model alone", "DIR"),
     Option("data", text, None, "evaluation records, JSON or JSONL (required)", "FILE"),
     Option("out", text, "moa-eval.json", "the results as JSON", "RESULTS.json"),
-    Option("batch_size", positive_int, 16, "sequences per forward pass", "B"),
+    Option("batch_size", positive_int, 16, "records (prompts) per forward pass", "B"),
     Option("max_new_tokens", positive_int, 128, "tokens generated at most per arithmetic "
            "answer", "N"),
     Option("max_length", positive_int, 1024, "tokens per scored sequence at most (the "

@@ -543,7 +543,7 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
 
         curves = {"training loss": losses}
         if eval_losses:
-            curves[f"eval loss ({options.eval_data})"] = eval_losses
+            curves[f"eval loss ({Path(options.eval_data).name})"] = eval_losses
         files.append(plots.plot_loss_curves(curves, out / "loss.png",
                                             title=f"moa train: {_title(options)}"))
     seconds_per_step = statistics.median(progress_callback.step_seconds) \
@@ -561,7 +561,7 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
 def _title(options: TrainOptions) -> str:
     model = Path(options.model).name if options.model else "embedded model"
     method = Path(options.moa_config).name if options.moa_config else options.preset
-    return f"{method} on {model}, {Path(options.data).name}"
+    return f"{method} on {model}\n{Path(options.data).name}"
 
 
 def _write_json(path: Path, data) -> Path:
