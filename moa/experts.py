@@ -38,7 +38,14 @@ from torch import nn
 
 from moa.config import RouterConfig
 from moa.families import GENERIC, ModelFamily, rotary_function
-from moa.layers import MoALinear, MoARouter, autocast_off, compute_dtype, is_plain_linear
+from moa.layers import (
+    MoALinear,
+    MoARouter,
+    autocast_off,
+    compute_dtype,
+    generate_cached,
+    is_plain_linear,
+)
 from moa_kernels.layer_experts import gated_adapter, prompt_attention
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
 
@@ -386,11 +393,12 @@ class ParallelAdapter(nn.Module):
         x [..., in_features], gate [..., 1]): one fused op (moa_kernels/layer_experts.py)
         that saves x and the bottleneck, not delta, for the backward."""
         dtype = compute_dtype(x)
+        weights = generate_cached(self, ("weights", dtype), lambda: tuple(
+            w.to(dtype) for w in (self.down_weight, self.down_bias, self.up_weight,
+                                  self.up_bias)))
         with autocast_off(x):
             x = self.dropout(x.to(dtype))
-            return gated_adapter(out, x, gate.to(dtype), self.down_weight.to(dtype),
-                                 self.down_bias.to(dtype), self.up_weight.to(dtype),
-                                 self.up_bias.to(dtype), self.activation)
+            return gated_adapter(out, x, gate.to(dtype), *weights, self.activation)
 
     def mlp_hook(self, router: LayerRouter, index: int, who: str) -> Callable:
         """A forward hook (with_kwargs) on the MLP adding g_index * delta(mlp input)."""
@@ -440,7 +448,8 @@ class PromptExpert(nn.Module):
             nn.init.normal_(self.prompt)
         self.active = True
         self.cache_keys_values = False  # on only inside MoAModel.generate (prompt_key_cache)
-        self._keys_values = None  # (dtype, keys, values) while cache_keys_values
+        # (dtype, keys, values, {batch: the two expanded}) while cache_keys_values
+        self._keys_values = None
         self._position_embeddings = None
         self._query = None
 
@@ -456,6 +465,8 @@ class PromptExpert(nn.Module):
         cached = self._keys_values
         if caching and cached is not None and cached[0] == dtype:
             return cached[1], cached[2]
+        if torch.compiler.is_compiling():
+            caching = False  # read a cache filled eagerly, write none inside a graph
         prompt = self.prompt.to(dtype)
         keys, values = frozen_projection(k_proj, prompt), frozen_projection(v_proj, prompt)
         groups = self.num_heads // self.num_kv_heads
@@ -464,8 +475,20 @@ class PromptExpert(nn.Module):
         keys = keys.repeat_interleave(groups, dim=0) * self.head_dim ** -0.5  # [H, L, D]
         values = values.repeat_interleave(groups, dim=0) * self.gate.to(dtype)[:, None, None]
         if caching:
-            self._keys_values = (dtype, keys, values)
+            self._keys_values = (dtype, keys, values, {})
         return keys, values
+
+    def _batched_keys_values(self, keys, values, batch: int):
+        """keys and values expanded to [B, H, L, D]; the views are kept with the cached
+        keys while decoding (one expand per generate call, not per token)."""
+        cached = self._keys_values
+        expanded = cached[3] if cached is not None and cached[1] is keys else None
+        if expanded is not None and batch in expanded:
+            return expanded[batch]
+        pair = keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)
+        if expanded is not None and not torch.compiler.is_compiling():
+            expanded[batch] = pair
+        return pair
 
     def add_output(self, x: torch.Tensor, query: torch.Tensor, gate: torch.Tensor,
                    k_proj: nn.Module, v_proj: nn.Module) -> torch.Tensor:
@@ -477,6 +500,9 @@ class PromptExpert(nn.Module):
         dtype = compute_dtype(query)
         with autocast_off(query):
             keys, gated_values = self.keys_and_gated_values(k_proj, v_proj, dtype)
+            if not torch.is_grad_enabled():
+                keys, gated_values = self._batched_keys_values(keys, gated_values,
+                                                               query.shape[0])
             return prompt_attention(x, query.to(dtype), keys, gated_values, gate.to(dtype))
 
     def output(self, query: torch.Tensor, k_proj: nn.Module, v_proj: nn.Module) -> torch.Tensor:
@@ -539,8 +565,8 @@ class PromptOutputHook(_Hook):
         batch, tokens = x.shape[:2]
         query = query.reshape(batch, tokens, -1, prompt.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
-        # The family's rotary rotates a key too: give it one head of the query (discarded).
-        query, _ = self.rotary(query, query[:, :1], cos, sin)
+        # The family's rotary rotates a key too: give it none (zero heads, discarded).
+        query, _ = self.rotary(query, query[:, :0], cos, sin)
         gate = self.router.gates_for(self.index, self.index + 1, x, self.who)
         x = prompt.add_output(x, query, gate, _frozen(getattr(attention, self.family.key)),
                               _frozen(getattr(attention, self.family.value)))
@@ -551,17 +577,25 @@ class PromptOutputHook(_Hook):
 
 @contextmanager
 def prompt_key_cache(model: nn.Module) -> Iterator[None]:
-    """Inside, every prompt expert of `model` computes its keys and values once and reuses
-    them while grad mode is off (the weights cannot change during one `generate`)."""
+    """Inside (MoAModel.generate), what is fixed over the call is computed once and reused
+    while grad mode is off (the weights cannot change during one `generate`): every prompt
+    expert's keys and values, and every MoA module's casts and concatenations of its weights
+    (`generate_cache`, see moa.layers.generate_cached). Everything is dropped on exit."""
     prompts = [m for m in model.modules() if isinstance(m, PromptExpert)]
+    cached = [m for m in model.modules()
+              if isinstance(m, (MoALinear, MoARouter, ParallelAdapter))]
     for prompt in prompts:
         prompt.cache_keys_values = True
+    for module in cached:
+        module.generate_cache = {}
     try:
         yield
     finally:
         for prompt in prompts:
             prompt.cache_keys_values = False
             prompt._keys_values = None
+        for module in cached:
+            module.generate_cache = None
 
 
 def attach_prompt(attention: nn.Module, prompt: PromptExpert, router: LayerRouter,

@@ -74,6 +74,23 @@ def backend_function(name: str, x: torch.Tensor) -> Callable:
     return get_backend(name) if module is None else module.moa_linear
 
 
+def generate_cached(module: nn.Module, key, make: Callable):
+    """make(), kept under `key` in module.generate_cache while that cache is on and grad mode
+    is off (prompt_key_cache in moa/experts.py turns it on for one MoAModel.generate): what
+    is derived from the weights (casts, concatenations) is fixed over a generate call, so
+    decoding computes it once, not once per token. Under torch.compile a cached value is read
+    (a graph input) but none is written (no side effect inside the graph)."""
+    cache = getattr(module, "generate_cache", None)
+    if cache is None or torch.is_grad_enabled():
+        return make()
+    value = cache.get(key)
+    if value is None:
+        value = make()
+        if not torch.compiler.is_compiling():
+            cache[key] = value
+    return value
+
+
 def triton_available() -> bool:
     """True when the triton backend can be imported (triton installed)."""
     try:
@@ -256,7 +273,7 @@ class MoARouter(nn.Module):
 
         def finish(first_layer: torch.Tensor):
             # The head is tiny ([T, F]): run it in at least fp32 (fp64 stays fp64).
-            head_dtype = torch.promote_types(first_layer.dtype, torch.float32)
+            head_dtype = torch.float64 if first_layer.dtype == torch.float64 else torch.float32
             gates, active = gates_from_first_layer(
                 first_layer.to(head_dtype), kind=config.kind, gate=config.gate,
                 mode=config.mode, num_experts=self.num_experts,
@@ -290,7 +307,7 @@ class MoARouter(nn.Module):
             raise ValueError(f"router input has last dimension {x.shape[-1]}, "
                              f"expected in_features={self.in_features}")
         dtype = compute_dtype(x)
-        ops = self.ops(dtype)
+        ops = generate_cached(self, ("ops", dtype), lambda: self.ops(dtype))
         with autocast_off(x):
             flat = x.reshape(-1, self.in_features).to(dtype)
             gates, _ = ops.finish(F.linear(flat, ops.first_weight, ops.first_bias))
@@ -540,20 +557,25 @@ class MoALinear(nn.Module):
                 isinstance(self.dropout, nn.Dropout) else None
             if sparse is None:
                 sparse = gates is None and self.router.config.is_sparse
-            shrink_weight, shrink_bias, expand_weight, expand_bias = self._stacked(dtype)
+            shrink_weight, shrink_bias, expand_weight, expand_bias = generate_cached(
+                self, ("stacked", dtype), lambda: self._stacked(dtype))
             if plain:
-                base_kwargs = {"base_weight": self.base.weight.to(dtype),
-                               "base_bias": None if self.base.bias is None
-                               else self.base.bias.to(dtype)}
+                base_kwargs = generate_cached(self, ("base", dtype), lambda: {
+                    "base_weight": self.base.weight.to(dtype),
+                    "base_bias": None if self.base.bias is None else self.base.bias.to(dtype)})
             else:
                 base_kwargs = {"base_output": base_output.reshape(-1, self.out_features)
                                .to(dtype)}
             y, used_gates = backend_function(resolve_backend(self.backend, x.device), x)(
                 flat, **base_kwargs, layout=self.layout, shrink_weight=shrink_weight,
                 shrink_bias=shrink_bias, expand_weight=expand_weight, expand_bias=expand_bias,
-                router=None if flat_gates is not None else self.router.ops(dtype),
+                router=None if flat_gates is not None else generate_cached(
+                    self.router, ("ops", dtype), lambda: self.router.ops(dtype)),
                 gates=flat_gates, adapter_input=adapter_input, sparse=bool(sparse))
-        self.last_gates = used_gates.detach().reshape(*leading, self.num_experts)
+        # Gates given in the dtype used are kept as given (no reshape op per call).
+        last = gates if gates is not None and used_gates.dtype == gates.dtype else \
+            used_gates.reshape(*leading, self.num_experts)
+        self.last_gates = last.detach() if last.requires_grad else last
         if base_output is not None:
             y = y.to(base_output.dtype)
         return y.reshape(*leading, self.out_features)

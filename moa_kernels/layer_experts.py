@@ -6,18 +6,22 @@ o_proj input), out of place, and save for the backward only what cannot be recom
 cheaply. T tokens, N features, K the adapter bottleneck, H heads of D, L prompt tokens.
 
 `gated_adapter(out, x, gate, W_down, b_down, W_up, b_up, activation)`:
-  forward: h = x W_down^T + b_down [T, K]; u = [act(h) * g, g] [T, K + 1];
-           y = out + u [W_up, b_up]^T (one GEMM with out as its addend).
-  saves:   x [T, N] (the only big one: d W_down = dh^T x needs it), h [T, K], g [T, 1].
-  backward: G = dy W_up [T, K]; dg = <G, act(h)> + dy . b_up; d[W_up, b_up] = dy^T u;
-           dh = G * g * act'(h): act(h), u and act' are recomputed from h, and the
-           adapter's output W_up act(h) + b_up [T, N] is never stored (dg needs only G).
+  forward: h = x W_down^T + b_down [T, K]; y = out + (act(h) * g) W_up^T (one GEMM with out
+           as its addend), then y += g b_up in place (y is this op's own tensor).
+  saves:   x [T, M] (the only big one: d W_down = dh^T x needs it), h [T, K], g [T, 1].
+  backward: G = dy W_up [T, K]; dg = <G, act(h)> + dy . b_up; d W_up = dy^T (act(h) g),
+           d b_up = dy^T g; dh = G * g * act'(h): act(h) and act' are recomputed from h,
+           and the adapter's output W_up act(h) + b_up [T, N] is never stored (dg needs only
+           G).
 `prompt_attention(x, q, keys, values, gate)`:
-  forward: P = softmax(q keys^T) [B, H, S, L] (keys pre-scaled by D^-0.5, values gated per
-           head); y = x + g * (P values) laid out as x [B, S, H * D].
-  saves:   q [B, H, S, D] (d keys = dS^T q needs it), P (L / D of q's size), g [B, S, 1].
-  backward: o = P values is recomputed (L-long dot products), so neither o nor its
-           [B, S, H * D] copy is stored; dP = g dy values^T, dS = P (dP - <dP, P>).
+  forward: o = softmax(q keys^T) values [B, H, S, D] (one fused attention call; keys
+           pre-scaled by D^-0.5, values gated per head); y = x + g * o laid out as x
+           [B, S, H * D].
+  saves:   q [B, H, S, D] (d keys = dS^T q needs it), g [B, S, 1] and the [H, L, D] keys and
+           values.
+  backward: P = softmax(q keys^T) [B, H, S, L] and o = P values are recomputed (L-long dot
+           products), so neither o, its [B, S, H * D] copy nor P is stored;
+           dP = g dy values^T, dS = P (dP - <dP, P>).
 Without grad mode the forwards run directly (decoding: no autograd bookkeeping).
 """
 
@@ -56,8 +60,9 @@ def prompt_attention(x: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
     Args:
         x: [B, S, H * D] what the prompt output is added to (the o_proj input).
         query: [B, H, S, D] the attention's post-rotary query, in the compute dtype.
-        keys: [H, L, D] the prompt keys times D^-0.5; values: [H, L, D] the prompt values
-            times the per-head gate; gate: [B, S, 1] the router's prompt gate.
+        keys: [H, L, D] the prompt keys times D^-0.5, or [B, H, L, D] (the same expanded
+            over the batch); values: the prompt values times the per-head gate, shaped as
+            keys; gate: [B, S, 1] the router's prompt gate.
     Returns:
         [B, S, H * D] in x's dtype.
     """
@@ -68,24 +73,17 @@ def prompt_attention(x: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
 # the parallel adapter
 # ---------------------------------------------------------------------------------------
 
-def _adapter_operands(hidden, gate, up_weight, up_bias, activation):
-    activated = ACTIVATION_FUNCTIONS[activation](hidden)
-    u = torch.cat([activated * gate, gate], dim=1)  # [T, K + 1]
-    weight = torch.cat([up_weight, up_bias[:, None]], dim=1)  # [N, K + 1]
-    return activated, u, weight
-
-
 class _GatedAdapter(torch.autograd.Function):
     """(out [T, N], x [T, M], gate [T, 1], weights) -> out + gated adapter output [T, N]."""
 
     @staticmethod
     def forward(ctx, out, x, gate, down_weight, down_bias, up_weight, up_bias, activation):
         hidden = F.linear(x, down_weight, down_bias)
-        _, u, weight = _adapter_operands(hidden, gate, up_weight, up_bias, activation)
-        if out.dtype == u.dtype:
-            y = torch.addmm(out, u, weight.t())
+        gated = ACTIVATION_FUNCTIONS[activation](hidden) * gate
+        if out.dtype == gated.dtype:
+            y = torch.addmm(out, gated, up_weight.t()).addcmul_(gate, up_bias)
         else:
-            y = out + (u @ weight.t()).to(out.dtype)
+            y = out + torch.addmm(gate * up_bias, gated, up_weight.t()).to(out.dtype)
         ctx.activation = activation
         ctx.save_for_backward(x, gate, hidden, down_weight, up_weight, up_bias)
         return y
@@ -96,12 +94,12 @@ class _GatedAdapter(torch.autograd.Function):
         x, gate, hidden, down_weight, up_weight, up_bias = ctx.saved_tensors
         activation = ctx.activation
         grad = grad_y.to(hidden.dtype)
-        activated, u, weight = _adapter_operands(hidden, gate, up_weight, up_bias, activation)
-        grad_u = grad @ weight  # [T, K + 1]: d loss / d u
-        size = hidden.shape[1]
-        grad_activated_gated = grad_u[:, :size]  # G = dy W_up
-        grad_gate = (grad_activated_gated * activated).sum(1, keepdim=True) + grad_u[:, size:]
-        grad_weight = grad.t() @ u  # [N, K + 1]
+        activated = ACTIVATION_FUNCTIONS[activation](hidden)
+        grad_activated_gated = grad @ up_weight  # G = dy W_up [T, K]
+        grad_gate = (grad_activated_gated * activated).sum(1, keepdim=True) + \
+            grad @ up_bias[:, None]
+        grad_up_weight = grad.t() @ (activated * gate)
+        grad_up_bias = (grad.t() @ gate)[:, 0]
         grad_hidden = grad_activated_gated * gate
         if activation != "identity":
             grad_hidden = grad_hidden * ACTIVATION_DERIVATIVES[activation](hidden)
@@ -109,45 +107,55 @@ class _GatedAdapter(torch.autograd.Function):
         grad_x = grad_hidden @ down_weight if needs[1] else None
         grad_down_weight = grad_hidden.t() @ x if needs[3] else None
         grad_down_bias = grad_hidden.sum(0) if needs[4] else None
-        return (grad_y, grad_x, grad_gate, grad_down_weight, grad_down_bias,
-                grad_weight[:, :size], grad_weight[:, size], None)
+        return (grad_y, grad_x, grad_gate, grad_down_weight, grad_down_bias, grad_up_weight,
+                grad_up_bias, None)
 
 
 # ---------------------------------------------------------------------------------------
 # the prompt attention
 # ---------------------------------------------------------------------------------------
 
+def _batched(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    return tensor if tensor.dim() == 4 else tensor.expand(batch, -1, -1, -1)
+
+
 class _PromptAttention(torch.autograd.Function):
-    """(x [B, S, H * D], q [B, H, S, D], keys, values [H, L, D], gate [B, S, 1]) ->
-    x + g * prompt attention output, laid out as x."""
+    """(x [B, S, H * D], q [B, H, S, D], keys, values [H, L, D] or [B, H, L, D], gate
+    [B, S, 1]) -> x + g * prompt attention output, laid out as x."""
 
     @staticmethod
     def forward(ctx, x, query, keys, values, gate):
         batch, heads, tokens, head_dim = query.shape
-        probs = torch.softmax(torch.matmul(query, keys.transpose(1, 2)), dim=-1)
-        out = torch.matmul(probs, values).transpose(1, 2)  # [B, S, H, D] (a view)
+        out = F.scaled_dot_product_attention(query, _batched(keys, batch),
+                                             _batched(values, batch), scale=1.0)
+        out = out.transpose(1, 2)  # [B, S, H, D] (a view)
         x4 = x.reshape(batch, tokens, heads, head_dim)
         if x.dtype == query.dtype:
             y = torch.addcmul(x4, gate[..., None], out)
         else:
             y = x4 + (gate[..., None] * out).to(x.dtype)
-        ctx.save_for_backward(query, keys, values, probs, gate)
+        ctx.save_for_backward(query, keys, values, gate)
         return y.reshape(batch, tokens, heads * head_dim)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        query, keys, values, probs, gate = ctx.saved_tensors
+        query, keys, values, gate = ctx.saved_tensors
         batch, heads, tokens, head_dim = query.shape
-        grad_out = grad_y.to(query.dtype).reshape(batch, tokens, heads, head_dim).transpose(1, 2)
-        out = torch.matmul(probs, values)  # [B, H, S, D], recomputed
-        grad_gate = (grad_out * out).sum(dim=(1, 3))[..., None]  # [B, S, 1]
-        grad_out = grad_out * gate[:, None]  # d loss / d (P values)
-        grad_values = torch.matmul(probs.transpose(2, 3), grad_out).sum(0)  # [H, L, D]
-        grad_probs = torch.matmul(grad_out, values.transpose(1, 2))  # [B, H, S, L]
+        shared = keys.dim() == 3  # [H, L, D]: their gradients are summed over the batch
+        keys, values = _batched(keys, batch), _batched(values, batch)
+        probs = torch.softmax(query @ keys.transpose(2, 3), dim=-1)  # [B, H, S, L]
+        grad_out = grad_y.to(query.dtype).reshape(batch, tokens, heads, head_dim)
+        grad_out = grad_out.transpose(1, 2)  # [B, H, S, D]
+        grad_gate = (grad_out * (probs @ values)).sum(dim=(1, 3))[..., None]  # [B, S, 1]
+        grad_out = grad_out * gate[:, None]  # d loss / d o
+        grad_values = probs.transpose(2, 3) @ grad_out  # [B, H, L, D]
+        grad_probs = grad_out @ values.transpose(2, 3)  # [B, H, S, L]
         grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
-        grad_query = torch.matmul(grad_scores, keys)
-        grad_keys = torch.matmul(grad_scores.transpose(2, 3), query).sum(0)  # [H, L, D]
+        grad_query = grad_scores @ keys
+        grad_keys = grad_scores.transpose(2, 3) @ query
+        if shared:
+            grad_keys, grad_values = grad_keys.sum(0), grad_values.sum(0)
         return grad_y, grad_query, grad_keys, grad_values, grad_gate
 
 

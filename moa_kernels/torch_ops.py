@@ -123,7 +123,9 @@ def moa_linear(
 
     hidden = None
     if not planned:
-        if fused_input:
+        if fused_input and router is None:
+            hidden = h  # the shrink rows only
+        elif fused_input:
             hidden, h = h[:, :expert_rows], h[:, expert_rows:]
         else:
             hidden = F.linear(adapter_input, shrink_weight, layout.full_shrink_bias(shrink_bias))
@@ -307,9 +309,12 @@ def _expand_operands(hidden, gates, expand_weight, expand_bias, layout):
     activated = _activate(hidden, layout)
     columns = activated.index_select(1, index["column_source"]) if layout.has_shared_shrink \
         else activated
-    column_gates = gates.index_select(1, index["column_expert"])
-    if not layout.unit_scaling:
-        column_gates = column_gates * index["column_scale"].to(gates.dtype)
+    if layout.num_experts == 1:  # [T, 1] broadcasts over the columns: no gather
+        column_gates = gates if layout.unit_scaling else gates * layout.slots[0].scaling
+    else:
+        column_gates = gates.index_select(1, index["column_expert"])
+        if not layout.unit_scaling:
+            column_gates = column_gates * index["column_scale"].to(gates.dtype)
     u = columns * column_gates
     weight = expand_weight
     if layout.num_adapters:
