@@ -22,7 +22,9 @@ cheaply. T tokens, N features, K the adapter bottleneck, H heads of D, L prompt 
   backward: P = softmax(q keys^T) [B, H, S, L] and o = P values are recomputed (L-long dot
            products), so neither o, its [B, S, H * D] copy nor P is stored;
            dP = g dy values^T, dS = P (dP - <dP, P>).
-Without grad mode the forwards run directly (decoding: no autograd bookkeeping).
+Without grad mode the forwards run directly (decoding: no autograd bookkeeping); under
+torch.compile their `traced` twins (plain ops: the compiler derives the backward and picks
+what to save), as in moa_kernels/torch_ops.py.
 """
 
 from __future__ import annotations
@@ -77,6 +79,11 @@ class _GatedAdapter(torch.autograd.Function):
     """(out [T, N], x [T, M], gate [T, 1], weights) -> out + gated adapter output [T, N]."""
 
     @staticmethod
+    def traced(out, x, gate, down_weight, down_bias, up_weight, up_bias, activation):
+        gated = ACTIVATION_FUNCTIONS[activation](F.linear(x, down_weight, down_bias)) * gate
+        return out + (torch.addmm(gate * up_bias, gated, up_weight.t())).to(out.dtype)
+
+    @staticmethod
     def forward(ctx, out, x, gate, down_weight, down_bias, up_weight, up_bias, activation):
         hidden = F.linear(x, down_weight, down_bias)
         gated = ACTIVATION_FUNCTIONS[activation](hidden) * gate
@@ -122,6 +129,14 @@ def _batched(tensor: torch.Tensor, batch: int) -> torch.Tensor:
 class _PromptAttention(torch.autograd.Function):
     """(x [B, S, H * D], q [B, H, S, D], keys, values [H, L, D] or [B, H, L, D], gate
     [B, S, 1]) -> x + g * prompt attention output, laid out as x."""
+
+    @staticmethod
+    def traced(x, query, keys, values, gate):
+        batch, heads, tokens, head_dim = query.shape
+        out = F.scaled_dot_product_attention(query, _batched(keys, batch),
+                                             _batched(values, batch), scale=1.0)
+        out = (gate[..., None] * out.transpose(1, 2)).to(x.dtype)
+        return x + out.reshape(batch, tokens, heads * head_dim)
 
     @staticmethod
     def forward(ctx, x, query, keys, values, gate):

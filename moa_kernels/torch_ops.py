@@ -29,10 +29,12 @@ Sparse (threshold, adaptive, topk):
   When more than DENSE_ABOVE_ACTIVE_FRACTION of the pairs are active, step 3 is the dense
   `_GatedExpand` with the skipped pairs' hidden zeroed and their gates masked instead (the
   same math, cheaper on CPU).
-torch.compile: every step traces with fullgraph=True (dynamo traces the autograd Functions,
-forward and backward). The sparse modes take the dense, masked step 3 under compile: the
-routing plan's sizes depend on the data (nonzero, counts read on the host), the masked
-dense path has static shapes and is the same math.
+torch.compile: every step traces with fullgraph=True. Each autograd Function has a
+`traced` twin, the same math in plain differentiable ops (gathers as GEMMs with the
+layout's maps), which `_apply` runs under compile: AOTAutograd derives the backward and
+inductor fuses across it and picks what to save. The sparse modes take the dense, masked
+step 3 under compile: the routing plan's sizes depend on the data (nonzero, counts read on
+the host), the masked dense path has static shapes and is the same math.
 Without grad mode the autograd Functions' forwards run directly (`_apply`).
 """
 
@@ -183,7 +185,13 @@ class _NoGradContext:
 
 def _apply(function: type[torch.autograd.Function], *args):
     """function.apply(*args), or its forward alone when grad mode is off: decoding runs a
-    handful of tokens per call, where autograd's per-call bookkeeping is a real cost."""
+    handful of tokens per call, where autograd's per-call bookkeeping is a real cost.
+    Under torch.compile, the Function's `traced` twin: the same math in plain differentiable
+    ops, so that AOTAutograd derives the backward and the compiler fuses across it and picks
+    what to save (a hand-written backward would be traced as it is: in-place accumulations
+    and pass-through gradients become copies)."""
+    if torch.compiler.is_compiling():
+        return function.traced(*args)
     if torch.is_grad_enabled():
         return function.apply(*args)
     return function.forward(_NoGradContext(), *args)
@@ -197,11 +205,14 @@ def _activate(hidden: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
     """act(hidden) per activation segment; hidden itself when every segment is identity."""
     if not layout.activation_segments:
         return hidden
-    out = hidden.clone()
+    pieces, start = [], 0
     for segment in layout.activation_segments:
-        out[:, segment.start:segment.stop] = ACTIVATION_FUNCTIONS[segment.activation](
-            hidden[:, segment.start:segment.stop])
-    return out
+        pieces.append(hidden[:, start:segment.start])
+        pieces.append(ACTIVATION_FUNCTIONS[segment.activation](
+            hidden[:, segment.start:segment.stop]))
+        start = segment.stop
+    pieces.append(hidden[:, start:])
+    return torch.cat(pieces, dim=1)
 
 
 def _silu_derivative(hidden: torch.Tensor) -> torch.Tensor:
@@ -266,6 +277,10 @@ class _BaseAndShrink(torch.autograd.Function):
     """(x [T, in]) -> (base(x) [T, out], x @ shrink_weight^T + shrink_bias [T, S])."""
 
     @staticmethod
+    def traced(x, base_weight, base_bias, shrink_weight, shrink_bias, link=None):
+        return F.linear(x, base_weight, base_bias), F.linear(x, shrink_weight, shrink_bias)
+
+    @staticmethod
     def forward(ctx, x, base_weight, base_bias, shrink_weight, shrink_bias, link=None):
         ctx.save_for_backward(x, base_weight, shrink_weight)
         ctx.link = link
@@ -302,15 +317,22 @@ class _BaseAndShrink(torch.autograd.Function):
                 None)
 
 
-def _expand_operands(hidden, gates, expand_weight, expand_bias, layout):
+def _expand_operands(hidden, gates, expand_weight, expand_bias, layout, traced=False):
     """u [T, C + N_ad] (gated, scaled expert activations, then the adapters' gates) and
-    the matching weight [out, C + N_ad], plus the parts the backward needs."""
+    the matching weight [out, C + N_ad], plus the parts the backward needs. traced: the
+    gathers as small GEMMs with the layout's maps (their autograd backward is a GEMM, not a
+    scatter)."""
     index = layout.index_tensors(hidden.device)
     activated = _activate(hidden, layout)
-    columns = activated.index_select(1, index["column_source"]) if layout.has_shared_shrink \
-        else activated
+    columns = activated
+    if layout.has_shared_shrink:
+        columns = activated @ index["source_map"].to(activated.dtype).t() if traced else \
+            activated.index_select(1, index["column_source"])
+    columns_count = layout.expand_columns
     if layout.num_experts == 1:  # [T, 1] broadcasts over the columns: no gather
         column_gates = gates if layout.unit_scaling else gates * layout.slots[0].scaling
+    elif traced:
+        column_gates = gates @ index["gate_map"][:columns_count].to(gates.dtype).t()
     else:
         column_gates = gates.index_select(1, index["column_expert"])
         if not layout.unit_scaling:
@@ -318,7 +340,9 @@ def _expand_operands(hidden, gates, expand_weight, expand_bias, layout):
     u = columns * column_gates
     weight = expand_weight
     if layout.num_adapters:
-        u = torch.cat([u, gates.index_select(1, index["adapter_experts"])], dim=1)
+        adapter_gates = gates @ index["gate_map"][columns_count:].to(gates.dtype).t() \
+            if traced else gates.index_select(1, index["adapter_experts"])
+        u = torch.cat([u, adapter_gates], dim=1)
         weight = torch.cat([expand_weight, expand_bias.t()], dim=1)
     return u, weight, columns, column_gates, index
 
@@ -326,6 +350,12 @@ def _expand_operands(hidden, gates, expand_weight, expand_bias, layout):
 class _GatedExpand(torch.autograd.Function):
     """y [T, out] + gated expand of hidden [T, R] (pre-activation), as a new tensor (the
     GEMM reads y as its addend: no pass of its own, and y is never modified)."""
+
+    @staticmethod
+    def traced(y, hidden, gates, expand_weight, expand_bias, layout):
+        u, weight, *_ = _expand_operands(hidden, gates, expand_weight, expand_bias, layout,
+                                         traced=True)
+        return torch.addmm(y, u, weight.t())
 
     @staticmethod
     def forward(ctx, y, hidden, gates, expand_weight, expand_bias, layout):
