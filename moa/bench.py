@@ -2,6 +2,11 @@
 against its frozen base), a training step and greedy decoding of a Llama-shaped model
 against PEFT LoRA (with peak memory from a fresh subprocess), and `run_bench`.
 
+The training step also runs on a bitsandbytes nf4 base (variants ending in "+nf4": the
+bench's own model saved and loaded back with a 4-bit quantization_config, compute dtype
+fp32): soft_moa against PEFT LoRA r=16 on the same 4-bit base. Those rows are skipped, with
+the reason printed, where bitsandbytes is not installed.
+
 Layer shapes:
     L1: nn.Linear(2048, 2048) frozen, T = 2048, experts lora:8, lora:16, lora:32, adapter:16,
         swiglu router x4, soft mode.
@@ -90,6 +95,15 @@ def median_ratio(samples: dict[str, list[float]], name: str, reference: str) -> 
     if reference not in samples:
         return float("nan")
     return statistics.median(a / b for a, b in zip(samples[name], samples[reference]))
+
+
+def ratio_range(samples: dict[str, list[float]], name: str,
+                reference: str) -> tuple[float, float]:
+    """(lowest, highest) over rounds of samples[name] / samples[reference] within a round."""
+    if reference not in samples:
+        return float("nan"), float("nan")
+    ratios = [a / b for a, b in zip(samples[name], samples[reference])]
+    return min(ratios), max(ratios)
 
 
 def _step_functions(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor):
@@ -200,9 +214,90 @@ def build_llama(shape: ModelShape, device: torch.device, seed: int = 0):
     return LlamaForCausalLM(config).to(device)
 
 
+NF4 = "+nf4"  # the suffix of a variant on a bitsandbytes nf4 base
+NF4_VARIANTS = ("peft_lora" + NF4, "soft_moa/torch" + NF4)
+_checkpoints: dict[tuple[ModelShape, int], str] = {}
+
+
+def nf4_unavailable() -> str | None:
+    """Why the nf4 rows cannot run here, or None when they can."""
+    import importlib
+
+    for package in ("bitsandbytes", "accelerate"):  # from_pretrained's device_map needs both
+        try:
+            importlib.import_module(package)
+        except ImportError as error:
+            return f"{package} cannot be imported ({error}); pip install bitsandbytes accelerate"
+    return None
+
+
+class _QuietLoading:
+    """Without transformers' progress bars (saving and loading shards), restored after."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self.enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc) -> None:
+        from transformers.utils import logging as hf_logging
+
+        if self.enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _checkpoint(shape: ModelShape, seed: int) -> str:
+    """A directory holding build_llama(shape, seed) saved with save_pretrained (one per
+    process, removed at exit)."""
+    key = (shape, seed)
+    if key not in _checkpoints:
+        import atexit
+        import shutil
+        import tempfile
+
+        directory = tempfile.mkdtemp(prefix="moa-bench-llama-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        with _QuietLoading():
+            build_llama(shape, torch.device("cpu"), seed).save_pretrained(directory)
+        _checkpoints[key] = directory
+    return _checkpoints[key]
+
+
+def build_llama_nf4(shape: ModelShape, device: torch.device, seed: int = 0):
+    """build_llama's model with its linears (not lm_head) as bitsandbytes nf4 Linear4bit,
+    loaded as from_pretrained(quantization_config=...) builds a 4-bit model; fp32 compute."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_compute_dtype=torch.float32)
+    directory = _checkpoint(shape, seed)
+    with _QuietLoading():
+        model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=config,
+                                                     device_map=str(device),
+                                                     dtype=torch.float32)
+    quantized = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # On CPUs with AVX512-BF16, bitsandbytes (0.50.2) repacks 4-bit weights on the
+            # first no-grad eval call, which fails for some shapes and rounds differently:
+            # keep every CPU on the one portable kernel, so the rows compare across machines.
+            module.support_avx512bf16_for_cpu = False
+            quantized += 1
+    if quantized == 0:
+        raise RuntimeError("the 4-bit load produced no bitsandbytes Linear4bit layer")
+    return model.train()  # from_pretrained returns eval mode; build_llama's model trains
+
+
 def build_variant(name: str, shape: ModelShape, device: torch.device, seed: int = 0):
-    """(model, trainable parameter count) for "frozen", "peft_lora" or "PRESET/BACKEND"."""
-    model = build_llama(shape, device, seed)
+    """(model, trainable parameter count) for "frozen", "peft_lora" or "PRESET/BACKEND",
+    each optionally with the suffix "+nf4" (on a bitsandbytes nf4 base)."""
+    if name.endswith(NF4):
+        name = name[:-len(NF4)]
+        model = build_llama_nf4(shape, device, seed)
+    else:
+        model = build_llama(shape, device, seed)
     if name == "frozen":
         model.requires_grad_(False)
         return model, 0
@@ -321,17 +416,30 @@ class ModelTiming:
     ratio_to_peft: float
     ratio_to_frozen: float
     peak_mb: float
+    ratio_to_peft_low: float = float("nan")  # the range over rounds of the ratio to PEFT
+    ratio_to_peft_high: float = float("nan")
+
+
+def _reference(name: str, reference: str) -> str:
+    """The reference variant a row's ratio is taken against: on the same base as the row."""
+    return reference + NF4 if name.endswith(NF4) else reference
 
 
 def model_benchmark(quick: bool = False, device: str | torch.device = "cpu",
                     rounds: int | None = None, memory: bool = True,
-                    variants: tuple[str, ...] | None = None) -> list[ModelTiming]:
-    """Training-step time (interleaved medians) and peak memory of every variant."""
+                    variants: tuple[str, ...] | None = None, log=print) -> list[ModelTiming]:
+    """Training-step time (interleaved medians) and peak memory of every variant, all timed
+    in the same interleaved rounds. "x PEFT" and "x frozen" of a "+nf4" row are against
+    peft_lora+nf4 and frozen+nf4 (nan where that variant is not run); in quick mode the
+    "+nf4" rows have no peak memory (nan)."""
     device = torch.device(device)
     shape = MODEL_QUICK if quick else MODEL_FULL
     rounds = rounds or (3 if quick else 5)
     names = variants or ("frozen", "peft_lora", *(f"{p}/{b}" for p, b in MOA_VARIANTS),
-                         *_triton_variants(device))
+                         *_triton_variants(device), *NF4_VARIANTS)
+    if any(name.endswith(NF4) for name in names) and (reason := nf4_unavailable()):
+        log(f"skipping the 4-bit (+nf4) training-step rows: {reason}")
+        names = tuple(name for name in names if not name.endswith(NF4))
     steps, counts = {}, {}
     for name in names:
         model, counts[name] = build_variant(name, shape, device)
@@ -339,11 +447,27 @@ def model_benchmark(quick: bool = False, device: str | torch.device = "cpu",
     samples = interleaved_samples(steps, rounds, device)
     rows = []
     for name in names:
-        peak = _memory_in_subprocess(name, quick, device) if memory else float("nan")
+        # Quick mode leaves out the 4-bit rows' memory workers (about 10 s each, most of it
+        # imports): their peak MB is nan there.
+        measure = memory and not (quick and name.endswith(NF4))
+        peak = _memory_in_subprocess(name, quick, device) if measure else float("nan")
+        peft = _reference(name, "peft_lora")
         rows.append(ModelTiming(name, counts[name], median_time(samples, name) * 1e3,
-                                median_ratio(samples, name, "peft_lora"),
-                                median_ratio(samples, name, "frozen"), peak))
+                                median_ratio(samples, name, peft),
+                                median_ratio(samples, name, _reference(name, "frozen")), peak,
+                                *ratio_range(samples, name, peft)))
     return rows
+
+
+def format_model_table(rows: list[ModelTiming]) -> str:
+    lines = [f"{'variant':22s} {'trainable':>11s} {'step ms':>9s} {'x PEFT':>7s} "
+             f"{'(rounds)':>13s} {'x frozen':>8s} {'peak MB':>8s}"]
+    for r in rows:
+        spread = f"{r.ratio_to_peft_low:.2f}-{r.ratio_to_peft_high:.2f}"
+        lines.append(f"{r.variant:22s} {r.trainable:11,d} {r.step_ms:9.1f} "
+                     f"{r.ratio_to_peft:7.3f} {spread:>13s} {r.ratio_to_frozen:8.3f} "
+                     f"{r.peak_mb:8.1f}")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -415,13 +539,12 @@ def run_bench(quick: bool = False, out_dir: str | Path = "bench-out",
     for backend in backends:
         log(f"[{backend}] M8 topk2 overhead / soft overhead: fwd+bwd "
             f"{overhead_ratio(layers, 'M8 topk2', 'M8 soft', backend, True):.2f}")
-    models = model_benchmark(quick, device, rounds)
+    models = model_benchmark(quick, device, rounds, log=log)
     log("\ntraining step (forward, backward, AdamW step)")
-    log(f"{'variant':22s} {'trainable':>11s} {'step ms':>9s} {'x PEFT':>7s} {'x frozen':>8s} "
-        f"{'peak MB':>8s}")
-    for r in models:
-        log(f"{r.variant:22s} {r.trainable:11,d} {r.step_ms:9.1f} {r.ratio_to_peft:7.3f} "
-            f"{r.ratio_to_frozen:8.3f} {r.peak_mb:8.1f}")
+    if any(r.variant.endswith(NF4) for r in models):
+        log("+nf4: on a bitsandbytes nf4 base (fp32 compute); its x PEFT is against "
+            "peft_lora+nf4 (target for soft_moa: <= 1.15)")
+    log(format_model_table(models))
     decode = decode_benchmark(quick, device, rounds)
     log("\ngreedy decoding with KV cache (batch 4, prompt 64, 32 new tokens)")
     log(f"{'variant':22s} {'ms/token':>9s} {'x PEFT':>7s}")

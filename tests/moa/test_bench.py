@@ -32,3 +32,36 @@ def test_model_benchmark_quick_with_memory_of_one_variant():
     peak = bench._memory_in_subprocess("soft_moa/torch", quick=True,
                                        device=torch.device("cpu"))
     assert peak > 0
+
+
+def test_model_benchmark_nf4_rows_against_peft_on_the_same_4bit_base():
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the test extra) is not "
+                              "installed")
+    if bench.nf4_unavailable():
+        pytest.skip(bench.nf4_unavailable())
+    variants = ("peft_lora", *bench.NF4_VARIANTS)
+    rows = bench.model_benchmark(quick=True, rounds=1, memory=False, variants=variants)
+    by_name = {r.variant: r for r in rows}
+    assert set(by_name) == set(variants)
+    assert by_name["peft_lora+nf4"].ratio_to_peft == pytest.approx(1.0)
+    moa_row = by_name["soft_moa/torch+nf4"]
+    assert moa_row.trainable > 0 and moa_row.step_ms > 0 and math.isfinite(moa_row.ratio_to_peft)
+    assert math.isnan(moa_row.ratio_to_frozen)  # no frozen+nf4 variant in this run
+    assert moa_row.ratio_to_peft_low <= moa_row.ratio_to_peft <= moa_row.ratio_to_peft_high
+    assert "soft_moa/torch+nf4" in bench.format_model_table(rows)
+    # The same trainable tensors as on the plain base; the linears are 4-bit layers.
+    assert by_name["peft_lora+nf4"].trainable == by_name["peft_lora"].trainable
+    model, _ = bench.build_variant("soft_moa/torch+nf4", bench.MODEL_QUICK,
+                                   torch.device("cpu"))
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and not any(m.support_avx512bf16_for_cpu for m in quantized)
+
+
+def test_model_benchmark_skips_nf4_rows_with_a_reason(monkeypatch):
+    monkeypatch.setattr(bench, "nf4_unavailable", lambda: "bitsandbytes is not installed")
+    messages = []
+    rows = bench.model_benchmark(quick=True, rounds=1, memory=False,
+                                 variants=("peft_lora", "peft_lora+nf4"),
+                                 log=messages.append)
+    assert [r.variant for r in rows] == ["peft_lora"]
+    assert messages and "bitsandbytes is not installed" in messages[0]
