@@ -2,6 +2,20 @@
 against its frozen base), a training step and greedy decoding of a Llama-shaped model
 against PEFT LoRA (with peak memory from a fresh subprocess), and `run_bench`.
 
+Compiled beside eager (`compile_benchmark`, and the decode benchmark's compiled rows):
+torch.compile(model, fullgraph=True) for the training step, and transformers' own compiled
+decoding (static KV cache, compile_config with fullgraph=True) for `generate`, each with
+the time of its first call (the compilation; inductor's on-disk cache may hold some of it
+from an earlier run) and peak memory beside each step time.
+
+Peak memory on the CPU is the rise of the peak resident set over one step, in a fresh
+process whose glibc serves every allocation of 64 KiB or more by mmap (MALLOC_MMAP_THRESHOLD_
+fixed at 65536): freed tensors go back to the system at once, so the peak resident set is
+the peak of live memory. With glibc's default (a threshold that grows as memory is freed)
+freed blocks stay resident and the figure depends on what the process allocated and freed
+before the step (building the model): two variants with the same live peak can differ by
+hundreds of MB.
+
 The training step also runs on a bitsandbytes nf4 base (variants ending in "+nf4": the
 bench's own model saved and loaded back with a 4-bit quantization_config, compute dtype
 fp32): soft_moa against PEFT LoRA r=16 on the same 4-bit base. Those rows are skipped, with
@@ -320,14 +334,16 @@ def build_variant(name: str, shape: ModelShape, device: torch.device, seed: int 
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def training_step(model, shape: ModelShape, device: torch.device, seed: int = 0):
+def training_step(model, shape: ModelShape, device: torch.device, seed: int = 0,
+                  trainable_of: nn.Module | None = None):
     """A closure running one training step: forward with labels, backward, AdamW step. The
     frozen model has no trainable tensor, so its step backpropagates to the input embeddings
-    (the work every adapted model also does) and skips the optimiser."""
+    (the work every adapted model also does) and skips the optimiser. model may be a
+    torch.compile'd module (then trainable_of: the module it wraps)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.sequence), generator=generator)
     ids = ids.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in (trainable_of or model).parameters() if p.requires_grad]
     if not trainable:
         embeddings = model.get_input_embeddings()
 
@@ -363,16 +379,23 @@ def _process_status_mb(field_name: str) -> float:
     raise OSError(f"no {field_name} in /proc/self/status")
 
 
-def measure_step_memory(name: str, shape: ModelShape, device: torch.device) -> float:
+def measure_step_memory(name: str, shape: ModelShape, device: torch.device,
+                        compiled: bool = False, backend: str = "inductor") -> float:
     """Peak memory (MB) the first training step adds to the built model: activations,
-    gradients and the AdamW state.
+    gradients and the AdamW state. compiled: the model under torch.compile(fullgraph=True),
+    measured over the step after the first (which compiles).
 
     CUDA: max_memory_allocated over the step. CPU: the rise of the process's peak resident
     set (its high-water mark is reset after the model is built, Linux /proc/self/clear_refs),
-    so run this in a fresh process per variant (`python -m moa.bench --memory-worker NAME`).
+    so run this in a fresh process per variant (`python -m moa.bench --memory-worker NAME`,
+    which `_memory_in_subprocess` starts with glibc's mmap threshold fixed: see the module
+    docstring).
     """
     model, _ = build_variant(name, shape, device)
-    step = training_step(model, shape, device)
+    step = training_step(torch.compile(model, fullgraph=True, backend=backend) if compiled
+                         else model, shape, device, trainable_of=model)
+    if compiled:
+        step()  # compiles
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         held = torch.cuda.memory_allocated(device)
@@ -387,19 +410,25 @@ def measure_step_memory(name: str, shape: ModelShape, device: torch.device) -> f
     return _process_status_mb("VmHWM") - held
 
 
-MEMORY_WORKER_TIMEOUT_S = 900
+MEMORY_WORKER_TIMEOUT_S = 1800  # a compiled worker compiles the full model first
+# glibc: serve every allocation of 64 KiB or more by mmap, returned at free (module docstring)
+MEMORY_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def _memory_in_subprocess(name: str, quick: bool, device: torch.device) -> float:
+def _memory_in_subprocess(name: str, quick: bool, device: torch.device,
+                          compiled: bool = False, backend: str = "inductor") -> float:
     import json
+    import os
     import subprocess
     import sys
 
     command = [sys.executable, "-m", "moa.bench", "--memory-worker", name,
-               "--device", str(device)] + (["--quick"] if quick else [])
+               "--device", str(device)] + (["--quick"] if quick else []) + \
+        (["--compile", backend] if compiled else [])
     try:
         completed = subprocess.run(command, capture_output=True, text=True, check=False,
-                                   timeout=MEMORY_WORKER_TIMEOUT_S)
+                                   timeout=MEMORY_WORKER_TIMEOUT_S,
+                                   env={**os.environ, **MEMORY_WORKER_ENV})
     except subprocess.TimeoutExpired as error:
         raise RuntimeError(f"memory worker for {name} did not finish within "
                            f"{MEMORY_WORKER_TIMEOUT_S} s") from error
@@ -470,41 +499,149 @@ def format_model_table(rows: list[ModelTiming]) -> str:
     return "\n".join(lines)
 
 
+COMPILED_VARIANTS = ("peft_lora", "soft_moa/torch", "sparse_moa/torch")
+
+
+@dataclass
+class CompiledTiming:
+    variant: str
+    eager_ms: float  # training step, eager
+    compiled_ms: float  # the same step under torch.compile(model, fullgraph=True)
+    compile_s: float  # the first compiled step (tracing and compiling included)
+    speedup: float  # eager / compiled, median over rounds
+    eager_ratio_to_peft: float  # eager / eager PEFT LoRA
+    compiled_ratio_to_peft: float  # compiled / compiled PEFT LoRA
+    eager_peak_mb: float
+    compiled_peak_mb: float
+
+
+def compile_benchmark(quick: bool = False, device: str | torch.device = "cpu",
+                      rounds: int | None = None, memory: bool = True,
+                      variants: tuple[str, ...] = COMPILED_VARIANTS,
+                      backend: str = "inductor") -> list[CompiledTiming]:
+    """The training step of each variant eager and compiled (fullgraph), all in the same
+    interleaved rounds, with compile time and (fresh subprocesses) peak memory of both."""
+    device = torch.device(device)
+    shape = MODEL_QUICK if quick else MODEL_FULL
+    rounds = rounds or (3 if quick else 5)
+    steps, compile_s = {}, {}
+    for name in variants:
+        for compiled in (False, True):
+            model, _ = build_variant(name, shape, device)
+            run = torch.compile(model, fullgraph=True, backend=backend) if compiled else model
+            step = training_step(run, shape, device, trainable_of=model)
+            if compiled:
+                start = time.perf_counter()
+                step()
+                _synchronize(device)
+                compile_s[name] = time.perf_counter() - start
+            steps[(name, compiled)] = step
+    samples = interleaved_samples(steps, rounds, device)
+    rows = []
+    for name in variants:
+        peaks = [_memory_in_subprocess(name, quick, device, compiled, backend) if memory
+                 else float("nan") for compiled in (False, True)]
+        eager, compiled = samples[(name, False)], samples[(name, True)]
+        rows.append(CompiledTiming(
+            name, statistics.median(eager) * 1e3, statistics.median(compiled) * 1e3,
+            compile_s[name], median_ratio(samples, (name, False), (name, True)),
+            median_ratio(samples, (name, False), ("peft_lora", False)),
+            median_ratio(samples, (name, True), ("peft_lora", True)), *peaks))
+    return rows
+
+
+def format_compiled_table(rows: list[CompiledTiming]) -> str:
+    lines = [f"{'variant':18s} {'eager ms':>9s} {'peak MB':>8s} {'compiled ms':>11s} "
+             f"{'peak MB':>8s} {'compile s':>9s} {'speed-up':>8s} {'eager x PEFT':>12s} "
+             f"{'compiled x PEFT':>15s}"]
+    for r in rows:
+        lines.append(f"{r.variant:18s} {r.eager_ms:9.1f} {r.eager_peak_mb:8.1f} "
+                     f"{r.compiled_ms:11.1f} {r.compiled_peak_mb:8.1f} {r.compile_s:9.1f} "
+                     f"{r.speedup:8.3f} {r.eager_ratio_to_peft:12.3f} "
+                     f"{r.compiled_ratio_to_peft:15.3f}")
+    return "\n".join(lines)
+
+
 @dataclass
 class DecodeTiming:
-    variant: str
+    variant: str  # "NAME" eager (dynamic cache), "NAME/compiled" (static cache, compiled)
     per_token_ms: float
-    ratio_to_peft: float
+    ratio_to_peft: float  # against PEFT LoRA decoding the same way
+    call_ms: float = float("nan")  # the whole generate call (prefill and every new token)
+    call_ratio_to_peft: float = float("nan")
+    first_call_s: float = float("nan")  # compiled: the first call, compilation included
+
+
+COMPILED = "/compiled"  # decode rows: static KV cache, decoding steps compiled
 
 
 def decode_benchmark(quick: bool = False, device: str | torch.device = "cpu",
                      rounds: int | None = None, new_tokens: int = 32, prompt: int = 64,
-                     batch: int = 4) -> list[DecodeTiming]:
+                     batch: int = 4, compiled: bool = True,
+                     names: tuple[str, ...] | None = None,
+                     backend: str = "inductor") -> list[DecodeTiming]:
     """Greedy decoding with the KV cache: per-token latency of the decode phase, i.e.
-    (time of generating new_tokens - time of generating 1) / (new_tokens - 1)."""
+    (time of generating new_tokens - time of generating 1) / (new_tokens - 1), and the time
+    of the whole generate call (new_tokens). compiled: also a row "NAME/compiled" per
+    variant (frozen left out), decoding with a static cache and transformers' compiled
+    decoding steps (compile_config, fullgraph=True; the prefill runs eager), with the time
+    of its first call."""
+    from transformers import CompileConfig
+
     device = torch.device(device)
     shape = MODEL_QUICK if quick else MODEL_FULL
     rounds = rounds or (3 if quick else 5)
-    names = ("frozen", "peft_lora", "soft_moa/torch", "sparse_moa/torch",
-             *_triton_variants(device))
+    names = names or ("frozen", "peft_lora", "soft_moa/torch", "sparse_moa/torch",
+                      *_triton_variants(device))
     ids = torch.randint(0, shape.vocab, (batch, prompt),
                         generator=torch.Generator().manual_seed(0)).to(device)
-    functions = {}
+    functions, first_call, rows_of = {}, {}, []
     for name in names:
         model, _ = build_variant(name, shape, device)
         model.eval()
-        for count in (1, new_tokens):
-            def generate(model=model, count=count) -> None:
-                with torch.no_grad():
-                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                   max_new_tokens=count, min_new_tokens=count,
-                                   do_sample=False, use_cache=True, pad_token_id=0)
-            functions[(name, count)] = generate
+        for row in (name, name + COMPILED) if compiled and name != "frozen" else (name,):
+            options = {}
+            if row.endswith(COMPILED):
+                config = CompileConfig(fullgraph=True, backend=backend,
+                                       mode="default" if backend == "inductor" else None)
+                config._compile_all_devices = True  # transformers compiles on CUDA only
+                options = {"cache_implementation": "static", "compile_config": config}
+            for count in (1, new_tokens):
+                def generate(model=model, count=count, options=options) -> None:
+                    with torch.no_grad():
+                        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                       max_new_tokens=count, min_new_tokens=count,
+                                       do_sample=False, use_cache=True, pad_token_id=0,
+                                       **options)
+                if options and count == new_tokens:
+                    start = time.perf_counter()
+                    generate()
+                    _synchronize(device)
+                    first_call[row] = time.perf_counter() - start
+                functions[(row, count)] = generate
+            rows_of.append(row)
     samples = interleaved_samples(functions, rounds, device)
-    per_round = {name: [(long - short) / (new_tokens - 1) for long, short in
-                        zip(samples[(name, new_tokens)], samples[(name, 1)])] for name in names}
-    return [DecodeTiming(name, statistics.median(per_round[name]) * 1e3,
-                         median_ratio(per_round, name, "peft_lora")) for name in names]
+    per_round = {row: [(long - short) / (new_tokens - 1) for long, short in
+                       zip(samples[(row, new_tokens)], samples[(row, 1)])] for row in rows_of}
+    calls = {row: samples[(row, new_tokens)] for row in rows_of}
+
+    def peft(row: str) -> str:
+        return "peft_lora" + COMPILED if row.endswith(COMPILED) else "peft_lora"
+
+    return [DecodeTiming(row, statistics.median(per_round[row]) * 1e3,
+                         median_ratio(per_round, row, peft(row)),
+                         statistics.median(calls[row]) * 1e3,
+                         median_ratio(calls, row, peft(row)),
+                         first_call.get(row, float("nan"))) for row in rows_of]
+
+
+def format_decode_table(rows: list[DecodeTiming]) -> str:
+    lines = [f"{'variant':26s} {'ms/token':>9s} {'x PEFT':>7s} {'call ms':>9s} "
+             f"{'x PEFT':>7s} {'first call s':>12s}"]
+    for r in rows:
+        lines.append(f"{r.variant:26s} {r.per_token_ms:9.2f} {r.ratio_to_peft:7.3f} "
+                     f"{r.call_ms:9.1f} {r.call_ratio_to_peft:7.3f} {r.first_call_s:12.1f}")
+    return "\n".join(lines)
 
 
 def run_bench(quick: bool = False, out_dir: str | Path = "bench-out",
@@ -545,13 +682,19 @@ def run_bench(quick: bool = False, out_dir: str | Path = "bench-out",
         log("+nf4: on a bitsandbytes nf4 base (fp32 compute); its x PEFT is against "
             "peft_lora+nf4 (target for soft_moa: <= 1.15)")
     log(format_model_table(models))
+    compiled = compile_benchmark(quick, device, rounds)
+    log("\ntraining step, eager and torch.compile(model, fullgraph=True) (inductor); "
+        "compile s: the first compiled step; x PEFT: against PEFT LoRA run the same way "
+        "(targets for soft_moa: compiled <= 1.15, speed-up > 1)")
+    log(format_compiled_table(compiled))
     decode = decode_benchmark(quick, device, rounds)
-    log("\ngreedy decoding with KV cache (batch 4, prompt 64, 32 new tokens)")
-    log(f"{'variant':22s} {'ms/token':>9s} {'x PEFT':>7s}")
-    for r in decode:
-        log(f"{r.variant:22s} {r.per_token_ms:9.2f} {r.ratio_to_peft:7.3f}")
+    log("\ngreedy decoding with KV cache (batch 4, prompt 64, 32 new tokens); /compiled: "
+        "static cache, decoding steps compiled (fullgraph); call: the whole generate call "
+        "(targets for soft_moa: call x PEFT <= 1.2 eager, <= 1.1 compiled)")
+    log(format_decode_table(decode))
 
-    for name, rows in (("layers", layers), ("training_step", models), ("decode", decode)):
+    for name, rows in (("layers", layers), ("training_step", models),
+                       ("training_step_compiled", compiled), ("decode", decode)):
         with open(out_dir / f"{name}.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
             writer.writeheader()
@@ -560,8 +703,10 @@ def run_bench(quick: bool = False, out_dir: str | Path = "bench-out",
                     out_dir / "training_step.png",
                     f"training step time / PEFT LoRA (lower is better; {device.type}"
                     f"{', quick' if quick else ''})", "ratio to PEFT LoRA")
-    log(f"\nwrote {out_dir}/layers.csv, training_step.csv, decode.csv, training_step.png")
-    return {"layers": layers, "training_step": models, "decode": decode}
+    log(f"\nwrote {out_dir}/layers.csv, training_step.csv, training_step_compiled.csv, "
+        "decode.csv, training_step.png")
+    return {"layers": layers, "training_step": models, "training_step_compiled": compiled,
+            "decode": decode}
 
 
 def _memory_worker_main(argv: list[str] | None = None) -> None:
@@ -572,9 +717,12 @@ def _memory_worker_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-worker", required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compile", default=None, metavar="BACKEND")
     args = parser.parse_args(argv)
     shape = MODEL_QUICK if args.quick else MODEL_FULL
-    peak = measure_step_memory(args.memory_worker, shape, torch.device(args.device))
+    peak = measure_step_memory(args.memory_worker, shape, torch.device(args.device),
+                               compiled=args.compile is not None,
+                               backend=args.compile or "inductor")
     print(json.dumps({"peak_mb": peak}))
 
 

@@ -65,3 +65,36 @@ def test_model_benchmark_skips_nf4_rows_with_a_reason(monkeypatch):
                                  log=messages.append)
     assert [r.variant for r in rows] == ["peft_lora"]
     assert messages and "bitsandbytes is not installed" in messages[0]
+
+
+def test_compile_benchmark_rows_beside_eager_with_compile_time_and_memory():
+    rows = bench.compile_benchmark(quick=True, rounds=1, memory=False, backend="aot_eager",
+                                   variants=("peft_lora", "soft_moa/torch"))
+    by_name = {r.variant: r for r in rows}
+    peft, moa_row = by_name["peft_lora"], by_name["soft_moa/torch"]
+    assert peft.eager_ratio_to_peft == pytest.approx(1.0)
+    assert peft.compiled_ratio_to_peft == pytest.approx(1.0)
+    for row in rows:
+        assert row.eager_ms > 0 and row.compiled_ms > 0 and row.compile_s > 0
+        assert math.isfinite(row.speedup) and math.isnan(row.eager_peak_mb)
+    assert math.isfinite(moa_row.compiled_ratio_to_peft)
+    assert "soft_moa/torch" in bench.format_compiled_table(rows)
+    peak = bench._memory_in_subprocess("soft_moa/torch", quick=True,
+                                       device=torch.device("cpu"), compiled=True,
+                                       backend="aot_eager")
+    assert peak > 0
+
+
+def test_decode_benchmark_eager_and_compiled_rows_against_peft_decoding_the_same_way():
+    rows = bench.decode_benchmark(quick=True, rounds=1, names=("peft_lora", "soft_moa/torch"),
+                                  backend="aot_eager", new_tokens=4, prompt=8, batch=2)
+    by_name = {r.variant: r for r in rows}
+    assert set(by_name) == {"peft_lora", "peft_lora/compiled", "soft_moa/torch",
+                            "soft_moa/torch/compiled"}
+    for name in ("peft_lora", "peft_lora/compiled"):
+        assert by_name[name].ratio_to_peft == pytest.approx(1.0)
+        assert by_name[name].call_ratio_to_peft == pytest.approx(1.0)
+    for row in rows:
+        assert row.call_ms > 0 and math.isfinite(row.call_ratio_to_peft)
+        assert math.isfinite(row.first_call_s) == row.variant.endswith("/compiled")
+    assert "soft_moa/torch/compiled" in bench.format_decode_table(rows)
