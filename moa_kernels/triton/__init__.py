@@ -12,8 +12,22 @@ Plan (T tokens; h_width, k_width: the packed widths; F router first-layer rows):
      scaled h (a Triton kernel; 0 on inactive pairs) and one cuBLAS addmm, out = y + u B^T
      with the adapters' up-biases as columns of the packed B.
 Backward: registered per op; see shrink.py and expand.py, whose docstrings argue each
-choice from its bytes and FLOPs. Sparse modes run the dense GEMMs with the inactive pairs
-masked (expand.py says why that is the fast way on a GPU); no routing plan is built.
+choice from its bytes and FLOPs.
+
+Sparse modes (threshold, adaptive, topk; `sparse=True`) have two kernel plans, chosen by the
+environment variable MOA_TRITON_SPARSE, read at every call (plain Python: under
+torch.compile it is read while tracing, a constant of the graph):
+  "masked" (default): the dense GEMMs above with the inactive pairs' u set to exactly 0;
+      no routing plan is built (expand.py says why that is the fast way on a GPU for the
+      presets' ranks). Compiles with fullgraph=True.
+  "grouped": grouped GEMMs over the active pairs sorted by expert (grouped.py, the op
+      moa::grouped_mixture): step 1 computes only the router's first layer and the base
+      (x is read again, once per active pair, by the grouped shrink), the router gives the
+      active pairs, and the experts run on those pairs only; per-pair outputs are combined
+      per token in expert order. Two host syncs per call (the pair count); meant for eager
+      runs on a GPU, to be measured against "masked" (benchmarks/gpu_suite.py), not tested
+      under torch.compile.
+Any other value raises a ValueError naming the allowed ones.
 """
 
 from __future__ import annotations
@@ -24,11 +38,12 @@ from moa_kernels.backends import check_triton_input
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.reference import resolve_base_output
 from moa_kernels.routing import RouterOps
+from moa_kernels.triton.grouped import SPARSE_PLAN_VARIABLE, SPARSE_PLANS, sparse_plan
 from moa_kernels.triton.kernel_utils import align16
-from moa_kernels.triton.ops import gated_expand_op, shrink_op
+from moa_kernels.triton.ops import gated_expand_op, grouped_mixture_op, shrink_op
 from moa_kernels.triton.plan import KernelLayout, layout_code
 
-__all__ = ["moa_linear", "KernelLayout"]
+__all__ = ["moa_linear", "KernelLayout", "SPARSE_PLANS", "SPARSE_PLAN_VARIABLE", "sparse_plan"]
 
 
 def moa_linear(
@@ -57,11 +72,16 @@ def moa_linear(
         shrink_weight [R, in], shrink_bias [R - layout.bias_start], expand_weight [out, C],
         expand_bias [N_ad, out]: the stacked expert tensors (fp32, fp16 or bf16).
         router: the router's first layer and finisher; or None with `gates` [T, E] given.
-        sparse: skip inactive (token, expert) pairs (the router's `active` mask).
+        sparse: skip inactive (token, expert) pairs (the router's `active` mask), by the
+            kernel plan MOA_TRITON_SPARSE names ("masked" or "grouped"; module docstring).
     Returns:
         y [T, out] in x's dtype and the applied gates [T, E] in x's dtype.
     """
     check_triton_input(x)
+    if sparse and sparse_plan() == "grouped":
+        return _grouped_linear(x, base_output, base_weight, base_bias, layout, shrink_weight,
+                               shrink_bias, expand_weight, expand_bias, router, gates,
+                               adapter_input)
     code, scales = _code(layout)
     width = align16(layout.expand_columns)
     if base_output is not None or base_weight is None:
@@ -100,6 +120,42 @@ def moa_linear(
         active = gates != 0
     out, _ = gated_expand_op(y, hidden, gates, active, expand_weight, expand_bias, code,
                              scales)
+    return out, gates
+
+
+def _grouped_linear(x, base_output, base_weight, base_bias, layout, shrink_weight,
+                    shrink_bias, expand_weight, expand_bias, router, gates, adapter_input
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """moa_linear's sparse path by the grouped plan (grouped.py): the router's first layer
+    and the base in one GEMM over x, then moa::grouped_mixture over the active pairs."""
+    code, scales = _code(layout)
+    if base_output is not None or base_weight is None:
+        base_output = resolve_base_output(x, base_output, base_weight, base_bias)
+    y = base_output
+    if router is not None:
+        first_weight = router.first_weight
+        base_y, router_h = shrink_op(x, None, None, first_weight, router.first_bias,
+                                     base_weight, base_bias, [], [])
+        gates, active = router.finish(router_h[:, :first_weight.shape[0]])
+        if y is None:
+            y = base_y
+    else:
+        active = None
+        if y is None:
+            y = torch.nn.functional.linear(x, base_weight, base_bias)
+    if gates is None or gates.shape != (x.shape[0], layout.num_experts):
+        shape = None if gates is None else tuple(gates.shape)
+        raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "
+                         f"got {shape}")
+    gates = gates.to(x.dtype).contiguous()
+    if active is None:
+        active = gates != 0
+    full_bias = layout.full_shrink_bias(shrink_bias) \
+        if layout.bias_start < layout.shrink_rows else None
+    experts_x = x if adapter_input is None else adapter_input
+    out = grouped_mixture_op(y.contiguous(), experts_x.contiguous(), gates,
+                             active.contiguous(), shrink_weight, full_bias, expand_weight,
+                             expand_bias, code, scales)[0]
     return out, gates
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from moa_kernels.triton import expand, shrink
+from moa_kernels.triton import expand, grouped, shrink
 from moa_kernels.triton.plan import KernelLayout, code_widths
 
 Tensor = torch.Tensor
@@ -165,3 +165,88 @@ def _expand_backward(ctx, grad, _grad_u):
 
 
 gated_expand_op.register_autograd(_expand_backward, setup_context=_expand_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# grouped sparse plan (MOA_TRITON_SPARSE=grouped; grouped.py)
+# ---------------------------------------------------------------------------------------
+
+@torch.library.custom_op("moa::grouped_mixture", mutates_args=())
+def grouped_mixture_op(y: Tensor, x: Tensor, gates: Tensor, active: Tensor,
+                       shrink_weight: Tensor, full_bias: Optional[Tensor],  # noqa: UP045
+                       expand_weight: Tensor, expand_bias: Tensor, code: list[int],
+                       scales: list[float]
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return grouped.grouped_forward(y, x, gates, active, shrink_weight, full_bias,
+                                   expand_weight, expand_bias,
+                                   grouped.GroupedLayout.of(code, scales, x.device))
+
+
+@grouped_mixture_op.register_fake
+def _(y, x, gates, active, shrink_weight, full_bias, expand_weight, expand_bias, code,
+      scales):
+    ctx = torch.library.get_ctx()
+    pairs, k_max = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    widths = grouped.grouped_widths(code)
+    index = dict(dtype=torch.int64)
+    return (torch.empty_like(y), x.new_empty(pairs, **index), x.new_empty(pairs, **index),
+            x.new_empty(widths["experts"] + 1, **index), x.new_empty(x.shape[0], k_max, **index),
+            x.new_empty(pairs, widths["w_max"], dtype=torch.float32),
+            x.new_empty(pairs, widths["w_max"]))
+
+
+@torch.library.custom_op("moa::grouped_mixture_backward", mutates_args=())
+def grouped_mixture_backward_op(grad: Tensor, x: Tensor, gates: Tensor, token_index: Tensor,
+                                pair_flat: Tensor, offsets: Tensor, pos: Tensor, h: Tensor,
+                                u: Tensor, shrink_weight: Tensor, expand_weight: Tensor,
+                                expand_bias: Tensor, code: list[int], scales: list[float],
+                                need: list[bool]
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = grouped.grouped_backward(grad, x, gates, token_index, pair_flat, offsets, pos, h,
+                                     u, shrink_weight, expand_weight, expand_bias,
+                                     grouped.GroupedLayout.of(code, scales, x.device), need)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@grouped_mixture_backward_op.register_fake
+def _(grad, x, gates, token_index, pair_flat, offsets, pos, h, u, shrink_weight,
+      expand_weight, expand_bias, code, scales, need):
+    shapes = [x.shape, gates.shape, shrink_weight.shape, shrink_weight.shape[:1],
+              expand_weight.shape, expand_bias.shape]
+    dtypes = [x.dtype, torch.float32, shrink_weight.dtype, torch.float32,
+              expand_weight.dtype, expand_bias.dtype]
+    return tuple(x.new_empty(shape, dtype=dtype) if wanted else x.new_empty(0)
+                 for shape, dtype, wanted in zip(shapes, dtypes, need))
+
+
+def _grouped_setup(ctx, inputs, output):
+    y, x, gates, active, shrink_weight, full_bias, expand_weight, expand_bias, code, \
+        scales = inputs
+    ctx.save_for_backward(x, gates, *output[1:], shrink_weight, expand_weight, expand_bias)
+    ctx.code, ctx.scales = code, scales
+    ctx.dtypes = (x.dtype, gates.dtype, None if full_bias is None else full_bias.dtype)
+
+
+def _grouped_backward(ctx, grad, *_unused):
+    x, gates, token_index, pair_flat, offsets, pos, h, u, shrink_weight, expand_weight, \
+        expand_bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    # inputs: y, x, gates, active, shrink_weight, full_bias, expand_weight, expand_bias
+    need = [bool(needs[1]), bool(needs[2]), bool(needs[4]),
+            bool(needs[5]) and ctx.dtypes[2] is not None, bool(needs[6]), bool(needs[7])]
+    grads = [None] * 10
+    grads[0] = grad if needs[0] else None
+    if any(need):
+        d_x, d_gates, d_weight, d_bias, d_expand, d_expand_bias = grouped_mixture_backward_op(
+            grad.contiguous(), x, gates, token_index, pair_flat, offsets, pos, h, u,
+            shrink_weight, expand_weight, expand_bias, ctx.code, ctx.scales, need)
+        grads[1] = d_x if need[0] else None
+        grads[2] = d_gates.to(ctx.dtypes[1]) if need[1] else None
+        grads[4] = d_weight if need[2] else None
+        grads[5] = d_bias.to(ctx.dtypes[2]) if need[3] else None
+        grads[6] = d_expand if need[4] else None
+        grads[7] = d_expand_bias if need[5] else None
+    return tuple(grads)
+
+
+grouped_mixture_op.register_autograd(_grouped_backward, setup_context=_grouped_setup)
