@@ -175,13 +175,23 @@ def overhead_ratio(rows: list[Timing], sparse_case: str, dense_case: str, backen
     return sparse / dense
 
 
-def format_layer_table(rows: list[Timing]) -> str:
-    lines = [f"{'case':10s} {'backend':9s} {'fwd ms':>9s} {'fwd x':>7s} "
-             f"{'fwd+bwd ms':>11s} {'fwd+bwd x':>9s}"]
-    for r in rows:
-        lines.append(f"{r.case:10s} {r.backend:9s} {r.forward_ms:9.2f} {r.forward_ratio:7.3f} "
-                     f"{r.fwd_bwd_ms:11.2f} {r.fwd_bwd_ratio:9.3f}")
+def text_table(rows: list, columns: list[tuple[str, int, str, str]]) -> str:
+    """A fixed-width text table: columns are (header, width, format spec, attribute); the
+    first column is left-aligned, the others right-aligned."""
+    lines = [" ".join(f"{header:{'<' if i == 0 else '>'}{width}s}"
+                      for i, (header, width, _, _) in enumerate(columns))]
+    for row in rows:
+        lines.append(" ".join(format(getattr(row, attribute), f"{width}{spec}")
+                              for _, width, spec, attribute in columns))
     return "\n".join(lines)
+
+
+def format_layer_table(rows: list[Timing]) -> str:
+    return text_table(rows, [("case", 10, "s", "case"), ("backend", 9, "s", "backend"),
+                             ("fwd ms", 9, ".2f", "forward_ms"),
+                             ("fwd x", 7, ".3f", "forward_ratio"),
+                             ("fwd+bwd ms", 11, ".2f", "fwd_bwd_ms"),
+                             ("fwd+bwd x", 9, ".3f", "fwd_bwd_ratio")])
 
 
 # ---------------------------------------------------------------------------------------
@@ -551,15 +561,14 @@ def compile_benchmark(quick: bool = False, device: str | torch.device = "cpu",
 
 
 def format_compiled_table(rows: list[CompiledTiming]) -> str:
-    lines = [f"{'variant':18s} {'eager ms':>9s} {'peak MB':>8s} {'compiled ms':>11s} "
-             f"{'peak MB':>8s} {'compile s':>9s} {'speed-up':>8s} {'eager x PEFT':>12s} "
-             f"{'compiled x PEFT':>15s}"]
-    for r in rows:
-        lines.append(f"{r.variant:18s} {r.eager_ms:9.1f} {r.eager_peak_mb:8.1f} "
-                     f"{r.compiled_ms:11.1f} {r.compiled_peak_mb:8.1f} {r.compile_s:9.1f} "
-                     f"{r.speedup:8.3f} {r.eager_ratio_to_peft:12.3f} "
-                     f"{r.compiled_ratio_to_peft:15.3f}")
-    return "\n".join(lines)
+    return text_table(rows, [("variant", 18, "s", "variant"), ("eager ms", 9, ".1f", "eager_ms"),
+                             ("peak MB", 8, ".1f", "eager_peak_mb"),
+                             ("compiled ms", 11, ".1f", "compiled_ms"),
+                             ("peak MB", 8, ".1f", "compiled_peak_mb"),
+                             ("compile s", 9, ".1f", "compile_s"),
+                             ("speed-up", 8, ".3f", "speedup"),
+                             ("eager x PEFT", 12, ".3f", "eager_ratio_to_peft"),
+                             ("compiled x PEFT", 15, ".3f", "compiled_ratio_to_peft")])
 
 
 @dataclass
@@ -636,12 +645,12 @@ def decode_benchmark(quick: bool = False, device: str | torch.device = "cpu",
 
 
 def format_decode_table(rows: list[DecodeTiming]) -> str:
-    lines = [f"{'variant':26s} {'ms/token':>9s} {'x PEFT':>7s} {'call ms':>9s} "
-             f"{'x PEFT':>7s} {'first call s':>12s}"]
-    for r in rows:
-        lines.append(f"{r.variant:26s} {r.per_token_ms:9.2f} {r.ratio_to_peft:7.3f} "
-                     f"{r.call_ms:9.1f} {r.call_ratio_to_peft:7.3f} {r.first_call_s:12.1f}")
-    return "\n".join(lines)
+    return text_table(rows, [("variant", 26, "s", "variant"),
+                             ("ms/token", 9, ".2f", "per_token_ms"),
+                             ("x PEFT", 7, ".3f", "ratio_to_peft"),
+                             ("call ms", 9, ".1f", "call_ms"),
+                             ("x PEFT", 7, ".3f", "call_ratio_to_peft"),
+                             ("first call s", 12, ".1f", "first_call_s")])
 
 
 def run_bench(quick: bool = False, out_dir: str | Path = "bench-out",
