@@ -313,10 +313,18 @@ class LayerConfig:
     out_features: int
     experts: tuple[str, ...]
     router: object = None  # a RouterConfig, or None
+    sparse_plan: str = "masked"  # MOA_TRITON_SPARSE for the sparse modes
+    pairs_per_token: int = 0  # grouped plan on meta tensors: the active pairs per token
 
     def run(self, dtype: torch.dtype, device: str = "meta") -> None:
         """One forward and backward of the triton backend on this shape (x requires grad,
-        the base frozen), on `device` (meta: nothing is allocated)."""
+        the base frozen), on `device` (meta: nothing is allocated). The grouped plan's pair
+        plan depends on the data; on meta tensors it is replaced by one of
+        `pairs_per_token` pairs per token (the sizes the launches see)."""
+        with _sparse_plan(self, device):
+            self._run(dtype, device)
+
+    def _run(self, dtype: torch.dtype, device: str) -> None:
         from torch import nn
 
         import moa_kernels.triton as package
@@ -340,14 +348,52 @@ class LayerConfig:
         y.backward(torch.empty_like(y))
 
 
+@contextlib.contextmanager
+def _sparse_plan(config: LayerConfig, device: str) -> Iterator[None]:
+    """MOA_TRITON_SPARSE = config.sparse_plan within the block; on the meta device the
+    grouped plan's PairPlan.of gives meta tensors of config.pairs_per_token pairs a token."""
+    from moa_kernels.triton import grouped
+
+    variable = grouped.SPARSE_PLAN_VARIABLE
+    saved_value, saved_of = os.environ.get(variable), grouped.PairPlan.__dict__["of"]
+    os.environ[variable] = config.sparse_plan
+
+    def meta_plan(cls, active):
+        tokens, experts = active.shape
+        k = min(config.pairs_per_token, experts)
+        index = dict(device=active.device, dtype=torch.int64)
+        return cls(torch.empty(tokens * k, **index), torch.empty(tokens * k, **index),
+                   torch.empty(experts + 1, **index), torch.empty(tokens, k, **index))
+
+    if device == "meta" and config.sparse_plan == "grouped":
+        grouped.PairPlan.of = classmethod(meta_plan)
+    try:
+        yield
+    finally:
+        grouped.PairPlan.of = saved_of
+        if saved_value is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved_value
+
+
 def layer_configs() -> list[LayerConfig]:
     """L1, M8 soft and top-2 (the bench's layer cases at T = 2048, 2048 x 2048) and a
     Llama-3.1-8B decoder layer at T = 8192: LoRA r=8 on q, k, v, o (hidden 4096, 8 KV heads
     of 128) and down (intermediate 14336), gated by one layer router outside."""
     from moa.bench import LAYER_CASES
+    from moa.config import RouterConfig
 
     configs = [LayerConfig(case.name, 2048, 2048, 2048, tuple(case.experts), case.router)
                for case in LAYER_CASES]
+    # the grouped sparse plan (MOA_TRITON_SPARSE=grouped) on M8 top-2 and L1's experts
+    # under a top-2 router, as the GPU suite measures them
+    cases = {case.name: case for case in LAYER_CASES}
+    configs += [
+        LayerConfig("M8 topk2 grouped", 2048, 2048, 2048, tuple(cases["M8 topk2"].experts),
+                    cases["M8 topk2"].router, "grouped", 2),
+        LayerConfig("L1 topk2 grouped", 2048, 2048, 2048, tuple(cases["L1 soft"].experts),
+                    RouterConfig(mode="topk", top_k=2), "grouped", 2)]
     for module, (d_in, d_out) in {"q": (4096, 4096), "k": (4096, 1024), "v": (4096, 1024),
                                   "o": (4096, 4096), "down": (14336, 4096)}.items():
         configs.append(LayerConfig(f"8B {module}", 8192, d_in, d_out, ("lora:8",)))
@@ -369,7 +415,13 @@ def tiny_configs() -> list[LayerConfig]:
                         RouterConfig(mode="threshold")),
             LayerConfig("tiny adaptive", 1, 19, 23, every_activation,
                         RouterConfig(gate="softmax", mode="adaptive")),
-            LayerConfig("tiny gates", 5, 13, 11, ("lora:4", "adapter:3:gelu"))]
+            LayerConfig("tiny gates", 5, 13, 11, ("lora:4", "adapter:3:gelu")),
+            LayerConfig("tiny topk grouped", 7, 24, 20, mixed, RouterConfig(mode="topk"),
+                        "grouped", 2),
+            LayerConfig("tiny threshold grouped", 9, 19, 23, every_activation + ("lora:70",),
+                        RouterConfig(mode="threshold"), "grouped", 3),
+            LayerConfig("tiny adaptive grouped", 1, 19, 23, every_activation,
+                        RouterConfig(gate="softmax", mode="adaptive"), "grouped", 1)]
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -94,9 +94,10 @@ SPARSE_PLAN_VARIABLE = "MOA_TRITON_SPARSE"
 
 BLOCK_M = 64  # pairs per tile
 BLOCK_N = 64  # columns of out / in per program (pair rows, combine, weight gradients)
-BLOCK_K = 64  # K step of the gathered shrink loops
+BLOCK_K = 32  # K step of the gathered shrink loops
 BLOCK_T = 32  # tokens per combine program
-MAX_BLOCK_R = 64
+MAX_BLOCK_R = 32
+GRAD_BLOCK_M = 32  # pairs per K step of the weight-gradient dots
 PAIRS_PER_SPLIT = 512  # weight gradients: about this many pairs per split of an expert
 MAX_SPLITS = 16
 
@@ -474,7 +475,7 @@ def _weight_grad(meta, plan, rows, data, *, with_bias: bool
         rows, data, partial, partial_bias, plan.token_index, plan.offsets, meta.offset,
         meta.widths, columns, rows.stride(0), data.stride(0), partial.stride(0),
         partial.stride(1), partial_bias.stride(0), SPLITS=splits, WITH_BIAS=with_bias,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(meta),
+        BLOCK_M=GRAD_BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(meta),
         **_dot_options(rows.dtype))
     return partial.sum(0), partial_bias.sum(0) if with_bias else None
 

@@ -5,10 +5,11 @@
    (integers equal to 1 become constants; pointers and integers divisible by 16 are
    marked), compiled ahead of time for an H100 (sm_90) and checked against the issue-13
    budget: no spills, at most 168 registers per thread at 4 warps, fp16 / bf16 dots on
-   tensor cores. Realistic shapes (L1, M8 soft and top-2, a Llama-3.1-8B layer at T = 8192)
-   in bf16, fp16 and fp32, on the meta device (nothing allocated), and small odd shapes in
-   every mode (the unaligned specialisation). This runs in a subprocess: the kernels must
-   be JIT functions there, not the interpreter's.
+   tensor cores. Realistic shapes (L1, M8 soft and top-2, a Llama-3.1-8B layer at T = 8192;
+   the grouped sparse plan, MOA_TRITON_SPARSE=grouped, on M8 top-2 and on L1's experts
+   under a top-2 router) in bf16, fp16 and fp32, on the meta device (nothing allocated),
+   and small odd shapes in every mode (the unaligned specialisation; grouped too). This
+   runs in a subprocess: the kernels must be JIT functions there, not the interpreter's.
 2. torch.compile smoke tests: a MoALinear on the triton backend traced with
    fullgraph=True, forward and backward equal to eager.
 """
@@ -30,7 +31,15 @@ from tests.conftest import relative_error  # noqa: E402
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KERNELS = {"_gate_kernel", "_gate_grad_kernel"}
+MASKED_KERNELS = {"_gate_kernel", "_gate_grad_kernel"}
+# the grouped sparse plan (moa_kernels/triton/grouped.py): configs named "... grouped"
+GROUPED_KERNELS = {"_gathered_shrink_kernel", "_pair_rows_kernel", "_combine_kernel",
+                   "_pair_weight_grad_kernel"}
+KERNELS = MASKED_KERNELS | GROUPED_KERNELS
+
+
+def _expected_kernels(config: str) -> set:
+    return GROUPED_KERNELS if config.endswith("grouped") else MASKED_KERNELS
 
 
 def _without_interpreter(code: str, *args: str) -> subprocess.CompletedProcess:
@@ -60,18 +69,25 @@ def test_sm90_builds_as_a_gpu_run_makes_them_are_within_budget(tmp_path, selecti
     rows = _builds(tmp_path, selection, dtypes)
     for row in rows:
         assert row["violations"] == [], row  # --check passed: the same, row by row
-        assert row["kernel"] in KERNELS
+        assert all(row["kernel"] in _expected_kernels(config) for config in row["configs"])
     made = {(config, row["dtype"], row["kernel"]) for row in rows for config in row["configs"]}
     configs = {config for row in rows for config in row["configs"]}
+    assert any(config.endswith("grouped") for config in configs)
     for dtype in dtypes.split(","):
         for config in configs:
-            for kernel in KERNELS:  # forward and backward of every config were built
+            for kernel in _expected_kernels(config):  # forward and backward were built
                 assert (config, dtype, kernel) in made
+    grouped_dots = [row for row in rows if row["kernel"] in GROUPED_KERNELS - {"_combine_kernel"}
+                    and row["dtype"] in ("bf16", "fp16")]
+    assert grouped_dots and all(row["tensor_cores"] != "none" for row in grouped_dots)
     if selection == "realistic":
         # the JIT's specialisation reached the builds: 16-aligned rows of h, u and du, and
         # the 8B layer's one-column gates [T, 1] give stride 1, a constant
         for row in rows:
-            assert "stride_h" in row["aligned"], row
+            if row["kernel"] in MASKED_KERNELS:
+                assert "stride_h" in row["aligned"], row
+            else:  # the grouped plan's pair buffers and gathered rows: 16-aligned strides
+                assert {"stride_rows", "stride_src", "stride_data"} & set(row["aligned"]), row
         eight_b = [row for row in rows if "8B q" in row["configs"]]
         assert eight_b and all(row["constants"].get("stride_g") == "1" for row in eight_b)
         assert all(set(row["configs"]) == {"8B q", "8B k", "8B v", "8B o", "8B down"}
