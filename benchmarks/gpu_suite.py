@@ -20,6 +20,10 @@ Steps, each a subprocess with its own time limit (the whole suite is meant to fi
                down with LoRA r=8 and one layer router), bf16: the triton backend, the
                torch backend, PEFT-style LoRA (cuBLAS twice: x A^T, then B, the scaling and
                the add) of the same total rank, and the frozen base alone (--quick: L1).
+               The sparse cases (M8 top-2, and L1's experts under a top-2 router, "L1
+               topk2") run the triton backend under both sparse plans: "triton" (the
+               default, MOA_TRITON_SPARSE=masked) and "triton-grouped"
+               (MOA_TRITON_SPARSE=grouped: grouped GEMMs over the active pairs).
 Writes OUT/results.json (everything), OUT/summary.md (the tables), OUT/<step>.log. Exits 1
 if a step failed (a test, a check case, a benchmark error, a time limit).
 
@@ -46,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The CUDA tests. Left out: test_triton_compile's sm_90 ahead-of-time builds (CI's check
 # without a GPU, on triton 3.9 internals) and every CPU-only test file.
 TEST_FILES = ["tests/moa_kernels/test_triton_gpu.py", "tests/moa_kernels/test_triton_ops.py",
+              "tests/moa_kernels/test_triton_grouped.py",
               "tests/moa_kernels/test_triton_compile.py"]
 TEST_FILTER = "not sm90_builds and not jit_specialisation"
 QUICK_FILTER = TEST_FILTER + " and not inductor"  # --quick: no inductor compile (slowest)
@@ -56,7 +61,7 @@ DRY_TESTS = ["tests/moa_kernels/test_triton_gpu.py::"
 STEPS = ("tests", "check", "bench")
 
 # Seconds per step: (full, quick). Together under the 8 / 4 minute goals.
-LIMITS = {"tests": (330, 195), "check": (60, 0), "bench": (80, 40)}
+LIMITS = {"tests": (320, 195), "check": (60, 0), "bench": (100, 40)}
 DRY_LIMITS = {"tests": 600, "check": 600, "bench": 600}
 
 TARGETS = [  # issue 13, on a GPU
@@ -293,12 +298,44 @@ FULL = {"tokens": 2048, "features": 2048, "8b_tokens": 8192, "hidden": 4096, "kv
 TINY = {"tokens": 32, "features": 64, "8b_tokens": 32, "hidden": 64, "kv": 32,
         "intermediate": 96}
 VARIANTS = ("base", "triton", "torch", "peft")
+# the sparse cases also run the triton backend's grouped sparse plan (MOA_TRITON_SPARSE)
+GROUPED_VARIANT = "triton-grouped"
+
+
+def bench_cases(quick: bool) -> list:
+    """The layer cases: moa.bench's (L1 soft, M8 soft, M8 topk2) and L1's experts under a
+    top-2 router (L1 topk2, a sparse case with heterogeneous ranks); --quick: L1 soft."""
+    from moa.bench import LAYER_CASES, LayerCase
+    from moa.config import RouterConfig
+
+    cases = list(LAYER_CASES)
+    l1 = next(case for case in cases if case.name == "L1 soft")
+    cases.insert(1, LayerCase("L1 topk2", l1.experts, RouterConfig(mode="topk", top_k=2)))
+    return [case for case in cases if not quick or case.name == "L1 soft"]
+
+
+class WithSparsePlan:
+    """A module called with MOA_TRITON_SPARSE set to `plan` (restored after the call)."""
+
+    def __init__(self, module, plan: str):
+        self.module, self.plan = module, plan
+
+    def __call__(self, *args):
+        from moa_kernels.triton.grouped import SPARSE_PLAN_VARIABLE
+
+        saved = os.environ.get(SPARSE_PLAN_VARIABLE)
+        os.environ[SPARSE_PLAN_VARIABLE] = self.plan
+        try:
+            return self.module(*args)
+        finally:
+            if saved is None:
+                os.environ.pop(SPARSE_PLAN_VARIABLE, None)
+            else:
+                os.environ[SPARSE_PLAN_VARIABLE] = saved
 
 
 def run_benchmarks(out: Path, *, quick: bool, dry_run: bool) -> int:
     import torch
-
-    from moa.bench import LAYER_CASES
 
     device = torch.device("cpu" if dry_run else "cuda")
     dtype = torch.bfloat16
@@ -306,8 +343,7 @@ def run_benchmarks(out: Path, *, quick: bool, dry_run: bool) -> int:
     timer = _cpu_timer if dry_run else _cuda_timer()
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
-    cases = [case for case in LAYER_CASES if not quick or case.name.startswith("L1")]
-    for case in cases:
+    for case in bench_cases(quick):
         modules = _layer_variants(case, shapes, device, dtype)
         rows += _time_variants(case.name, modules, timer, shapes["tokens"], device, dtype)
         del modules
@@ -382,6 +418,8 @@ def _layer_variants(case, shapes, device, dtype) -> dict:
         with torch.no_grad():
             layer.expand_weight.normal_(0.0, 0.02)
         modules[backend] = (layer, list(p for p in layer.parameters() if p.requires_grad))
+        if backend == "triton" and case.router.is_sparse:
+            modules[GROUPED_VARIANT] = (WithSparsePlan(layer, "grouped"), modules[backend][1])
     lora = CublasTwiceLoRA(base, layer.layout.expand_columns, device, dtype)
     modules["peft"] = (lora, lora.parameters())
     return modules
@@ -503,11 +541,16 @@ def _ratios(rows: list[dict]) -> dict:
             ratios[f"{case} {variant} fwd / base"] = row["fwd_ms"] / base["fwd_ms"]
             ratios[f"{case} {variant} fwd+bwd / base"] = row["fwd_bwd_ms"] / base["fwd_bwd_ms"]
         peft = times.get((case, "peft"))
-        if peft and variant in ("triton", "torch"):
+        if peft and variant in ("triton", "torch", GROUPED_VARIANT):
             ratios[f"{case} {variant} fwd+bwd speed-up over peft"] = \
                 peft["fwd_bwd_ms"] / row["fwd_bwd_ms"]
-    for variant in ("triton", "torch"):
-        soft, topk = times.get(("M8 soft", variant)), times.get(("M8 topk2", variant))
+        masked = times.get((case, "triton"))
+        if masked and variant == GROUPED_VARIANT:
+            ratios[f"{case} grouped / masked fwd"] = row["fwd_ms"] / masked["fwd_ms"]
+            ratios[f"{case} grouped / masked fwd+bwd"] = row["fwd_bwd_ms"] / masked["fwd_bwd_ms"]
+    for variant in ("triton", "torch", GROUPED_VARIANT):
+        soft = times.get(("M8 soft", "triton" if variant == GROUPED_VARIANT else variant))
+        topk = times.get(("M8 topk2", variant))
         base = times.get(("M8 soft", "base"))
         if soft and topk and base:
             dense = soft["fwd_bwd_ms"] - base["fwd_bwd_ms"]
@@ -546,6 +589,18 @@ def bench_markdown(bench: dict) -> str:
                                                   value >= goal) else "no")
         shown = "" if value is None else f"{value:.3f}"
         lines.append(f"| {name} | {op} {goal} | {shown} | {met} |")
+    sparse = sorted({key.rsplit(" grouped / masked", 1)[0] for key in ratios
+                     if " grouped / masked " in key})
+    if sparse:
+        lines += ["", "Sparse plans (triton backend): MOA_TRITON_SPARSE=grouped time over the "
+                      "default masked plan's (< 1: grouped faster)", "",
+                  "| case | grouped / masked fwd | grouped / masked fwd+bwd |",
+                  "|---|---:|---:|"]
+        for case in sparse:
+            fwd = ratios.get(f"{case} grouped / masked fwd")
+            train = ratios.get(f"{case} grouped / masked fwd+bwd")
+            lines.append(f"| {case} | {'' if fwd is None else f'{fwd:.3f}'} | "
+                         f"{'' if train is None else f'{train:.3f}'} |")
     return "\n".join(lines)
 
 

@@ -48,13 +48,16 @@ def test_dry_run_end_to_end(tmp_path):
     assert results["tests"]["tests"] >= 1 and results["tests"]["failures"] == 0
     rows = results["bench"]["rows"]
     module = _suite_module()
-    cases = {"L1 soft", "M8 soft", "M8 topk2", "8B layer"}
+    cases = {"L1 soft", "L1 topk2", "M8 soft", "M8 topk2", "8B layer"}
+    grouped = {("L1 topk2", module.GROUPED_VARIANT), ("M8 topk2", module.GROUPED_VARIANT)}
     assert {(r["case"], r["variant"]) for r in rows} == {
-        (case, variant) for case in cases for variant in module.VARIANTS}
+        (case, variant) for case in cases for variant in module.VARIANTS} | grouped
     assert all("error" not in r and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows)
     summary = (tmp_path / "summary.md").read_text()
     for text in ("| step | status | seconds |", "| case | variant | fwd ms |",
-                 "| target | goal | measured | met |", "Dry run"):
+                 "| target | goal | measured | met |", "Dry run",
+                 "| case | grouped / masked fwd | grouped / masked fwd+bwd |",
+                 "| M8 topk2 | ", "| L1 topk2 | "):
         assert text in summary
     for name in ("tests.log", "tests-collect.log", "check.log", "bench.log", "bench.md"):
         assert (tmp_path / name).exists(), name
@@ -94,8 +97,15 @@ def test_ratios_and_tables_from_known_rows():
                                      ("M8 topk2", (1.0, 2.0), (1.2, 2.5), (1.6, 4.2))]:
         for variant, (fwd, train) in (("base", base), ("triton", triton), ("peft", peft)):
             rows.append({"case": case, "variant": variant, "fwd_ms": fwd, "fwd_bwd_ms": train})
+    rows.append({"case": "M8 topk2", "variant": module.GROUPED_VARIANT, "fwd_ms": 1.8,
+                 "fwd_bwd_ms": 3.0})
     rows.append({"case": "8B layer", "variant": "triton", "error": "RuntimeError('x')"})
     ratios = module._ratios(rows)
+    assert ratios["M8 topk2 grouped / masked fwd"] == pytest.approx(1.5)
+    assert ratios["M8 topk2 grouped / masked fwd+bwd"] == pytest.approx(1.2)
+    # against the masked soft case: (3.0 - 2.0) / (3.0 - 2.0)
+    assert ratios["M8 triton-grouped top-2 overhead / soft overhead (fwd+bwd)"] == \
+        pytest.approx(1.0)
     assert ratios["L1 soft triton fwd+bwd / base"] == pytest.approx(1.4)
     assert ratios["L1 soft triton fwd+bwd speed-up over peft"] == pytest.approx(4.0 / 2.8,
                                                                                  abs=1e-4)
@@ -106,3 +116,4 @@ def test_ratios_and_tables_from_known_rows():
     assert "| M8 top-2 adapter overhead / soft overhead (triton, fwd+bwd) | <= 0.6 | 0.500 " \
            "| yes |" in table
     assert "error: RuntimeError('x')" in table
+    assert "| M8 topk2 | 1.500 | 1.200 |" in table
