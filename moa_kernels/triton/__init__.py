@@ -24,9 +24,10 @@ torch.compile it is read while tracing, a constant of the graph):
       moa::grouped_mixture): step 1 computes only the router's first layer and the base
       (x is read again, once per active pair, by the grouped shrink), the router gives the
       active pairs, and the experts run on those pairs only; per-pair outputs are combined
-      per token in expert order. Two host syncs per call (the pair count); meant for eager
-      runs on a GPU, to be measured against "masked" (benchmarks/gpu_suite.py), not tested
-      under torch.compile.
+      per token in expert order. Two host syncs per call (the pair count), inside the op;
+      meant for eager runs on a GPU, to be measured against "masked"
+      (benchmarks/gpu_suite.py). Traces with fullgraph=True too (the fakes have
+      data-dependent pair counts; tested with aot_eager).
 Any other value raises a ValueError naming the allowed ones.
 """
 

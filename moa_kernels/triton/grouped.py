@@ -81,10 +81,11 @@ scalar gathered loads, one 64-bit address per element) within the budget: BLOCK_
 BLOCK_R = 64 made 237-255 registers there; the sm_90 builds of the compile test are
 39-156 registers, no spills, wgmma / mma dots in bf16 and fp16.
 
-torch.compile: the ops are torch.library custom ops whose fake implementations give the
-pair buffers data-dependent sizes (ctx.new_dynamic_size()); the grouped plan is an
-eager / GPU option and is not tested under torch.compile (the masked plan compiles
-fullgraph).
+torch.compile: the ops are torch.library custom ops (moa::grouped_mixture and its
+backward, ops.py) whose fake implementations give the pair buffers data-dependent sizes
+(ctx.new_dynamic_size()), so a model traces with fullgraph=True (tested with aot_eager;
+inductor ran once by hand on the CPU). The plan itself is meant for eager runs on a GPU:
+its two host syncs stay inside the op.
 """
 
 from __future__ import annotations

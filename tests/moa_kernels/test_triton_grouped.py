@@ -319,6 +319,29 @@ def test_soft_mode_ignores_the_sparse_plan(grouped):
     assert not grouped
 
 
+@pytest.mark.skipif(ON_GPU, reason="a CPU smoke test of tracing (the GPU run times eager)")
+def test_torch_compile_traces_the_grouped_ops(grouped):
+    # aot_eager, fullgraph: the custom ops' fake implementations give the pair buffers
+    # data-dependent sizes; forward and backward equal to eager
+    layer = _make_layer(["adapter:5:silu", "lora:8", "hydra:4:2"], RouterConfig(mode="topk"),
+                        24, 20, torch.float32)
+    x = torch.randn(9, 24, device=DEVICE)
+    eager, _ = _run(layer, x, "triton")
+    before = len(grouped)
+    layer.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    leaf = x.clone().requires_grad_(True)
+    y = compiled(leaf)
+    weights = torch.linspace(-1.0, 1.0, y.numel(), device=y.device).reshape(y.shape)
+    (y.float() * weights).sum().backward()
+    traced = {"y": y.detach(), "x": leaf.grad} | {
+        name: p.grad for name, p in layer.named_parameters() if p.requires_grad}
+    assert len(grouped) > before  # the compiled graph ran the grouped plan
+    for name, value in eager.items():
+        assert relative_error(traced[name], value) < 1e-5, name
+
+
 @pytest.mark.parametrize("value", ["bogus", "Grouped", "dense"])
 def test_a_bad_plan_name_raises(monkeypatch, value):
     monkeypatch.setenv("MOA_TRITON_SPARSE", value)
