@@ -123,6 +123,11 @@ def sparse_plan() -> str:
     return value
 
 
+# every buffer a kernel writes is allocated by this (tests pre-fill them with NaN: an
+# element a kernel forgets to write, and then reads or returns, shows)
+_empty = torch.empty
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -330,6 +335,18 @@ def _tiles(offsets: torch.Tensor, pairs: int, block: int) -> tuple[torch.Tensor,
     return expert.to(torch.int32), start
 
 
+def _block_m(dtype: torch.dtype) -> int:
+    """Pairs per tile: 32 in fp32 (its IEEE dots run on the FMA units with operands in
+    registers: 64 spilled in the unaligned builds), else BLOCK_M."""
+    return 32 if dtype == torch.float32 else BLOCK_M
+
+
+def _block_n(dtype: torch.dtype) -> int:
+    """Columns of out / in per program of the dot kernels: 32 in fp32 (as _block_m), else
+    BLOCK_N (the combine, elementwise, keeps BLOCK_N)."""
+    return 32 if dtype == torch.float32 else BLOCK_N
+
+
 def _splits(pairs: int, experts: int) -> int:
     return max(1, min(MAX_SPLITS, triton.cdiv(pairs, experts * PAIRS_PER_SPLIT)))
 
@@ -364,14 +381,14 @@ def grouped_forward(y: torch.Tensor, x: torch.Tensor, gates: torch.Tensor, activ
     plan = PairPlan.of(active)
     pairs = plan.token_index.numel()
     dtype = x.dtype
-    h = torch.empty(pairs, meta.w_max, device=x.device, dtype=torch.float32)
-    u = torch.empty(pairs, meta.w_max, device=x.device, dtype=dtype)
+    h = _empty(pairs, meta.w_max, device=x.device, dtype=torch.float32)
+    u = _empty(pairs, meta.w_max, device=x.device, dtype=dtype)
     if pairs == 0:
         return (y.clone(), plan.token_index, plan.pair_flat, plan.offsets, plan.pos, h, u)
     a_g = meta.pack_shrink(shrink_weight, dtype)
     b_g = meta.pack_bias(full_bias, x)
     bt_g = meta.pack_expand(expand_weight, expand_bias, dtype)
-    tile_expert, tile_start = _tiles(plan.offsets, pairs, BLOCK_M)
+    tile_expert, tile_start = _tiles(plan.offsets, pairs, _block_m(dtype))
     gates = gates.contiguous()
     _launch_gathered(meta, tile_expert, tile_start, plan, x, a_g, b_g, gates, h, u, None)
     rows = _pair_rows(meta, tile_expert, tile_start, plan, u, bt_g)
@@ -402,10 +419,10 @@ def grouped_backward(grad: torch.Tensor, x: torch.Tensor, gates: torch.Tensor,
                  torch.zeros_like(shrink_weight), x.new_zeros(meta.rows, dtype=torch.float32),
                  torch.zeros_like(expand_weight), torch.zeros_like(expand_bias)]
         return [z if n else None for z, n in zip(zeros, need)]
-    tile_expert, tile_start = _tiles(offsets, pairs, BLOCK_M)
+    tile_expert, tile_start = _tiles(offsets, pairs, _block_m(dtype))
     bt_g = meta.pack_expand(expand_weight, expand_bias, dtype)
-    dh = torch.empty(pairs, meta.w_max, device=x.device, dtype=dtype)
-    dg_pairs = torch.empty(pairs, device=x.device, dtype=torch.float32)
+    dh = _empty(pairs, meta.w_max, device=x.device, dtype=dtype)
+    dg_pairs = _empty(pairs, device=x.device, dtype=torch.float32)
     _launch_gathered(meta, tile_expert, tile_start, plan, grad, bt_g, None, gates, h, dh,
                      dg_pairs)
     if need_g:
@@ -441,19 +458,22 @@ def _launch_gathered(meta, tile_expert, tile_start, plan, source, weight, bias, 
         meta.has_bias, meta.activation, meta.scale, h, target,
         dg_pairs if backward else h, meta.num_experts, width, source.stride(0),
         weight.stride(0), gates.stride(0), h.stride(0), target.stride(0),
-        BACKWARD=backward, ANY_ACT=meta.any_activation, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+        BACKWARD=backward, ANY_ACT=meta.any_activation, BLOCK_M=_block_m(source.dtype),
+        BLOCK_K=BLOCK_K,
         BLOCK_R=_block_r(meta), **_dot_options(source.dtype))
 
 
 def _pair_rows(meta, tile_expert, tile_start, plan, rows, weight) -> torch.Tensor:
     """P [N, D] = rows_p W_e over each pair's expert rows of weight [W, D]."""
     pairs, columns = rows.shape[0], weight.shape[1]
-    out = torch.empty(pairs, columns, device=rows.device, dtype=rows.dtype)
-    grid = (tile_expert.numel(), triton.cdiv(columns, BLOCK_N))
+    out = _empty(pairs, columns, device=rows.device, dtype=rows.dtype)
+    block_n = _block_n(rows.dtype)
+    grid = (tile_expert.numel(), triton.cdiv(columns, block_n))
     _pair_rows_kernel[grid](
         rows, weight, out, plan.offsets, tile_expert, tile_start, meta.offset, meta.widths,
         meta.num_experts, columns, rows.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(meta), **_dot_options(rows.dtype))
+        BLOCK_M=_block_m(rows.dtype), BLOCK_N=block_n, BLOCK_R=_block_r(meta),
+        **_dot_options(rows.dtype))
     return out
 
 
@@ -461,7 +481,7 @@ def _combine(plan: PairPlan, rows: torch.Tensor, y: torch.Tensor | None) -> torc
     """out[t] = y[t] (or 0) + sum_j rows[pos[t, j]], in rows' dtype."""
     tokens, k_max = plan.pos.shape
     columns = rows.shape[1]
-    out = torch.empty(tokens, columns, device=rows.device, dtype=rows.dtype)
+    out = _empty(tokens, columns, device=rows.device, dtype=rows.dtype)
     if tokens:
         grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(columns, BLOCK_N))
         _combine_kernel[grid](
@@ -477,16 +497,17 @@ def _weight_grad(meta, plan, rows, data, *, with_bias: bool
     column sums of rows [W] fp32): split partials, then a fixed-order sum."""
     pairs, columns = rows.shape[0], data.shape[1]
     splits = _splits(pairs, meta.num_experts)
-    partial = torch.empty(splits, meta.width, columns, device=rows.device,
+    partial = _empty(splits, meta.width, columns, device=rows.device,
                           dtype=torch.float32)
-    partial_bias = torch.empty(splits, meta.width, device=rows.device, dtype=torch.float32) \
+    partial_bias = _empty(splits, meta.width, device=rows.device, dtype=torch.float32) \
         if with_bias else partial
-    grid = (meta.num_experts, splits, triton.cdiv(columns, BLOCK_N))
+    block_n = _block_n(rows.dtype)
+    grid = (meta.num_experts, splits, triton.cdiv(columns, block_n))
     _pair_weight_grad_kernel[grid](
         rows, data, partial, partial_bias, plan.token_index, plan.offsets, meta.offset,
         meta.widths, columns, rows.stride(0), data.stride(0), partial.stride(0),
         partial.stride(1), partial_bias.stride(0), SPLITS=splits, WITH_BIAS=with_bias,
-        BLOCK_M=GRAD_BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(meta),
+        BLOCK_M=GRAD_BLOCK_M, BLOCK_N=block_n, BLOCK_R=_block_r(meta),
         **_dot_options(rows.dtype))
     return partial.sum(0), partial_bias.sum(0) if with_bias else None
 

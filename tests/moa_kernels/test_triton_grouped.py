@@ -245,6 +245,27 @@ def test_weight_gradients_split_over_pair_chunks(monkeypatch, grouped):
     _compare(layer, x, torch.float32, grouped)
 
 
+def test_buffers_prefilled_with_nan(monkeypatch, grouped):
+    # every kernel buffer starts as NaN: an element a kernel forgets to write and then
+    # reads (a pair row's padding, a split without pairs, a token without pairs) shows
+    from moa_kernels.triton import grouped as module
+
+    def nan_empty(*shape, **kwargs):
+        tensor = torch.empty(*shape, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(module, "_empty", nan_empty)
+    monkeypatch.setattr(module, "PAIRS_PER_SPLIT", 16)
+    # topk 2 of 5 with forced logits: experts 2 and 3 get every token, 0, 1, 4 none
+    layer = _forced_router_layer(torch.float32, "topk", [0.0, 0.0, 1.0, 0.5, 0.0], top_k=2)
+    x = torch.randn(70, 17, device=DEVICE)
+    _compare(layer, x, torch.float32, grouped)
+    # threshold: lora:33 (w = 48) beside narrower experts, rows of several widths
+    layer = _make_layer(["lora:2", "adapter:7:gelu", "lora:33", "hydra:3:2"],
+                        RouterConfig(mode="threshold"), 17, 15, torch.float32)
+    _compare(layer, x, torch.float32, grouped)
+
+
 def test_two_runs_are_bitwise_equal(monkeypatch, grouped):
     # no atomics: the same inputs give the same bits (outputs and every gradient)
     from moa_kernels.triton import grouped as module
