@@ -152,6 +152,27 @@ def test_grouped_matches_reference(case, dtype, grouped):
     assert 0 < int(active.sum()) < active.numel() or tokens == 1  # sparse, not all or none
 
 
+# token counts: on a GPU past one wave of tiles and past one weight-gradient split per
+# expert (512 pairs); on the CPU (interpreter) one size of several tiles per expert
+TOKENS = [1000, 4096, 16384] if ON_GPU else [257]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_token_counts_top2_of_8_with_ranks_above_32(tokens, dtype, grouped):
+    # M8-like top-2 of 8 with heterogeneous ranks (48, 40 above the 32-column rank step)
+    experts = ["lora:48", "adapter:40:gelu", "lora:8", "hydra:8:2", "adapter:16:silu",
+               "lora:16", "lora:4"]
+    layer = _make_layer(experts, RouterConfig(gate="softmax", mode="topk", top_k=2), 96, 80,
+                        dtype)
+    with torch.no_grad():  # moderate values: sums over 96 features stay O(1)
+        for parameter in layer.parameters():
+            if parameter.requires_grad:
+                parameter.mul_(0.3)
+    x = torch.randn(tokens, 96, device=DEVICE, dtype=dtype)
+    _compare(layer, x, dtype, grouped)
+
+
 def _forced_router_layer(dtype, mode, bias_values, threshold_bias=0.0, top_k=1, tokens=0):
     """A linear-router layer whose gates depend on the bias only (weights zeroed)."""
     layer = _make_layer(["lora:4", "adapter:5:silu", "lora:2", "hydra:3:2"],
