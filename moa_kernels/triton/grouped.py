@@ -8,8 +8,8 @@ token (stable: `nonzero` of active^T is row-major); token_index [N], pair_flat [
 [offsets[e], offsets[e + 1])), and pos [T, k_max] (the pairs of each token in expert order,
 -1 past its count: the combine's fixed order). Tiles of BLOCK_M pairs never straddle two
 experts (`_tiles`: at most cdiv(N, BLOCK_M) + E tiles, found on the device from the
-offsets). Building it reads N and k_max on the host: two host syncs per call (nonzero
-and one .tolist()).
+offsets). Building it reads N and k_max on the host: two host syncs per forward (the
+nonzero, and k_max read by int()); the backward reuses the plan and syncs nothing.
 
 Grouped column space (`GroupedLayout`): expert e owns the columns [o_e, o_e + w_e),
 w_e = align16(r_e + b_e): its r_e rank columns (lora / hydra: A rows and B columns, a hydra
