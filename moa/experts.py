@@ -35,6 +35,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_globals
 
 from moa.config import RouterConfig
 from moa.families import GENERIC, ModelFamily, rotary_function
@@ -46,8 +47,9 @@ from moa.layers import (
     generate_cached,
     is_plain_linear,
 )
-from moa_kernels.layer_experts import gated_adapter, prompt_attention
+from moa_kernels.layer_experts import gated_adapter, prompt_attention, prompt_attention_recipe
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
+from moa_kernels.torch_ops import InputRecipe
 
 
 class GateCollector:
@@ -369,6 +371,10 @@ class ParallelAdapter(nn.Module):
         self.up_bias = nn.Parameter(torch.zeros(out_features, **factory))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.active = True
+        # (norm, input, output, their versions) of the norm call before the MLP
+        # (NormRecordHook): the backward recomputes the adapter input from the norm's input,
+        # which the norm saves anyway, rather than saving the adapter input itself
+        self.norm_record: tuple | None = None
         if self.down_weight.device.type != "meta":
             self.reset_parameters()
 
@@ -388,17 +394,23 @@ class ParallelAdapter(nn.Module):
             hidden = ACTIVATION_FUNCTIONS[self.activation](hidden)
             return F.linear(hidden, self.up_weight.to(dtype), self.up_bias.to(dtype))
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
+               input_recipe: InputRecipe | None = None) -> torch.Tensor:
         """out + gate * delta(x) as a new tensor of out's dtype (out [..., out_features],
         x [..., in_features], gate [..., 1]): one fused op (moa_kernels/layer_experts.py)
-        that saves x and the bottleneck, not delta, for the backward."""
+        that saves x (or, with input_recipe, what recomputes x bitwise) and the bottleneck,
+        not delta, for the backward. The recipe is used only where x enters the op as given
+        (no dropout, no cast)."""
         dtype = compute_dtype(x)
         weights = generate_cached(self, ("weights", dtype), lambda: tuple(
             w.to(dtype) for w in (self.down_weight, self.down_bias, self.up_weight,
                                   self.up_bias)))
+        if x.dtype != dtype or (self.training and isinstance(self.dropout, nn.Dropout)):
+            input_recipe = None
         with autocast_off(x):
             x = self.dropout(x.to(dtype))
-            return gated_adapter(out, x, gate.to(dtype), *weights, self.activation)
+            return gated_adapter(out, x, gate.to(dtype), *weights, self.activation,
+                                 input_recipe)
 
     def mlp_hook(self, router: LayerRouter, index: int, who: str) -> Callable:
         """A forward hook (with_kwargs) on the MLP adding g_index * delta(mlp input)."""
@@ -491,19 +503,22 @@ class PromptExpert(nn.Module):
         return pair
 
     def add_output(self, x: torch.Tensor, query: torch.Tensor, gate: torch.Tensor,
-                   k_proj: nn.Module, v_proj: nn.Module) -> torch.Tensor:
+                   k_proj: nn.Module, v_proj: nn.Module, *, with_recipe: bool = False):
         """x + gate * o_p as a new tensor of x's dtype, for the post-rotary query
         [B, H, S, D], x [B, S, H * D] (the o_proj input) and the router's gate [B, S, 1]:
-        one fused op (moa_kernels/layer_experts.py) that saves the query and the [B, H, S, L]
-        prompt probabilities, not o_p, for the backward. Computes in the query's dtype
-        (autocast's, when autocast is on)."""
+        one fused op (moa_kernels/layer_experts.py) that saves the query, the prompt keys,
+        values and the gate, not o_p, for the backward. Computes in the query's dtype
+        (autocast's, when autocast is on). with_recipe: return (output, the InputRecipe
+        that recomputes it)."""
         dtype = compute_dtype(query)
         with autocast_off(query):
             keys, gated_values = self.keys_and_gated_values(k_proj, v_proj, dtype)
             if not torch.is_grad_enabled():
                 keys, gated_values = self._batched_keys_values(keys, gated_values,
                                                                query.shape[0])
-            return prompt_attention(x, query.to(dtype), keys, gated_values, gate.to(dtype))
+            operands = (x, query.to(dtype), keys, gated_values, gate.to(dtype))
+            y = prompt_attention(*operands)
+            return (y, prompt_attention_recipe(*operands)) if with_recipe else y
 
     def output(self, query: torch.Tensor, k_proj: nn.Module, v_proj: nn.Module) -> torch.Tensor:
         """o_p [B, S, H * D] for the post-rotary query [B, H, S, D] (before g_prompt)."""
@@ -534,11 +549,93 @@ class ParallelAdapterHook(_Hook):
         self.adapter, self.router, self.index, self.who = adapter, router, index, who
 
     def __call__(self, module: nn.Module, args, kwargs, output):
+        record, self.adapter.norm_record = self.adapter.norm_record, None
         if not self.adapter.active:
             return None
         x = args[0] if args else kwargs[list(kwargs)[0]]  # the MLP input, by any name
         gate = self.router.gates_for(self.index, self.index + 1, x, self.who)
-        return self.adapter.add_to(output, x, gate)
+        recipe = None
+        if record is not None and record[2] is x and \
+                (record[1]._version, x._version) == record[3]:
+            recipe = InputRecipe(record[0].forward, (record[1],))
+        return self.adapter.add_to(output, x, gate, recipe)
+
+
+NORM_CLASS_SUFFIXES = ("RMSNorm", "LayerNorm")
+
+
+def is_pure_norm(module: nn.Module) -> bool:
+    """A layer or RMS norm: its output is a function of its input and weights alone."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or \
+        type(module).__name__.endswith(NORM_CLASS_SUFFIXES)
+
+
+class NormRecordHook(_Hook):
+    """Forward hook (with_kwargs) on a norm that may feed the MLP: keeps (norm, input,
+    output, their versions) in the parallel adapter's `norm_record`, where the output is
+    norm.forward(input) exactly: in grad mode, eagerly, one positional input, and no other
+    hook on the norm or global hook that could have changed it. The adapter's MLP hook takes
+    the record when the MLP input is that output (identity) and neither was changed in place
+    since (versions), and clears it in any case."""
+
+    def __init__(self, adapter: ParallelAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, args, kwargs, output) -> None:
+        self.adapter.norm_record = None
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or kwargs or \
+                len(args) != 1 or not isinstance(output, torch.Tensor):
+            return
+        if len(module._forward_hooks) != 1 or module._forward_pre_hooks or \
+                module_globals._global_forward_hooks or \
+                module_globals._global_forward_pre_hooks:
+            return
+        self.adapter.norm_record = (module, args[0], output,
+                                    (args[0]._version, output._version))
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (checkpointing, offloading) are on; True where this torch
+    cannot say."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+# How many autograd nodes back from the attention output its attention node is looked for
+# (view, copy, transpose: the reshapes between an attention kernel and o_proj).
+ATTENTION_NODE_DEPTH = 4
+
+
+def attention_saved_query(attention_output: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """The query the attention kernel saved for its own backward, when it holds the values
+    of `query` (the prompt expert's rebuilt post-rotary query), else `query`.
+
+    Saving that tensor rather than an equal copy costs the prompt expert's backward nothing
+    (the kernel keeps it until its own backward, which runs later). Looked for only in grad
+    mode, eagerly, with no saved-tensor hooks active (reading a saved tensor under
+    checkpointing or offloading hooks would unpack it), a few nodes up the graph of the
+    attention output (o_proj's input): a node that saved a `query` (the fused attention
+    kernels do; eager attention saves none under that name). Used only when it is equal to
+    `query` in dtype, shape, strides and value (one comparison pass over [B, H, S, D])."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or \
+            attention_output.grad_fn is None or saved_tensor_hooks_active():
+        return query
+    nodes, seen = [attention_output.grad_fn], set()
+    for _ in range(ATTENTION_NODE_DEPTH):
+        following = []
+        for node in nodes:
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if hasattr(node, "_saved_query"):
+                saved = node._saved_query
+                if saved.dtype == query.dtype and saved.shape == query.shape and \
+                        saved.stride() == query.stride() and torch.equal(saved, query):
+                    return saved
+                return query
+            following += [next_node for next_node, _ in node.next_functions]
+        nodes = following
+    return query
 
 
 class PromptOutputHook(_Hook):
@@ -567,9 +664,18 @@ class PromptOutputHook(_Hook):
         cos, sin = position_embeddings
         # The family's rotary rotates a key too: give it none (zero heads, discarded).
         query, _ = self.rotary(query, query[:, :0], cos, sin)
+        query = attention_saved_query(x, query)
         gate = self.router.gates_for(self.index, self.index + 1, x, self.who)
+        # o_proj's shrink needs its input for d A: it recomputes it (module.next_input_recipe)
+        # from what the attention and this expert save anyway.
+        recompute = isinstance(module, MoALinear) and torch.is_grad_enabled() and \
+            not torch.compiler.is_compiling()
         x = prompt.add_output(x, query, gate, _frozen(getattr(attention, self.family.key)),
-                              _frozen(getattr(attention, self.family.value)))
+                              _frozen(getattr(attention, self.family.value)),
+                              with_recipe=recompute)
+        if recompute:
+            x, recipe = x
+            module.next_input_recipe = (x, recipe)
         if args:
             return (x, *args[1:]), kwargs
         return args, {**kwargs, key: x}
@@ -612,6 +718,6 @@ def attach_prompt(attention: nn.Module, prompt: PromptExpert, router: LayerRoute
     ]
 
 
-__all__ = ["GateCollector", "GroupGates", "LayerRouter", "ParallelAdapter", "PromptExpert",
-           "RoutingContext", "instance_gate_reuse", "load_balancing_loss", "masked_mean",
-           "prompt_key_cache"]
+__all__ = ["GateCollector", "GroupGates", "LayerRouter", "NormRecordHook", "ParallelAdapter",
+           "PromptExpert", "RoutingContext", "instance_gate_reuse", "is_pure_norm",
+           "load_balancing_loss", "masked_mean", "prompt_key_cache"]

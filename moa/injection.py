@@ -21,6 +21,7 @@ from moa.config import DEFAULT_EXPERT_KEY, LAYER_SCOPES, MoAConfig, layer_index,
 from moa.experts import (
     GateCollector,
     LayerRouter,
+    NormRecordHook,
     ParallelAdapter,
     PromptExpert,
     RoutingContext,
@@ -28,6 +29,7 @@ from moa.experts import (
     collecting_pre_hook,
     constant_gates_pre_hook,
     gates_pre_hook,
+    is_pure_norm,
 )
 from moa.families import check_prompt_attention, family_of
 from moa.layers import MoALinear, default_adapter_dtype
@@ -37,6 +39,9 @@ MOA_MODULES = (MoALinear, LayerRouter, ParallelAdapter, PromptExpert)
 # The adapter groups a "group" router gates (UniPELT): the adapted modules' experts, the
 # parallel adapter, the prompt expert.
 MODULE_GROUP, PARALLEL_ADAPTER_GROUP, PROMPT_GROUP = 0, 1, 2
+# Norms of a decoder layer that may produce the MLP input (Llama-style; Gemma2's
+# pre-feedforward norm): the parallel adapter recomputes its input from theirs.
+MLP_INPUT_NORMS = ("post_attention_layernorm", "pre_feedforward_layernorm")
 
 # ---------------------------------------------------------------------------------------
 # finding what to adapt
@@ -323,6 +328,11 @@ class Injection:
             self.hooks.append(mlp.register_forward_hook(
                 adapter.mlp_hook(router, adapter_index, f"parallel adapter of {layer_name}"),
                 with_kwargs=True))
+            for norm_name in MLP_INPUT_NORMS:
+                norm = getattr(layer, norm_name, None)
+                if isinstance(norm, nn.Module) and is_pure_norm(norm):
+                    self.hooks.append(norm.register_forward_hook(NormRecordHook(adapter),
+                                                                 with_kwargs=True))
         if prompt_index is not None:
             prompt = PromptExpert(attention, config.prompt_length, hidden, **factory)
             self.add(attention, "moa_prompt", prompt)

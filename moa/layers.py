@@ -391,6 +391,9 @@ class MoALinear(nn.Module):
         self.register_buffer("expert_signature", expert_signature(self.specs, device))
         self._register_load_state_dict_pre_hook(self._check_signature_on_load)
         self.last_gates: torch.Tensor | None = None
+        # (x, InputRecipe) set by a hook right before a call on that very x (the prompt
+        # expert on o_proj); consumed by that call.
+        self.next_input_recipe: tuple[torch.Tensor, torch_ops.InputRecipe] | None = None
         if device.type != "meta":
             self.reset_expert_parameters()
 
@@ -533,6 +536,7 @@ class MoALinear(nn.Module):
         with an error; the reference backend supports it.
         """
         self._check_input(x)
+        pending, self.next_input_recipe = self.next_input_recipe, None
         if not self.active:
             self.last_gates = None
             return self.base(x)
@@ -557,6 +561,11 @@ class MoALinear(nn.Module):
                 isinstance(self.dropout, nn.Dropout) else None
             if sparse is None:
                 sparse = gates is None and self.router.config.is_sparse
+            backend = resolve_backend(self.backend, x.device)
+            recipe = {}
+            if pending is not None and pending[0] is x and backend == "torch" and plain and \
+                    flat.dtype == x.dtype and adapter_input is None:
+                recipe = {"input_recipe": pending[1]}
             shrink_weight, shrink_bias, expand_weight, expand_bias = generate_cached(
                 self, ("stacked", dtype), lambda: self._stacked(dtype))
             if plain:
@@ -566,12 +575,12 @@ class MoALinear(nn.Module):
             else:
                 base_kwargs = {"base_output": base_output.reshape(-1, self.out_features)
                                .to(dtype)}
-            y, used_gates = backend_function(resolve_backend(self.backend, x.device), x)(
+            y, used_gates = backend_function(backend, x)(
                 flat, **base_kwargs, layout=self.layout, shrink_weight=shrink_weight,
                 shrink_bias=shrink_bias, expand_weight=expand_weight, expand_bias=expand_bias,
                 router=None if flat_gates is not None else generate_cached(
                     self.router, ("ops", dtype), lambda: self.router.ops(dtype)),
-                gates=flat_gates, adapter_input=adapter_input, sparse=bool(sparse))
+                gates=flat_gates, adapter_input=adapter_input, sparse=bool(sparse), **recipe)
         # Gates given in the dtype used are kept as given (no reshape op per call).
         last = gates if gates is not None and used_gates.dtype == gates.dtype else \
             used_gates.reshape(*leading, self.num_experts)

@@ -8,7 +8,9 @@ cheaply. T tokens, N features, K the adapter bottleneck, H heads of D, L prompt 
 `gated_adapter(out, x, gate, W_down, b_down, W_up, b_up, activation)`:
   forward: h = x W_down^T + b_down [T, K]; y = out + (act(h) * g) W_up^T (one GEMM with out
            as its addend), then y += g b_up in place (y is this op's own tensor).
-  saves:   x [T, M] (the only big one: d W_down = dh^T x needs it), h [T, K], g [T, 1].
+  saves:   x [T, M] (the only big one: d W_down = dh^T x needs it), h [T, K], g [T, 1];
+           with an `InputRecipe` (moa.experts: x is a norm's output) the recipe's tensors
+           instead of x, recomputed in the backward.
   backward: G = dy W_up [T, K]; dg = <G, act(h)> + dy . b_up; d W_up = dy^T (act(h) g),
            d b_up = dy^T g; dh = G * g * act'(h): act(h) and act' are recomputed from h,
            and the adapter's output W_up act(h) + b_up [T, N] is never stored (dg needs only
@@ -17,8 +19,10 @@ cheaply. T tokens, N features, K the adapter bottleneck, H heads of D, L prompt 
   forward: o = softmax(q keys^T) values [B, H, S, D] (one fused attention call; keys
            pre-scaled by D^-0.5, values gated per head); y = x + g * o laid out as x
            [B, S, H * D].
-  saves:   q [B, H, S, D] (d keys = dS^T q needs it), g [B, S, 1] and the [H, L, D] keys and
-           values.
+  saves:   q [B, H, S, D] (d keys = dS^T q needs it; moa.experts passes the attention
+           kernel's own saved query, so it costs nothing), g [B, S, 1] and the [H, L, D]
+           keys and values. `prompt_attention_recipe` recomputes y for o_proj, which then
+           saves no [B, S, H * D] input of its own.
   backward: P = softmax(q keys^T) [B, H, S, L] and o = P values are recomputed (L-long dot
            products), so neither o, its [B, S, H * D] copy nor P is stored;
            dP = g dy values^T, dS = P (dP - <dP, P>).
@@ -33,12 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
-from moa_kernels.torch_ops import ACTIVATION_DERIVATIVES, _apply
+from moa_kernels.torch_ops import ACTIVATION_DERIVATIVES, InputRecipe, _apply
 
 
 def gated_adapter(out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
                   down_weight: torch.Tensor, down_bias: torch.Tensor, up_weight: torch.Tensor,
-                  up_bias: torch.Tensor, activation: str) -> torch.Tensor:
+                  up_bias: torch.Tensor, activation: str,
+                  input_recipe: InputRecipe | None = None) -> torch.Tensor:
     """out + g * (W_up act(W_down x + b_down) + b_up), a new tensor.
 
     Args:
@@ -46,12 +51,15 @@ def gated_adapter(out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
         x: [..., M] the adapter input; gate: [..., 1]; down_weight [K, M], down_bias [K],
             up_weight [N, K], up_bias [N]: all in one compute dtype.
         activation: a key of ACTIVATION_FUNCTIONS.
+        input_recipe: how x is recomputed bitwise (any shape of x's numel): then its tensors
+            are saved instead of x, and x is recomputed in the backward for d W_down.
     Returns:
         [..., N] in out's dtype.
     """
     leading = out.shape[:-1]
     y = _apply(_GatedAdapter, out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]),
-               gate.reshape(-1, 1), down_weight, down_bias, up_weight, up_bias, activation)
+               gate.reshape(-1, 1), down_weight, down_bias, up_weight, up_bias, activation,
+               input_recipe)
     return y.reshape(*leading, out.shape[-1])
 
 
@@ -71,6 +79,28 @@ def prompt_attention(x: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
     return _apply(_PromptAttention, x, query, keys, values, gate)
 
 
+def prompt_attention_recipe(x: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
+                            values: torch.Tensor, gate: torch.Tensor) -> InputRecipe:
+    """How `prompt_attention(x, query, keys, values, gate)`'s output is recomputed bitwise
+    (the same ops on the same tensors), for the o_proj that reads it: x is the attention
+    kernel's own output and the query its own saved query (moa.experts), so saving these
+    instead of the output costs nothing."""
+    return InputRecipe(_prompt_output, (x, query, keys, values, gate))
+
+
+def _prompt_output(x, query, keys, values, gate):
+    batch, heads, tokens, head_dim = query.shape
+    out = F.scaled_dot_product_attention(query, _batched(keys, batch),
+                                         _batched(values, batch), scale=1.0)
+    out = out.transpose(1, 2)  # [B, S, H, D] (a view)
+    x4 = x.reshape(batch, tokens, heads, head_dim)
+    if x.dtype == query.dtype:
+        y = torch.addcmul(x4, gate[..., None], out)
+    else:
+        y = x4 + (gate[..., None] * out).to(x.dtype)
+    return y.reshape(batch, tokens, heads * head_dim)
+
+
 # ---------------------------------------------------------------------------------------
 # the parallel adapter
 # ---------------------------------------------------------------------------------------
@@ -79,12 +109,14 @@ class _GatedAdapter(torch.autograd.Function):
     """(out [T, N], x [T, M], gate [T, 1], weights) -> out + gated adapter output [T, N]."""
 
     @staticmethod
-    def traced(out, x, gate, down_weight, down_bias, up_weight, up_bias, activation):
+    def traced(out, x, gate, down_weight, down_bias, up_weight, up_bias, activation,
+               recipe=None):
         gated = ACTIVATION_FUNCTIONS[activation](F.linear(x, down_weight, down_bias)) * gate
         return out + (torch.addmm(gate * up_bias, gated, up_weight.t())).to(out.dtype)
 
     @staticmethod
-    def forward(ctx, out, x, gate, down_weight, down_bias, up_weight, up_bias, activation):
+    def forward(ctx, out, x, gate, down_weight, down_bias, up_weight, up_bias, activation,
+                recipe=None):
         hidden = F.linear(x, down_weight, down_bias)
         gated = ACTIVATION_FUNCTIONS[activation](hidden) * gate
         if out.dtype == gated.dtype:
@@ -92,13 +124,18 @@ class _GatedAdapter(torch.autograd.Function):
         else:
             y = out + torch.addmm(gate * up_bias, gated, up_weight.t()).to(out.dtype)
         ctx.activation = activation
-        ctx.save_for_backward(x, gate, hidden, down_weight, up_weight, up_bias)
+        if recipe is None:
+            ctx.save_for_backward(x, gate, hidden, down_weight, up_weight, up_bias)
+        else:
+            ctx.save_for_backward(None, gate, hidden, down_weight, up_weight, up_bias,
+                                  *recipe.tensors)
+            ctx.recompute, ctx.x_shape = recipe.function, x.shape
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, gate, hidden, down_weight, up_weight, up_bias = ctx.saved_tensors
+        x, gate, hidden, down_weight, up_weight, up_bias, *recipe_tensors = ctx.saved_tensors
         activation = ctx.activation
         grad = grad_y.to(hidden.dtype)
         activated = ACTIVATION_FUNCTIONS[activation](hidden)
@@ -112,10 +149,14 @@ class _GatedAdapter(torch.autograd.Function):
             grad_hidden = grad_hidden * ACTIVATION_DERIVATIVES[activation](hidden)
         needs = ctx.needs_input_grad
         grad_x = grad_hidden @ down_weight if needs[1] else None
-        grad_down_weight = grad_hidden.t() @ x if needs[3] else None
+        grad_down_weight = None
+        if needs[3]:
+            if x is None:
+                x = ctx.recompute(*recipe_tensors).reshape(ctx.x_shape)
+            grad_down_weight = grad_hidden.t() @ x
         grad_down_bias = grad_hidden.sum(0) if needs[4] else None
         return (grad_y, grad_x, grad_gate, grad_down_weight, grad_down_bias, grad_up_weight,
-                grad_up_bias, None)
+                grad_up_bias, None, None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,17 +181,8 @@ class _PromptAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, query, keys, values, gate):
-        batch, heads, tokens, head_dim = query.shape
-        out = F.scaled_dot_product_attention(query, _batched(keys, batch),
-                                             _batched(values, batch), scale=1.0)
-        out = out.transpose(1, 2)  # [B, S, H, D] (a view)
-        x4 = x.reshape(batch, tokens, heads, head_dim)
-        if x.dtype == query.dtype:
-            y = torch.addcmul(x4, gate[..., None], out)
-        else:
-            y = x4 + (gate[..., None] * out).to(x.dtype)
         ctx.save_for_backward(query, keys, values, gate)
-        return y.reshape(batch, tokens, heads * head_dim)
+        return _prompt_output(x, query, keys, values, gate)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -174,4 +206,4 @@ class _PromptAttention(torch.autograd.Function):
         return grad_y, grad_query, grad_keys, grad_values, grad_gate
 
 
-__all__ = ["gated_adapter", "prompt_attention"]
+__all__ = ["gated_adapter", "prompt_attention", "prompt_attention_recipe"]

@@ -44,8 +44,7 @@ def gates_from_first_layer(
     if mode in ("threshold", "adaptive"):
         body, threshold_logit = first_layer[:, :-1], first_layer[:, -1:]
     if kind == "swiglu":
-        up, gate_half = body.chunk(2, dim=-1)
-        logits = F.linear(F.silu(up) * gate_half, w2_weight, w2_bias)
+        logits = swiglu_head(body, w2_weight, w2_bias)
     else:
         logits = body
     if logits.shape[-1] != num_experts:
@@ -72,6 +71,52 @@ def gates_from_first_layer(
         total = kept.sum(dim=-1, keepdim=True)  # 0 where every kept sigmoid underflows
         kept = kept / torch.where(total == 0, 1.0, total)
     return kept, active
+
+
+def swiglu_head(first_layer: torch.Tensor, w2_weight: torch.Tensor,
+                w2_bias: torch.Tensor | None) -> torch.Tensor:
+    """The SwiGLU router's logits W2 (silu(u) * v) + b2 from its first layer [T, 2H] = [u, v].
+
+    Saves only the first layer (and W2) for the backward, which recomputes silu(u) and the
+    product ([T, H] each): under plain autograd they would be saved too. The first layer is
+    often saved anyway (a view of the fused shrink output h, whose storage the gated expand
+    keeps), then the head saves nothing of its own. Plain ops under torch.compile (the
+    compiler picks what to save) and without grad mode."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        up, gate_half = first_layer.chunk(2, dim=-1)
+        return F.linear(F.silu(up) * gate_half, w2_weight, w2_bias)
+    return _SwiGLUHead.apply(first_layer, w2_weight, w2_bias)
+
+
+class _SwiGLUHead(torch.autograd.Function):
+    """(first_layer [T, 2H], W2 [E, H], b2 [E] or None) -> logits [T, E]."""
+
+    @staticmethod
+    def forward(ctx, first_layer, w2_weight, w2_bias):
+        up, gate_half = first_layer.chunk(2, dim=-1)
+        ctx.save_for_backward(first_layer, w2_weight)
+        ctx.has_bias = w2_bias is not None
+        return F.linear(F.silu(up) * gate_half, w2_weight, w2_bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logits):
+        first_layer, w2_weight = ctx.saved_tensors
+        up, gate_half = first_layer.chunk(2, dim=-1)
+        activated = F.silu(up)
+        needs = ctx.needs_input_grad
+        grad_first = grad_w2 = grad_b2 = None
+        if needs[0]:
+            grad_hidden = grad_logits @ w2_weight  # [T, H]
+            sigmoid = torch.sigmoid(up)
+            # d silu(u) / du = sigmoid(u) (1 + u (1 - sigmoid(u))), autograd's own formula
+            grad_up = grad_hidden * gate_half * (sigmoid * (1 + up * (1 - sigmoid)))
+            grad_first = torch.cat([grad_up, grad_hidden * activated], dim=-1)
+        if needs[1]:
+            grad_w2 = grad_logits.t() @ (activated * gate_half)
+        if needs[2] and ctx.has_bias:
+            grad_b2 = grad_logits.sum(0)
+        return grad_first, grad_w2, grad_b2
 
 
 @dataclass

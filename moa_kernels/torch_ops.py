@@ -7,9 +7,11 @@ computed here from a plain linear's weights (`base_weight`), the fast path of st
 
 Dense (soft mode, or gates given):
   1. `_BaseAndShrink`: y = base(x) and h = x @ [A_stack; W_router1]^T + bias: two GEMMs that
-     share the saved x; backward accumulates dx = dy W_base + dh W_shrink in place. With a
-     given base output, h = F.linear(x, [A_stack; W_router1]) under plain autograd.
-  2. The router finishes from h[:, R:] with ordinary autograd ([T, F] tensors only).
+     share the saved x (or, given an `InputRecipe`, the tensors x is recomputed from);
+     backward accumulates dx = dy W_base + dh W_shrink in place. With a given base output,
+     h = F.linear(x, [A_stack; W_router1]) under plain autograd.
+  2. The router finishes from h[:, R:] ([T, F] tensors only; the SwiGLU head saves only
+     that view of h, whose storage step 3 keeps anyway).
   3. `_GatedExpand`: u = act(h[:, :R]) * g * scaling per column, then one GEMM
      y + [u, g_adapters] @ [B_stack, up_biases]^T with y as its addend (out of place: no
      tensor another op returned is modified, so autograd, torch.compile and tensor
@@ -40,6 +42,9 @@ Without grad mode the autograd Functions' forwards run directly (`_apply`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -53,6 +58,17 @@ from moa_kernels.routing import RouterOps, RoutingPlan
 # work it saves, so sparse execution pays off only for clearly sparse routing (AdaMoLE's
 # adaptive thresholds often leave most pairs active). Retune with benchmarks/layer_ratios.py.
 DENSE_ABOVE_ACTIVE_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class InputRecipe:
+    """x as `function(*tensors)`, bitwise (the same ops on the same tensors): what a fused
+    op saves for its backward instead of x when the tensors are kept alive by others anyway
+    (docs/DESIGN.md, "Saved tensors"). They are saved with save_for_backward, so an in-place
+    change of one before the backward is an error, as it would be for x itself."""
+
+    function: Callable[..., torch.Tensor]
+    tensors: tuple[torch.Tensor, ...]
 
 
 def moa_linear(
@@ -70,6 +86,7 @@ def moa_linear(
     gates: torch.Tensor | None = None,
     adapter_input: torch.Tensor | None = None,
     sparse: bool = False,
+    input_recipe: InputRecipe | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = base + sum_e g_e delta_e(adapter_input) for 2-D x (the backend contract of
     moa_kernels/backends.py).
@@ -83,6 +100,8 @@ def moa_linear(
         expand_bias [N_ad, out]: the stacked expert tensors, in x's dtype.
         router: the router's first layer and finisher; or None with `gates` [T, E] given.
         sparse: skip inactive (token, expert) pairs (the router's `active` mask).
+        input_recipe: how x is recomputed (x's shape or any of the same numel), so that
+            `_BaseAndShrink` saves the recipe's tensors instead of x (this backend only).
     Returns:
         y [T, out] and the applied gates [T, E].
     """
@@ -119,7 +138,8 @@ def moa_linear(
         y = base_output
         h = F.linear(x, weight, bias) if weight is not None else x.new_empty(x.shape[0], 0)
     elif weight is not None:
-        y, h = _apply(_BaseAndShrink, x, base_weight, base_bias, weight, bias, link)
+        y, h = _apply(_BaseAndShrink, x, base_weight, base_bias, weight, bias, link,
+                      input_recipe)
     else:
         y, h = F.linear(x, base_weight, base_bias), x.new_empty(x.shape[0], 0)
 
@@ -274,15 +294,23 @@ class _InputGradLink:
 
 
 class _BaseAndShrink(torch.autograd.Function):
-    """(x [T, in]) -> (base(x) [T, out], x @ shrink_weight^T + shrink_bias [T, S])."""
+    """(x [T, in]) -> (base(x) [T, out], x @ shrink_weight^T + shrink_bias [T, S]).
+
+    Saves x, or with an `InputRecipe` its tensors (x is then recomputed in the backward, and
+    only where a weight gradient needs it: dx needs no x)."""
 
     @staticmethod
-    def traced(x, base_weight, base_bias, shrink_weight, shrink_bias, link=None):
+    def traced(x, base_weight, base_bias, shrink_weight, shrink_bias, link=None, recipe=None):
         return F.linear(x, base_weight, base_bias), F.linear(x, shrink_weight, shrink_bias)
 
     @staticmethod
-    def forward(ctx, x, base_weight, base_bias, shrink_weight, shrink_bias, link=None):
-        ctx.save_for_backward(x, base_weight, shrink_weight)
+    def forward(ctx, x, base_weight, base_bias, shrink_weight, shrink_bias, link=None,
+                recipe=None):
+        if recipe is None:
+            ctx.save_for_backward(x, base_weight, shrink_weight)
+        else:
+            ctx.save_for_backward(None, base_weight, shrink_weight, *recipe.tensors)
+            ctx.recompute, ctx.x_shape = recipe.function, x.shape
         ctx.link = link
         ctx.has_base_bias = base_bias is not None
         return F.linear(x, base_weight, base_bias), F.linear(x, shrink_weight, shrink_bias)
@@ -290,12 +318,14 @@ class _BaseAndShrink(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_h):
-        x, base_weight, shrink_weight = ctx.saved_tensors
+        x, base_weight, shrink_weight, *recipe_tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        if x is None and (needs[1] or needs[3]):
+            x = ctx.recompute(*recipe_tensors).reshape(ctx.x_shape)
         grad_x = grad_base_weight = grad_base_bias = grad_shrink_weight = None
         grad_shrink_bias = None
         if grad_h is None:
-            grad_h = x.new_zeros(x.shape[0], shrink_weight.shape[0])
+            grad_h = shrink_weight.new_zeros(grad_y.shape[0], shrink_weight.shape[0])
         if needs[0]:
             # The big GEMM allocates dx; the skinny one accumulates into it in place.
             if grad_y is not None:
@@ -314,7 +344,7 @@ class _BaseAndShrink(torch.autograd.Function):
         if needs[4]:
             grad_shrink_bias = grad_h.sum(0)
         return (grad_x, grad_base_weight, grad_base_bias, grad_shrink_weight, grad_shrink_bias,
-                None)
+                None, None)
 
 
 def _expand_operands(hidden, gates, expand_weight, expand_bias, layout, traced=False):

@@ -30,10 +30,10 @@ from transformers import (
     TrainingArguments,
 )
 
-from moa import MoAConfig, MoALinear, MoAModel, RouterConfig, get_moa_model
+from moa import MoAConfig, MoALinear, MoAModel, RouterConfig, experts, get_moa_model
 from moa.experts import GateCollector, PromptExpert, load_balancing_loss
 from moa.model import MOA_MODULES, WEIGHTS_NAME
-from tests.conftest import relative_error
+from tests.conftest import assert_results_match, relative_error
 from tests.moa.tiny import VOCAB, llama_config, perturb, tiny_llama, token_batch
 
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -686,6 +686,69 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(preset):
     assert grads.keys() == checkpointed_grads.keys() and len(grads) > 0
     for name, (_, grad) in grads.items():
         assert relative_error(checkpointed_grads[name][1], grad) < 1e-6, name
+
+
+def autograd_nodes(tensor: torch.Tensor) -> list:
+    """Every node of tensor's autograd graph."""
+    seen, stack, nodes = set(), [tensor.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        stack += [following for following, _ in node.next_functions]
+    return nodes
+
+
+def storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def check_saved_tensors(nodes: list, layers: int, attention: str) -> None:
+    def named(name):
+        return [node for node in nodes if type(node).__name__ == name]
+
+    attention_queries = {storage(node._saved_query) for node in nodes
+                         if hasattr(node, "_saved_query")}
+    prompts = named("_PromptAttentionBackward")
+    assert len(prompts) == layers
+    # A fused attention kernel saves a query (Gemma2 runs eager attention: nothing to share)
+    assert bool(attention_queries) == (attention == "sdpa")
+    if attention_queries:
+        assert all(storage(node.saved_tensors[0]) in attention_queries for node in prompts)
+    adapters = named("_GatedAdapterBackward")
+    assert len(adapters) == layers and all(node.saved_tensors[0] is None for node in adapters)
+    recomputed = [node for node in named("_BaseAndShrinkBackward")
+                  if node.saved_tensors[0] is None]
+    assert len(recomputed) == layers  # o_proj's, one per layer
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_soft_moa_saves_no_copy_of_what_the_attention_and_the_norms_keep(family, monkeypatch):
+    # docs/DESIGN.md "Saved tensors": the prompt expert saves the attention kernel's own
+    # query, o_proj recomputes its input (attention output + prompt output), the parallel
+    # adapter recomputes its input from the norm's input. Gradients must be those of the
+    # same model saving its inputs (the recomputations switched off), on fresh weights.
+    ids = token_batch(2, 10)
+    runs = {}
+    for lean in (True, False):
+        with monkeypatch.context() as patch:
+            if not lean:
+                patch.setattr(experts, "attention_saved_query", lambda output, query: query)
+                patch.setattr(experts, "prompt_attention_recipe", lambda *operands: None)
+                patch.setattr(experts.NormRecordHook, "__call__", lambda self, *args: None)
+            moa = get_moa_model(tiny_family(family), MoAConfig.preset("soft_moa"))
+            perturb(moa)
+            moa.train()
+            loss = moa(ids, labels=ids).loss
+            if lean:
+                check_saved_tensors(autograd_nodes(loss), len(moa.model.model.layers),
+                                    moa.model.config._attn_implementation)
+            loss.backward()
+        runs[lean] = {"y": loss.detach(), **{name: grad for name, (_, grad) in
+                                            moa_tensors_and_grads(moa).items()}}
+    assert_results_match(runs[True], runs[False], 1e-5, dtype=torch.float32)
 
 
 def test_bf16_base_and_autocast_keep_adapters_in_fp32():

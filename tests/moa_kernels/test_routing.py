@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from moa_kernels.reference import reference_router
-from moa_kernels.routing import RoutingPlan, gates_from_first_layer
-from tests.conftest import relative_error, rounding_floor
+from moa_kernels.routing import RoutingPlan, gates_from_first_layer, swiglu_head
+from tests.conftest import assert_results_match, relative_error, rounding_floor
 
 MODES = ("soft", "threshold", "adaptive", "topk")
 GATES = ("sigmoid", "softmax")
@@ -91,6 +91,58 @@ def test_gates_from_first_layer_match_reference_router(
         assert active.all()
     else:
         assert not (gates[~active] != 0).any(), "an inactive pair carries a non-zero gate"
+
+
+def plain_swiglu_head(first_layer, w2_weight, w2_bias):
+    up, gate_half = first_layer.chunk(2, dim=-1)
+    return F.linear(F.silu(up) * gate_half, w2_weight, w2_bias)
+
+
+def swiglu_head_run(head, first_layer, w2_weight, w2_bias, grad_logits):
+    """Logits and the gradients of every input of `head` for the cotangent grad_logits."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None
+              for t in (first_layer, w2_weight, w2_bias)]
+    logits = head(*leaves)
+    logits.backward(grad_logits)
+    names = ("first_layer", "w2_weight", "w2_bias")
+    return {"y": logits.detach(), **{name: None if leaf is None else leaf.grad
+                                     for name, leaf in zip(names, leaves)}}
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "bias-free"])
+@pytest.mark.parametrize(
+    "tokens, hidden, num_experts",
+    [
+        (37, 28, 7),  # the soft_moa layer router: E = 7, hidden 4 x 7; prime T
+        (1, 4, 1),  # one token, E = 1
+        (0, 8, 2),  # T = 0
+    ],
+)
+def test_swiglu_head_saves_less_and_matches_plain_autograd(bias, tokens, hidden, num_experts):
+    # The head saves only its first layer and W2 (silu(u) and the product are recomputed in
+    # the backward); logits and every gradient must be those of plain autograd, on fresh
+    # random data including the cotangent.
+    generator = torch.Generator().manual_seed(11)
+    first_layer = torch.randn(tokens, 2 * hidden, generator=generator) * 2
+    w2_weight = torch.randn(num_experts, hidden, generator=generator) * hidden ** -0.5
+    w2_bias = torch.randn(num_experts, generator=generator) if bias else None
+    grad_logits = torch.randn(tokens, num_experts, generator=generator)
+    got = swiglu_head_run(swiglu_head, first_layer, w2_weight, w2_bias, grad_logits)
+    want = swiglu_head_run(plain_swiglu_head, first_layer, w2_weight, w2_bias, grad_logits)
+    assert_results_match(got, want, 1e-5, dtype=torch.float32)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        swiglu_head(first_layer.requires_grad_(True), w2_weight, w2_bias)
+    assert sum(t.numel() for t in saved) == first_layer.numel() + w2_weight.numel()
+
+
+def test_swiglu_head_gradcheck_in_float64():
+    generator = torch.Generator().manual_seed(12)
+    inputs = (torch.randn(5, 6, generator=generator, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, 3, generator=generator, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, generator=generator, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(swiglu_head, inputs)
 
 
 def test_threshold_mode_semantics_written_out():

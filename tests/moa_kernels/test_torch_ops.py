@@ -660,3 +660,102 @@ def test_sparse_path_saves_its_expert_hiddens_through_saved_tensor_hooks():
             assert (count, width) in packed_shapes
     y.square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------------------------------
+# inputs recomputed, not saved (InputRecipe; moa_kernels/layer_experts.py)
+# ---------------------------------------------------------------------------------------
+
+def saved_storages(function):
+    """function()'s result and the storages (data pointers) of what it saved for backward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.untyped_storage().data_ptr()) or t, lambda t: t):
+        result = function()
+    return result, set(saved)
+
+
+@pytest.mark.parametrize("outside_gates", [True, False], ids=["outside-gates", "own-router"])
+def test_an_input_recipe_is_saved_instead_of_the_input_with_the_same_gradients(outside_gates):
+    # o_proj's case: its input x = a + b * c is recomputed in _BaseAndShrink's backward from
+    # tensors kept anyway. Output and every gradient (a's through x's own graph) must be the
+    # reference backend's, which ignores the recipe, on fresh random data.
+    layer = make_layer(EXPERT_MIXES["paper-mix-E5"], gates_from_outside=outside_gates,
+                       seed=5)
+    generator = torch.Generator().manual_seed(21)
+    scale, shift = (torch.randn(17, layer.in_features, generator=generator) for _ in range(2))
+    gates = torch.rand(17, layer.num_experts, generator=generator) if outside_gates else None
+    made = []
+
+    def make_x(leaf):
+        x = torch.addcmul(shift, leaf, scale)
+        layer.next_input_recipe = (x, torch_ops.InputRecipe(torch.addcmul, (shift, leaf, scale)))
+        made.append(x)
+        return x
+
+    leaf = torch.randn(17, layer.in_features, generator=generator)
+    actual, expected = compare_backends(layer, leaf, make_x, gates)
+    assert layer.next_input_recipe is None, "the recipe is consumed by the call it was for"
+
+    layer.backend = "torch"
+    x_leaf = leaf.clone().requires_grad_(True)
+    _, storages = saved_storages(lambda: layer(make_x(x_leaf), gates))
+    assert made[-1].untyped_storage().data_ptr() not in storages
+    x = torch.addcmul(shift, x_leaf, scale)
+    _, storages = saved_storages(lambda: layer(x, gates))
+    assert x.untyped_storage().data_ptr() in storages, "without a recipe x itself is saved"
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "identity"])
+def test_gated_adapter_with_an_input_recipe_matches_plain_autograd(activation):
+    # The parallel adapter's case: x = norm(z) recomputed from z in the backward (here
+    # x = tanh(z)); output and every gradient equal plain autograd's, and x is not saved.
+    from moa_kernels.layer_experts import gated_adapter
+    from moa_kernels.reference import ACTIVATION_FUNCTIONS
+    from moa_kernels.torch_ops import InputRecipe
+
+    generator = torch.Generator().manual_seed(31)
+    tokens, features, size = 23, 12, 5
+    tensors = {"out": torch.randn(tokens, features, generator=generator),
+               "z": torch.randn(tokens, features, generator=generator),
+               "gate": torch.rand(tokens, 1, generator=generator),
+               "down_weight": torch.randn(size, features, generator=generator) * 0.3,
+               "down_bias": torch.randn(size, generator=generator),
+               "up_weight": torch.randn(features, size, generator=generator) * 0.3,
+               "up_bias": torch.randn(features, generator=generator)}
+    cotangent = torch.randn(tokens, features, generator=generator)
+
+    def run_adapter(fused):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in tensors.items()}
+        x = torch.tanh(leaves["z"])
+        weights = [leaves[k] for k in ("down_weight", "down_bias", "up_weight", "up_bias")]
+
+        def forward():
+            if fused:
+                return gated_adapter(leaves["out"], x, leaves["gate"], *weights, activation,
+                                     InputRecipe(torch.tanh, (leaves["z"],)))
+            hidden = ACTIVATION_FUNCTIONS[activation](F.linear(x, *weights[:2]))
+            return leaves["out"] + leaves["gate"] * F.linear(hidden, *weights[2:])
+
+        y, storages = saved_storages(forward)
+        (y * cotangent).sum().backward()
+        return {"y": y.detach(), **{k: v.grad for k, v in leaves.items()}}, storages, x
+
+    actual, storages, x = run_adapter(True)
+    expected, _, _ = run_adapter(False)
+    assert_results_match(actual, expected, FP32_TOL, dtype=torch.float32)
+    assert x.untyped_storage().data_ptr() not in storages
+
+
+def test_the_prompt_attention_recipe_recomputes_its_output_bitwise():
+    from moa_kernels.layer_experts import prompt_attention, prompt_attention_recipe
+
+    generator = torch.Generator().manual_seed(41)
+    batch, heads, tokens, head_dim, length = 2, 3, 7, 4, 5
+    operands = (torch.randn(batch, tokens, heads * head_dim, generator=generator),
+                torch.randn(batch, heads, tokens, head_dim, generator=generator),
+                torch.randn(heads, length, head_dim, generator=generator),
+                torch.randn(heads, length, head_dim, generator=generator),
+                torch.rand(batch, tokens, 1, generator=generator))
+    recipe = prompt_attention_recipe(*operands)
+    assert torch.equal(recipe.function(*recipe.tensors), prompt_attention(*operands))
