@@ -536,7 +536,9 @@ class MoALinear(nn.Module):
         with an error; the reference backend supports it.
         """
         self._check_input(x)
-        pending, self.next_input_recipe = self.next_input_recipe, None
+        pending = self.next_input_recipe
+        if pending is not None:
+            self.next_input_recipe = None
         if not self.active:
             self.last_gates = None
             return self.base(x)
