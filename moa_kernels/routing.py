@@ -4,7 +4,8 @@ The router's first layer is a plain linear map of x, so the fused backends compu
 the same GEMM as the experts' shrink (x is read once). `gates_from_first_layer` finishes
 the router from that output; `RoutingPlan` lists the active (token, expert) pairs sorted
 by expert, built once per MoALinear call by the torch backend's sparse path (the Triton
-backend builds its own sync-free plan, moa_kernels/triton/plan.py).
+backend's sparse plans are in moa_kernels/triton/: masked dense GEMMs, or its own pair plan
+in grouped.py).
 
 Shapes: T tokens, E experts, H router hidden width.
 """
