@@ -30,7 +30,8 @@ Sparse (threshold, adaptive, topk):
      hands its dx pieces to `_BaseAndShrink`, which adds them into the dx it allocates.
   When more than DENSE_ABOVE_ACTIVE_FRACTION of the pairs are active, step 3 is the dense
   `_GatedExpand` with the skipped pairs' hidden zeroed and their gates masked instead (the
-  same math, cheaper on CPU).
+  same math, cheaper on CPU); on fewer than SPARSE_PLAN_MIN_TOKENS tokens (decoding) so is
+  the whole call, with the shrink fused as in soft mode.
 torch.compile: every step traces with fullgraph=True. Each autograd Function has a
 `traced` twin, the same math in plain differentiable ops (gathers as GEMMs with the
 layout's maps), which `_apply` runs under compile: AOTAutograd derives the backward and
@@ -58,6 +59,11 @@ from moa_kernels.routing import RouterOps, RoutingPlan
 # work it saves, so sparse execution pays off only for clearly sparse routing (AdaMoLE's
 # adaptive thresholds often leave most pairs active). Retune with benchmarks/layer_ratios.py.
 DENSE_ABOVE_ACTIVE_FRACTION = 0.5
+# Sparse modes on fewer tokens than this (decoding, small batches) take the dense masked
+# path outright: building a routing plan (nonzero, a sort, counts read on the host) and
+# gathering rows costs more than the low-rank work it would skip. Measured crossover in
+# benchmarks/RESULTS.md ("Sparse modes on few tokens").
+SPARSE_PLAN_MIN_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,10 @@ def moa_linear(
         raise ValueError("give exactly one of base_output (any base) and base_weight (a "
                          "plain linear base)")
     # Under torch.compile the sparse modes run the dense path with the skipped pairs masked
-    # (the same math, static shapes): a routing plan's sizes depend on the data.
-    planned = sparse and not torch.compiler.is_compiling()
+    # (the same math, static shapes): a routing plan's sizes depend on the data. So do they
+    # on few tokens (SPARSE_PLAN_MIN_TOKENS).
+    planned = sparse and not torch.compiler.is_compiling() and \
+        x.shape[0] >= SPARSE_PLAN_MIN_TOKENS
     expert_rows = 0 if planned else layout.shrink_rows
     fused_input = adapter_input is None
     weights, biases = [], []  # a None bias: that block of rows has none

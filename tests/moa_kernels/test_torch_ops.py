@@ -51,8 +51,9 @@ KINDS = ("linear", "swiglu")
 def always_sparse_path(monkeypatch):
     """The sparse modes take the dense path when most pairs are active; the tests here pin
     the sparse path (the dense fallback has its own test below) so that every sparse case
-    really runs `_SparseExperts`, whatever its routing density."""
+    really runs `_SparseExperts`, whatever its routing density and token count."""
     monkeypatch.setattr(torch_ops, "DENSE_ABOVE_ACTIVE_FRACTION", 1.0)
+    monkeypatch.setattr(torch_ops, "SPARSE_PLAN_MIN_TOKENS", 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -632,6 +633,31 @@ def test_dense_fallback_of_sparse_modes_matches_the_sparse_path(mode, monkeypatc
         results[fraction], _ = compare_backends(layer, x)
         assert path in ran
     assert_matches(results[0.5], results[1.0], FP32_TOL, layer)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_sparse_modes_on_few_tokens_take_the_dense_path(mode, monkeypatch):
+    # Decoding-sized calls (under SPARSE_PLAN_MIN_TOKENS tokens) skip the routing plan even
+    # when few pairs are active: the masked dense path, which must match the planned path
+    # and the reference in output and every gradient.
+    router = RouterConfig(mode=mode, gate="softmax", max_threshold=0.5, top_k=1)
+    layer = make_layer(EXPERT_MIXES["paper-mix-E5"], router)
+    x = decisive_tokens(layer, 12, 1e-3)
+    ops = layer.router.ops(torch.float32)
+    _, active = ops.finish(F.linear(x, ops.first_weight, ops.first_bias))
+    assert active.float().mean() < 0.5, "test data: the routing must be mostly inactive"
+    ran, apply = [], torch_ops._apply
+    monkeypatch.setattr(torch_ops, "_apply",
+                        lambda function, *args: ran.append(function) or apply(function, *args))
+    monkeypatch.setattr(torch_ops, "DENSE_ABOVE_ACTIVE_FRACTION", 0.5)
+    results = {}
+    for minimum, path in ((256, torch_ops._GatedExpand), (0, torch_ops._SparseExperts)):
+        monkeypatch.setattr(torch_ops, "SPARSE_PLAN_MIN_TOKENS", minimum)
+        ran.clear()
+        results[minimum], _ = compare_backends(layer, x)
+        assert path in ran
+        assert minimum == 0 or torch_ops._SparseExperts not in ran
+    assert_matches(results[256], results[0], FP32_TOL, layer)
 
 
 def test_sparse_path_saves_its_expert_hiddens_through_saved_tensor_hooks():
