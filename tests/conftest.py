@@ -214,6 +214,27 @@ def sparse_run_with_outside_gates(layer, x: torch.Tensor, gates: torch.Tensor,
     return result
 
 
+def run_with_gradients(layer, x: torch.Tensor, backend: str, gates=None,
+                       seed: int | None = 7):
+    """y and the gradients of x and of every trainable tensor of `layer(x[, gates])` on
+    `backend` under a fixed weighting of y, and the gates the layer applied. seed: the
+    global seed set just before the call (the same dropout mask for every backend), or None
+    to leave the generator alone."""
+    layer.backend = backend
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    y = layer(x, gates) if gates is not None else layer(x)
+    weights = torch.linspace(-1.0, 1.0, y.numel(), device=y.device).reshape(y.shape)
+    (y.float() * weights).sum().backward()
+    grads = {"y": y.detach(), "x": x.grad}
+    for name, parameter in layer.named_parameters():
+        if parameter.requires_grad:
+            grads[name] = parameter.grad
+    return grads, layer.last_gates
+
+
 @pytest.fixture
 def seeded():
     torch.manual_seed(1234)

@@ -612,6 +612,14 @@ def test_second_derivative_is_refused_by_the_torch_backend(mode):
         grad_x.square().sum().backward()
 
 
+def record_applied_functions(monkeypatch) -> list:
+    """The autograd Functions torch_ops runs (through `_apply`), in order, from now on."""
+    ran, apply = [], torch_ops._apply
+    monkeypatch.setattr(torch_ops, "_apply",
+                        lambda function, *args: ran.append(function) or apply(function, *args))
+    return ran
+
+
 @pytest.mark.parametrize("mode", ["threshold", "adaptive", "topk"])
 def test_dense_fallback_of_sparse_modes_matches_the_sparse_path(mode, monkeypatch):
     # Low thresholds leave most pairs active, so with the default fraction the layer runs
@@ -623,9 +631,7 @@ def test_dense_fallback_of_sparse_modes_matches_the_sparse_path(mode, monkeypatc
     ops = layer.router.ops(torch.float32)
     _, active = ops.finish(F.linear(x, ops.first_weight, ops.first_bias))
     assert active.float().mean() > 0.5, "test data: the routing must be mostly active"
-    ran, apply = [], torch_ops._apply
-    monkeypatch.setattr(torch_ops, "_apply",
-                        lambda function, *args: ran.append(function) or apply(function, *args))
+    ran = record_applied_functions(monkeypatch)
     results = {}
     for fraction, path in ((0.5, torch_ops._GatedExpand), (1.0, torch_ops._SparseExperts)):
         monkeypatch.setattr(torch_ops, "DENSE_ABOVE_ACTIVE_FRACTION", fraction)
@@ -646,9 +652,7 @@ def test_sparse_modes_on_few_tokens_take_the_dense_path(mode, monkeypatch):
     ops = layer.router.ops(torch.float32)
     _, active = ops.finish(F.linear(x, ops.first_weight, ops.first_bias))
     assert active.float().mean() < 0.5, "test data: the routing must be mostly inactive"
-    ran, apply = [], torch_ops._apply
-    monkeypatch.setattr(torch_ops, "_apply",
-                        lambda function, *args: ran.append(function) or apply(function, *args))
+    ran = record_applied_functions(monkeypatch)
     monkeypatch.setattr(torch_ops, "DENSE_ABOVE_ACTIVE_FRACTION", 0.5)
     results = {}
     for minimum, path in ((256, torch_ops._GatedExpand), (0, torch_ops._SparseExperts)):

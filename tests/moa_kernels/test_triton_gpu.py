@@ -23,7 +23,12 @@ from torch import nn
 pytest.importorskip("triton")
 
 from moa import MoALinear, RouterConfig  # noqa: E402
-from tests.conftest import assert_results_match, router_gates_vanish, router_keys  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    assert_results_match,
+    router_gates_vanish,
+    router_keys,
+    run_with_gradients,
+)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = torch.cuda.is_available() and not INTERPRETED
@@ -51,17 +56,7 @@ def _layer(router, in_features, out_features, dtype, experts=EXPERTS):
 
 
 def _run(layer, x, backend, gates=None):
-    layer.backend = backend
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    y = layer(x, gates) if gates is not None else layer(x)
-    weights = torch.linspace(-1.0, 1.0, y.numel(), device=y.device).reshape(y.shape)
-    (y.float() * weights).sum().backward()
-    result = {"y": y.detach(), "x": x.grad}
-    for name, parameter in layer.named_parameters():
-        if parameter.requires_grad:
-            result[name] = parameter.grad
-    return result, layer.last_gates
+    return run_with_gradients(layer, x, backend, gates, seed=None)
 
 
 def _compare(layer, x, dtype, gates=None, prefill=contextlib.nullcontext):

@@ -29,6 +29,7 @@ from tests.conftest import (  # noqa: E402
     relative_error,
     router_gates_vanish,
     router_keys,
+    run_with_gradients,
     sparse_run_with_outside_gates,
     threshold_layer_as_one,
 )
@@ -102,32 +103,18 @@ def grouped(monkeypatch):
     return built
 
 
-def _run(layer, x, backend, gates=None, seed=7):
-    layer.backend = backend
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    torch.manual_seed(seed)  # the same dropout mask for both backends
-    y = layer(x, gates) if gates is not None else layer(x)
-    weights = torch.linspace(-1.0, 1.0, y.numel(), device=y.device).reshape(y.shape)
-    (y.float() * weights).sum().backward()
-    grads = {"y": y.detach(), "x": x.grad}
-    for name, parameter in layer.named_parameters():
-        if parameter.requires_grad:
-            grads[name] = parameter.grad
-    return grads, layer.last_gates
-
-
 def _compare(layer, x, dtype, built):
     """Grouped triton in `dtype` against the reference (a float64 copy for fp16 / bf16, as
     test_triton_ops does). Returns (expected, actual, router gradients vanished)."""
     if dtype == torch.float32:
         oracle_dtype = dtype
-        expected, routing = _run(layer, x, "reference")
+        expected, routing = run_with_gradients(layer, x, "reference")
     else:
         oracle_dtype = torch.float64
-        expected, routing = _run(copy.deepcopy(layer).double(), x.double(), "reference")
+        expected, routing = run_with_gradients(copy.deepcopy(layer).double(), x.double(),
+                                               "reference")
     before = len(built)
-    actual, _ = _run(layer, x, "triton")
+    actual, _ = run_with_gradients(layer, x, "triton")
     assert len(built) > before, "the grouped plan did not run"
     for name, value in actual.items():
         assert value is None or value.dtype == dtype, name
@@ -295,8 +282,8 @@ def test_two_runs_are_bitwise_equal(monkeypatch, grouped):
     layer = _make_layer(ALL_ACTIVATIONS + ["hydra:4:2"],
                         RouterConfig(mode="topk", top_k=3), 19, 23, torch.float32)
     x = torch.randn(130, 19, device=DEVICE)
-    first, _ = _run(layer, x, "triton")
-    second, _ = _run(layer, x, "triton")
+    first, _ = run_with_gradients(layer, x, "triton")
+    second, _ = run_with_gradients(layer, x, "triton")
     for name, value in first.items():
         assert torch.equal(value, second[name]), name
 
@@ -309,7 +296,7 @@ def test_grouped_equals_masked(monkeypatch):
     results = {}
     for plan in ("masked", "grouped"):
         monkeypatch.setenv("MOA_TRITON_SPARSE", plan)
-        results[plan], _ = _run(layer, x, "triton")
+        results[plan], _ = run_with_gradients(layer, x, "triton")
     assert_results_match(results["grouped"], results["masked"], TOLERANCE[torch.float32],
                          dtype=torch.float32)
 
@@ -368,7 +355,7 @@ def test_torch_compile_traces_the_grouped_ops(grouped):
     layer = _make_layer(["adapter:5:silu", "lora:8", "hydra:4:2"], RouterConfig(mode="topk"),
                         24, 20, torch.float32)
     x = torch.randn(9, 24, device=DEVICE)
-    eager, _ = _run(layer, x, "triton")
+    eager, _ = run_with_gradients(layer, x, "triton")
     before = len(grouped)
     layer.zero_grad(set_to_none=True)
     torch._dynamo.reset()

@@ -29,6 +29,7 @@ from tests.conftest import (  # noqa: E402
     assert_results_match,
     router_gates_vanish,
     router_keys,
+    run_with_gradients,
     sparse_run_with_outside_gates,
     threshold_layer_as_one,
 )
@@ -113,21 +114,6 @@ def _make_layer(experts, router, in_features, out_features, device, dtype, dropo
     return layer
 
 
-def _run(layer, x, backend, gates=None, seed=7):
-    layer.backend = backend
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    torch.manual_seed(seed)  # the same dropout mask for both backends
-    y = layer(x, gates) if gates is not None else layer(x)
-    weights = torch.linspace(-1.0, 1.0, y.numel(), device=y.device).reshape(y.shape)
-    (y.float() * weights).sum().backward()
-    grads = {"y": y.detach(), "x": x.grad}
-    for name, parameter in layer.named_parameters():
-        if parameter.requires_grad:
-            grads[name] = parameter.grad
-    return grads, layer.last_gates
-
-
 def _compare(layer, x, dtype, gates=None):
     """Triton in `dtype` against the reference backend. For fp16/bf16 the reference runs on
     a float64 copy of the same (already rounded) values: the half-precision oracle's own
@@ -136,13 +122,13 @@ def _compare(layer, x, dtype, gates=None):
     they were asserted negligible rather than compared)."""
     if dtype == torch.float32:
         oracle_dtype = dtype
-        expected, routing = _run(layer, x, "reference", gates)
+        expected, routing = run_with_gradients(layer, x, "reference", gates)
     else:
         oracle_dtype = torch.float64
         oracle = copy.deepcopy(layer).double()
-        expected, routing = _run(oracle, x.double(), "reference",
+        expected, routing = run_with_gradients(oracle, x.double(), "reference",
                                  None if gates is None else gates.double())
-    actual, _ = _run(layer, x, "triton", gates)
+    actual, _ = run_with_gradients(layer, x, "triton", gates)
     for name, value in actual.items():
         assert value is None or value.dtype == dtype, name
     vanish = gates is None and router_gates_vanish(layer, routing)
