@@ -345,11 +345,13 @@ def build_variant(name: str, shape: ModelShape, device: torch.device, seed: int 
 
 
 def training_step(model, shape: ModelShape, device: torch.device, seed: int = 0,
-                  trainable_of: nn.Module | None = None):
+                  trainable_of: nn.Module | None = None, optimize: bool = True):
     """A closure running one training step: forward with labels, backward, AdamW step. The
     frozen model has no trainable tensor, so its step backpropagates to the input embeddings
     (the work every adapted model also does) and skips the optimiser. model may be a
-    torch.compile'd module (then trainable_of: the module it wraps)."""
+    torch.compile'd module (then trainable_of: the module it wraps). optimize=False: forward
+    and backward only, the gradients dropped after (what compiles a model without creating
+    an optimiser state)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.sequence), generator=generator)
     ids = ids.to(device)
@@ -362,6 +364,13 @@ def training_step(model, shape: ModelShape, device: torch.device, seed: int = 0,
             model(inputs_embeds=inputs, labels=ids).loss.backward()
 
         return frozen_step
+    if not optimize:
+        def forward_backward() -> None:
+            model(input_ids=ids, labels=ids).loss.backward()
+            for parameter in trainable:
+                parameter.grad = None
+
+        return forward_backward
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
 
     def step() -> None:
@@ -393,7 +402,8 @@ def measure_step_memory(name: str, shape: ModelShape, device: torch.device,
                         compiled: bool = False, backend: str = "inductor") -> float:
     """Peak memory (MB) the first training step adds to the built model: activations,
     gradients and the AdamW state. compiled: the model under torch.compile(fullgraph=True),
-    measured over the step after the first (which compiles).
+    compiled first by a forward and backward whose gradients are dropped, so that the
+    measured step creates the gradients and the AdamW state as the eager one does.
 
     CUDA: max_memory_allocated over the step. CPU: the rise of the process's peak resident
     set (its high-water mark is reset after the model is built, Linux /proc/self/clear_refs),
@@ -402,10 +412,10 @@ def measure_step_memory(name: str, shape: ModelShape, device: torch.device,
     docstring).
     """
     model, _ = build_variant(name, shape, device)
-    step = training_step(torch.compile(model, fullgraph=True, backend=backend) if compiled
-                         else model, shape, device, trainable_of=model)
+    run = torch.compile(model, fullgraph=True, backend=backend) if compiled else model
+    step = training_step(run, shape, device, trainable_of=model)
     if compiled:
-        step()  # compiles
+        training_step(run, shape, device, trainable_of=model, optimize=False)()  # compiles
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         held = torch.cuda.memory_allocated(device)
