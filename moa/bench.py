@@ -701,7 +701,7 @@ def run_bench(quick: bool = False, out_dir: str | Path = "bench-out",
         log("+nf4: on a bitsandbytes nf4 base (fp32 compute); its x PEFT is against "
             "peft_lora+nf4 (target for soft_moa: <= 1.15)")
     log(format_model_table(models))
-    compiled = compile_benchmark(quick, device, rounds)
+    compiled = compile_benchmark(quick, device, rounds, memory=not quick)  # quick: no workers
     log("\ntraining step, eager and torch.compile(model, fullgraph=True) (inductor); "
         "compile s: the first compiled step; x PEFT: against PEFT LoRA run the same way "
         "(targets for soft_moa: compiled <= 1.15, speed-up > 1)")

@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(evaluate, EVALUATE_OPTIONS)
 
     bench = commands.add_parser("bench", help="layer and model benchmarks, as ratios")
-    bench.add_argument("--quick", action="store_true", help="small shapes, under a minute")
+    bench.add_argument("--quick", action="store_true",
+                       help="small shapes, no compiled memory workers: 1.5-4 minutes on 2 CPU "
+                            "cores (less with a warm inductor cache)")
     bench.add_argument("--out", default="bench-out", help="directory for CSV and PNG")
     bench.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     bench.add_argument("--rounds", type=_positive_int, default=None,
