@@ -101,7 +101,7 @@ import triton
 import triton.language as tl
 
 from moa_kernels.triton.kernel_utils import align16
-from moa_kernels.triton.plan import _SLOT_FIELDS, ACTIVATION_CODES, packed
+from moa_kernels.triton.plan import _SLOT_FIELDS, ACTIVATION_CODES, cached_layout, packed
 
 SPARSE_PLANS = ("masked", "grouped")
 SPARSE_PLAN_VARIABLE = "MOA_TRITON_SPARSE"
@@ -185,11 +185,7 @@ class GroupedLayout:
     @classmethod
     def of(cls, code: list[int], scales: list[float], device: torch.device) -> GroupedLayout:
         """The grouped space of plan.layout_code's output on `device` (cached)."""
-        key = (tuple(code), tuple(scales), torch.device(device))
-        meta = _GROUPED.get(key)
-        if meta is None:
-            meta = _GROUPED[key] = cls._build(code, scales, torch.device(device))
-        return meta
+        return cached_layout(_GROUPED, cls._build, code, scales, device)
 
     @classmethod
     def _build(cls, code, scales, device) -> GroupedLayout:

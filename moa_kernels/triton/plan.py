@@ -104,11 +104,7 @@ class KernelLayout:
     def of(cls, code: list[int], scales: list[float], device: torch.device) -> KernelLayout:
         """The packed space of `layout_code`'s output on `device` (cached; called inside
         the custom ops, with real tensors)."""
-        key = (tuple(code), tuple(scales), torch.device(device))
-        meta = _LAYOUTS.get(key)
-        if meta is None:
-            meta = _LAYOUTS[key] = cls._build(code, scales, torch.device(device))
-        return meta
+        return cached_layout(_LAYOUTS, cls._build, code, scales, device)
 
     @classmethod
     def _build(cls, code: list[int], scales: list[float], device: torch.device) -> KernelLayout:
@@ -156,6 +152,16 @@ class KernelLayout:
 
 
 _LAYOUTS: dict[tuple, KernelLayout] = {}
+
+
+def cached_layout(cache: dict, build: Callable, code: list[int], scales: list[float],
+                  device: torch.device):
+    """build(code, scales, device), once per distinct (code, scales, device) in `cache`."""
+    key = (tuple(code), tuple(scales), torch.device(device))
+    meta = cache.get(key)
+    if meta is None:
+        meta = cache[key] = build(code, scales, torch.device(device))
+    return meta
 
 
 # ---------------------------------------------------------------------------------------
