@@ -74,6 +74,10 @@ class ExpertLayout:
         # True when some shrink rows feed several experts (hydra heads).
         self.has_shared_shrink = any(slot.kind == "hydra" for slot in self.slots)
         self._index_lists = self._build_index_lists()
+        # Built now, on the CPU: torch.compile then reads them as tensors (a guard on each
+        # of a few tensors, not one on every element of the Python lists behind them).
+        cpu = torch.device("cpu")
+        self._cache[cpu] = self._make_index_tensors(cpu)
 
     @classmethod
     def from_specs(cls, specs, in_features: int, out_features: int) -> ExpertLayout:
@@ -162,8 +166,9 @@ class ExpertLayout:
                 "gate_map": gate_map, "source_map": source_map}
 
     def index_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Index tensors on `device` (cached per device in eager mode; under torch.compile
-        built in the graph as constants, so no cache is written while tracing):
+        """Index tensors on `device` (built on the CPU with the layout, cached per device
+        at the first eager call; under torch.compile read from the cache, or copied from the
+        CPU ones inside the graph, so no cache is written while tracing):
         column_source [C] int64, column_expert [C] int64, column_scale [C] float32,
         adapter_experts [N_ad] int64 (expert index of each expand_bias row), row_owner
         [E, R] float32 (1 where expert e reads shrink row r), gate_map [C + N_ad, E] float32
@@ -171,8 +176,9 @@ class ExpertLayout:
         [C, R] float32 (1 where column c reads shrink row r). The maps turn the backward's
         per-expert sums into small GEMMs (deterministic; no scatter for the compiler)."""
         device = torch.device(device)
-        if torch.compiler.is_compiling():
-            return self._make_index_tensors(device)
+        if device not in self._cache and torch.compiler.is_compiling():
+            return {name: tensor.to(device)
+                    for name, tensor in self._cache[torch.device("cpu")].items()}
         if device not in self._cache:
             self._cache[device] = self._make_index_tensors(device)
         return self._cache[device]

@@ -121,3 +121,22 @@ def test_layout_from_expert_spec_objects():
     assert [s.scaling for s in layout.slots] == [0.5, 0.5]
     assert [s.shrink for s in layout.slots] == [(0, 4), (0, 4)]
     assert [s.expand for s in layout.slots] == [(0, 4), (4, 8)]
+
+
+def test_compiled_index_tensors_guard_on_tensors_not_list_elements():
+    """Under torch.compile the index tensors are read from the layout's cache: the graph's
+    guards check a few tensors, not every element of the Python lists behind them (tens
+    of thousands of guards on a model, evaluated at every compiled call)."""
+    layout = ExpertLayout.from_specs(parse_experts("lora:4,hydra:3:2,adapter:5:silu"), 16, 12)
+
+    def gathered(x):
+        index = layout.index_tensors(x.device)
+        return x @ index["source_map"].t() + index["column_scale"]
+
+    x = torch.randn(3, layout.shrink_rows)
+    explained = torch._dynamo.explain(gathered)(x)
+    sources = [str(guard.name) for guard in explained.out_guards]
+    assert explained.graph_break_count == 0
+    assert not any("_index_lists" in source for source in sources), sources
+    torch.testing.assert_close(torch.compile(gathered, backend="eager", fullgraph=True)(x),
+                               gathered(x), rtol=0, atol=0)
