@@ -199,6 +199,21 @@ class LayerRouter(nn.Module):
         self.gates: torch.Tensor | None = None
         self.last_gates: torch.Tensor | None = None
         self.prompt_gates: torch.Tensor | None = None  # instance gates kept over a generate
+        # The (start, stop) gate slices of the layer's consumers, in order (split_for):
+        # route() then splits the gates once, in one op, and gates_for hands out the parts.
+        self.consumer_slices: tuple[tuple[int, int], ...] = ()
+        self.gate_parts: dict[tuple[int, int], torch.Tensor] | None = None
+
+    def split_for(self, slices: list[tuple[int, int]]) -> None:
+        """Declare the gate slices the layer's experts read: (start, stop) pairs that tile
+        0..num_experts in order."""
+        edges = [start for start, _ in slices] + [slices[-1][1]] if slices else [0]
+        if edges[0] != 0 or edges[-1] != self.num_experts or \
+                any(stop != start for (_, stop), (start, _) in zip(slices, slices[1:])) or \
+                any(stop <= start for start, stop in slices):
+            raise ValueError(f"gate slices {slices} do not tile the {self.num_experts} "
+                             "experts in order")
+        self.consumer_slices = tuple((start, stop) for start, stop in slices)
 
     def route(self, normed: torch.Tensor) -> torch.Tensor:
         """Gates for what the router reads, normed [..., hidden]: [..., E] per token, or
@@ -212,7 +227,12 @@ class LayerRouter(nn.Module):
         if self.router is not None and self.collector is not None:
             self.collector.add(gates)
         self.gates = gates
-        self.last_gates = gates.detach()
+        self.last_gates = gates.detach() if gates.requires_grad else gates
+        # Eagerly only: under torch.compile the slices fuse anyway, and the parts (views of
+        # the gates that outlive the graph) would be graph outputs aliasing one another.
+        slices = () if torch.compiler.is_compiling() else self.consumer_slices
+        self.gate_parts = dict(zip(slices, gates.split([stop - start for start, stop in slices],
+                                                       dim=-1))) if slices else None
         return gates
 
     def _instance_gates(self, normed: torch.Tensor) -> torch.Tensor:
@@ -245,7 +265,10 @@ class LayerRouter(nn.Module):
         if self.gates is None:
             raise RuntimeError(f"{who} ran before its layer's input norm: the layer router "
                                "has no gates for this forward")
-        gates = self.gates[..., start:stop]
+        parts = self.gate_parts
+        gates = parts.get((start, stop)) if parts is not None else None
+        if gates is None:
+            gates = self.gates[..., start:stop]
         if self.scope == "instance" and x.dim() == 3 and gates.shape[0] == x.shape[0]:
             gates = gates.expand(*x.shape[:-1], stop - start)
         if gates.shape[:-1] != x.shape[:-1]:
@@ -638,6 +661,27 @@ def attention_saved_query(attention_output: torch.Tensor, query: torch.Tensor) -
     return query
 
 
+def rotate_half_query(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      signs: torch.Tensor | None = None) -> torch.Tensor:
+    """query [B, H, S, D] under transformers' rotate-half rotary embedding, q cos +
+    rotate_half(q) sin for cos and sin [B, S, D], bitwise equal to it: rotate_half(q) =
+    cat(-q2, q1) is roll(q * signs, D / 2) with signs +1 on the first half of D and -1 on
+    the second (sign flips and a roll are exact), so the query alone takes 7 ops where the
+    family's function with an empty key takes 18. signs: that [D] tensor, or None to make
+    it."""
+    head_dim = query.shape[-1]
+    if signs is None:
+        signs = rotate_half_signs(head_dim, query.dtype, query.device)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return query * cos + (query * signs).roll(head_dim // 2, -1) * sin
+
+
+def rotate_half_signs(head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[D]: +1 on the first half, -1 on the second (see rotate_half_query)."""
+    return torch.ones(head_dim, dtype=dtype, device=device).index_fill_(
+        0, torch.arange(head_dim // 2, head_dim, device=device), -1.0)
+
+
 class PromptOutputHook(_Hook):
     """Forward pre-hook (with_kwargs) on o_proj: rebuilds the post-rotary query from what the
     prompt expert captured and adds g_index * o_p to the o_proj input [B, S, H * D]."""
@@ -647,6 +691,17 @@ class PromptOutputHook(_Hook):
         self.prompt, self.attention, self.router = prompt, attention, router
         self.index, self.who, self.family = index, who, family
         self.rotary = rotary_function(family, attention)  # looked up once
+        self._signs = None  # rotate_half_signs, kept for its dtype and device
+
+    def _rotate_half_signs(self, query: torch.Tensor) -> torch.Tensor:
+        signs = self._signs
+        if signs is not None and signs.dtype == query.dtype and \
+                signs.device == query.device and signs.numel() == query.shape[-1]:
+            return signs
+        signs = rotate_half_signs(query.shape[-1], query.dtype, query.device)
+        if not torch.compiler.is_compiling():
+            self._signs = signs
+        return signs
 
     def __call__(self, module: nn.Module, args, kwargs):
         prompt, attention = self.prompt, self.attention
@@ -662,8 +717,10 @@ class PromptOutputHook(_Hook):
         batch, tokens = x.shape[:2]
         query = query.reshape(batch, tokens, -1, prompt.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
-        # The family's rotary rotates a key too: give it none (zero heads, discarded).
-        query, _ = self.rotary(query, query[:, :0], cos, sin)
+        if self.family.rotate_half:
+            query = rotate_half_query(query, cos, sin, self._rotate_half_signs(query))
+        else:  # the family's rotary rotates a key too: give it none (zero heads, discarded)
+            query, _ = self.rotary(query, query[:, :0], cos, sin)
         query = attention_saved_query(x, query)
         gate = self.router.gates_for(self.index, self.index + 1, x, self.who)
         # o_proj's shrink needs its input for d A: it recomputes it (module.next_input_recipe)
@@ -720,4 +777,4 @@ def attach_prompt(attention: nn.Module, prompt: PromptExpert, router: LayerRoute
 
 __all__ = ["GateCollector", "GroupGates", "LayerRouter", "NormRecordHook", "ParallelAdapter",
            "PromptExpert", "RoutingContext", "instance_gate_reuse", "is_pure_norm",
-           "load_balancing_loss", "masked_mean", "prompt_key_cache"]
+           "load_balancing_loss", "masked_mean", "prompt_key_cache", "rotate_half_query"]

@@ -6,8 +6,10 @@ prompt expert sits in `attention`, reads the pre-rotary query from `query_norm` 
 family has one) or `query`, computes its keys and values with the frozen `key` and `value`
 projections, adds its output to the input of `output`, and rotates the query with the
 function named `rotary` in the attention class's own module (so a family's rotary variant
-is used as its authors wrote it). A family whose attention has no separate query, key and
-value projections (Phi-3's fused qkv_proj) has `query=None`: no prompt expert.
+is used as its authors wrote it), or, for the families whose `rotary` is transformers'
+rotate-half embedding (`rotate_half`), with the same arithmetic on the query alone. A
+family whose attention has no separate query, key and value projections (Phi-3's fused
+qkv_proj) has `query=None`: no prompt expert.
 
 A decoder layer of a class not in the table but with an `input_norm`-named module is read
 with the Llama layout (`GENERIC`), as transformers' Llama-style families are.
@@ -37,6 +39,10 @@ class ModelFamily:
     value: str = "v_proj"
     output: str = "o_proj"
     rotary: str = "apply_rotary_pos_emb"
+    # True where `rotary` is transformers' rotate-half embedding, q cos + rotate_half(q) sin
+    # with cos and sin [B, S, D] unsqueezed at the head dimension: the prompt expert then
+    # rotates its query alone, bitwise as `rotary` does (moa.experts.rotate_half_query)
+    rotate_half: bool = True
 
     @property
     def supports_prompt(self) -> bool:
@@ -55,7 +61,8 @@ FAMILIES: dict[str, ModelFamily] = {
     )
 }
 
-GENERIC = ModelFamily("llama-style", (), ())
+# A class outside the table: its rotary is called as written (with an empty key).
+GENERIC = ModelFamily("llama-style", (), (), rotate_half=False)
 
 
 def family_of(layer: nn.Module) -> ModelFamily | None:

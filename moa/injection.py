@@ -317,6 +317,9 @@ class Injection:
             self.hooks.append(input_norm.register_forward_pre_hook(router.residual_hook))
         else:
             self.hooks.append(input_norm.register_forward_hook(router.input_norm_hook))
+        router.split_for([(start, stop) for start, stop, _, _ in slices] +
+                         [(index, index + 1) for index in (adapter_index, prompt_index)
+                          if index is not None])
         for start, stop, name, module in slices:
             self.hooks.append(module.register_forward_pre_hook(
                 gates_pre_hook(router, start, stop, name), with_kwargs=True))

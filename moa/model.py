@@ -321,7 +321,7 @@ class MoAModel(nn.Module):
                 if isinstance(module, (MoALinear, LayerRouter)):
                     module.last_gates = None  # statistics describe the last forward only
                 if isinstance(module, LayerRouter):
-                    module.gates = None
+                    module.gates = module.gate_parts = None
         self._enabled = enabled
 
     def router_stats(self) -> dict[str, dict]:

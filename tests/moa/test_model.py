@@ -31,7 +31,8 @@ from transformers import (
 )
 
 from moa import MoAConfig, MoALinear, MoAModel, RouterConfig, experts, get_moa_model
-from moa.experts import GateCollector, PromptExpert, load_balancing_loss
+from moa.experts import GateCollector, PromptExpert, load_balancing_loss, rotate_half_query
+from moa.families import FAMILIES, rotary_function
 from moa.model import MOA_MODULES, WEIGHTS_NAME
 from tests.conftest import assert_results_match, relative_error
 from tests.moa.tiny import VOCAB, llama_config, perturb, tiny_llama, token_batch
@@ -146,6 +147,23 @@ def test_each_module_gets_its_slice_of_the_layer_router(preset):
             assert 0 < (expected == 0).float().mean() < 1  # some pairs off, some on
 
 
+def test_layer_router_splits_its_gates_once_for_its_consumers():
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset("soft_moa"))
+    router = moa.model.model.layers[0].moa_router
+    # five MoALinears, the parallel adapter, the prompt expert: one gate each, in order
+    assert router.consumer_slices == tuple((e, e + 1) for e in range(7))
+    with torch.no_grad():
+        moa(token_batch(2, 5))
+    parts = router.gate_parts
+    assert list(parts) == list(router.consumer_slices)
+    for (start, stop), part in parts.items():
+        assert torch.equal(part, router.gates[..., start:stop])
+        assert router.gates_for(start, stop, torch.zeros(2, 5, 64), "test") is part
+    for bad in ([(0, 3), (4, 7)], [(1, 7)], [(0, 3), (3, 6)], [(0, 0), (0, 7)], []):
+        with pytest.raises(ValueError, match="do not tile the 7 experts"):
+            router.split_for(bad)
+
+
 # ---- the prompt expert -------------------------------------------------------------------
 
 def rotate_half(x):
@@ -193,6 +211,25 @@ def test_prompt_expert_matches_the_hand_computed_attention_term(family):
         expected = without_prompt + g_prompt * out.reshape(2, 7, heads * dim)
     assert (with_prompt - without_prompt).abs().max() > 1e-3
     assert relative_error(with_prompt, expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"])
+def test_query_rotary_is_bitwise_the_familys_own(family, dtype):
+    # The prompt expert rotates its query alone (rotate_half_query) where the table says the
+    # family's rotary is the rotate-half one: it must be that function bit for bit, or the
+    # attention kernel's saved query is not recognised (and decoding would drift).
+    attention = tiny_family(family).model.layers[0].self_attn
+    assert FAMILIES[family].rotate_half
+    rotary = rotary_function(FAMILIES[family], attention)
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 4, 5, 16, generator=generator).to(dtype)
+    angles = torch.rand(2, 5, 8, generator=generator) * 40
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1)
+    sin = sin.to(dtype)
+    expected, _ = rotary(query, query[:, :1], cos, sin)
+    assert torch.equal(rotate_half_query(query, cos, sin), expected)
+    assert not torch.equal(expected, query * cos[:, None])  # the rotate-half term counts
 
 
 def test_prompt_expert_on_a_fused_qkv_attention_is_a_clear_error():
