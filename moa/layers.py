@@ -460,8 +460,11 @@ class MoALinear(nn.Module):
         return tuple(t.to(dtype) for t in tensors)
 
     def _empty_bias(self, *shape: int) -> torch.Tensor:
-        """A cached empty tensor standing in for an absent bias."""
+        """A cached empty tensor standing in for an absent bias (made in the graph under
+        torch.compile: a cache lookup would be guarded on at every call)."""
         weight = self.shrink_weight
+        if torch.compiler.is_compiling():
+            return weight.new_zeros(shape)
         key = (shape, weight.device, weight.dtype)
         cache = self.__dict__.setdefault("_empty_biases", {})
         if key not in cache:
@@ -568,9 +571,15 @@ class MoALinear(nn.Module):
             if pending is not None and pending[0] is x and backend == "torch" and plain and \
                     flat.dtype == x.dtype and adapter_input is None:
                 recipe = {"input_recipe": pending[1]}
-            shrink_weight, shrink_bias, expand_weight, expand_bias = generate_cached(
-                self, ("stacked", dtype), lambda: self._stacked(dtype))
-            if plain:
+            # Casts are kept over a generate call; tensors already in dtype are used as they
+            # are (nothing to cache: under torch.compile no cache lookup to guard on).
+            shrink_weight, shrink_bias, expand_weight, expand_bias = self._stacked() \
+                if dtype == self.shrink_weight.dtype else generate_cached(
+                    self, ("stacked", dtype), lambda: self._stacked(dtype))
+            if plain and self.base.weight.dtype == dtype and \
+                    (self.base.bias is None or self.base.bias.dtype == dtype):
+                base_kwargs = {"base_weight": self.base.weight, "base_bias": self.base.bias}
+            elif plain:
                 base_kwargs = generate_cached(self, ("base", dtype), lambda: {
                     "base_weight": self.base.weight.to(dtype),
                     "base_bias": None if self.base.bias is None else self.base.bias.to(dtype)})
