@@ -5,8 +5,9 @@ With `router_scope="layer"` each decoder layer gets:
 - `LayerRouter` (attribute `moa_router` of the layer): reads the output of the layer's
   `input_layernorm` (a forward hook) and produces the gates [B, S, E] of every expert of the
   layer, in this order: the experts of each adapted module in module order, then the
-  parallel adapter, then the prompt expert. Each adapted `MoALinear` (router=None) receives
-  its slice through a forward pre-hook that passes `gates=`.
+  parallel adapter, then the prompt expert, split once per forward into the consumers'
+  slices. Each adapted `MoALinear` (router=None) takes its slice through its `gate_source`
+  (a `LayerGates`) when it is called without `gates=`.
 - `ParallelAdapter` (attribute `moa_parallel_adapter` of the layer): beside the MLP; a
   forward hook adds g * (W_up act(W_down x + b_down) + b_up) to the MLP output, x being the
   MLP input (the post-attention-norm output).
@@ -19,7 +20,8 @@ The prompt expert needs the post-rotary query, which the attention module never 
 is rebuilt from what the module does expose, with three hooks: a pre-hook on the attention
 module keeps `position_embeddings` (cos, sin); a forward hook on `q_norm` (Qwen3) or
 `q_proj` (the others) keeps the query before rotary, the q_proj LoRA included; a pre-hook on
-`o_proj` applies the family's own `apply_rotary_pos_emb` to it and adds the prompt output.
+`o_proj` rotates it (the family's rotate-half rotary on the query alone, `rotate_half_query`,
+or the family's own `apply_rotary_pos_emb`) and adds the prompt output.
 Nothing of the attention forward is copied, so a new attention backend or cache type does
 not change the wiring.
 
@@ -317,24 +319,18 @@ class _Hook:
     copy.deepcopy of a model carries hooks that point at the copied modules."""
 
 
-class GateSliceHook(_Hook):
-    """A forward pre-hook (with_kwargs) passing a MoALinear its slice start..stop-1 of the
-    layer router's gates."""
+class LayerGates(_Hook):
+    """A MoALinear's `gate_source`: its slice start..stop-1 of the layer router's gates and
+    the router's sparsity, or None while the router is switched off."""
 
     def __init__(self, router: LayerRouter, start: int, stop: int, who: str) -> None:
         self.router, self.start, self.stop, self.who = router, start, stop, who
 
-    def __call__(self, module: nn.Module, args, kwargs):
-        if not self.router.active or kwargs.get("gates") is not None or len(args) > 1:
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+        router = self.router
+        if not router.active:
             return None
-        x = args[0] if args else kwargs["x"]
-        gates = self.router.gates_for(self.start, self.stop, x, self.who)
-        return args, {**kwargs, "gates": gates, "sparse": self.router.sparse}
-
-
-def gates_pre_hook(router: LayerRouter, start: int, stop: int, who: str) -> Callable:
-    """A forward pre-hook (with_kwargs) passing a MoALinear its slice of the layer gates."""
-    return GateSliceHook(router, start, stop, who)
+        return router.gates_for(self.start, self.stop, x, self.who), router.sparse
 
 
 def constant_gates_pre_hook(module: MoALinear, args, kwargs):
@@ -775,6 +771,7 @@ def attach_prompt(attention: nn.Module, prompt: PromptExpert, router: LayerRoute
     ]
 
 
-__all__ = ["GateCollector", "GroupGates", "LayerRouter", "NormRecordHook", "ParallelAdapter",
-           "PromptExpert", "RoutingContext", "instance_gate_reuse", "is_pure_norm",
-           "load_balancing_loss", "masked_mean", "prompt_key_cache", "rotate_half_query"]
+__all__ = ["GateCollector", "GroupGates", "LayerGates", "LayerRouter", "NormRecordHook",
+           "ParallelAdapter", "PromptExpert", "RoutingContext", "instance_gate_reuse",
+           "is_pure_norm", "load_balancing_loss", "masked_mean", "prompt_key_cache",
+           "rotate_half_query"]

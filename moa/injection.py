@@ -20,6 +20,7 @@ from torch import nn
 from moa.config import DEFAULT_EXPERT_KEY, LAYER_SCOPES, MoAConfig, layer_index, module_matches
 from moa.experts import (
     GateCollector,
+    LayerGates,
     LayerRouter,
     NormRecordHook,
     ParallelAdapter,
@@ -28,7 +29,6 @@ from moa.experts import (
     attach_prompt,
     collecting_pre_hook,
     constant_gates_pre_hook,
-    gates_pre_hook,
     is_pure_norm,
 )
 from moa.families import check_prompt_attention, family_of
@@ -223,6 +223,7 @@ class Injection:
     Attributes:
         swaps: (parent, child name, MoALinear, the nn.Linear it replaced) per target.
         hooks: every hook handle registered. added: (module, attribute) of layer experts.
+        A MoALinear under a layer router reads its gates through its `gate_source`.
     """
 
     def __init__(self, model: nn.Module, config: MoAConfig, collector: GateCollector) -> None:
@@ -321,8 +322,7 @@ class Injection:
                          [(index, index + 1) for index in (adapter_index, prompt_index)
                           if index is not None])
         for start, stop, name, module in slices:
-            self.hooks.append(module.register_forward_pre_hook(
-                gates_pre_hook(router, start, stop, name), with_kwargs=True))
+            module.gate_source = LayerGates(router, start, stop, name)
         if adapter_index is not None:
             adapter = ParallelAdapter(hidden, hidden, config.parallel_adapter,
                                       config.parallel_adapter_activation, config.dropout,
@@ -352,7 +352,8 @@ class Injection:
         modules back in their places). Idempotent."""
         for hook in self.hooks:
             hook.remove()
-        for parent, child, _, base in self.swaps:
+        for parent, child, module, base in self.swaps:
+            module.gate_source = None  # no longer read from a layer router
             setattr(parent, child, base)
         for owner, attribute in self.added:
             delattr(owner, attribute)

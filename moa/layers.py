@@ -394,6 +394,12 @@ class MoALinear(nn.Module):
         # (x, InputRecipe) set by a hook right before a call on that very x (the prompt
         # expert on o_proj); consumed by that call.
         self.next_input_recipe: tuple[torch.Tensor, torch_ops.InputRecipe] | None = None
+        # Where a router-less layer takes its gates when forward is given none: a callable
+        # x -> (gates, sparse), or None while it has no gates (moa.experts.LayerGates: its
+        # slice of a layer router's gates). A plain attribute, not a hook, so a call of the
+        # layer runs no hook machinery.
+        self.gate_source: Callable[[torch.Tensor], tuple[torch.Tensor, bool] | None] | None = \
+            None
         if device.type != "meta":
             self.reset_expert_parameters()
 
@@ -546,6 +552,11 @@ class MoALinear(nn.Module):
             self.last_gates = None
             return self.base(x)
         leading = x.shape[:-1]
+        if gates is None and self.gate_source is not None:
+            shared = self.gate_source(x)
+            if shared is not None:
+                gates, shared_sparse = shared
+                sparse = shared_sparse if sparse is None else sparse
         if gates is None and self.router is None:
             raise ValueError("this MoALinear has no router (router=None): forward needs "
                              f"gates of shape {(*leading, self.num_experts)}")

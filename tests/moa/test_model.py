@@ -147,6 +147,27 @@ def test_each_module_gets_its_slice_of_the_layer_router(preset):
             assert 0 < (expected == 0).float().mean() < 1  # some pairs off, some on
 
 
+def test_a_routed_layer_takes_its_layer_gates_unless_given_gates():
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset("sparse_moa"))
+    perturb(moa, scale=0.5)
+    layer = moa.model.model.layers[0]
+    k_proj, router = layer.self_attn.k_proj, layer.moa_router
+    assert not k_proj._forward_pre_hooks and not k_proj._forward_hooks  # no hook machinery
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        router.route(layer.input_layernorm(x))
+        routed = k_proj(layer.input_layernorm(x))
+        assert torch.equal(k_proj.last_gates, router.gates[..., 1:2])
+        given = torch.rand(2, 5, 1) + 0.5  # every pair on: differs from the sparse gates
+        assert not torch.equal(k_proj(layer.input_layernorm(x), given), routed)
+        assert torch.equal(k_proj.last_gates, given)
+        router.active = False  # a switched-off router hands out nothing
+        with pytest.raises(ValueError, match="has no router"):
+            k_proj(layer.input_layernorm(x))
+    moa.unload()
+    assert k_proj.gate_source is None
+
+
 def test_layer_router_splits_its_gates_once_for_its_consumers():
     moa = get_moa_model(tiny_llama(), MoAConfig.preset("soft_moa"))
     router = moa.model.model.layers[0].moa_router
