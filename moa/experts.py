@@ -105,15 +105,19 @@ def load_balancing_loss(gates: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 class RoutingContext:
-    """What the layer routers of one model share about the current forward: the 2-D
-    attention mask [B, S] it was given (captured by a pre-hook on the model), and, inside
-    MoAModel.generate, whether instance gates computed from the prompt are reused."""
+    """What the layer-level experts of one model share about the current forward: the 2-D
+    attention mask [B, S] it was given (captured by a pre-hook on the model), inside
+    MoAModel.generate whether instance gates computed from the prompt are reused, and the
+    prompt experts' rotary operands."""
 
     def __init__(self) -> None:
         self.attention_mask: torch.Tensor | None = None
         self.reuse_instance_gates = False
+        # (cos, sin, their rotary_operands) of the current forward, for the prompt experts
+        self.rotary: tuple | None = None
 
     def model_pre_hook(self, module: nn.Module, args, kwargs) -> None:
+        self.rotary = None
         mask = kwargs.get("attention_mask")
         self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 \
             else None
@@ -658,24 +662,25 @@ def attention_saved_query(attention_output: torch.Tensor, query: torch.Tensor) -
 
 
 def rotate_half_query(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      signs: torch.Tensor | None = None) -> torch.Tensor:
+                      operands: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> torch.Tensor:
     """query [B, H, S, D] under transformers' rotate-half rotary embedding, q cos +
     rotate_half(q) sin for cos and sin [B, S, D], bitwise equal to it: rotate_half(q) =
-    cat(-q2, q1) is roll(q * signs, D / 2) with signs +1 on the first half of D and -1 on
-    the second (sign flips and a roll are exact), so the query alone takes 7 ops where the
-    family's function with an empty key takes 18. signs: that [D] tensor, or None to make
-    it."""
-    head_dim = query.shape[-1]
-    if signs is None:
-        signs = rotate_half_signs(head_dim, query.dtype, query.device)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return query * cos + (query * signs).roll(head_dim // 2, -1) * sin
+    cat(-q2, q1) is roll(q, D / 2) times -1 on the first half of D and +1 on the second,
+    and that sign is folded into sin (sign flips and a roll are exact). So the query alone
+    takes 4 ops (the family's function with an empty key takes 18). operands: the
+    `rotary_operands(cos, sin)`, shared by every layer of one forward, or None."""
+    cos4, signed_sin4 = rotary_operands(cos, sin) if operands is None else operands
+    return query * cos4 + query.roll(query.shape[-1] // 2, -1) * signed_sin4
 
 
-def rotate_half_signs(head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[D]: +1 on the first half, -1 on the second (see rotate_half_query)."""
-    return torch.ones(head_dim, dtype=dtype, device=device).index_fill_(
-        0, torch.arange(head_dim // 2, head_dim, device=device), -1.0)
+def rotary_operands(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos [B, 1, S, D], sin [B, 1, S, D] times -1 on the first half of D), for
+    rotate_half_query."""
+    head_dim = sin.shape[-1]
+    signs = torch.ones(head_dim, dtype=sin.dtype, device=sin.device)
+    signs[:head_dim // 2] = -1.0
+    return cos.unsqueeze(1), sin.unsqueeze(1) * signs
 
 
 class PromptOutputHook(_Hook):
@@ -687,17 +692,17 @@ class PromptOutputHook(_Hook):
         self.prompt, self.attention, self.router = prompt, attention, router
         self.index, self.who, self.family = index, who, family
         self.rotary = rotary_function(family, attention)  # looked up once
-        self._signs = None  # rotate_half_signs, kept for its dtype and device
 
-    def _rotate_half_signs(self, query: torch.Tensor) -> torch.Tensor:
-        signs = self._signs
-        if signs is not None and signs.dtype == query.dtype and \
-                signs.device == query.device and signs.numel() == query.shape[-1]:
-            return signs
-        signs = rotate_half_signs(query.shape[-1], query.dtype, query.device)
-        if not torch.compiler.is_compiling():
-            self._signs = signs
-        return signs
+    def _rotary_operands(self, cos: torch.Tensor, sin: torch.Tensor):
+        """rotary_operands(cos, sin), computed once per forward for all layers (kept in the
+        model's RoutingContext, eagerly: under torch.compile they are fused anyway)."""
+        context = self.router.context
+        if context is None or torch.compiler.is_compiling():
+            return rotary_operands(cos, sin)
+        kept = context.rotary
+        if kept is None or kept[0] is not cos or kept[1] is not sin:
+            kept = context.rotary = (cos, sin, rotary_operands(cos, sin))
+        return kept[2]
 
     def __call__(self, module: nn.Module, args, kwargs):
         prompt, attention = self.prompt, self.attention
@@ -714,7 +719,7 @@ class PromptOutputHook(_Hook):
         query = query.reshape(batch, tokens, -1, prompt.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         if self.family.rotate_half:
-            query = rotate_half_query(query, cos, sin, self._rotate_half_signs(query))
+            query = rotate_half_query(query, cos, sin, self._rotary_operands(cos, sin))
         else:  # the family's rotary rotates a key too: give it none (zero heads, discarded)
             query, _ = self.rotary(query, query[:, :0], cos, sin)
         query = attention_saved_query(x, query)
@@ -774,4 +779,4 @@ def attach_prompt(attention: nn.Module, prompt: PromptExpert, router: LayerRoute
 __all__ = ["GateCollector", "GroupGates", "LayerGates", "LayerRouter", "NormRecordHook",
            "ParallelAdapter", "PromptExpert", "RoutingContext", "instance_gate_reuse",
            "is_pure_norm", "load_balancing_loss", "masked_mean", "prompt_key_cache",
-           "rotate_half_query"]
+           "rotary_operands", "rotate_half_query"]

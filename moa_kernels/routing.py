@@ -30,7 +30,7 @@ def gates_from_first_layer(
     max_threshold: float = 0.5,
     top_k: int = 2,
     normalize_topk: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Finish the router.
 
     Args:
@@ -39,7 +39,7 @@ def gates_from_first_layer(
             in the threshold and adaptive modes.
     Returns:
         gates [T, E] (the applied gates g, dtype of first_layer) and active [T, E] bool
-        (which pairs must run: every pair in soft mode).
+        (which pairs must run), None in soft mode (every pair runs).
     """
     body = first_layer
     if mode in ("threshold", "adaptive"):
@@ -54,7 +54,7 @@ def gates_from_first_layer(
     p = torch.sigmoid(logits) if gate == "sigmoid" else torch.softmax(logits, dim=-1)
 
     if mode == "soft":
-        return p, torch.ones_like(p, dtype=torch.bool)
+        return p, None
     if mode in ("threshold", "adaptive"):
         threshold = max_threshold * torch.sigmoid(threshold_logit)
         if mode == "threshold":
@@ -156,7 +156,7 @@ class RouterOps:
     GEMM, and a function that finishes the gates from that layer's output.
 
     first_weight [F, in], first_bias [F] or None; finish(first_layer [T, F]) returns
-    (gates [T, E], active [T, E] bool), as `gates_from_first_layer` does;
+    (gates [T, E], active [T, E] bool or None: every pair), as `gates_from_first_layer` does;
     reference_gates(x [T, in]) gives the same gates by the reference router (the oracle
     backend's way), or is None.
     """

@@ -31,7 +31,13 @@ from transformers import (
 )
 
 from moa import MoAConfig, MoALinear, MoAModel, RouterConfig, experts, get_moa_model
-from moa.experts import GateCollector, PromptExpert, load_balancing_loss, rotate_half_query
+from moa.experts import (
+    GateCollector,
+    PromptExpert,
+    load_balancing_loss,
+    rotary_operands,
+    rotate_half_query,
+)
 from moa.families import FAMILIES, rotary_function
 from moa.model import MOA_MODULES, WEIGHTS_NAME
 from tests.conftest import assert_results_match, relative_error
@@ -250,7 +256,22 @@ def test_query_rotary_is_bitwise_the_familys_own(family, dtype):
     sin = sin.to(dtype)
     expected, _ = rotary(query, query[:, :1], cos, sin)
     assert torch.equal(rotate_half_query(query, cos, sin), expected)
+    shared = rotary_operands(cos, sin)  # what the layers of one forward share
+    assert torch.equal(rotate_half_query(query, cos, sin, shared), expected)
     assert not torch.equal(expected, query * cos[:, None])  # the rotate-half term counts
+
+
+def test_rotary_operands_are_made_once_per_forward(monkeypatch):
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset("soft_moa"))  # two layers
+    made = []
+    original = experts.rotary_operands
+    monkeypatch.setattr(experts, "rotary_operands", lambda cos, sin: made.append(cos.shape)
+                        or original(cos, sin))
+    with torch.no_grad():
+        moa(token_batch(2, 5))
+        assert len(made) == 1  # not once per layer
+        moa(token_batch(2, 5))  # a new forward: new cos and sin, made anew
+    assert len(made) == 2
 
 
 def test_prompt_expert_on_a_fused_qkv_attention_is_a_clear_error():
