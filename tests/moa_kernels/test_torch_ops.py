@@ -620,17 +620,24 @@ def record_applied_functions(monkeypatch) -> list:
     return ran
 
 
+def routed_layer_and_tokens(router: RouterConfig, tokens: int):
+    """A paper-mix-E5 layer with `router`, decisive tokens for it, and the fraction of its
+    (token, expert) pairs the router marks active."""
+    layer = make_layer(EXPERT_MIXES["paper-mix-E5"], router)
+    x = decisive_tokens(layer, tokens, 1e-3)
+    ops = layer.router.ops(torch.float32)
+    _, active = ops.finish(F.linear(x, ops.first_weight, ops.first_bias))
+    return layer, x, active.float().mean().item()
+
+
 @pytest.mark.parametrize("mode", ["threshold", "adaptive", "topk"])
 def test_dense_fallback_of_sparse_modes_matches_the_sparse_path(mode, monkeypatch):
     # Low thresholds leave most pairs active, so with the default fraction the layer runs
     # the dense path; pinning the fraction to 1 forces the sparse path. Both must match the
     # reference, and each other, in output and in every gradient.
-    router = RouterConfig(mode=mode, max_threshold=0.05, top_k=4)
-    layer = make_layer(EXPERT_MIXES["paper-mix-E5"], router)
-    x = decisive_tokens(layer, 40, 1e-3)
-    ops = layer.router.ops(torch.float32)
-    _, active = ops.finish(F.linear(x, ops.first_weight, ops.first_bias))
-    assert active.float().mean() > 0.5, "test data: the routing must be mostly active"
+    layer, x, active = routed_layer_and_tokens(
+        RouterConfig(mode=mode, max_threshold=0.05, top_k=4), 40)
+    assert active > 0.5, "test data: the routing must be mostly active"
     ran = record_applied_functions(monkeypatch)
     results = {}
     for fraction, path in ((0.5, torch_ops._GatedExpand), (1.0, torch_ops._SparseExperts)):
@@ -646,12 +653,9 @@ def test_sparse_modes_on_few_tokens_take_the_dense_path(mode, monkeypatch):
     # Decoding-sized calls (under SPARSE_PLAN_MIN_TOKENS tokens) skip the routing plan even
     # when few pairs are active: the masked dense path, which must match the planned path
     # and the reference in output and every gradient.
-    router = RouterConfig(mode=mode, gate="softmax", max_threshold=0.5, top_k=1)
-    layer = make_layer(EXPERT_MIXES["paper-mix-E5"], router)
-    x = decisive_tokens(layer, 12, 1e-3)
-    ops = layer.router.ops(torch.float32)
-    _, active = ops.finish(F.linear(x, ops.first_weight, ops.first_bias))
-    assert active.float().mean() < 0.5, "test data: the routing must be mostly inactive"
+    layer, x, active = routed_layer_and_tokens(
+        RouterConfig(mode=mode, gate="softmax", max_threshold=0.5, top_k=1), 12)
+    assert active < 0.5, "test data: the routing must be mostly inactive"
     ran = record_applied_functions(monkeypatch)
     monkeypatch.setattr(torch_ops, "DENSE_ABOVE_ACTIVE_FRACTION", 0.5)
     results = {}
