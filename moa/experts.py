@@ -203,7 +203,6 @@ class LayerRouter(nn.Module):
         self.context = context
         self.active = True
         self.gates: torch.Tensor | None = None
-        self.last_gates: torch.Tensor | None = None
         self.prompt_gates: torch.Tensor | None = None  # instance gates kept over a generate
         # The (start, stop) gate slices of the layer's consumers, in order (split_for):
         # route() then splits the gates once, in one op, and gates_for hands out the parts.
@@ -233,13 +232,23 @@ class LayerRouter(nn.Module):
         if self.router is not None and self.collector is not None:
             self.collector.add(gates)
         self.gates = gates
-        self.last_gates = gates.detach() if gates.requires_grad else gates
         # Eagerly only: under torch.compile the slices fuse anyway, and the parts (views of
         # the gates that outlive the graph) would be graph outputs aliasing one another.
-        slices = () if torch.compiler.is_compiling() else self.consumer_slices
-        self.gate_parts = dict(zip(slices, gates.split([stop - start for start, stop in slices],
-                                                       dim=-1))) if slices else None
+        slices = self.consumer_slices
+        if slices and not torch.compiler.is_compiling():
+            self.gate_parts = dict(zip(slices, gates.split(
+                [stop - start for start, stop in slices], dim=-1)))
         return gates
+
+    @property
+    def last_gates(self) -> torch.Tensor | None:
+        """The gates of the last forward, detached (for `router_stats`), or None."""
+        gates = self.gates
+        return gates.detach() if gates is not None and gates.requires_grad else gates
+
+    @last_gates.setter
+    def last_gates(self, gates: torch.Tensor | None) -> None:
+        self.gates = gates
 
     def _instance_gates(self, normed: torch.Tensor) -> torch.Tensor:
         if normed.dim() != 3:
@@ -271,7 +280,7 @@ class LayerRouter(nn.Module):
         if self.gates is None:
             raise RuntimeError(f"{who} ran before its layer's input norm: the layer router "
                                "has no gates for this forward")
-        parts = self.gate_parts
+        parts = None if torch.compiler.is_compiling() else self.gate_parts
         gates = parts.get((start, stop)) if parts is not None else None
         if gates is None:
             gates = self.gates[..., start:stop]
@@ -329,12 +338,18 @@ class LayerGates(_Hook):
 
     def __init__(self, router: LayerRouter, start: int, stop: int, who: str) -> None:
         self.router, self.start, self.stop, self.who = router, start, stop, who
+        self.sparse = router.sparse  # fixed with the router's config
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
         router = self.router
         if not router.active:
             return None
-        return router.gates_for(self.start, self.stop, x, self.who), router.sparse
+        return router.gates_for(self.start, self.stop, x, self.who), self.sparse
+
+    def last_gates(self) -> torch.Tensor | None:
+        """The slice of the router's last gates (detached), or None."""
+        gates = self.router.last_gates
+        return None if gates is None else gates[..., self.start:self.stop]
 
 
 def constant_gates_pre_hook(module: MoALinear, args, kwargs):
@@ -461,6 +476,17 @@ def frozen_projection(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return base(x).to(x.dtype)
 
 
+class CapturedAttentionInputs:
+    """The pre-rotary query and the position embeddings (cos, sin) of the attention call
+    in progress, as the prompt expert's hooks capture them."""
+
+    __slots__ = ("query", "position_embeddings")
+
+    def __init__(self) -> None:
+        self.query: torch.Tensor | None = None
+        self.position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 class PromptExpert(nn.Module):
     """Prompt tuning as an attention expert (docs/DESIGN.md section 4).
 
@@ -485,8 +511,9 @@ class PromptExpert(nn.Module):
         self.cache_keys_values = False  # on only inside MoAModel.generate (prompt_key_cache)
         # (dtype, keys, values, {batch: the two expanded}) while cache_keys_values
         self._keys_values = None
-        self._position_embeddings = None
-        self._query = None
+        # what the hooks capture of the current attention call (a plain object: storing
+        # into it costs no nn.Module attribute machinery, twice per layer and token)
+        self.captured = CapturedAttentionInputs()
 
     def keys_and_gated_values(self, k_proj: nn.Module, v_proj: nn.Module,
                               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -553,12 +580,12 @@ class PromptExpert(nn.Module):
 
     def attention_pre_hook(self, module: nn.Module, args, kwargs) -> None:
         if self.active:
-            self._position_embeddings = kwargs.get("position_embeddings",
-                                                   args[1] if len(args) > 1 else None)
+            self.captured.position_embeddings = kwargs.get(
+                "position_embeddings", args[1] if len(args) > 1 else None)
 
     def query_hook(self, module: nn.Module, args, output) -> None:
         if self.active:
-            self._query = output
+            self.captured.query = output
 
     def extra_repr(self) -> str:
         return f"length={self.length}, hidden_size={self.hidden_size}, heads={self.num_heads}"
@@ -572,7 +599,9 @@ class ParallelAdapterHook(_Hook):
         self.adapter, self.router, self.index, self.who = adapter, router, index, who
 
     def __call__(self, module: nn.Module, args, kwargs, output):
-        record, self.adapter.norm_record = self.adapter.norm_record, None
+        record = self.adapter.norm_record
+        if record is not None:  # (no write otherwise: a decoding step stores nothing here)
+            self.adapter.norm_record = None
         if not self.adapter.active:
             return None
         x = args[0] if args else kwargs[list(kwargs)[0]]  # the MLP input, by any name
@@ -605,7 +634,8 @@ class NormRecordHook(_Hook):
         self.adapter = adapter
 
     def __call__(self, module: nn.Module, args, kwargs, output) -> None:
-        self.adapter.norm_record = None
+        if self.adapter.norm_record is not None:
+            self.adapter.norm_record = None
         if not torch.is_grad_enabled() or torch.compiler.is_compiling() or kwargs or \
                 len(args) != 1 or not isinstance(output, torch.Tensor):
             return
@@ -708,8 +738,9 @@ class PromptOutputHook(_Hook):
         prompt, attention = self.prompt, self.attention
         if not prompt.active:
             return None
-        query, position_embeddings = prompt._query, prompt._position_embeddings
-        prompt._query = prompt._position_embeddings = None
+        captured = prompt.captured
+        query, position_embeddings = captured.query, captured.position_embeddings
+        captured.query = captured.position_embeddings = None
         if query is None or position_embeddings is None:
             raise RuntimeError(f"{self.who}: the prompt expert did not see this forward's "
                                "query and position embeddings")

@@ -390,14 +390,19 @@ class MoALinear(nn.Module):
             self.router = MoARouter(self.in_features, self.num_experts, router, **factory)
         self.register_buffer("expert_signature", expert_signature(self.specs, device))
         self._register_load_state_dict_pre_hook(self._check_signature_on_load)
-        self.last_gates: torch.Tensor | None = None
+        # The gates of the last forward (see last_gates): a tensor, or None; while
+        # _gates_from_source, the gate source's instead (written only when it changes, so a
+        # decoding step stores nothing per layer call).
+        self._last_gates: torch.Tensor | None = None
+        self._gates_from_source = False
         # (x, InputRecipe) set by a hook right before a call on that very x (the prompt
         # expert on o_proj); consumed by that call.
         self.next_input_recipe: tuple[torch.Tensor, torch_ops.InputRecipe] | None = None
         # Where a router-less layer takes its gates when forward is given none: a callable
-        # x -> (gates, sparse), or None while it has no gates (moa.experts.LayerGates: its
-        # slice of a layer router's gates). A plain attribute, not a hook, so a call of the
-        # layer runs no hook machinery.
+        # x -> (gates, sparse), or None while it has no gates, whose last_gates() are the
+        # gates it last handed out (moa.experts.LayerGates: its slice of a layer router's
+        # gates). A plain attribute, not a hook, so a call of the layer runs no hook
+        # machinery.
         self.gate_source: Callable[[torch.Tensor], tuple[torch.Tensor, bool] | None] | None = \
             None
         if device.type != "meta":
@@ -456,26 +461,29 @@ class MoALinear(nn.Module):
     def _stacked(self, dtype: torch.dtype | None = None):
         """(shrink_weight, shrink_bias, expand_weight, expand_bias), empty tensors for the
         absent biases, cast to dtype."""
-        tensors = (self.shrink_weight,
-                   self.shrink_bias if self.shrink_bias is not None else self._empty_bias(0),
-                   self.expand_weight,
-                   self.expand_bias if self.expand_bias is not None
-                   else self._empty_bias(0, self.out_features))
-        if dtype is None or dtype == self.shrink_weight.dtype:
+        shrink_weight, shrink_bias = self.shrink_weight, self.shrink_bias
+        expand_weight, expand_bias = self.expand_weight, self.expand_bias
+        if shrink_bias is None or expand_bias is None:
+            empty_shrink, empty_expand = self._empty_biases()
+            shrink_bias = empty_shrink if shrink_bias is None else shrink_bias
+            expand_bias = empty_expand if expand_bias is None else expand_bias
+        tensors = (shrink_weight, shrink_bias, expand_weight, expand_bias)
+        if dtype is None or dtype == shrink_weight.dtype:
             return tensors
         return tuple(t.to(dtype) for t in tensors)
 
-    def _empty_bias(self, *shape: int) -> torch.Tensor:
-        """A cached empty tensor standing in for an absent bias (made in the graph under
-        torch.compile: a cache lookup would be guarded on at every call)."""
+    def _empty_biases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached empty tensors [0] and [0, out] standing in for absent biases (made in the
+        graph under torch.compile: a cache lookup would be guarded on at every call)."""
         weight = self.shrink_weight
         if torch.compiler.is_compiling():
-            return weight.new_zeros(shape)
-        key = (shape, weight.device, weight.dtype)
-        cache = self.__dict__.setdefault("_empty_biases", {})
-        if key not in cache:
-            cache[key] = weight.new_zeros(shape)
-        return cache[key]
+            return weight.new_zeros(0), weight.new_zeros(0, self.out_features)
+        key = (weight.device, weight.dtype)
+        cache = self.__dict__.setdefault("_empty_bias_cache", {})
+        empties = cache.get(key)
+        if empties is None:
+            empties = cache[key] = (weight.new_zeros(0), weight.new_zeros(0, self.out_features))
+        return empties
 
     def expert_parameters(self) -> list[dict[str, torch.Tensor]]:
         """Per expert, live views of its tensors (writing into them changes the layer):
@@ -532,6 +540,19 @@ class MoALinear(nn.Module):
             raise ValueError(f"gates are on {gates.device}, the input on {x.device}; put "
                              "them on the same device")
 
+    @property
+    def last_gates(self) -> torch.Tensor | None:
+        """The gates [..., E] applied in the last forward (detached), None before the first
+        or with the layer switched off. Gates taken from the gate source (a layer router's
+        slice) are read from it: per token, or [B, 1, E] for instance routing."""
+        if self._gates_from_source and self.gate_source is not None:
+            return self.gate_source.last_gates()
+        return self._last_gates
+
+    @last_gates.setter
+    def last_gates(self, gates: torch.Tensor | None) -> None:
+        self._last_gates, self._gates_from_source = gates, False
+
     def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None, *,
                 sparse: bool | None = None) -> torch.Tensor:
         """y [..., out] for x [..., in]; gates [..., E] (already masked) replace the router's.
@@ -552,15 +573,17 @@ class MoALinear(nn.Module):
             self.last_gates = None
             return self.base(x)
         leading = x.shape[:-1]
+        from_source = False
         if gates is None and self.gate_source is not None:
             shared = self.gate_source(x)
             if shared is not None:
                 gates, shared_sparse = shared
                 sparse = shared_sparse if sparse is None else sparse
+                from_source = True
         if gates is None and self.router is None:
             raise ValueError("this MoALinear has no router (router=None): forward needs "
                              f"gates of shape {(*leading, self.num_experts)}")
-        if gates is not None:
+        if gates is not None and not from_source:  # a gate source checks its own
             self._check_gates(gates, x)
         plain = is_plain_linear(self.base)
         dtype = compute_dtype(x)
@@ -603,10 +626,13 @@ class MoALinear(nn.Module):
                 router=None if flat_gates is not None else generate_cached(
                     self.router, ("ops", dtype), lambda: self.router.ops(dtype)),
                 gates=flat_gates, adapter_input=adapter_input, sparse=bool(sparse), **recipe)
-        # Gates given in the dtype used are kept as given (no reshape op per call).
-        last = gates if gates is not None and used_gates.dtype == gates.dtype else \
-            used_gates.reshape(*leading, self.num_experts)
-        self.last_gates = last.detach() if last.requires_grad else last
+        if from_source and used_gates.dtype == gates.dtype:
+            if not self._gates_from_source:
+                self._gates_from_source = True
+        else:  # gates given in the dtype used are kept as given (no reshape op per call)
+            last = gates if gates is not None and used_gates.dtype == gates.dtype else \
+                used_gates.reshape(*leading, self.num_experts)
+            self.last_gates = last.detach() if last.requires_grad else last
         if base_output is not None:
             y = y.to(base_output.dtype)
         return y.reshape(*leading, self.out_features)

@@ -167,6 +167,8 @@ def test_a_routed_layer_takes_its_layer_gates_unless_given_gates():
         given = torch.rand(2, 5, 1) + 0.5  # every pair on: differs from the sparse gates
         assert not torch.equal(k_proj(layer.input_layernorm(x), given), routed)
         assert torch.equal(k_proj.last_gates, given)
+        k_proj(layer.input_layernorm(x))  # routed again: the router's slice once more
+        assert torch.equal(k_proj.last_gates, router.gates[..., 1:2])
         router.active = False  # a switched-off router hands out nothing
         with pytest.raises(ValueError, match="has no router"):
             k_proj(layer.input_layernorm(x))
