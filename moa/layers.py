@@ -585,14 +585,16 @@ class MoALinear(nn.Module):
                              f"gates of shape {(*leading, self.num_experts)}")
         if gates is not None and not from_source:  # a gate source checks its own
             self._check_gates(gates, x)
-        plain = is_plain_linear(self.base)
+        base = self.base  # (each nn.Module attribute read is a Python call: read once)
+        plain = is_plain_linear(base)
+        base_weight, base_bias = (base.weight, base.bias) if plain else (None, None)
         dtype = compute_dtype(x)
-        if plain and x.dtype != self.base.weight.dtype and \
+        if plain and x.dtype != base_weight.dtype and \
                 not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"input dtype {x.dtype} differs from the base weight's "
-                            f"{self.base.weight.dtype} (nn.Linear refuses this too); cast the "
+                            f"{base_weight.dtype} (nn.Linear refuses this too); cast the "
                             "input, or run under torch.autocast")
-        base_output = None if plain else self.base(x)
+        base_output = None if plain else base(x)
         with autocast_off(x):
             flat = x.reshape(-1, self.in_features).to(dtype)
             flat_gates = None if gates is None else gates.reshape(-1, self.num_experts)
@@ -607,16 +609,17 @@ class MoALinear(nn.Module):
                 recipe = {"input_recipe": pending[1]}
             # Casts are kept over a generate call; tensors already in dtype are used as they
             # are (nothing to cache: under torch.compile no cache lookup to guard on).
-            shrink_weight, shrink_bias, expand_weight, expand_bias = self._stacked() \
-                if dtype == self.shrink_weight.dtype else generate_cached(
-                    self, ("stacked", dtype), lambda: self._stacked(dtype))
-            if plain and self.base.weight.dtype == dtype and \
-                    (self.base.bias is None or self.base.bias.dtype == dtype):
-                base_kwargs = {"base_weight": self.base.weight, "base_bias": self.base.bias}
+            stacked = self._stacked()
+            if stacked[0].dtype != dtype:
+                stacked = generate_cached(self, ("stacked", dtype), lambda: self._stacked(dtype))
+            shrink_weight, shrink_bias, expand_weight, expand_bias = stacked
+            if plain and base_weight.dtype == dtype and \
+                    (base_bias is None or base_bias.dtype == dtype):
+                base_kwargs = {"base_weight": base_weight, "base_bias": base_bias}
             elif plain:
                 base_kwargs = generate_cached(self, ("base", dtype), lambda: {
-                    "base_weight": self.base.weight.to(dtype),
-                    "base_bias": None if self.base.bias is None else self.base.bias.to(dtype)})
+                    "base_weight": base_weight.to(dtype),
+                    "base_bias": None if base_bias is None else base_bias.to(dtype)})
             else:
                 base_kwargs = {"base_output": base_output.reshape(-1, self.out_features)
                                .to(dtype)}
