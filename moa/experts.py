@@ -48,6 +48,7 @@ from moa.layers import (
     compute_dtype,
     generate_cached,
     is_plain_linear,
+    resolve_backend,
 )
 from moa_kernels.layer_experts import gated_adapter, prompt_attention, prompt_attention_recipe
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
@@ -163,6 +164,18 @@ class GroupGates(nn.Module):
         return f"in_features={self.in_features}, groups={self.num_groups}"
 
 
+class SharedShrinks:
+    """What a layer router's GEMM computed for the MoALinears that read its input (see
+    LayerRouter.share_shrinks_with): that input, and each one's shrink output [T, R] by the
+    start of its gate slice; None when the last route shared nothing."""
+
+    __slots__ = ("input", "outputs")
+
+    def __init__(self) -> None:
+        self.input: torch.Tensor | None = None
+        self.outputs: dict[int, torch.Tensor] | None = None
+
+
 class LayerRouter(nn.Module):
     """One router for a whole decoder layer (docs/DESIGN.md section 4).
 
@@ -208,6 +221,11 @@ class LayerRouter(nn.Module):
         # route() then splits the gates once, in one op, and gates_for hands out the parts.
         self.consumer_slices: tuple[tuple[int, int], ...] = ()
         self.gate_parts: dict[tuple[int, int], torch.Tensor] | None = None
+        # (gate start, MoALinear) of the layer's linears that read what the router reads
+        # (share_shrinks_with); generate_cache: on inside MoAModel.generate (prompt_key_cache)
+        self.shrink_sharers: tuple[tuple[int, MoALinear], ...] = ()
+        self.shared_shrinks = SharedShrinks()
+        self.generate_cache: dict | None = None
 
     def split_for(self, slices: list[tuple[int, int]]) -> None:
         """Declare the gate slices the layer's experts read: (start, stop) pairs that tile
@@ -220,6 +238,62 @@ class LayerRouter(nn.Module):
                              "experts in order")
         self.consumer_slices = tuple((start, stop) for start, stop in slices)
 
+    def share_shrinks_with(self, sharers: list[tuple[int, MoALinear]]) -> None:
+        """Declare the layer's MoALinears that read exactly what the router reads (the
+        attention's query, key and value projections, beside a router on the input norm's
+        output), each with the start of its gate slice. While decoding inside
+        MoAModel.generate (no grad mode), one GEMM then computes the router's first layer
+        and their shrinks, which they take through their gate source (`LayerGates`)."""
+        self.shrink_sharers = tuple(sharers)
+
+    def _gates_sharing_shrinks(self, normed: torch.Tensor) -> torch.Tensor | None:
+        """The gates, with the sharers' shrink outputs kept in `shared_shrinks`, from one
+        GEMM; None where that does not apply (then nothing is kept)."""
+        shared = self.shared_shrinks
+        plan = False
+        if self.generate_cache is not None and not torch.is_grad_enabled():
+            dtype = compute_dtype(normed)
+            plan = generate_cached(self, ("shared shrinks", dtype),
+                                   lambda: self._sharing_plan(normed.device, dtype))
+        if plan is False:
+            if shared.input is not None:
+                shared.input = shared.outputs = None
+            return None
+        weight, bias, ops, columns = plan
+        with autocast_off(normed):
+            flat = normed.reshape(-1, self.hidden_size).to(weight.dtype)
+            first = F.linear(flat, weight, bias)
+            gates, _ = ops.finish(first[:, :ops.first_weight.shape[0]])
+        shared.input = normed
+        shared.outputs = {start: first[:, begin:end] for start, begin, end in columns}
+        return gates.to(weight.dtype).reshape(*normed.shape[:-1], self.num_experts)
+
+    def _sharing_plan(self, device: torch.device, dtype: torch.dtype):
+        """(weight, bias, router ops, [(gate start, first column, end column)]) of the
+        shared GEMM, or False where a sharer cannot take its shrink from outside (another
+        backend, a base the backends do not fuse, dropout, a sparse or non-token router)."""
+        if not isinstance(self.router, MoARouter) or self.sparse or self.scope != "layer":
+            return False
+        ops = self.router.ops(dtype)
+        weights, biases, columns = [ops.first_weight], [ops.first_bias], []
+        column = ops.first_weight.shape[0]
+        for start, layer in self.shrink_sharers:
+            if not layer.active or not is_plain_linear(layer.base) or \
+                    resolve_backend(layer.backend, device) != "torch" or \
+                    (layer.training and isinstance(layer.dropout, nn.Dropout)):
+                return False
+            shrink_weight, shrink_bias, _, _ = layer._stacked(dtype)
+            weights.append(shrink_weight)
+            biases.append(layer.layout.full_shrink_bias(shrink_bias)
+                          if shrink_bias.numel() else None)
+            columns.append((start, column, column + shrink_weight.shape[0]))
+            column += shrink_weight.shape[0]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
+                              for w, b in zip(weights, biases)])
+        return torch.cat(weights), bias, ops, columns
+
     def route(self, normed: torch.Tensor) -> torch.Tensor:
         """Gates for what the router reads, normed [..., hidden]: [..., E] per token, or
         [B, 1, E] per sequence for instance scope ([B, S, hidden] input); kept in `gates`."""
@@ -228,7 +302,9 @@ class LayerRouter(nn.Module):
         elif self.scope == "instance":
             gates = self._instance_gates(normed)
         else:
-            gates = self.router(normed)
+            gates = self._gates_sharing_shrinks(normed) if self.shrink_sharers else None
+            if gates is None:
+                gates = self.router(normed)
         if self.router is not None and self.collector is not None:
             self.collector.add(gates)
         self.gates = gates
@@ -340,11 +416,15 @@ class LayerGates(_Hook):
         self.router, self.start, self.stop, self.who = router, start, stop, who
         self.sparse = router.sparse  # fixed with the router's config
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    def __call__(self, x: torch.Tensor
+                 ) -> tuple[torch.Tensor, bool, torch.Tensor | None] | None:
+        """(gates, sparse, the shrink output the router computed for x, or None)."""
         router = self.router
         if not router.active:
             return None
-        return router.gates_for(self.start, self.stop, x, self.who), self.sparse
+        shared = router.shared_shrinks
+        shrink = shared.outputs.get(self.start) if shared.input is x else None
+        return router.gates_for(self.start, self.stop, x, self.who), self.sparse, shrink
 
     def last_gates(self) -> torch.Tensor | None:
         """The slice of the router's last gates (detached), or None."""
@@ -778,7 +858,7 @@ def prompt_key_cache(model: nn.Module) -> Iterator[None]:
     (`generate_cache`, see moa.layers.generate_cached). Everything is dropped on exit."""
     prompts = [m for m in model.modules() if isinstance(m, PromptExpert)]
     cached = [m for m in model.modules()
-              if isinstance(m, (MoALinear, MoARouter, ParallelAdapter))]
+              if isinstance(m, (MoALinear, MoARouter, ParallelAdapter, LayerRouter))]
     for prompt in prompts:
         prompt.cache_keys_values = True
     for module in cached:
@@ -791,6 +871,8 @@ def prompt_key_cache(model: nn.Module) -> Iterator[None]:
             prompt._keys_values = None
         for module in cached:
             module.generate_cache = None
+            if isinstance(module, LayerRouter):
+                module.shared_shrinks.input = module.shared_shrinks.outputs = None
 
 
 def attach_prompt(attention: nn.Module, prompt: PromptExpert, router: LayerRouter,

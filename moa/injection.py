@@ -323,6 +323,12 @@ class Injection:
                           if index is not None])
         for start, stop, name, module in slices:
             module.gate_source = LayerGates(router, start, stop, name)
+        if config.router_input == "input_norm" and config.router_scope == "layer" and \
+                attention is not None:
+            readers = [getattr(attention, family.query or "", None),
+                       getattr(attention, family.key, None), getattr(attention, family.value, None)]
+            router.share_shrinks_with([(start, module) for start, _, _, module in slices
+                                       if any(module is reader for reader in readers)])
         if adapter_index is not None:
             adapter = ParallelAdapter(hidden, hidden, config.parallel_adapter,
                                       config.parallel_adapter_activation, config.dropout,

@@ -399,12 +399,11 @@ class MoALinear(nn.Module):
         # expert on o_proj); consumed by that call.
         self.next_input_recipe: tuple[torch.Tensor, torch_ops.InputRecipe] | None = None
         # Where a router-less layer takes its gates when forward is given none: a callable
-        # x -> (gates, sparse), or None while it has no gates, whose last_gates() are the
-        # gates it last handed out (moa.experts.LayerGates: its slice of a layer router's
-        # gates). A plain attribute, not a hook, so a call of the layer runs no hook
-        # machinery.
-        self.gate_source: Callable[[torch.Tensor], tuple[torch.Tensor, bool] | None] | None = \
-            None
+        # x -> (gates, sparse, x's shrink output computed outside or None), or None while it
+        # has no gates, whose last_gates() are the gates it last handed out
+        # (moa.experts.LayerGates: its slice of a layer router's gates). A plain attribute,
+        # not a hook, so a call of the layer runs no hook machinery.
+        self.gate_source: Callable[[torch.Tensor], tuple | None] | None = None
         if device.type != "meta":
             self.reset_expert_parameters()
 
@@ -573,11 +572,11 @@ class MoALinear(nn.Module):
             self.last_gates = None
             return self.base(x)
         leading = x.shape[:-1]
-        from_source = False
+        from_source, shrink_output = False, None
         if gates is None and self.gate_source is not None:
             shared = self.gate_source(x)
             if shared is not None:
-                gates, shared_sparse = shared
+                gates, shared_sparse, shrink_output = shared
                 sparse = shared_sparse if sparse is None else sparse
                 from_source = True
         if gates is None and self.router is None:
@@ -603,10 +602,13 @@ class MoALinear(nn.Module):
             if sparse is None:
                 sparse = gates is None and self.router.config.is_sparse
             backend = resolve_backend(self.backend, x.device)
-            recipe = {}
+            torch_only = {}  # what only the torch backend takes
             if pending is not None and pending[0] is x and backend == "torch" and plain and \
                     flat.dtype == x.dtype and adapter_input is None:
-                recipe = {"input_recipe": pending[1]}
+                torch_only["input_recipe"] = pending[1]
+            if shrink_output is not None and backend == "torch" and plain and \
+                    adapter_input is None and not sparse and shrink_output.dtype == dtype:
+                torch_only["shrink_output"] = shrink_output
             # Casts are kept over a generate call; tensors already in dtype are used as they
             # are (nothing to cache: under torch.compile no cache lookup to guard on).
             stacked = self._stacked()
@@ -628,7 +630,7 @@ class MoALinear(nn.Module):
                 shrink_bias=shrink_bias, expand_weight=expand_weight, expand_bias=expand_bias,
                 router=None if flat_gates is not None else generate_cached(
                     self.router, ("ops", dtype), lambda: self.router.ops(dtype)),
-                gates=flat_gates, adapter_input=adapter_input, sparse=bool(sparse), **recipe)
+                gates=flat_gates, adapter_input=adapter_input, sparse=bool(sparse), **torch_only)
         if from_source and used_gates.dtype == gates.dtype:
             if not self._gates_from_source:
                 self._gates_from_source = True

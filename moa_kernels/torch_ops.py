@@ -93,6 +93,7 @@ def moa_linear(
     adapter_input: torch.Tensor | None = None,
     sparse: bool = False,
     input_recipe: InputRecipe | None = None,
+    shrink_output: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = base + sum_e g_e delta_e(adapter_input) for 2-D x (the backend contract of
     moa_kernels/backends.py).
@@ -108,6 +109,10 @@ def moa_linear(
         sparse: skip inactive (token, expert) pairs (the router's `active` mask).
         input_recipe: how x is recomputed (x's shape or any of the same numel), so that
             `_BaseAndShrink` saves the recipe's tensors instead of x (this backend only).
+        shrink_output: [T, R] x @ shrink_weight^T + the full shrink bias, computed outside
+            (a layer router's GEMM over the same input, moa.experts.LayerRouter), for gates
+            given, dense, without dropout: the shrink GEMM is then skipped (this backend
+            only).
     Returns:
         y [T, out] and the applied gates [T, E].
     """
@@ -119,7 +124,11 @@ def moa_linear(
     # on few tokens (SPARSE_PLAN_MIN_TOKENS).
     planned = sparse and not torch.compiler.is_compiling() and \
         x.shape[0] >= SPARSE_PLAN_MIN_TOKENS
-    expert_rows = 0 if planned else layout.shrink_rows
+    if shrink_output is not None and (router is not None or adapter_input is not None or
+                                      sparse or base_output is not None):
+        raise ValueError("shrink_output is for dense mixtures with gates given, no dropout "
+                         "and a plain linear base")
+    expert_rows = 0 if planned or shrink_output is not None else layout.shrink_rows
     fused_input = adapter_input is None
     weights, biases = [], []  # a None bias: that block of rows has none
     if fused_input and expert_rows:
@@ -148,6 +157,8 @@ def moa_linear(
     elif weight is not None:
         y, h = _apply(_BaseAndShrink, x, base_weight, base_bias, weight, bias, link,
                       input_recipe)
+    elif shrink_output is not None:
+        y, h = F.linear(x, base_weight, base_bias), shrink_output
     else:
         y, h = F.linear(x, base_weight, base_bias), x.new_empty(x.shape[0], 0)
 

@@ -35,11 +35,13 @@ from moa.experts import (
     GateCollector,
     PromptExpert,
     load_balancing_loss,
+    prompt_key_cache,
     rotary_operands,
     rotate_half_query,
 )
 from moa.families import FAMILIES, rotary_function
 from moa.model import MOA_MODULES, WEIGHTS_NAME
+from moa_kernels import torch_ops
 from tests.conftest import assert_results_match, relative_error
 from tests.moa.tiny import VOCAB, llama_config, perturb, tiny_llama, token_batch
 
@@ -304,6 +306,45 @@ def test_cached_decoding_matches_the_full_forward():
             past = step.past_key_values
             steps.append(step.logits[:, -1])
     assert relative_error(torch.stack(steps, 1), full[:, 7:]) < 1e-5
+
+
+@pytest.mark.parametrize("backend, shares", [
+    ("torch", True),  # the router's GEMM computes q, k and v's shrinks too
+    ("reference", False),  # another backend computes its own shrinks: nothing shared
+])
+def test_decoding_shares_the_routers_gemm_with_the_qkv_shrinks(backend, shares):
+    moa = get_moa_model(tiny_llama(), MoAConfig(backend=backend)).eval()
+    perturb(moa, scale=0.5)
+    ids = token_batch(2, 6)
+    layer = moa.model.model.layers[0]
+    router, attention = layer.moa_router, layer.self_attn
+    assert [m for _, m in router.shrink_sharers] == \
+        [attention.q_proj, attention.k_proj, attention.v_proj]
+    with torch.no_grad():
+        plain = moa(ids).logits  # outside generate: every layer computes its own shrink
+        assert router.shared_shrinks.input is None
+        with prompt_key_cache(moa.model):
+            shared = moa(ids).logits
+            assert (router.shared_shrinks.input is not None) == shares
+            if shares:
+                outputs = router.shared_shrinks.outputs
+                normed = router.shared_shrinks.input.reshape(-1, 64)
+                for start, module in router.shrink_sharers:
+                    assert relative_error(outputs[start], normed @ module.shrink_weight.t()) \
+                        < 1e-5
+        assert router.shared_shrinks.input is None  # dropped with the generate cache
+    assert relative_error(shared, plain) < 1e-5
+
+
+def test_torch_backend_refuses_a_shrink_output_it_cannot_use():
+    layer = MoALinear(torch.nn.Linear(16, 8), "lora:4:8", router=None)
+    x, gates = torch.randn(3, 16), torch.rand(3, 1)
+    tensors = dict(zip(("shrink_weight", "shrink_bias", "expand_weight", "expand_bias"),
+                       layer._stacked()))
+    with pytest.raises(ValueError, match="shrink_output is for dense mixtures"):
+        torch_ops.moa_linear(x, base_weight=layer.base.weight, base_bias=layer.base.bias,
+                             layout=layer.layout, gates=gates, sparse=True,
+                             shrink_output=torch.randn(3, 4), **tensors)
 
 
 def test_prompt_keys_follow_the_weights_outside_generate():
