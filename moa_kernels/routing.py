@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moa_kernels.decode import fusable_linear
+
 
 def gates_from_first_layer(
     first_layer: torch.Tensor,
@@ -85,7 +87,7 @@ def swiglu_head(first_layer: torch.Tensor, w2_weight: torch.Tensor,
     compiler picks what to save) and without grad mode."""
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         up, gate_half = first_layer.chunk(2, dim=-1)
-        return F.linear(F.silu(up) * gate_half, w2_weight, w2_bias)
+        return fusable_linear(F.silu(up) * gate_half, w2_weight, w2_bias)
     return _SwiGLUHead.apply(first_layer, w2_weight, w2_bias)
 
 

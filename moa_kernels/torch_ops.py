@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from moa_kernels.decode import COMPILED_REDUCTION_MAX_TOKENS, fusable_linear
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
 from moa_kernels.routing import RouterOps, RoutingPlan
@@ -64,9 +65,6 @@ DENSE_ABOVE_ACTIVE_FRACTION = 0.5
 # gathering rows costs more than the low-rank work it would skip. Measured crossover in
 # benchmarks/RESULTS.md ("Sparse modes on few tokens").
 SPARSE_PLAN_MIN_TOKENS = 256
-# Compiled without grad mode on at most this many tokens (decoding), the expand GEMM is
-# traced as a reduction over its C columns, which fuses into the ops around it.
-COMPILED_REDUCTION_MAX_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -408,10 +406,8 @@ class _GatedExpand(torch.autograd.Function):
         u, weight, *_ = _expand_operands(hidden, gates, expand_weight, expand_bias, layout,
                                          traced=True)
         if not torch.is_grad_enabled() and u.shape[0] <= COMPILED_REDUCTION_MAX_TOKENS:
-            # Decoding: the product as a C-long reduction, which the compiler fuses with the
-            # gating before it and the op reading y after it (a GEMM call of its own would
-            # be two more kernel launches per layer and token).
-            return y + (u[:, None, :] * weight[None, :, :]).sum(-1)
+            # Decoding: fused with the gating before and the op reading y after.
+            return y + fusable_linear(u, weight)
         return torch.addmm(y, u, weight.t())
 
     @staticmethod

@@ -1,0 +1,44 @@
+"""Small linears as the compiler fuses them best when decoding.
+
+Under torch.compile a GEMM is a call of its own (an extern kernel on the CPU, cuBLAS on
+CUDA) that no pointwise op fuses into. A decoding step runs a few tokens through the
+experts' small products (the LoRA expand, C = 8 columns; the parallel adapter's up
+projection from its 16-wide bottleneck; the router head, 28 -> 7), where such a call costs
+more than its arithmetic. `fusable_linear` traces them as a reduction over the input
+features instead, `(x[:, None, :] * W[None]).sum(-1)`: the compiler generates one loop nest
+that also takes the pointwise ops before it (activation, gating) and after it (bias, the
+add into the base output, the next layer's rotary or residual add). Only short sums
+(K <= 64) are traced so; a long one (the adapter's down projection, K = hidden) stays a
+GEMM, which a generated loop does not beat.
+
+FLOPs and bytes are those of the GEMM (T * N * K multiply-adds, reading x [T, K] and W
+[N, K] once); only the summation order differs (a rounding-level difference).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Compiled without grad mode on at most this many rows (decoding), linears summing over at
+# most COMPILED_REDUCTION_MAX_FEATURES input features are traced as reductions; prefill,
+# training, eager mode and longer sums (a generated loop is slower than a GEMM library
+# there) use the GEMM.
+COMPILED_REDUCTION_MAX_TOKENS = 64
+COMPILED_REDUCTION_MAX_FEATURES = 64
+
+
+def fusable_linear(x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [T, K], weight [N, K]: traced as a reduction under
+    torch.compile without grad mode for T <= COMPILED_REDUCTION_MAX_TOKENS and K <=
+    COMPILED_REDUCTION_MAX_FEATURES, a GEMM otherwise."""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.dim() == 2 and \
+            x.shape[0] <= COMPILED_REDUCTION_MAX_TOKENS and \
+            x.shape[1] <= COMPILED_REDUCTION_MAX_FEATURES:
+        out = (x[:, None, :] * weight[None, :, :]).sum(-1)
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
+
+
+__all__ = ["COMPILED_REDUCTION_MAX_FEATURES", "COMPILED_REDUCTION_MAX_TOKENS", "fusable_linear"]
