@@ -224,6 +224,8 @@ class LayerRouter(nn.Module):
         # (gate start, MoALinear) of the layer's linears that read what the router reads
         # (share_shrinks_with); generate_cache: on inside MoAModel.generate (prompt_key_cache)
         self.shrink_sharers: tuple[tuple[int, MoALinear], ...] = ()
+        self.shares_shrinks = False  # (what route reads: under torch.compile a bool guard,
+        # not guards on every element of shrink_sharers)
         self.shared_shrinks = SharedShrinks()
         self.generate_cache: dict | None = None
 
@@ -245,6 +247,7 @@ class LayerRouter(nn.Module):
         MoAModel.generate (no grad mode), one GEMM then computes the router's first layer
         and their shrinks, which they take through their gate source (`LayerGates`)."""
         self.shrink_sharers = tuple(sharers)
+        self.shares_shrinks = bool(sharers)
 
     def _gates_sharing_shrinks(self, normed: torch.Tensor) -> torch.Tensor | None:
         """The gates, with the sharers' shrink outputs kept in `shared_shrinks`, from one
@@ -302,7 +305,7 @@ class LayerRouter(nn.Module):
         elif self.scope == "instance":
             gates = self._instance_gates(normed)
         else:
-            gates = self._gates_sharing_shrinks(normed) if self.shrink_sharers else None
+            gates = self._gates_sharing_shrinks(normed) if self.shares_shrinks else None
             if gates is None:
                 gates = self.router(normed)
         if self.router is not None and self.collector is not None:
