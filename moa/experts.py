@@ -164,16 +164,20 @@ class GroupGates(nn.Module):
         return f"in_features={self.in_features}, groups={self.num_groups}"
 
 
-class SharedShrinks:
-    """What a layer router's GEMM computed for the MoALinears that read its input (see
-    LayerRouter.share_shrinks_with): that input, and each one's shrink output [T, R] by the
-    start of its gate slice; None when the last route shared nothing."""
+class RouterState:
+    """What a layer router computed in the current forward (a plain object: storing into it
+    costs none of nn.Module's attribute machinery, once per layer and token): the gates
+    [..., E] with their graph, their consumers' slices (eagerly), and the shrink outputs
+    its GEMM computed for the MoALinears that read its input (see
+    LayerRouter.share_shrinks_with) with that input; None where absent."""
 
-    __slots__ = ("input", "outputs")
+    __slots__ = ("gates", "gate_parts", "shrink_input", "shrink_outputs")
 
     def __init__(self) -> None:
-        self.input: torch.Tensor | None = None
-        self.outputs: dict[int, torch.Tensor] | None = None
+        self.gates: torch.Tensor | None = None
+        self.gate_parts: dict[tuple[int, int], torch.Tensor] | None = None
+        self.shrink_input: torch.Tensor | None = None
+        self.shrink_outputs: dict[int, torch.Tensor] | None = None
 
 
 class LayerRouter(nn.Module):
@@ -215,18 +219,16 @@ class LayerRouter(nn.Module):
         self.collector = collector
         self.context = context
         self.active = True
-        self.gates: torch.Tensor | None = None
+        self.state = RouterState()
         self.prompt_gates: torch.Tensor | None = None  # instance gates kept over a generate
         # The (start, stop) gate slices of the layer's consumers, in order (split_for):
         # route() then splits the gates once, in one op, and gates_for hands out the parts.
         self.consumer_slices: tuple[tuple[int, int], ...] = ()
-        self.gate_parts: dict[tuple[int, int], torch.Tensor] | None = None
         # (gate start, MoALinear) of the layer's linears that read what the router reads
         # (share_shrinks_with); generate_cache: on inside MoAModel.generate (prompt_key_cache)
         self.shrink_sharers: tuple[tuple[int, MoALinear], ...] = ()
         self.shares_shrinks = False  # (what route reads: under torch.compile a bool guard,
         # not guards on every element of shrink_sharers)
-        self.shared_shrinks = SharedShrinks()
         self.generate_cache: dict | None = None
 
     def split_for(self, slices: list[tuple[int, int]]) -> None:
@@ -250,25 +252,25 @@ class LayerRouter(nn.Module):
         self.shares_shrinks = bool(sharers)
 
     def _gates_sharing_shrinks(self, normed: torch.Tensor) -> torch.Tensor | None:
-        """The gates, with the sharers' shrink outputs kept in `shared_shrinks`, from one
-        GEMM; None where that does not apply (then nothing is kept)."""
-        shared = self.shared_shrinks
+        """The gates, with the sharers' shrink outputs kept in `state`, from one GEMM; None
+        where that does not apply (then none are kept)."""
+        state = self.state
         plan = False
         if self.generate_cache is not None and not torch.is_grad_enabled():
             dtype = compute_dtype(normed)
             plan = generate_cached(self, ("shared shrinks", dtype),
                                    lambda: self._sharing_plan(normed.device, dtype))
         if plan is False:
-            if shared.input is not None:
-                shared.input = shared.outputs = None
+            if state.shrink_input is not None:
+                state.shrink_input = state.shrink_outputs = None
             return None
         weight, bias, ops, columns = plan
         with autocast_off(normed):
             flat = normed.reshape(-1, self.hidden_size).to(weight.dtype)
             first = F.linear(flat, weight, bias)
             gates, _ = ops.finish(first[:, :ops.first_weight.shape[0]])
-        shared.input = normed
-        shared.outputs = {start: first[:, begin:end] for start, begin, end in columns}
+        state.shrink_input = normed
+        state.shrink_outputs = {start: first[:, begin:end] for start, begin, end in columns}
         return gates.to(weight.dtype).reshape(*normed.shape[:-1], self.num_experts)
 
     def _sharing_plan(self, device: torch.device, dtype: torch.dtype):
@@ -310,24 +312,43 @@ class LayerRouter(nn.Module):
                 gates = self.router(normed)
         if self.router is not None and self.collector is not None:
             self.collector.add(gates)
-        self.gates = gates
+        state = self.state
+        state.gates = gates
         # Eagerly only: under torch.compile the slices fuse anyway, and the parts (views of
         # the gates that outlive the graph) would be graph outputs aliasing one another.
         slices = self.consumer_slices
         if slices and not torch.compiler.is_compiling():
-            self.gate_parts = dict(zip(slices, gates.split(
+            state.gate_parts = dict(zip(slices, gates.split(
                 [stop - start for start, stop in slices], dim=-1)))
         return gates
 
     @property
+    def gates(self) -> torch.Tensor | None:
+        """The gates of the current forward (with their graph), or None."""
+        return self.state.gates
+
+    @gates.setter
+    def gates(self, gates: torch.Tensor | None) -> None:
+        self.state.gates = gates
+
+    @property
+    def gate_parts(self) -> dict[tuple[int, int], torch.Tensor] | None:
+        """The gates split into the consumer slices (eagerly), or None."""
+        return self.state.gate_parts
+
+    @gate_parts.setter
+    def gate_parts(self, parts: dict[tuple[int, int], torch.Tensor] | None) -> None:
+        self.state.gate_parts = parts
+
+    @property
     def last_gates(self) -> torch.Tensor | None:
         """The gates of the last forward, detached (for `router_stats`), or None."""
-        gates = self.gates
+        gates = self.state.gates
         return gates.detach() if gates is not None and gates.requires_grad else gates
 
     @last_gates.setter
     def last_gates(self, gates: torch.Tensor | None) -> None:
-        self.gates = gates
+        self.state.gates = gates
 
     def _instance_gates(self, normed: torch.Tensor) -> torch.Tensor:
         if normed.dim() != 3:
@@ -356,13 +377,14 @@ class LayerRouter(nn.Module):
     def gates_for(self, start: int, stop: int, x: torch.Tensor, who: str) -> torch.Tensor:
         """The gates [..., stop - start] of experts start..stop-1 for an input x [..., F]
         (instance gates [B, 1, E] broadcast over x's tokens)."""
-        if self.gates is None:
+        state = self.state
+        if state.gates is None:
             raise RuntimeError(f"{who} ran before its layer's input norm: the layer router "
                                "has no gates for this forward")
-        parts = None if torch.compiler.is_compiling() else self.gate_parts
+        parts = None if torch.compiler.is_compiling() else state.gate_parts
         gates = parts.get((start, stop)) if parts is not None else None
         if gates is None:
-            gates = self.gates[..., start:stop]
+            gates = state.gates[..., start:stop]
         if self.scope == "instance" and x.dim() == 3 and gates.shape[0] == x.shape[0]:
             gates = gates.expand(*x.shape[:-1], stop - start)
         if gates.shape[:-1] != x.shape[:-1]:
@@ -425,8 +447,8 @@ class LayerGates(_Hook):
         router = self.router
         if not router.active:
             return None
-        shared = router.shared_shrinks
-        shrink = shared.outputs.get(self.start) if shared.input is x else None
+        state = router.state
+        shrink = state.shrink_outputs.get(self.start) if state.shrink_input is x else None
         return router.gates_for(self.start, self.stop, x, self.who), self.sparse, shrink
 
     def last_gates(self) -> torch.Tensor | None:
@@ -875,7 +897,7 @@ def prompt_key_cache(model: nn.Module) -> Iterator[None]:
         for module in cached:
             module.generate_cache = None
             if isinstance(module, LayerRouter):
-                module.shared_shrinks.input = module.shared_shrinks.outputs = None
+                module.state.shrink_input = module.state.shrink_outputs = None
 
 
 def attach_prompt(attention: nn.Module, prompt: PromptExpert, router: LayerRouter,

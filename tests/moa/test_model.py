@@ -322,17 +322,17 @@ def test_decoding_shares_the_routers_gemm_with_the_qkv_shrinks(backend, shares):
         [attention.q_proj, attention.k_proj, attention.v_proj]
     with torch.no_grad():
         plain = moa(ids).logits  # outside generate: every layer computes its own shrink
-        assert router.shared_shrinks.input is None
+        assert router.state.shrink_input is None
         with prompt_key_cache(moa.model):
             shared = moa(ids).logits
-            assert (router.shared_shrinks.input is not None) == shares
+            assert (router.state.shrink_input is not None) == shares
             if shares:
-                outputs = router.shared_shrinks.outputs
-                normed = router.shared_shrinks.input.reshape(-1, 64)
+                outputs = router.state.shrink_outputs
+                normed = router.state.shrink_input.reshape(-1, 64)
                 for start, module in router.shrink_sharers:
                     assert relative_error(outputs[start], normed @ module.shrink_weight.t()) \
                         < 1e-5
-        assert router.shared_shrinks.input is None  # dropped with the generate cache
+        assert router.state.shrink_input is None  # dropped with the generate cache
     assert relative_error(shared, plain) < 1e-5
 
 
