@@ -276,8 +276,8 @@ class LayerRouter(nn.Module):
     def _sharing_plan(self, device: torch.device, dtype: torch.dtype):
         """(weight, bias, router ops, [(gate start, first column, end column)]) of the
         shared GEMM, or False where a sharer cannot take its shrink from outside (another
-        backend, a base the backends do not fuse, dropout, a sparse or non-token router)."""
-        if not isinstance(self.router, MoARouter) or self.sparse or self.scope != "layer":
+        backend, a base the backends do not fuse, dropout, a sparse router)."""
+        if not isinstance(self.router, MoARouter) or self.sparse:
             return False
         ops = self.router.ops(dtype)
         weights, biases, columns = [ops.first_weight], [ops.first_bias], []

@@ -28,17 +28,30 @@ COMPILED_REDUCTION_MAX_TOKENS = 64
 COMPILED_REDUCTION_MAX_FEATURES = 64
 
 
+def _as_reduction(x: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.dim() == 2 \
+        and x.shape[0] <= COMPILED_REDUCTION_MAX_TOKENS \
+        and x.shape[1] <= COMPILED_REDUCTION_MAX_FEATURES
+
+
 def fusable_linear(x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [T, K], weight [N, K]: traced as a reduction under
     torch.compile without grad mode for T <= COMPILED_REDUCTION_MAX_TOKENS and K <=
     COMPILED_REDUCTION_MAX_FEATURES, a GEMM otherwise."""
-    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.dim() == 2 and \
-            x.shape[0] <= COMPILED_REDUCTION_MAX_TOKENS and \
-            x.shape[1] <= COMPILED_REDUCTION_MAX_FEATURES:
+    if _as_reduction(x):
         out = (x[:, None, :] * weight[None, :, :]).sum(-1)
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)
 
 
-__all__ = ["COMPILED_REDUCTION_MAX_FEATURES", "COMPILED_REDUCTION_MAX_TOKENS", "fusable_linear"]
+def fusable_addmm(addend: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """addend + x @ weight^T (addend [T, N] or [N]): as fusable_linear, a reduction where
+    that applies, else one addmm."""
+    if _as_reduction(x):
+        return addend + fusable_linear(x, weight)
+    return torch.addmm(addend, x, weight.t())
+
+
+__all__ = ["COMPILED_REDUCTION_MAX_FEATURES", "COMPILED_REDUCTION_MAX_TOKENS", "fusable_addmm",
+           "fusable_linear"]

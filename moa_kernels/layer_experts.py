@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moa_kernels.decode import COMPILED_REDUCTION_MAX_TOKENS, fusable_linear
+from moa_kernels.decode import fusable_addmm, fusable_linear
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
 from moa_kernels.torch_ops import ACTIVATION_DERIVATIVES, InputRecipe, _apply
 
@@ -114,10 +114,8 @@ class _GatedAdapter(torch.autograd.Function):
                recipe=None):
         hidden = fusable_linear(x, down_weight, down_bias)
         gated = ACTIVATION_FUNCTIONS[activation](hidden) * gate
-        if not torch.is_grad_enabled() and x.shape[0] <= COMPILED_REDUCTION_MAX_TOKENS:
-            # Decoding: fused with the gating before and the add into out after.
-            return out + (fusable_linear(gated, up_weight) + gate * up_bias).to(out.dtype)
-        return out + (torch.addmm(gate * up_bias, gated, up_weight.t())).to(out.dtype)
+        # decoding: a reduction fused with the gating before and the add into out after
+        return out + fusable_addmm(gate * up_bias, gated, up_weight).to(out.dtype)
 
     @staticmethod
     def forward(ctx, out, x, gate, down_weight, down_bias, up_weight, up_bias, activation,

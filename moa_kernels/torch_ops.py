@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from moa_kernels.decode import COMPILED_REDUCTION_MAX_TOKENS, fusable_linear
+from moa_kernels.decode import fusable_addmm
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
 from moa_kernels.routing import RouterOps, RoutingPlan
@@ -405,10 +405,8 @@ class _GatedExpand(torch.autograd.Function):
     def traced(y, hidden, gates, expand_weight, expand_bias, layout):
         u, weight, *_ = _expand_operands(hidden, gates, expand_weight, expand_bias, layout,
                                          traced=True)
-        if not torch.is_grad_enabled() and u.shape[0] <= COMPILED_REDUCTION_MAX_TOKENS:
-            # Decoding: fused with the gating before and the op reading y after.
-            return y + fusable_linear(u, weight)
-        return torch.addmm(y, u, weight.t())
+        # decoding: a reduction fused with the gating before and the op reading y after
+        return fusable_addmm(y, u, weight)
 
     @staticmethod
     def forward(ctx, y, hidden, gates, expand_weight, expand_bias, layout):
