@@ -11,6 +11,12 @@ add into the base output, the next layer's rotary or residual add). Only short s
 (K <= 64) are traced so; a long one (the adapter's down projection, K = hidden) stays a
 GEMM, which a generated loop does not beat.
 
+`fusable_attention` does the same for the prompt expert's attention over its L prompt
+tokens (L = 10 in the presets): softmax(q k^T) v as two short reductions and a softmax,
+which the compiler fuses with the query's rotary before and the gated add after, where an
+attention kernel would be an extern call plus a copy of the batch-expanded prompt keys and
+values per layer and step. FLOPs: 2 B H S L D multiply-adds; bytes: q, k, v read once.
+
 FLOPs and bytes are those of the GEMM (T * N * K multiply-adds, reading x [T, K] and W
 [N, K] once); only the summation order differs (a rounding-level difference).
 """
@@ -45,6 +51,22 @@ def fusable_linear(x: torch.Tensor, weight: torch.Tensor,
     return F.linear(x, weight, bias)
 
 
+def fusable_attention(query: torch.Tensor, keys: torch.Tensor,
+                      values: torch.Tensor) -> torch.Tensor:
+    """softmax(query keys^T) values (no scaling, no mask) for query [B, H, S, D] and keys,
+    values [B, H, L, D] (expanded views welcome): traced as reductions under torch.compile
+    without grad mode for B * S <= COMPILED_REDUCTION_MAX_TOKENS and L <=
+    COMPILED_REDUCTION_MAX_FEATURES, one scaled_dot_product_attention call otherwise."""
+    batch, heads, tokens, head_dim = query.shape
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and \
+            batch * tokens <= COMPILED_REDUCTION_MAX_TOKENS and \
+            keys.shape[-2] <= COMPILED_REDUCTION_MAX_FEATURES:
+        scores = (query[:, :, :, None, :] * keys[:, :, None, :, :]).sum(-1)  # [B, H, S, L]
+        probs = torch.softmax(scores, dim=-1)
+        return (probs[..., None] * values[:, :, None, :, :]).sum(-2)  # [B, H, S, D]
+    return F.scaled_dot_product_attention(query, keys, values, scale=1.0)
+
+
 def fusable_addmm(addend: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """addend + x @ weight^T (addend [T, N] or [N]): as fusable_linear, a reduction where
     that applies, else one addmm."""
@@ -54,4 +76,4 @@ def fusable_addmm(addend: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -
 
 
 __all__ = ["COMPILED_REDUCTION_MAX_FEATURES", "COMPILED_REDUCTION_MAX_TOKENS", "fusable_addmm",
-           "fusable_linear"]
+           "fusable_attention", "fusable_linear"]

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moa_kernels.decode import fusable_addmm, fusable_linear
+from moa_kernels.decode import fusable_addmm, fusable_attention, fusable_linear
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
 from moa_kernels.torch_ops import ACTIVATION_DERIVATIVES, InputRecipe, _apply
 
@@ -177,8 +177,7 @@ class _PromptAttention(torch.autograd.Function):
     @staticmethod
     def traced(x, query, keys, values, gate):
         batch, heads, tokens, head_dim = query.shape
-        out = F.scaled_dot_product_attention(query, _batched(keys, batch),
-                                             _batched(values, batch), scale=1.0)
+        out = fusable_attention(query, _batched(keys, batch), _batched(values, batch))
         out = (gate[..., None] * out.transpose(1, 2)).to(x.dtype)
         return x + out.reshape(batch, tokens, heads * head_dim)
 

@@ -1,0 +1,109 @@
+"""moa_kernels/decode.py: the decoding forms of the small linears and the prompt attention.
+
+Each function is compiled (fullgraph, "aot_eager": dynamo's trace without inductor's code
+generation) without grad mode and compared, in float64, with the op it stands for, on fresh
+random data; a recording backend checks which form was traced: reductions for decoding-sized
+inputs, the library op (GEMM, attention kernel) outside them.
+"""
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+from moa_kernels.decode import (
+    COMPILED_REDUCTION_MAX_FEATURES,
+    COMPILED_REDUCTION_MAX_TOKENS,
+    fusable_addmm,
+    fusable_attention,
+    fusable_linear,
+)
+from tests.conftest import relative_error
+
+TOLERANCE = 1e-12  # float64, another summation order
+
+
+def traced(function, *args):
+    """(function(*args) compiled with fullgraph, the aten-level op names of its graph)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    seen = []
+
+    def record(graph, example_inputs):
+        seen.extend(str(node.target) for node in graph.graph.nodes
+                    if node.op == "call_function")
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(function, fullgraph=True, backend=aot_autograd(fw_compiler=record))
+    return compiled(*args), seen
+
+
+def random(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
+
+
+@pytest.mark.parametrize("tokens, features, reduced", [
+    (4, 8, True),  # a decoding step's LoRA expand: a reduction
+    (COMPILED_REDUCTION_MAX_TOKENS, COMPILED_REDUCTION_MAX_FEATURES, True),  # both limits
+    (COMPILED_REDUCTION_MAX_TOKENS + 1, 8, False),  # a prefill: the GEMM
+    (4, COMPILED_REDUCTION_MAX_FEATURES + 1, False),  # a long sum: the GEMM
+])
+def test_linear_and_addmm_trace_as_reductions_only_for_short_decoding_sums(tokens, features,
+                                                                          reduced):
+    x, weight = random(tokens, features, seed=0), random(24, features, seed=1)
+    bias, addend = random(24, seed=2), random(tokens, 24, seed=3)
+    with torch.no_grad():
+        out, ops = traced(fusable_linear, x, weight, bias)
+        assert relative_error(out, F.linear(x, weight, bias)) < TOLERANCE
+        assert any("mm" in op for op in ops) != reduced, ops
+        out, ops = traced(fusable_addmm, addend, x, weight)
+        assert relative_error(out, addend + x @ weight.t()) < TOLERANCE
+        assert any("mm" in op for op in ops) != reduced, ops
+
+
+def expected_attention(query, keys, values):
+    return torch.softmax(query @ keys.transpose(-1, -2), dim=-1) @ values
+
+
+@pytest.mark.parametrize("batch, tokens, length, expanded, reduced", [
+    (4, 1, 10, True, True),  # a decoding step over batch-expanded prompt keys
+    (2, 3, 10, False, True),  # a few tokens, keys given per batch row
+    (1, COMPILED_REDUCTION_MAX_TOKENS + 1, 10, True, False),  # a prefill: the kernel
+    (2, 1, COMPILED_REDUCTION_MAX_FEATURES + 1, True, False),  # a long prompt: the kernel
+])
+def test_attention_traces_as_reductions_only_for_decoding(batch, tokens, length, expanded,
+                                                          reduced):
+    heads, head_dim = 4, 16
+    query = random(batch, heads, tokens, head_dim, seed=4)
+    keys, values = random(heads, length, head_dim, seed=5), random(heads, length, head_dim,
+                                                                    seed=6)
+    if expanded:
+        keys, values = keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)
+    else:
+        keys, values = (t.expand(batch, -1, -1, -1).contiguous() for t in (keys, values))
+    with torch.no_grad():
+        out, ops = traced(fusable_attention, query, keys, values)
+        assert relative_error(out, expected_attention(query, keys, values)) < TOLERANCE
+        assert any("attention" in op for op in ops) != reduced, ops
+
+
+def test_attention_keeps_the_kernel_in_grad_mode():
+    """With grad on (a compiled training step) the attention kernel's own backward is used."""
+    query = random(2, 4, 1, 16, seed=7).requires_grad_()
+    keys, values = random(2, 4, 10, 16, seed=8), random(2, 4, 10, 16, seed=9)
+    out, ops = traced(fusable_attention, query, keys, values)
+    assert relative_error(out, expected_attention(query, keys, values)) < TOLERANCE
+    assert any("attention" in op for op in ops), ops
+
+
+def test_eager_calls_take_the_library_ops():
+    """Outside torch.compile every form is the plain op, bitwise."""
+    x, weight = random(4, 8, seed=10), random(24, 8, seed=11)
+    query, keys, values = (random(2, 4, 1, 16, seed=12), random(2, 4, 10, 16, seed=13),
+                           random(2, 4, 10, 16, seed=14))
+    with torch.no_grad():
+        assert torch.equal(fusable_linear(x, weight), F.linear(x, weight))
+        assert torch.equal(fusable_attention(query, keys, values),
+                           F.scaled_dot_product_attention(query, keys, values, scale=1.0))
