@@ -34,10 +34,17 @@ COMPILED_REDUCTION_MAX_TOKENS = 64
 COMPILED_REDUCTION_MAX_FEATURES = 64
 
 
+def _decoding_sum(rows: int, length: int) -> bool:
+    """Whether a product over `rows` rows summing `length` terms is traced as a reduction:
+    under torch.compile, without grad mode, both within the limits above."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled() \
+        and rows <= COMPILED_REDUCTION_MAX_TOKENS and length <= COMPILED_REDUCTION_MAX_FEATURES
+
+
 def _as_reduction(x: torch.Tensor) -> bool:
-    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.dim() == 2 \
-        and x.shape[0] <= COMPILED_REDUCTION_MAX_TOKENS \
-        and x.shape[1] <= COMPILED_REDUCTION_MAX_FEATURES
+    # eagerly (the hot path) only the is_compiling call runs
+    return torch.compiler.is_compiling() and x.dim() == 2 and \
+        _decoding_sum(x.shape[0], x.shape[1])
 
 
 def fusable_linear(x: torch.Tensor, weight: torch.Tensor,
@@ -57,10 +64,7 @@ def fusable_attention(query: torch.Tensor, keys: torch.Tensor,
     values [B, H, L, D] (expanded views welcome): traced as reductions under torch.compile
     without grad mode for B * S <= COMPILED_REDUCTION_MAX_TOKENS and L <=
     COMPILED_REDUCTION_MAX_FEATURES, one scaled_dot_product_attention call otherwise."""
-    batch, heads, tokens, head_dim = query.shape
-    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and \
-            batch * tokens <= COMPILED_REDUCTION_MAX_TOKENS and \
-            keys.shape[-2] <= COMPILED_REDUCTION_MAX_FEATURES:
+    if _decoding_sum(query.shape[0] * query.shape[2], keys.shape[-2]):
         scores = (query[:, :, :, None, :] * keys[:, :, None, :, :]).sum(-1)  # [B, H, S, L]
         probs = torch.softmax(scores, dim=-1)
         return (probs[..., None] * values[:, :, None, :, :]).sum(-2)  # [B, H, S, D]
