@@ -73,9 +73,18 @@ def fusable_attention(query: torch.Tensor, keys: torch.Tensor,
 
 def fusable_addmm(addend: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """addend + x @ weight^T (addend [T, N] or [N]): as fusable_linear, a reduction where
-    that applies, else one addmm."""
+    that applies, else one addmm.
+
+    In the reduction form a [T, N] addend is added through a size-1 view: inductor rewrites
+    add(mm(a, b), t) into addmm(t, a, b) (the base GEMM of a MoALinear and its experts'
+    output), and on the CPU that library call first copies t into its output and runs
+    slower than mm on decoding shapes (benchmarks/RESULTS.md). Kept an add, it fuses into
+    the reduction's loop instead: one kernel and one copy fewer per linear."""
     if _as_reduction(x):
-        return addend + fusable_linear(x, weight)
+        product = fusable_linear(x, weight)
+        if addend.dim() != 2:
+            return addend + product
+        return (addend[None] + product)[0]
     return torch.addmm(addend, x, weight.t())
 
 

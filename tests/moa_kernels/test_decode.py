@@ -23,8 +23,9 @@ from tests.conftest import relative_error
 TOLERANCE = 1e-12  # float64, another summation order
 
 
-def traced(function, *args):
-    """(function(*args) compiled with fullgraph, the aten-level op names of its graph)."""
+def traced(function, *args, graphs: list | None = None):
+    """(function(*args) compiled with fullgraph, the aten-level op names of its graph);
+    the traced graph modules are appended to `graphs` when given."""
     from torch._dynamo.backends.common import aot_autograd
 
     seen = []
@@ -32,6 +33,8 @@ def traced(function, *args):
     def record(graph, example_inputs):
         seen.extend(str(node.target) for node in graph.graph.nodes
                     if node.op == "call_function")
+        if graphs is not None:
+            graphs.append(graph)
         return graph.forward
 
     torch._dynamo.reset()
@@ -61,6 +64,36 @@ def test_linear_and_addmm_trace_as_reductions_only_for_short_decoding_sums(token
         out, ops = traced(fusable_addmm, addend, x, weight)
         assert relative_error(out, addend + x @ weight.t()) < TOLERANCE
         assert any("mm" in op for op in ops) != reduced, ops
+
+
+@pytest.mark.parametrize("tokens", [
+    4,  # a decoding step of batch 4
+    1,  # one row: the size-1 view must not drop the row dimension
+])
+def test_addmm_reduction_does_not_add_straight_onto_a_gemm(tokens):
+    """Inductor folds add(mm(a, b), t) into addmm(t, a, b), a library call that copies t
+    first: the reduction form's add onto a GEMM output (a MoALinear's base) must read it
+    through a view. A [N] addend broadcasts as before."""
+    x, base_weight = random(tokens, 32, seed=20), random(24, 32, seed=21)
+    u, weight, bias = random(tokens, 8, seed=22), random(24, 8, seed=23), random(24, seed=24)
+
+    def base_plus_experts(x, base_weight, u, weight):
+        return fusable_addmm(torch.mm(x, base_weight.t()), u, weight)
+
+    graphs = []
+    with torch.no_grad():
+        out, _ = traced(base_plus_experts, x, base_weight, u, weight, graphs=graphs)
+        assert out.shape == (tokens, 24)
+        assert relative_error(out, x @ base_weight.t() + u @ weight.t()) < TOLERANCE
+        out, _ = traced(fusable_addmm, bias, u, weight)
+        assert out.shape == (tokens, 24)
+        assert relative_error(out, bias + u @ weight.t()) < TOLERANCE
+    gemm_operands = [node for node in graphs[0].graph.nodes if node.op == "call_function"
+                     and "add" in str(node.target)
+                     and any(str(getattr(arg, "target", "")).startswith("aten.mm")
+                             for arg in node.args)]
+    assert not gemm_operands, graphs[0].graph
+    assert any("aten.mm" in str(node.target) for node in graphs[0].graph.nodes)
 
 
 def expected_attention(query, keys, values):
