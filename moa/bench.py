@@ -88,14 +88,18 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
 
 def interleaved_samples(functions: dict[str, Callable[[], None]], rounds: int,
                         device: torch.device, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each function in each of `rounds` round-robin rounds, after warm-up."""
+    """Seconds of each function in each of `rounds` rounds, after warm-up. Every round runs
+    each function once, in the given order in even rounds and in reverse in odd ones, so
+    that no function always runs right after the same neighbour (what ran before moves a
+    timing by several percent on a shared CPU: caches, allocator state)."""
     timer = _timer(device)
     for fn in functions.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, fn in functions.items():
+    order = list(functions.items())
+    for round_index in range(rounds):
+        for name, fn in order if round_index % 2 == 0 else reversed(order):
             samples[name].append(timer(fn))
     return samples
 

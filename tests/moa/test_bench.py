@@ -14,6 +14,18 @@ def test_median_ratio_pairs_samples_within_rounds():
     assert math.isnan(bench.median_ratio(samples, "case", "absent"))
 
 
+def test_interleaved_samples_alternate_the_order_of_each_round():
+    """Even rounds run the functions in order, odd rounds in reverse: no function always
+    follows the same neighbour."""
+    calls = []
+    functions = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    samples = bench.interleaved_samples(functions, rounds=3, device=torch.device("cpu"),
+                                        warmup=1)
+    assert calls == list("abc") + list("abc") + list("cba") + list("abc")
+    assert all(len(samples[name]) == 3 and all(t >= 0 for t in samples[name])
+               for name in "abc")
+
+
 def test_layer_benchmark_on_a_small_shape():
     rows = bench.layer_benchmark(["torch", "reference"], tokens=16, features=32, rounds=2)
     cases = {(r.case, r.backend) for r in rows}
