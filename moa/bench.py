@@ -90,8 +90,8 @@ def interleaved_samples(functions: dict[str, Callable[[], None]], rounds: int,
                         device: torch.device, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds of each function in each of `rounds` rounds, after warm-up. Every round runs
     each function once, in the given order in even rounds and in reverse in odd ones, so
-    that no function always runs right after the same neighbour (what ran before moves a
-    timing by several percent on a shared CPU: caches, allocator state)."""
+    that no function always runs right after the same neighbour (on a shared CPU a timing
+    can depend on what ran just before it)."""
     timer = _timer(device)
     for fn in functions.values():
         for _ in range(warmup):
