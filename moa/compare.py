@@ -270,10 +270,28 @@ def peft_lora_config():
                       task_type="CAUSAL_LM")
 
 
+def drop_stale_gguf_quantizer(base: torch.nn.Module) -> None:
+    """transformers' GGUF loader dequantizes every weight to float as it loads a .gguf file
+    (without a GGUF matmul kernel) but leaves its GGUF quantizer on the model, and the
+    Trainer refuses to train a PeftModel over a quantizer that says it cannot train (a
+    MoAModel passes that check as an adapter model). Where every parameter is a float
+    tensor, the quantizer is removed as transformers removes one from a model dequantized
+    at load."""
+    from transformers.utils.quantization_config import QuantizationMethod
+
+    quantizer = getattr(base, "hf_quantizer", None)
+    if quantizer is None or \
+            quantizer.quantization_config.quant_method != QuantizationMethod.GGUF:
+        return
+    if all(param.dtype.is_floating_point for param in base.parameters()):
+        quantizer.remove_quantization_config(base)
+
+
 def peft_lora_model(base: torch.nn.Module) -> torch.nn.Module:
     """base (frozen) with PEFT's LoRA injected: what the peft_lora variant trains."""
     from peft import get_peft_model
 
+    drop_stale_gguf_quantizer(base)
     with warnings.catch_warnings():  # peft asks transformers for a deprecated property
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
                                 category=FutureWarning)
@@ -394,12 +412,22 @@ def _check_out(out: Path) -> dict | None:
     return stored
 
 
-def _differences(stored: dict, defining: dict, variants: dict) -> list[str]:
+def _finished(out: Path) -> set[str]:
+    """The names (variants, "base") with a finished result in DIR."""
+    runs = out / RUNS
+    names = {path.parent.name for path in runs.glob("*/seed-*.json")}
+    return names | ({BASE} if (runs / f"{BASE}.json").is_file() else set())
+
+
+def _differences(stored: dict, defining: dict, variants: dict, finished: set[str]
+                 ) -> list[str]:
+    """What differs from the stored options where finished results depend on it: every
+    option once any result is there, a variant's rate and definition once it has one."""
     def shown(value) -> str:
         return "none" if value is None else str(value)
 
     found = []
-    for name in DEFINING:
+    for name in DEFINING if finished else ():
         there, here = stored["options"].get(name), defining.get(name)
         if there != here:
             if name.endswith("_sha256"):
@@ -409,7 +437,7 @@ def _differences(stored: dict, defining: dict, variants: dict) -> list[str]:
                              f"{shown(here)} here)")
     for name, definition in variants.items():
         before = stored["variants"].get(name)
-        if before is None:
+        if before is None or name not in finished:
             continue
         if before.get("lr") != definition["lr"]:
             found.append(f"lr of {name} ({before.get('lr')} there, {definition['lr']} here)")
@@ -455,9 +483,9 @@ def plan_compare(options: CompareOptions) -> Plan:
     definitions = {v.name: {"kind": v.kind, "source": v.source, "lr": rates[v.name],
                             "config": v.config} for v in variants}
     if stored is not None:
-        differences = _differences(stored, defining, definitions)
+        differences = _differences(stored, defining, definitions, _finished(out))
         if differences:
-            raise ValueError(f"--out {str(out)!r} holds a comparison run with other "
+            raise ValueError(f"--out {str(out)!r} holds results of a comparison with other "
                              f"options: {'; '.join(differences)}. Run it with the same ones "
                              "(variants and seeds may be added) or name another --out")
         definitions = {**stored["variants"], **definitions}
@@ -893,6 +921,7 @@ def summarize(plan: Plan) -> dict:
         "ci_method": CI_METHOD, "paired_method": PAIRED_METHOD, "peak_memory": peak_kind,
         "base": None if base is None else {
             "name": BASE, "trainable_params": 0, "accuracy": base["accuracy"],
+            "accuracy_ci95": list(accuracy_interval(correctness_matrix([base["correct"]]))[1:]),
             "accuracy_norm": base["accuracy_norm"]},
         "variants": rows,
     }
@@ -916,8 +945,8 @@ def format_table(summary: dict) -> str:
     base = summary["base"]
     if base is not None:
         norm = "" if base["accuracy_norm"] is None else f"{base['accuracy_norm']:.4f}"
-        lines.append(f"| base (no adapter) | 0 | {base['accuracy']:.4f} | | | | {norm} | | "
-                     "| |")
+        lines.append(f"| base (no adapter) | 0 | {base['accuracy']:.4f} | "
+                     f"{_interval(base['accuracy_ci95'])} | | | {norm} | | | |")
     for row in summary["variants"]:
         def number(key: str, form: str, row=row) -> str:
             return "" if row[key] is None else format(row[key], form)

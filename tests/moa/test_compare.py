@@ -191,6 +191,31 @@ def test_router_statistics_are_the_token_weighted_mean_over_the_prompts(preset):
     assert router_statistics(lora, tokenizer, prompts, max_length=512) == {}
 
 
+def test_peft_lora_trains_over_a_gguf_base_whose_weights_were_dequantized_at_load():
+    # transformers' GGUF loader leaves its quantizer (is_trainable False) on a model whose
+    # weights it dequantized to float; the Trainer's check then refused PEFT's LoRA on it
+    from peft import get_peft_model
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.trainer_utils import validate_quantization_for_training
+    from transformers.utils.quantization_config import GgufConfig
+
+    def gguf_loaded():
+        base = build_text_model()
+        quantizer = GgufHfQuantizer(GgufConfig())
+        base.hf_quantizer, base.is_quantized = quantizer, True
+        base.quantization_method = quantizer.quantization_config.quant_method
+        base.config.quantization_config = quantizer.quantization_config
+        return base
+
+    with pytest.raises(ValueError, match="do not support training"):
+        validate_quantization_for_training(get_peft_model(gguf_loaded(),
+                                                          compare.peft_lora_config()))
+    model = compare.peft_lora_model(gguf_loaded())
+    validate_quantization_for_training(model)
+    assert not model.get_base_model().is_quantized
+    assert not hasattr(model.get_base_model().config, "quantization_config")
+
+
 def test_peak_memory_on_the_cpu_sees_an_allocation_inside_the_block():
     with PeakMemory(torch.device("cpu")) as before:
         time.sleep(0.15)
@@ -218,7 +243,10 @@ def test_a_comparison_writes_each_run_and_the_summary_as_moa_train_and_evaluate_
     base = json.loads((out / "runs" / "base.json").read_text())
     assert summary["base"] == {"name": "base", "trainable_params": 0,
                                "accuracy": base["accuracy"],
+                               "accuracy_ci95": summary["base"]["accuracy_ci95"],
                                "accuracy_norm": base["accuracy_norm"]}
+    low, high = summary["base"]["accuracy_ci95"]
+    assert low <= base["accuracy"] <= high and len(base["correct"]) == 4
     rows = {row["name"]: row for row in summary["variants"]}
     assert list(rows) == ["soft_moa", "peft_lora"]
     for name, row in rows.items():
@@ -335,9 +363,19 @@ def test_a_failed_run_is_reported_the_others_finish_and_a_rerun_retries_it(
 
 # ---- rerunning with other options ----------------------------------------------------------
 
+def finish(out: Path, variant: str) -> None:
+    """Mark a run of `variant` finished (the refusals look at which results are there)."""
+    (out / "runs" / variant).mkdir(parents=True, exist_ok=True)
+    (out / "runs" / variant / "seed-0.json").write_text("{}")
+
+
 def test_a_rerun_with_other_options_is_refused_naming_them(data, tmp_path):
     out = tmp_path / "out"
+    # before any result is there, other options replace the stored ones
+    plan_compare(options(data, out, variants=["lora"], lr={"*": 1e-3}, steps=5))
     plan_compare(options(data, out, variants=["lora"], lr={"*": 1e-3}))
+    assert json.loads((out / "compare_options.json").read_text())["options"]["steps"] == 2
+    finish(out, "lora")
     with pytest.raises(ValueError, match=r"steps \(2 there, 3 here\)"):
         plan_compare(options(data, out, variants=["lora"], lr={"*": 1e-3}, steps=3))
     with pytest.raises(ValueError, match=r"lr of lora \(0.001 there, 0.002 here\)"):
@@ -350,12 +388,16 @@ def test_a_rerun_with_other_options_is_refused_naming_them(data, tmp_path):
     plan_compare(options(data, out, variants=["lora", "molora"], lr={"*": 1e-3}, seeds=3))
     stored = json.loads((out / "compare_options.json").read_text())
     assert list(stored["variants"]) == ["lora", "molora"]
+    plan_compare(options(data, out, variants=["molora"], lr={"*": 5e-3}))  # nothing finished
+    plan_compare(options(data, out, variants=["molora"], lr={"*": 1e-3}))
+    finish(out, "molora")
     with pytest.raises(ValueError, match=r"lr of molora \(0.001 there, 0.005 here\)"):
         plan_compare(options(data, out, variants=["molora"], lr={"*": 5e-3}))
     # a MoAConfig file of the same name whose content changed
     config = tmp_path / "mine.json"
     config.write_text(MoAConfig.preset("lora", experts=["lora:4"]).to_json_string())
     plan_compare(options(data, out, variants=[str(config)], lr={"*": 1e-3}))
+    finish(out, "mine")
     config.write_text(MoAConfig.preset("lora", experts=["lora:2"]).to_json_string())
     with pytest.raises(ValueError, match="the definition of mine"):
         plan_compare(options(data, out, variants=[str(config)], lr={"*": 1e-3}))
