@@ -1,4 +1,4 @@
-"""The `moa` command (also `python -m moa`): demo, train, evaluate, bench, check.
+"""The `moa` command (also `python -m moa`): demo, train, evaluate, compare, bench, check.
 
 Bad flags and bad paths end in one line on stderr and a non-zero exit, never a traceback:
 exit status 2 for bad flags, 1 for a ValueError or OSError (a bad checkpoint, an output
@@ -123,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="JSON or YAML file of options, keyed as the flags; flags given "
                                "override it")
     add_options(evaluate, EVALUATE_OPTIONS)
+    from moa.compare import COMPARE_OPTIONS
+
+    compare = commands.add_parser("compare", help="train and score several variants over "
+                                  "several seeds; a table with 95%% intervals")
+    compare.add_argument("--config", metavar="FILE", default=None,
+                         help="JSON or YAML file of options, keyed as the flags; flags given "
+                              "override it")
+    add_options(compare, COMPARE_OPTIONS)
 
     bench = commands.add_parser("bench", help="layer and model benchmarks, as ratios")
     bench.add_argument("--quick", action="store_true",
@@ -164,6 +172,12 @@ def _evaluate(args) -> int:
 
     run_evaluate(EvaluateOptions.from_args(args))
     return 0
+
+
+def _compare(args) -> int:
+    from moa.compare import CompareOptions, run_compare
+
+    return 1 if run_compare(CompareOptions.from_args(args)).failed else 0
 
 
 def _bench(args) -> int:
@@ -212,8 +226,8 @@ def _one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"demo": _demo, "train": _train, "evaluate": _evaluate, "bench": _bench,
-                "check": _check}[args.command](args)
+        return {"demo": _demo, "train": _train, "evaluate": _evaluate, "compare": _compare,
+                "bench": _bench, "check": _check}[args.command](args)
     except CommandError as error:
         print(f"moa: error: {_one_line(error)}", file=sys.stderr)
         return 2

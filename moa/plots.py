@@ -96,3 +96,39 @@ def plot_loss_curves(curves: dict[str, Sequence[tuple[int, float]]], path: str |
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     return _save(figure, path)
+
+
+def plot_comparison(points: Sequence[tuple[str, int, float, float, float]],
+                    curves: dict[str, Sequence[Sequence[Sequence[float]]]], path: str | Path,
+                    base_accuracy: float | None = None, title: str = "comparison") -> Path:
+    """Two panels. Left: per variant (name, trainable parameters, mean accuracy, interval
+    low, high) a point with its interval as the error bar, against trainable parameters on a
+    log scale, and the base model's accuracy as a dashed line. Right: the training loss of
+    every run ({variant: [[(step, loss), ...] per seed]}), one colour per variant."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colours = plt.get_cmap("tab10")
+    for index, (name, parameters, mean, low, high) in enumerate(points):
+        colour = colours(index % 10)
+        left.errorbar([parameters], [mean], yerr=[[mean - low], [high - mean]], fmt="o",
+                      color=colour, capsize=4, label=name)
+        left.annotate(name, (parameters, mean), textcoords="offset points",
+                      xytext=(6, 4 - 10 * (index % 3)), fontsize=8)  # apart where they meet
+        for run, losses in enumerate(curves.get(name, [])):
+            steps, values = zip(*losses) if losses else ((), ())
+            right.plot(steps, values, color=colour, alpha=0.7, linewidth=0.9,
+                       label=name if run == 0 else None)
+    if base_accuracy is not None:
+        left.axhline(base_accuracy, color="tab:gray", linewidth=0.9, linestyle="--",
+                     label=f"base model ({base_accuracy:.3f})")
+    left.set_xscale("log")
+    left.set_xlabel("trainable parameters (log scale)")
+    left.set_ylabel("test accuracy (mean over seeds, 95% interval)")
+    left.set_title(title)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    right.set_xlabel("step")
+    right.set_ylabel("training loss, cross-entropy (nats)")
+    right.set_title("training loss of every run")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    return _save(figure, path)

@@ -457,10 +457,15 @@ def _steps_per_epoch(examples: int, options: TrainOptions) -> int:
 
 
 def run_train(options: TrainOptions, log: Callable[[str], None] = print,
-              progress: bool = True) -> TrainResult:
+              progress: bool = True, *, base_model: torch.nn.Module | None = None,
+              adapt: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+              ) -> TrainResult:
     """`moa train` (see the module docstring); `log` receives the printed lines, progress
     shows a tqdm bar. Raises ValueError or OSError (FileNotFoundError, DataError) for bad
-    input, before the model is loaded where it can."""
+    input, before the model is loaded where it can. base_model: options.model already
+    loaded (it is adapted in place) instead of loading it; adapt: builds the model to train
+    from the base instead of get_moa_model with the preset or --moa-config (e.g. a PEFT
+    model, which the Trainer checkpoints and save_pretrained writes as PEFT does)."""
     from transformers import PrinterCallback, ProgressCallback, TrainingArguments, set_seed
 
     from moa.loading import load_base_model, load_tokenizer, model_description
@@ -480,15 +485,18 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
         if options.eval_data else None
 
     set_seed(options.seed)
-    base = load_base_model(options.model, torch.bfloat16 if options.bf16 else None)
+    base = base_model if base_model is not None else \
+        load_base_model(options.model, torch.bfloat16 if options.bf16 else None)
     positions = getattr(base.config, "max_position_embeddings", None)
     if positions is not None and options.max_length > positions:
         raise ValueError(f"--max-length {options.max_length} is longer than the model's "
                          f"{positions} positions")
-    model = get_moa_model(base, config)
+    model = adapt(base) if adapt is not None else get_moa_model(base, config)
     skipped = train.empty_response + train.no_room
     method = f"MoA config {options.moa_config}" if options.moa_config else \
         f"preset {options.preset}"
+    if adapt is not None:
+        method = f"adapted as {type(model).__name__}"
     log(f"model {model_description(options.model)}; {method}")
     log(f"data {options.data}: {len(train.features)} examples"
         + (f" ({skipped} left out: empty or no room)" if skipped else ""))
@@ -549,7 +557,8 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
     seconds_per_step = statistics.median(progress_callback.step_seconds) \
         if progress_callback.step_seconds else float("nan")
     result = TrainResult(losses, eval_losses, model, adapter_dir, len(train.features),
-                         skipped, model.trainable_parameter_count(), seconds_per_step,
+                         skipped, sum(p.numel() for p in model.parameters() if p.requires_grad),
+                         seconds_per_step,
                          time.perf_counter() - started, files)
     if losses:
         log(f"loss {losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} (step "
