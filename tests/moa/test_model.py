@@ -753,6 +753,40 @@ def test_inference_only_loading_freezes_everything(tmp_path):
         assert torch.equal(frozen(ids).logits, moa(ids).logits)
 
 
+def test_loading_for_inference_turns_dropout_off_and_for_training_leaves_the_modes(tmp_path):
+    """from_pretrained's default (is_trainable=False, as PEFT's) loads for inference: the
+    whole model in eval mode, so with dropout > 0 two identical calls give identical logits
+    and greedy generation is deterministic. is_trainable=True leaves the modes as loading
+    leaves them (the MoA modules in training mode, as PEFT leaves its new layers); a later
+    load_adapter(is_trainable=False) puts the model in eval mode, as PEFT's does."""
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset("soft_moa", dropout=0.5))
+    perturb(moa, scale=0.5)
+    moa.save_pretrained(tmp_path)
+    ids = token_batch()
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                  pad_token_id=0)
+
+    loaded = MoAModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not any(module.training for module in loaded.modules())
+    assert loaded.trainable_parameter_count() == 0
+    with torch.no_grad():
+        logits = loaded(ids).logits
+        assert torch.equal(loaded(ids).logits, logits)
+        assert torch.equal(moa.eval()(ids).logits, logits)  # the saved model, dropout off
+    assert torch.equal(loaded.generate(ids, **kwargs), loaded.generate(ids, **kwargs))
+
+    trainable = MoAModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert trainable.trainable_parameter_count() == moa.trainable_parameter_count() > 0
+    assert all(module.training for module in trainable.modules()
+               if isinstance(module, MoALinear))
+    with torch.no_grad():  # dropout is on there: the same call twice differs
+        assert not torch.equal(trainable(ids).logits, trainable(ids).logits)
+    trainable.load_adapter(tmp_path, is_trainable=False)  # PEFT's load_adapter: eval too
+    assert not any(module.training for module in trainable.modules())
+    with torch.no_grad():
+        assert torch.equal(trainable(ids).logits, logits)
+
+
 # ---- compatibility -----------------------------------------------------------------------
 
 class TokenDataset(torch.utils.data.Dataset):
