@@ -782,18 +782,47 @@ def test_gated_adapter_with_an_input_recipe_matches_plain_autograd(activation):
     assert x.untyped_storage().data_ptr() not in storages
 
 
-def test_the_prompt_attention_recipe_recomputes_its_output_bitwise():
+def prompt_attention_by_hand(query, keys, values, gate):
+    """g * concat_h softmax(q_h keys_h^T) values_h [B, S, H * D] in float64, written out
+    per head and token (keys come pre-scaled by D^-0.5, values pre-gated per head)."""
+    batch, heads, tokens, head_dim = query.shape
+    out = torch.zeros(batch, tokens, heads * head_dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            k, v = keys[h].double(), values[h].double()
+            for t in range(tokens):
+                scores = k @ query[b, h, t].double()  # [L]
+                weights = scores.exp() / scores.exp().sum()
+                out[b, t, h * head_dim:(h + 1) * head_dim] = gate[b, t, 0].double() * \
+                    (weights @ v)
+    return out
+
+
+@pytest.mark.parametrize("compute_dtype, tol", [
+    (torch.float32, FP32_TOL),  # x in the query's dtype: the fused addcmul
+    (torch.bfloat16, BF16_TOL),  # an fp32 x beside a bf16 query: the cast-then-add path
+], ids=["same-dtype", "bf16-query-fp32-x"])
+def test_the_prompt_attention_recipe_recomputes_its_output_bitwise(compute_dtype, tol):
+    """The recipe gives the forward's output bit for bit, and both are the prompt attention
+    written out here (the recipe and the forward share their code: compared with each other
+    alone, a wrong attention would agree with itself)."""
     from moa_kernels.layer_experts import prompt_attention, prompt_attention_recipe
 
     generator = torch.Generator().manual_seed(41)
     batch, heads, tokens, head_dim, length = 2, 3, 7, 4, 5
-    operands = (torch.randn(batch, tokens, heads * head_dim, generator=generator),
-                torch.randn(batch, heads, tokens, head_dim, generator=generator),
+    x = torch.randn(batch, tokens, heads * head_dim, generator=generator)
+    operands = [torch.randn(batch, heads, tokens, head_dim, generator=generator),
                 torch.randn(heads, length, head_dim, generator=generator),
                 torch.randn(heads, length, head_dim, generator=generator),
-                torch.rand(batch, tokens, 1, generator=generator))
+                torch.rand(batch, tokens, 1, generator=generator)]
+    operands = (x, *(t.to(compute_dtype) for t in operands))
+    output = prompt_attention(*operands)
     recipe = prompt_attention_recipe(*operands)
-    assert torch.equal(recipe.function(*recipe.tensors), prompt_attention(*operands))
+    assert torch.equal(recipe.function(*recipe.tensors), output)
+    assert output.dtype == x.dtype
+    # the added part alone (x would dominate the comparison)
+    expected = prompt_attention_by_hand(*operands[1:])
+    assert relative_error(output.double() - x.double(), expected) < tol
 
 
 # ---------------------------------------------------------------------------------------
