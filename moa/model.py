@@ -409,7 +409,7 @@ class MoAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike,
-                        is_trainable: bool = True, backend: str | None = None, *,
+                        is_trainable: bool = False, backend: str | None = None, *,
                         revision: str | None = None, token: str | bool | None = None,
                         cache_dir: str | os.PathLike | None = None,
                         local_files_only: bool = False) -> MoAModel:
@@ -424,7 +424,11 @@ class MoAModel(nn.Module):
                 moa.trainer.MoATrainer is one), or a Hugging Face Hub repo id ("user/repo"),
                 fetched into huggingface_hub's cache or found there (offline with
                 HF_HUB_OFFLINE=1).
-            is_trainable: False freezes the MoA tensors too (inference).
+            is_trainable: False (the default, as PEFT's): for inference, every tensor
+                frozen and the whole model in eval mode (dropout off: identical calls give
+                identical outputs). True: the MoA tensors train; the modules' modes are left
+                as loading leaves them (the base's own, the new MoA modules in training
+                mode), as PEFT does: call .train() before training (the Trainer does).
             backend: run with this backend instead of the saved one (e.g. "torch" on a
                 machine without a GPU for a config saved with "triton").
             revision, token, cache_dir, local_files_only: for a Hub id, as huggingface_hub
@@ -449,13 +453,15 @@ class MoAModel(nn.Module):
                      token: str | bool | None = None, **_ignored) -> None:
         """Load the tensors of a saved adapter with this model's configuration (a checkpoint
         of the same training, a directory or a Hub id) into this model's MoA modules; what
-        the Trainer calls on resuming. is_trainable=False freezes them. A different
-        configuration is a ValueError: load that with from_pretrained into a fresh model."""
+        the Trainer calls on resuming. is_trainable=False freezes them and puts the model in
+        eval mode (as PEFT's load_adapter does). A different configuration is a ValueError:
+        load that with from_pretrained into a fresh model."""
         self._check_adapter_names([adapter_name], "adapter_name")
         load_adapter_into(self, model_id, revision=revision, token=token)
         if not is_trainable:
             for _, param in self.moa_named_parameters():
                 param.requires_grad_(False)
+            self.eval()
 
     def set_adapter(self, adapter_name: str) -> None:
         """Accepts "default", the one adapter (already active); other names are an error."""

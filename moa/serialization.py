@@ -597,7 +597,7 @@ def _last_part(name_or_path: str) -> str:
 
 
 def load_adapter(cls: type[MoAModel], model: nn.Module, source: str | os.PathLike,
-                 is_trainable: bool = True, backend: str | None = None,
+                 is_trainable: bool = False, backend: str | None = None,
                  **hub: object) -> MoAModel:
     """What MoAModel.from_pretrained does: find the adapter (`resolve_adapter`), read and
     check both files, inject, load; on any error `model` is left as it was."""
@@ -621,9 +621,10 @@ def load_adapter(cls: type[MoAModel], model: nn.Module, source: str | os.PathLik
     if trained_on and loading_into and _last_part(trained_on) != _last_part(loading_into):
         warnings.warn(f"the adapter in {os.fspath(source)!r} was trained on {trained_on!r}; "
                       f"loading it into {loading_into!r}", stacklevel=3)
-    if not is_trainable:
+    if not is_trainable:  # for inference, as PEFT loads it: frozen, dropout off
         for _, param in moa.moa_named_parameters():
             param.requires_grad_(False)
+        moa.eval()
     return moa
 
 

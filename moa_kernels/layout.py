@@ -11,7 +11,8 @@ Expert e (0..E-1, in the user's order; a hydra spec gives `heads` consecutive ex
 owns shrink rows `shrink[e]` and expand columns `expand[e]`. Expand column c reads
 shrink row `column_source[c]`, is scaled by `column_scale[c]` and gated by expert
 `column_expert[c]`. Without hydra experts column_source is the identity.
-The layout is plain Python; `index_tensors(device)` gives (and caches) its index tensors.
+The layout is plain Python, O(E) of it (ranges per expert, never per row or column);
+`index_tensors(device)` gives (and caches) its index tensors, each linear in the rank.
 Everything derived from the slots is computed once, at construction, into plain attributes:
 torch.compile reads them as constants (functools.cached_property takes a lock, which
 breaks a graph).
@@ -73,9 +74,11 @@ class ExpertLayout:
         self.unit_scaling = all(slot.scaling == 1.0 for slot in self.slots)
         # True when some shrink rows feed several experts (hydra heads).
         self.has_shared_shrink = any(slot.kind == "hydra" for slot in self.slots)
-        self._index_lists = self._build_index_lists()
+        # (shrink row start, stop, heads) per run of expand columns, in column order: the
+        # columns read rows start..stop-1, `heads` times over (hydra heads share rows).
+        self.column_blocks = self._column_blocks()
         # Built now, on the CPU: torch.compile then reads them as tensors (a guard on each
-        # of a few tensors, not one on every element of the Python lists behind them).
+        # of a few tensors, not one per element of Python lists).
         cpu = torch.device("cpu")
         self._cache[cpu] = self._make_index_tensors(cpu)
 
@@ -138,32 +141,45 @@ class ExpertLayout:
                                "lora_B": expand_weight[:, columns]})
         return result
 
-    def _build_index_lists(self) -> dict[str, list]:
-        columns = self.expand_columns
-        source, expert, scale = [0] * columns, [0] * columns, [0.0] * columns
-        row_owner = [[0.0] * self.shrink_rows for _ in self.slots]
-        for e, slot in enumerate(self.slots):
-            for c in range(*slot.expand):
-                source[c] = c - slot.expand[0] + slot.shrink[0]
-                expert[c] = e
-                scale[c] = slot.scaling
-            for r in range(*slot.shrink):
-                row_owner[e][r] = 1.0
-        adapter_experts = [e for e, s in enumerate(self.slots) if s.adapter_index is not None]
+    def _column_blocks(self) -> tuple[tuple[int, int, int], ...]:
+        blocks = []  # [row start, row stop, heads, hydra?] in column order
+        for slot in sorted(self.slots, key=lambda s: s.expand[0]):
+            hydra = slot.kind == "hydra"
+            last = blocks[-1] if blocks else None
+            if last and hydra and last[3] and (last[0], last[1]) == slot.shrink:
+                last[2] += 1  # the next head of the same hydra spec
+            elif last and not hydra and not last[3] and last[1] == slot.shrink[0]:
+                last[1] = slot.shrink[1]  # a run of unshared experts: one block
+            else:
+                blocks.append([*slot.shrink, 1, hydra])
+        return tuple((start, stop, heads) for start, stop, heads, _ in blocks)
+
+    def _make_index_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        # Built with tensor ops from the slots' ranges: O(E) Python steps, and every tensor
+        # holds O(R + C) numbers (the two maps O(E (R + C))), whatever the ranks.
+        experts, rows, columns = self.num_experts, self.shrink_rows, self.expand_columns
+        int64 = {"dtype": torch.int64, "device": device}
+        float32 = {"dtype": torch.float32, "device": device}
+        by_column = sorted(range(experts), key=lambda e: self.slots[e].expand[0])
+        column_source = torch.cat([torch.arange(*self.slots[e].shrink, **int64)
+                                   for e in by_column])
+        widths = torch.tensor([self.slots[e].rank for e in by_column], **int64)
+        column_expert = torch.tensor(by_column, **int64).repeat_interleave(widths)
+        scales = torch.tensor([slot.scaling for slot in self.slots], **float32)
+        column_scale = scales[column_expert]
+        adapter_experts = torch.tensor(
+            [e for e, slot in enumerate(self.slots) if slot.adapter_index is not None], **int64)
         # gate_map [C + N_ad, E]: column c's scaling in the column of its expert, then a 1
         # per adapter (its gated up-bias); d gates = [d u_columns * act, d u_bias] @ gate_map.
-        gate_map = [[0.0] * self.num_experts for _ in range(columns + len(adapter_experts))]
-        for c in range(columns):
-            gate_map[c][expert[c]] = scale[c]
-        for a, e in enumerate(adapter_experts):
-            gate_map[columns + a][e] = 1.0
-        # source_map [C, R]: 1 where column c reads shrink row r (hydra heads share rows).
-        source_map = [[0.0] * self.shrink_rows for _ in range(columns)]
-        for c in range(columns):
-            source_map[c][source[c]] = 1.0
-        return {"column_source": source, "column_expert": expert, "column_scale": scale,
-                "adapter_experts": adapter_experts, "row_owner": row_owner,
-                "gate_map": gate_map, "source_map": source_map}
+        gate_map = torch.zeros(columns + self.num_adapters, experts, **float32)
+        gate_map[torch.arange(columns, **int64), column_expert] = column_scale
+        gate_map[columns + torch.arange(self.num_adapters, **int64), adapter_experts] = 1.0
+        row_owner = torch.zeros(experts, rows, **float32)
+        for e, slot in enumerate(self.slots):
+            row_owner[e, slot.shrink[0]:slot.shrink[1]] = 1.0
+        return {"column_source": column_source, "column_expert": column_expert,
+                "column_scale": column_scale, "adapter_experts": adapter_experts,
+                "row_owner": row_owner, "gate_map": gate_map}
 
     def index_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Index tensors on `device` (built on the CPU with the layout, cached per device
@@ -172,9 +188,11 @@ class ExpertLayout:
         column_source [C] int64, column_expert [C] int64, column_scale [C] float32,
         adapter_experts [N_ad] int64 (expert index of each expand_bias row), row_owner
         [E, R] float32 (1 where expert e reads shrink row r), gate_map [C + N_ad, E] float32
-        (column c's scaling at its expert, then 1 at each adapter's expert), source_map
-        [C, R] float32 (1 where column c reads shrink row r). The maps turn the backward's
-        per-expert sums into small GEMMs (deterministic; no scatter for the compiler)."""
+        (column c's scaling at its expert, then 1 at each adapter's expert). The maps turn
+        the per-expert sums into small GEMMs (deterministic; no scatter for the compiler).
+        Every tensor is linear in the rank: O(R + C) numbers, the maps O(E (R + C)); no
+        [C, R] map (hydra heads' shared rows are gathered and summed by `column_blocks`).
+        """
         device = torch.device(device)
         if device not in self._cache and torch.compiler.is_compiling():
             return {name: tensor.to(device)
@@ -182,17 +200,3 @@ class ExpertLayout:
         if device not in self._cache:
             self._cache[device] = self._make_index_tensors(device)
         return self._cache[device]
-
-    def _make_index_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
-        lists = self._index_lists
-        index = {name: torch.tensor(lists[name], dtype=torch.int64, device=device)
-                 for name in ("column_source", "column_expert", "adapter_experts")}
-        index["column_scale"] = torch.tensor(lists["column_scale"], dtype=torch.float32,
-                                             device=device)
-        shapes = {"row_owner": (self.num_experts, self.shrink_rows),
-                  "gate_map": (self.expand_columns + self.num_adapters, self.num_experts),
-                  "source_map": (self.expand_columns, self.shrink_rows)}
-        for name, shape in shapes.items():
-            index[name] = torch.tensor(lists[name], dtype=torch.float32,
-                                       device=device).reshape(shape)
-        return index

@@ -34,10 +34,10 @@ Sparse (threshold, adaptive, topk):
   the whole call, with the shrink fused as in soft mode.
 torch.compile: every step traces with fullgraph=True. Each autograd Function has a
 `traced` twin, the same math in plain differentiable ops (gathers as GEMMs with the
-layout's maps), which `_apply` runs under compile: AOTAutograd derives the backward and
-inductor fuses across it and picks what to save. The sparse modes take the dense, masked
-step 3 under compile: the routing plan's sizes depend on the data (nonzero, counts read on
-the host), the masked dense path has static shapes and is the same math.
+layout's maps, or slices), which `_apply` runs under compile: AOTAutograd derives the
+backward and inductor fuses across it and picks what to save. The sparse modes take the
+dense, masked step 3 under compile: the routing plan's sizes depend on the data (nonzero,
+counts read on the host), the masked dense path has static shapes and is the same math.
 Without grad mode the autograd Functions' forwards run directly (`_apply`).
 """
 
@@ -367,16 +367,38 @@ class _BaseAndShrink(torch.autograd.Function):
                 None, None)
 
 
+def _columns_of(activated: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """[T, R] -> [T, C]: the shrink row each expand column reads (column_source), as slices
+    and repeats per column block (their autograd backward is a sum, not a scatter)."""
+    pieces = [activated[:, start:stop] if heads == 1 else
+              activated[:, start:stop].repeat(1, heads)
+              for start, stop, heads in layout.column_blocks]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+def _rows_of(grad_columns: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """[T, C] -> [T, R]: per shrink row, the sum of the columns that read it (the adjoint
+    of `_columns_of`; hydra heads summed in head order)."""
+    pieces, column = [], 0
+    for start, stop, heads in layout.column_blocks:
+        width = (stop - start) * heads
+        block = grad_columns[:, column:column + width]
+        pieces.append(block if heads == 1 else
+                      block.reshape(block.shape[0], heads, stop - start).sum(1))
+        column += width
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
 def _expand_operands(hidden, gates, expand_weight, expand_bias, layout, traced=False):
     """u [T, C + N_ad] (gated, scaled expert activations, then the adapters' gates) and
     the matching weight [out, C + N_ad], plus the parts the backward needs. traced: the
-    gathers as small GEMMs with the layout's maps (their autograd backward is a GEMM, not a
-    scatter)."""
+    gathers as small GEMMs with the layout's gate map and as slices and repeats of the
+    shared rows (their autograd backward is a GEMM or a sum, not a scatter)."""
     index = layout.index_tensors(hidden.device)
     activated = _activate(hidden, layout)
     columns = activated
     if layout.has_shared_shrink:
-        columns = activated @ index["source_map"].to(activated.dtype).t() if traced else \
+        columns = _columns_of(activated, layout) if traced else \
             activated.index_select(1, index["column_source"])
     columns_count = layout.expand_columns
     if layout.num_experts == 1:  # [T, 1] broadcasts over the columns: no gather
@@ -435,7 +457,7 @@ class _GatedExpand(torch.autograd.Function):
         grad_gates = grad_gated @ index["gate_map"].to(gates.dtype)
         grad_activated = grad_columns_u * column_gates
         if layout.has_shared_shrink:  # hydra heads: sum the columns that read a row
-            grad_activated = grad_activated @ index["source_map"].to(hidden.dtype)
+            grad_activated = _rows_of(grad_activated, layout)
         grad_hidden = _activation_backward(hidden, grad_activated, layout)
         grad_expand_weight = grad_weight[:, :columns_count]
         grad_expand_bias = grad_weight[:, columns_count:].t() if layout.num_adapters else None

@@ -19,8 +19,14 @@ from moa.layers import is_plain_linear
 from tests.conftest import relative_error
 from tests.moa.tiny import perturb, tiny_llama, token_batch
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (the test extra) is not "
-                          "installed")
+try:
+    import bitsandbytes as bnb
+except ImportError:
+    bnb = None
+# Only the tests that build a bitsandbytes layer skip without it (the hooked, subclassed and
+# torchao bases, disable_adapters and the merge of tied weights run anyway).
+needs_bitsandbytes = pytest.mark.skipif(
+    bnb is None, reason="needs bitsandbytes (the test extra), which is not installed")
 
 IN, OUT, TOKENS = 24, 20, 13
 EXPERTS = ["lora:4", "lora:8:16", "adapter:6:gelu"]
@@ -79,6 +85,9 @@ def torchao_base(linear: nn.Linear) -> tuple[nn.Module, nn.Linear]:
 
 
 QUANTIZED = {"nf4": nf4_base, "int8": int8_base, "torchao-int8": torchao_base}
+QUANTIZED_KINDS = [pytest.param("nf4", marks=needs_bitsandbytes),
+                   pytest.param("int8", marks=needs_bitsandbytes),
+                   "torchao-int8"]  # torchao's own skip, in torchao_base
 
 
 def run(layer: MoALinear, x: torch.Tensor, backend: str) -> dict[str, torch.Tensor]:
@@ -111,7 +120,7 @@ def twin_layers(base: nn.Module, plain: nn.Linear, router: RouterConfig):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("router", MODES, ids=["soft", "threshold", "topk"])
-@pytest.mark.parametrize("kind", list(QUANTIZED))
+@pytest.mark.parametrize("kind", QUANTIZED_KINDS)
 def test_quantized_base_equals_its_dequantized_linear(kind, router, backend):
     torch.manual_seed(0)
     base, plain = QUANTIZED[kind](nn.Linear(IN, OUT))
@@ -159,6 +168,7 @@ def test_hooked_and_subclassed_bases_keep_their_behaviour():
         assert relative_error(y, expected) < 1e-6, type(base).__name__
 
 
+@needs_bitsandbytes
 def test_adapter_dtype_and_output_dtype_beside_a_4bit_base():
     torch.manual_seed(0)
     base, _ = nf4_base(nn.Linear(IN, OUT))
@@ -218,6 +228,7 @@ def load_4bit(directory: str) -> nn.Module:
     return model.eval()
 
 
+@needs_bitsandbytes
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_trains_saves_and_disables_on_a_4bit_llama(preset, llama_checkpoint,
                                                                 tmp_path):
@@ -249,6 +260,7 @@ def test_every_preset_trains_saves_and_disables_on_a_4bit_llama(preset, llama_ch
         assert torch.equal(reloaded(input_ids=ids).logits, trained)
 
 
+@needs_bitsandbytes
 def test_prompt_expert_reads_4bit_projections(llama_checkpoint):
     # The prompt keys and values come from the frozen k_proj and v_proj: a 4-bit base is
     # called as a module (its packed uint8 weight cannot be read as a matrix).
@@ -313,6 +325,7 @@ def test_merge_refuses_tied_weights_and_leaves_the_model_unchanged():
         assert torch.equal(moa(input_ids=ids).logits, before)
 
 
+@needs_bitsandbytes
 def test_merge_refuses_a_quantized_base(llama_checkpoint):
     moa = get_moa_model(load_4bit(llama_checkpoint), MoAConfig.preset("lora"))
     with pytest.raises(ValueError, match=r"quantized base \(Linear4bit.*requantizing"):
@@ -320,6 +333,7 @@ def test_merge_refuses_a_quantized_base(llama_checkpoint):
     assert any(isinstance(m, MoALinear) for m in moa.modules())  # nothing was unloaded
 
 
+@needs_bitsandbytes
 @pytest.mark.parametrize("adapter_dtype, expected", [
     (None, torch.float32),  # default beside a 4-bit base
     ("base", torch.bfloat16),  # bnb_4bit_compute_dtype

@@ -141,7 +141,8 @@ def run_fsdp2(rank: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     # Loaded first, sharded afterwards: from_pretrained into a model FSDP then shards.
-    moa = MoAModel.from_pretrained(tiny_llama(), os.path.join(out, "..", "initial")).train()
+    moa = MoAModel.from_pretrained(tiny_llama(), os.path.join(out, "..", "initial"),
+                                   is_trainable=True).train()
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
     for layer in moa.model.model.layers:
         fully_shard(layer, mesh=mesh)

@@ -3,6 +3,7 @@ slices, parallel adapter, prompt expert) against hand computations, the initial 
 generation with a KV cache, auxiliary loss, stats, strict loading, and compatibility with
 Trainer, gradient checkpointing and bf16."""
 
+import contextlib
 import copy
 import re
 import warnings
@@ -753,6 +754,40 @@ def test_inference_only_loading_freezes_everything(tmp_path):
         assert torch.equal(frozen(ids).logits, moa(ids).logits)
 
 
+def test_loading_for_inference_turns_dropout_off_and_for_training_leaves_the_modes(tmp_path):
+    """from_pretrained's default (is_trainable=False, as PEFT's) loads for inference: the
+    whole model in eval mode, so with dropout > 0 two identical calls give identical logits
+    and greedy generation is deterministic. is_trainable=True leaves the modes as loading
+    leaves them (the MoA modules in training mode, as PEFT leaves its new layers); a later
+    load_adapter(is_trainable=False) puts the model in eval mode, as PEFT's does."""
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset("soft_moa", dropout=0.5))
+    perturb(moa, scale=0.5)
+    moa.save_pretrained(tmp_path)
+    ids = token_batch()
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                  pad_token_id=0)
+
+    loaded = MoAModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not any(module.training for module in loaded.modules())
+    assert loaded.trainable_parameter_count() == 0
+    with torch.no_grad():
+        logits = loaded(ids).logits
+        assert torch.equal(loaded(ids).logits, logits)
+        assert torch.equal(moa.eval()(ids).logits, logits)  # the saved model, dropout off
+    assert torch.equal(loaded.generate(ids, **kwargs), loaded.generate(ids, **kwargs))
+
+    trainable = MoAModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert trainable.trainable_parameter_count() == moa.trainable_parameter_count() > 0
+    assert all(module.training for module in trainable.modules()
+               if isinstance(module, MoALinear))
+    with torch.no_grad():  # dropout is on there: the same call twice differs
+        assert not torch.equal(trainable(ids).logits, trainable(ids).logits)
+    trainable.load_adapter(tmp_path, is_trainable=False)  # PEFT's load_adapter: eval too
+    assert not any(module.training for module in trainable.modules())
+    with torch.no_grad():
+        assert torch.equal(trainable(ids).logits, logits)
+
+
 # ---- compatibility -----------------------------------------------------------------------
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -873,32 +908,42 @@ def test_soft_moa_saves_no_copy_of_what_the_attention_and_the_norms_keep(family,
     assert_results_match(runs[True], runs[False], 1e-5, dtype=torch.float32)
 
 
-def test_bf16_base_and_autocast_keep_adapters_in_fp32():
-    ids = token_batch(2, 10)
-    reference = get_moa_model(tiny_llama(), MoAConfig())
-    perturb(reference)
-    loss = reference(ids, labels=ids).loss
-    loss.backward()
-    expected = moa_tensors_and_grads(reference)
+# bf16 rounding: the adapters' effect on the loss is matched to 0.3 % and every gradient to
+# 2.6 % of its own norm at most (measured on the tiny Llama); these leave a 2x-6x margin.
+BF16_EFFECT_TOL = 2e-2
+BF16_GRADIENT_TOL = 5e-2
 
-    half = get_moa_model(tiny_llama().to(torch.bfloat16), MoAConfig())
-    autocast = get_moa_model(tiny_llama(), MoAConfig())
-    for moa in (half, autocast):
+
+def test_bf16_base_and_autocast_keep_adapters_in_fp32():
+    """A bf16 base and fp32 autocast to bf16 against the fp32 model, compared where the
+    adapters show: all of them together move the loss by under 1 %, so the loss is compared
+    as the adapters' effect on it, loss - loss with the adapters disabled; and each MoA
+    tensor's gradient against its own norm (in one concatenated vector the parallel adapter
+    carries 98 % of the norm, and the prompt expert's gradients could be anything)."""
+    ids = token_batch(2, 10)
+
+    def run(model, precision):
+        moa = get_moa_model(model, MoAConfig())
         perturb(moa)
-        assert {p.dtype for _, p in moa.moa_named_parameters()} == {torch.float32}
-    half_loss = half(ids, labels=ids).loss
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast_loss = autocast(ids, labels=ids).loss
-    for moa, value in ((half, half_loss), (autocast, autocast_loss)):
-        assert relative_error(value.float(), loss) < 2e-2
-        value.backward()
-        grads = moa_tensors_and_grads(moa)
-        assert grads.keys() == expected.keys()
+        with precision:
+            with torch.no_grad(), moa.disable_adapters():
+                base_loss = moa(ids, labels=ids).loss
+            loss = moa(ids, labels=ids).loss
+        loss.backward()
+        return moa, loss.detach().float() - base_loss.float(), moa_tensors_and_grads(moa)
+
+    _, expected_effect, expected = run(tiny_llama(), contextlib.nullcontext())
+    assert abs(expected_effect) > 1e-2  # the adapters do move the loss
+    runs = {"bf16 base": run(tiny_llama().to(torch.bfloat16), contextlib.nullcontext()),
+            "autocast": run(tiny_llama(), torch.autocast("cpu", dtype=torch.bfloat16))}
+    for precision, (moa, effect, grads) in runs.items():
+        assert {p.dtype for _, p in moa.moa_named_parameters()} == {torch.float32}, precision
+        assert relative_error(effect, expected_effect) < BF16_EFFECT_TOL, precision
+        assert grads.keys() == expected.keys(), precision
         for name, (_, grad) in grads.items():
-            assert grad.dtype == torch.float32, name
-        total = torch.cat([g.flatten() for _, g in grads.values()])
-        reference_total = torch.cat([g.flatten() for _, g in expected.values()])
-        assert relative_error(total, reference_total) < 2e-2
+            assert grad.dtype == torch.float32, (precision, name)
+            error = relative_error(grad, expected[name][1])
+            assert error < BF16_GRADIENT_TOL, (precision, name, error)
     assert llama_config().hidden_size == 64
 
 

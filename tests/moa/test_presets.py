@@ -90,7 +90,7 @@ def test_each_preset_trains_saves_reloads_and_disables(name, tmp_path):
     assert not torch.equal(trained, base_logits)
 
     moa.save_pretrained(tmp_path)
-    reloaded = MoAModel.from_pretrained(tiny_llama(), tmp_path)
+    reloaded = MoAModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, trained)
     assert reloaded.trainable_parameter_count() == moa.trainable_parameter_count()

@@ -235,6 +235,44 @@ def test_a_save_killed_between_the_renames_is_refused_on_loading_and_recoverable
     assert_a_is_intact(saved_a)
 
 
+def test_a_failed_rollback_keeps_the_previous_files_where_the_error_says(saved_a,
+                                                                          monkeypatch):
+    """The config's rename fails after the weights' went through, and putting the previous
+    weights back fails too: the OSError names the staging folder, which must still hold the
+    previous pair (*.previous) for the user to put back."""
+    directory, expected, before = saved_a
+    real_replace, calls = os.replace, []
+
+    def replace(source, target):
+        calls.append(target)
+        if len(calls) == 2:  # the new config over the old one
+            raise OSError(errno.EIO, "Input/output error")
+        if len(calls) == 3:  # the rollback: the previous weights back
+            raise OSError(errno.EROFS, "Read-only file system")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError) as raised:
+        lora(64, seed=3).save_pretrained(directory)
+    monkeypatch.undo()
+    assert len(calls) == 3
+    assert raised.value.errno == errno.EROFS
+    message = str(raised.value)
+    assert "the previous files could not be put back" in message
+    named = re.search(r"they are in '([^']+)' as \*\.previous", message)
+    assert named, message
+    staging = Path(named.group(1))
+    assert staging.parent == directory and staging.name.startswith(STAGING_PREFIX)
+    assert staging.is_dir(), "the folder the error points to is gone"
+    for name in (WEIGHTS_NAME, CONFIG_NAME):  # the previous pair, byte for byte
+        assert (staging / f"{name}.previous").read_bytes() == before[name], name
+    assert snapshot(directory)[WEIGHTS_NAME] != before[WEIGHTS_NAME]  # B's weights went in
+    for name in (WEIGHTS_NAME, CONFIG_NAME):  # the way back the message points to
+        os.replace(staging / f"{name}.previous", directory / name)
+    shutil.rmtree(staging)
+    assert_a_is_intact(saved_a)
+
+
 def test_saving_a_config_alone_is_atomic_too(tmp_path, monkeypatch):
     MoAConfig.preset("lora").save_pretrained(tmp_path)
     before = snapshot(tmp_path)

@@ -4,6 +4,9 @@ The reference and fused backends share the layout, so a layout bug would be invi
 the backend-vs-reference tests; these tests pin it down against hand-written offsets.
 """
 
+import time
+import tracemalloc
+
 import pytest
 import torch
 
@@ -54,7 +57,58 @@ def test_index_tensors_written_out_and_cached():
     assert index["column_source"].dtype == torch.int64
     assert index["column_expert"].dtype == torch.int64
     assert index["column_scale"].dtype == torch.float32
+    # gate_map [C + N_ad, E]: each column's scaling at its expert, then 1 at the adapter's
+    assert index["gate_map"].tolist() == [[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0],
+                                          [0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0],
+                                          [0.0, 0.0, 0.0, 3.0], [0.0, 0.0, 1.0, 0.0],
+                                          [0.0, 0.0, 1.0, 0.0]]
+    # row_owner [E, R]: both hydra heads read rows 0, 1; the lora row 2; the adapter row 3
+    assert index["row_owner"].tolist() == [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0],
+                                           [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
+    assert layout.column_blocks == ((0, 2, 2), (2, 4, 1))
     assert layout.index_tensors("cpu") is index  # cached per device
+
+
+@pytest.mark.parametrize("experts, blocks", [
+    # hydra heads read their rows once per head; plain experts after them form one run
+    (["adapter:4:gelu", "lora:3", "hydra:2:2", "lora:5:10", "adapter:6:relu"],
+     ((0, 3, 1), (3, 5, 2), (5, 20, 1))),
+    (["lora:2", "lora:3"], ((0, 5, 1),)),  # no hydra: the identity, one block
+    (["hydra:3:4"], ((0, 3, 4),)),  # a lone hydra
+    (["hydra:2:2", "hydra:1:3"], ((0, 2, 2), (2, 3, 3))),  # two hydras side by side
+    (["hydra:2:1", "lora:1"], ((0, 2, 1), (2, 3, 1))),  # a one-head hydra is its own block
+], ids=["mixed", "no-hydra", "hydra-only", "two-hydras", "one-head-hydra"])
+def test_column_blocks_written_out(experts, blocks):
+    assert layout_of(experts).column_blocks == blocks
+
+
+def test_layout_memory_and_time_are_linear_in_the_rank():
+    """Ranks in the tens of thousands: the layout is ranges per expert and its index tensors
+    hold O(E (R + C)) numbers. (Per-column Python lists and a [C, R] source map took 13 s
+    and 3 GB at lora:16000 and ran out of memory at lora:100000.)"""
+
+    def build(experts):
+        tracemalloc.start()
+        start = time.perf_counter()
+        try:
+            layout = layout_of(experts, 4, 4)
+            seconds = time.perf_counter() - start
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        numbers = sum(t.numel() for t in layout.index_tensors("cpu").values())
+        bound = (layout.num_experts + 4) * (layout.shrink_rows + layout.expand_columns +
+                                              layout.num_adapters)
+        assert numbers <= bound, (experts, numbers, bound)
+        return seconds, peak
+
+    # First a size that a quadratic layout survives (its [C, R] lists take ~200 MB), so a
+    # regression fails here rather than exhausting the machine's memory below.
+    seconds, peak = build(["lora:2000", "hydra:1000:2", "adapter:1000:gelu"])
+    assert peak < 2_000_000, f"{peak} bytes of Python objects for R = 4000"
+    seconds, peak = build(["lora:100000", "hydra:30000:3", "adapter:20000:gelu"])
+    assert peak < 2_000_000, f"{peak} bytes of Python objects for R = 150000"
+    assert seconds < 5.0, f"{seconds:.1f} s to lay out R = 150000"
 
 
 @pytest.mark.parametrize(
@@ -131,7 +185,8 @@ def test_compiled_index_tensors_guard_on_tensors_not_list_elements():
 
     def gathered(x):
         index = layout.index_tensors(x.device)
-        return x @ index["source_map"].t() + index["column_scale"]
+        columns = x.index_select(1, index["column_source"]) * index["column_scale"]
+        return columns @ index["gate_map"][:layout.expand_columns]
 
     x = torch.randn(3, layout.shrink_rows)
     explained = torch._dynamo.explain(gathered)(x)

@@ -16,32 +16,82 @@ from tests.conftest import relative_error
 BACKENDS = ["reference", "torch", "triton"]
 
 
-def layer_with_a_broken_expert() -> tuple[MoALinear, torch.Tensor]:
+def layer_with_a_broken_expert(tokens: int = 10) -> tuple[MoALinear, torch.Tensor]:
     """Three LoRA experts on nn.Linear(16, 12); expert 1's A is infinite, so its output is
-    non-finite on every token."""
+    non-finite on every token. x: [tokens, 16]."""
     torch.manual_seed(0)
     layer = MoALinear(nn.Linear(16, 12), ["lora:4", "lora:3", "lora:5"], router=None)
     with torch.no_grad():
         for params in layer.expert_parameters():
             params["lora_B"].normal_()
         layer.expert_parameters()[1]["lora_A"].fill_(float("inf"))
-    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(tokens, 16, generator=torch.Generator().manual_seed(1))
     return layer, x
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("routed_to_broken", [
-    [0, 3],  # 26 of 30 pairs active: the torch backend takes its dense fallback
-    [],  # expert 1 on no token: every output finite
-])
-def test_a_skipped_non_finite_expert_adds_nothing(backend, routed_to_broken):
-    layer, x = layer_with_a_broken_expert()
-    layer.backend = backend
-    gates = torch.rand(10, 3, generator=torch.Generator().manual_seed(2)) + 0.1
+def gates_for(tokens: int, density: str, routed_to_broken: list[int]) -> torch.Tensor:
+    """[tokens, 3] gates: "dense" every token on experts 0 and 2; "sparse" each token on one
+    of them (a third of the pairs active). Expert 1 only on `routed_to_broken`."""
+    generator = torch.Generator().manual_seed(2)
+    gates = torch.rand(tokens, 3, generator=generator) + 0.1
     gates[:, 1] = 0.0
+    if density == "sparse":
+        gates[torch.arange(tokens) % 2 == 0, 2] = 0.0
+        gates[torch.arange(tokens) % 2 == 1, 0] = 0.0
     gates[routed_to_broken, 1] = 0.7
+    return gates
+
+
+def recorded_steps(monkeypatch) -> list[str]:
+    """What the torch backend runs in a call, in order: its autograd Functions by name, and
+    "plan" where it builds a routing plan."""
+    steps = []
+    real_apply, real_plan = torch_ops._apply, torch_ops.RoutingPlan
+
+    def apply(function, *args):
+        steps.append(function.__name__)
+        return real_apply(function, *args)
+
+    class RecordedPlan:
+        @staticmethod
+        def from_active(active):
+            steps.append("plan")
+            return real_plan.from_active(active)
+
+    monkeypatch.setattr(torch_ops, "_apply", apply)
+    monkeypatch.setattr(torch_ops, "RoutingPlan", RecordedPlan)
+    return steps
+
+
+# (gates given: a planned call has no shrink to fuse with the base GEMM)
+STEPS = {"masked": ["_BaseAndShrink", "_GatedExpand"],
+         "planned-dense": ["plan", "_GatedExpand"],
+         "planned-sparse": ["plan", "_SparseExperts"]}
+PLANNED = torch_ops.SPARSE_PLAN_MIN_TOKENS
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton-grouped"])
+@pytest.mark.parametrize("tokens, density, path", [
+    (10, "dense", "masked"),  # below SPARSE_PLAN_MIN_TOKENS: the masked dense path outright
+    (10, "sparse", "masked"),
+    (PLANNED, "dense", "planned-dense"),  # at the threshold, most pairs active: planned,
+    (PLANNED, "sparse", "planned-sparse"),  # then the dense fallback; few: _SparseExperts
+    (2 * PLANNED + 3, "dense", "planned-dense"),  # above it
+    (2 * PLANNED + 3, "sparse", "planned-sparse"),
+])
+@pytest.mark.parametrize("broken_on", ["some", "none"])
+def test_a_skipped_non_finite_expert_adds_nothing(backend, tokens, density, path, broken_on,
+                                                  monkeypatch):
+    layer, x = layer_with_a_broken_expert(tokens)
+    if backend == "triton-grouped":
+        monkeypatch.setenv("MOA_TRITON_SPARSE", "grouped")
+        backend = "triton"
+    layer.backend = backend
+    routed_to_broken = [0, 3, tokens - 1] if broken_on == "some" else []
+    gates = gates_for(tokens, density, routed_to_broken)
     fraction = (gates != 0).float().mean().item()
-    assert fraction > torch_ops.DENSE_ABOVE_ACTIVE_FRACTION  # the dense fallback's case
+    assert (fraction > torch_ops.DENSE_ABOVE_ACTIVE_FRACTION) == (density == "dense")
+    steps = recorded_steps(monkeypatch)
     with torch.no_grad():
         y = layer(x, gates, sparse=True)
         params = layer.expert_parameters()
@@ -49,7 +99,9 @@ def test_a_skipped_non_finite_expert_adds_nothing(backend, routed_to_broken):
         for e in (0, 2):
             expected = expected + gates[:, e:e + 1] * (
                 x @ params[e]["lora_A"].t() @ params[e]["lora_B"].t())
-    others = [t for t in range(10) if t not in routed_to_broken]
+    if backend == "torch":  # the path the case is named for really ran
+        assert steps == STEPS[path]
+    others = [t for t in range(tokens) if t not in routed_to_broken]
     assert torch.isfinite(y[others]).all(), backend
     assert relative_error(y[others], expected[others]) < 1e-5
     if routed_to_broken:

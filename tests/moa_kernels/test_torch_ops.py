@@ -28,8 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from moa import MoALinear, RouterConfig
+from moa import MoALinear, RouterConfig, parse_experts
 from moa_kernels import reference, torch_ops
+from moa_kernels.layout import ExpertLayout
 from tests.conftest import (
     assert_results_match,
     relative_error,
@@ -781,15 +782,109 @@ def test_gated_adapter_with_an_input_recipe_matches_plain_autograd(activation):
     assert x.untyped_storage().data_ptr() not in storages
 
 
-def test_the_prompt_attention_recipe_recomputes_its_output_bitwise():
+def prompt_attention_by_hand(query, keys, values, gate):
+    """g * concat_h softmax(q_h keys_h^T) values_h [B, S, H * D] in float64, written out
+    per head and token (keys come pre-scaled by D^-0.5, values pre-gated per head)."""
+    batch, heads, tokens, head_dim = query.shape
+    out = torch.zeros(batch, tokens, heads * head_dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            k, v = keys[h].double(), values[h].double()
+            for t in range(tokens):
+                scores = k @ query[b, h, t].double()  # [L]
+                weights = scores.exp() / scores.exp().sum()
+                out[b, t, h * head_dim:(h + 1) * head_dim] = gate[b, t, 0].double() * \
+                    (weights @ v)
+    return out
+
+
+@pytest.mark.parametrize("compute_dtype, tol", [
+    (torch.float32, FP32_TOL),  # x in the query's dtype: the fused addcmul
+    (torch.bfloat16, BF16_TOL),  # an fp32 x beside a bf16 query: the cast-then-add path
+], ids=["same-dtype", "bf16-query-fp32-x"])
+def test_the_prompt_attention_recipe_recomputes_its_output_bitwise(compute_dtype, tol):
+    """The recipe gives the forward's output bit for bit, and both are the prompt attention
+    written out here (the recipe and the forward share their code: compared with each other
+    alone, a wrong attention would agree with itself)."""
     from moa_kernels.layer_experts import prompt_attention, prompt_attention_recipe
 
     generator = torch.Generator().manual_seed(41)
     batch, heads, tokens, head_dim, length = 2, 3, 7, 4, 5
-    operands = (torch.randn(batch, tokens, heads * head_dim, generator=generator),
-                torch.randn(batch, heads, tokens, head_dim, generator=generator),
+    x = torch.randn(batch, tokens, heads * head_dim, generator=generator)
+    operands = [torch.randn(batch, heads, tokens, head_dim, generator=generator),
                 torch.randn(heads, length, head_dim, generator=generator),
                 torch.randn(heads, length, head_dim, generator=generator),
-                torch.rand(batch, tokens, 1, generator=generator))
+                torch.rand(batch, tokens, 1, generator=generator)]
+    operands = (x, *(t.to(compute_dtype) for t in operands))
+    output = prompt_attention(*operands)
     recipe = prompt_attention_recipe(*operands)
-    assert torch.equal(recipe.function(*recipe.tensors), prompt_attention(*operands))
+    assert torch.equal(recipe.function(*recipe.tensors), output)
+    assert output.dtype == x.dtype
+    # the added part alone (x would dominate the comparison)
+    expected = prompt_attention_by_hand(*operands[1:])
+    assert relative_error(output.double() - x.double(), expected) < tol
+
+
+# ---------------------------------------------------------------------------------------
+# hydra heads' shared rows: slices and repeats instead of a [C, R] map
+# ---------------------------------------------------------------------------------------
+
+def dense_source_map(layout) -> torch.Tensor:
+    """[C, R]: 1 where expand column c reads shrink row r, written out from the slots."""
+    source = torch.zeros(layout.expand_columns, layout.shrink_rows, dtype=torch.float64)
+    for slot in layout.slots:
+        for offset in range(slot.rank):
+            source[slot.expand[0] + offset, slot.shrink[0] + offset] = 1.0
+    return source
+
+
+@pytest.mark.parametrize("experts", [
+    ["hydra:4:3"],  # one hydra alone: a single repeated block
+    ["hydra:4:3", "lora:5", "adapter:6:relu"],  # hydra first, then a run of plain experts
+    ["lora:2", "hydra:3:2", "lora:4", "hydra:1:5", "adapter:2:gelu"],  # hydras among others
+    ["lora:3", "adapter:2:silu", "lora:1"],  # no hydra: one block, the identity
+])
+def test_columns_of_and_rows_of_against_a_dense_source_map(experts):
+    layout = ExpertLayout.from_specs(parse_experts(experts), 3, 3)
+    source = dense_source_map(layout)
+    generator = torch.Generator().manual_seed(3)
+    activated = torch.randn(5, layout.shrink_rows, generator=generator, dtype=torch.float64)
+    grad_columns = torch.randn(5, layout.expand_columns, generator=generator,
+                               dtype=torch.float64)
+    torch.testing.assert_close(torch_ops._columns_of(activated, layout), activated @ source.t(),
+                               rtol=0, atol=0)
+    # sums of up to 5 heads of N(0, 1) values: equal up to float64 rounding
+    torch.testing.assert_close(torch_ops._rows_of(grad_columns, layout), grad_columns @ source,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_gated_expand_traced_twin_matches_the_function_on_hydra_mixes():
+    """The traced twin (what torch.compile runs) against the autograd Function, forward and
+    every gradient, on a layout whose hydra rows sit between plain experts."""
+    layout = ExpertLayout.from_specs(
+        parse_experts(["lora:2", "hydra:3:2", "adapter:4:gelu", "hydra:2:3:4", "lora:3:6"]),
+        6, 5)
+    generator = torch.Generator().manual_seed(8)
+    tokens = 7
+    inputs = {"y": torch.randn(tokens, 5, generator=generator, dtype=torch.float64),
+              "hidden": torch.randn(tokens, layout.shrink_rows, generator=generator,
+                                    dtype=torch.float64),
+              "gates": torch.rand(tokens, layout.num_experts, generator=generator,
+                                  dtype=torch.float64),
+              "expand_weight": torch.randn(5, layout.expand_columns, generator=generator,
+                                           dtype=torch.float64),
+              "expand_bias": torch.randn(layout.num_adapters, 5, generator=generator,
+                                         dtype=torch.float64)}
+    cotangent = torch.randn(tokens, 5, generator=generator, dtype=torch.float64)
+
+    def run_expand(function):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        y = function(*leaves.values(), layout)
+        (y * cotangent).sum().backward()
+        return {"out": y.detach(), **{k: v.grad for k, v in leaves.items()}}
+
+    expected = run_expand(torch_ops._GatedExpand.apply)
+    actual = run_expand(torch_ops._GatedExpand.traced)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-12, atol=1e-12,
+                                   msg=name)
