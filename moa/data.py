@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,15 +66,47 @@ class DataError(ValueError):
 # reading
 # ---------------------------------------------------------------------------------------
 
+def check_data_file(path: str | os.PathLike) -> Path:
+    """`path` as a Path when it names a regular file; FileNotFoundError when nothing is
+    there, DataError saying what it is otherwise (a directory, a FIFO, a device, a socket).
+    Only the file's type is read (stat), so a FIFO cannot block."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"no such data file: {str(path)!r}") from None
+    if stat.S_ISREG(mode):
+        return path
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{path} is a directory, not a JSON or JSONL data file")
+    raise DataError(f"{path} is not a regular file (it is {_file_kind(mode)}); give a JSON "
+                    "or JSONL data file")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def _read_regular_file(path: Path) -> bytes:
+    # O_NONBLOCK: should the path have become a FIFO since check_data_file, opening it
+    # returns at once and fstat refuses it, instead of waiting for a writer.
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as handle:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise DataError(f"{path} is not a regular file (it is {_file_kind(mode)}); give "
+                            "a JSON or JSONL data file")
+        return handle.read()
+
+
 def read_records(path: str | os.PathLike) -> list[dict]:
     """The records of a JSON or JSON Lines file, each a dict. FileNotFoundError for a
-    missing file; DataError for text that is neither, or a record that is not an object."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such data file: {str(path)!r}")
-    if path.is_dir():
-        raise DataError(f"{path} is a directory, not a JSON or JSONL data file")
-    raw = path.read_bytes()
+    missing file; DataError for a path that is not a regular file (check_data_file), text
+    that is neither JSON nor JSON Lines, or a record that is not an object."""
+    path = check_data_file(path)
+    raw = _read_regular_file(path)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -437,7 +470,8 @@ def split_context(context: str, continuation: str) -> tuple[str, str]:
 
 __all__ = ["ALPACA_TEMPLATE", "ALPACA_TEMPLATE_NO_INPUT", "ArithmeticItem", "DataError",
            "Example", "MultipleChoiceItem", "PadCollator", "QUESTION_TEMPLATE",
-           "SupervisedDataset", "TokenizedExamples", "alpaca_prompt", "commonsense_labels",
+           "SupervisedDataset", "TokenizedExamples", "alpaca_prompt", "check_data_file",
+           "commonsense_labels",
            "evaluation_item", "extract_number", "load_evaluation_items",
            "load_training_examples", "question_prompt", "read_records", "split_context",
            "tokenize_examples", "training_example"]
