@@ -12,8 +12,13 @@ A data file is JSON (a list of records, or an object whose "data" is one) or JSO
 - "prompt" and "completion": the text as given (training); in evaluation "prompt" with
   "choices" and "answer", or with a numeric "answer".
 - "question", "choices" (a list of strings) and "answer" (the index of the right choice, or
-  its text): multiple choice, prompted "Question: ...\\nAnswer:" and answered " choice".
+  its text): multiple choice, prompted "Question: ...\\nAnswer:" and answered " choice" (a
+  choice that starts with a space gets no second one). A file whose questions already hold
+  that template is wrapped again, with a warning.
 - "question" and "answer" (a number, or any text in training): prompted the same way.
+
+Choices must differ (surrounding spaces aside), and a numeric answer must be finite: a
+record that breaks either is refused, naming it.
 
 Training computes the loss on the response (completion) tokens only: prompt and response
 are tokenized apart and joined, so the boundary is exact, and the end-of-text token closes
@@ -29,7 +34,9 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,6 +61,8 @@ EVALUATION_FORMATS = ("'question' (or 'prompt'), 'choices' and 'answer' (multipl
                       "format)")
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# A question that already holds QUESTION_TEMPLATE (data prepared for another harness).
+_TEMPLATED_QUESTION = re.compile(r"\A\s*Question:.*Answer:|Answer:\s*\Z", re.DOTALL)
 _OPTION = re.compile(r"\b(Answer|Option|Solution|Ending)(\d+)\s*:", re.IGNORECASE)
 _ANSWER_FORMAT = re.compile(r"Answer format:\s*(\S+(?:\s*/\s*\S+)+)", re.IGNORECASE)
 
@@ -179,6 +188,38 @@ def question_prompt(question: str) -> str:
     return QUESTION_TEMPLATE.format(question=question)
 
 
+def question_answer(answer: str) -> str:
+    """What follows question_prompt: the answer after one space (none added when it starts
+    with a space already)."""
+    return answer if answer.startswith(" ") else " " + answer
+
+
+def _template_warnings(path, records: list[dict], is_question, answers) -> list[str]:
+    """Lines that warn about "question" records prepared for another harness: questions
+    that already hold QUESTION_TEMPLATE, and answers or choices that already start with
+    the space that moa puts after "Answer:". is_question(record) tells the records of that
+    format; answers(record) gives their answer texts."""
+    questions = [r for r in records if is_question(r) and isinstance(r.get("question"), str)]
+    templated = sum(bool(_TEMPLATED_QUESTION.search(r["question"])) for r in questions)
+    spaced = sum(any(isinstance(a, str) and a.startswith(" ") for a in answers(r))
+                 for r in questions)
+    lines = []
+    if templated:
+        lines.append(f"{path}: {templated} of {len(questions)} 'question' records already "
+                     "hold the question template ('Question: ... Answer:'), which moa adds "
+                     "again ('Question: Question: ...'); give the bare question, or use "
+                     "'prompt' records, whose text is used as given")
+    if spaced:
+        lines.append(f"{path}: {spaced} of {len(questions)} 'question' records have answers "
+                     "or choices that start with a space; moa puts one space after "
+                     "'Answer:' and adds none to these")
+    return lines
+
+
+def _warn(line: str) -> None:
+    warnings.warn(line, UserWarning, stacklevel=3)
+
+
 # ---------------------------------------------------------------------------------------
 # training records
 # ---------------------------------------------------------------------------------------
@@ -213,7 +254,7 @@ def training_example(record: dict, where: str) -> Example:
             answer = choices[_choice_index(record["answer"], choices, where)]
         else:
             answer = _answer_text(record["answer"], where)
-        return Example(question_prompt(question), " " + answer)
+        return Example(question_prompt(question), question_answer(answer))
     raise DataError(f"{where} has none of the fields 'instruction', 'prompt', 'question' "
                     f"(it has {_field_list(record)}); allowed records: {TRAINING_FORMATS}")
 
@@ -226,6 +267,9 @@ def _answer_text(value, where: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # NaN, Infinity or an overflowing 1e999 in the JSON
+            raise DataError(f"{where}: 'answer' is {value}, not a finite number; give a "
+                            "finite number or a string")
         return _number_text(value)
     raise DataError(f"{where}: 'answer' is a JSON {_json_type(value)}, expected a string or "
                     "a number")
@@ -235,11 +279,23 @@ def _number_text(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def load_training_examples(path: str | os.PathLike) -> list[Example]:
-    """Every record of `path` as an Example, in file order."""
+def load_training_examples(path: str | os.PathLike,
+                           warn: Callable[[str], None] | None = None) -> list[Example]:
+    """Every record of `path` as an Example, in file order. warn(line) receives a line for
+    each kind of pre-templated "question" record the file holds (default: a UserWarning)."""
     records = read_records(path)
-    return [training_example(record, f"{path}: record {number}")
-            for number, record in enumerate(records, 1)]
+    examples = [training_example(record, f"{path}: record {number}")
+                for number, record in enumerate(records, 1)]
+
+    def is_question(record: dict) -> bool:  # training_example's order of formats
+        return "instruction" not in record and "prompt" not in record and "question" in record
+
+    def answers(record: dict) -> list:
+        return record["choices"] if "choices" in record else [record.get("answer")]
+
+    for line in _template_warnings(path, records, is_question, answers):
+        (warn or _warn)(line)
+    return examples
 
 
 @dataclass
@@ -333,6 +389,7 @@ class MultipleChoiceItem:
     context: str
     continuations: list[str]
     answer: int
+    where: str = field(default="", compare=False)  # "data.jsonl: record 3", for messages
 
 
 @dataclass
@@ -342,6 +399,7 @@ class ArithmeticItem:
 
     prompt: str
     answer: float
+    where: str = field(default="", compare=False)
 
 
 def evaluation_item(record: dict, where: str) -> MultipleChoiceItem | ArithmeticItem:
@@ -351,10 +409,10 @@ def evaluation_item(record: dict, where: str) -> MultipleChoiceItem | Arithmetic
         return _published_item(record, where)
     if "question" in record:
         context = question_prompt(_text(record, "question", where, EVALUATION_FORMATS))
-        separator = " "
+        continuation = question_answer
     elif "prompt" in record:
         context = _text(record, "prompt", where, EVALUATION_FORMATS)
-        separator = ""
+        continuation = str
     else:
         raise DataError(f"{where} has none of the fields 'question', 'prompt', 'instruction' "
                         f"(it has {_field_list(record)}); allowed records: "
@@ -364,13 +422,13 @@ def evaluation_item(record: dict, where: str) -> MultipleChoiceItem | Arithmetic
                         f"{EVALUATION_FORMATS}")
     if "choices" in record:
         choices = _choices(record, where)
-        return MultipleChoiceItem(context, [separator + c for c in choices],
-                                  _choice_index(record["answer"], choices, where))
-    number = _number(record["answer"])
+        return MultipleChoiceItem(context, [continuation(c) for c in choices],
+                                  _choice_index(record["answer"], choices, where), where)
+    number = _finite_number(record["answer"], where)
     if number is None:
         raise DataError(f"{where}: 'answer' {record['answer']!r} is not a number and the "
                         f"record has no 'choices'; allowed records: {EVALUATION_FORMATS}")
-    return ArithmeticItem(context + separator.rstrip(), number)
+    return ArithmeticItem(context, number, where)
 
 
 def _published_item(record: dict, where: str) -> MultipleChoiceItem | ArithmeticItem:
@@ -383,6 +441,7 @@ def _published_item(record: dict, where: str) -> MultipleChoiceItem | Arithmetic
     answer = record["answer"]
     labels = commonsense_labels(instruction)
     if labels:
+        _refuse_repeats(labels, where, "the instruction's answer labels")
         if not isinstance(answer, str) or answer.strip().lower() not in labels:
             raise DataError(f"{where}: 'answer' is {answer!r}, but the instruction's options "
                             f"are {', '.join(labels)}")
@@ -390,13 +449,13 @@ def _published_item(record: dict, where: str) -> MultipleChoiceItem | Arithmetic
         given = answer.strip().lower()
         cut = output.lower().rfind(given)
         prefix = output[:cut] if output and cut >= 0 else COMMONSENSE_PREFIX
-        return MultipleChoiceItem(prompt + prefix, labels, labels.index(given))
-    number = _number(answer)
+        return MultipleChoiceItem(prompt + prefix, labels, labels.index(given), where)
+    number = _finite_number(answer, where)
     if number is None:
         raise DataError(f"{where}: 'answer' {answer!r} is neither a number nor one of options "
                         "listed by the instruction (it lists none: no 'Answer1:' ... or "
                         "'Answer format: a/b' line)")
-    return ArithmeticItem(prompt, number)
+    return ArithmeticItem(prompt, number, where)
 
 
 def commonsense_labels(instruction: str) -> list[str]:
@@ -420,7 +479,20 @@ def _choices(record: dict, where: str) -> list[str]:
             not all(isinstance(c, str) and c.strip() for c in choices):
         raise DataError(f"{where}: 'choices' must be a list of at least 2 non-empty strings, "
                         f"got {json.dumps(choices)[:80]}")
+    _refuse_repeats(choices, where, "'choices'")
     return choices
+
+
+def _refuse_repeats(options: list[str], where: str, what: str) -> None:
+    """DataError naming the first two options that are the same text (surrounding spaces
+    aside): the model could not tell them apart, and a tie would pick the first."""
+    first_seen: dict[str, int] = {}
+    for index, option in enumerate(options):
+        key = option.strip()
+        if key in first_seen:
+            raise DataError(f"{where}: {what} {first_seen[key]} and {index} (from 0) are the "
+                            f"same text {key!r}; each must differ (surrounding spaces aside)")
+        first_seen[key] = index
 
 
 def _choice_index(answer, choices: list[str], where: str) -> int:
@@ -435,6 +507,14 @@ def _choice_index(answer, choices: list[str], where: str) -> int:
                     f"{len(choices) - 1}) nor the text of one of its choices")
 
 
+def _finite_number(value, where: str) -> float | None:
+    """_number(value); DataError for a JSON number that is not finite (NaN, Infinity, an
+    overflowing 1e999)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: 'answer' is {value}, not a finite number")
+    return _number(value)
+
+
 def _number(value) -> float | None:
     if isinstance(value, bool):
         return None
@@ -447,11 +527,24 @@ def _number(value) -> float | None:
     return None
 
 
-def load_evaluation_items(path: str | os.PathLike) -> list[MultipleChoiceItem | ArithmeticItem]:
-    """Every record of `path` as an evaluation item, in file order."""
+def load_evaluation_items(path: str | os.PathLike, warn: Callable[[str], None] | None = None
+                          ) -> list[MultipleChoiceItem | ArithmeticItem]:
+    """Every record of `path` as an evaluation item, in file order. warn(line) receives a
+    line for each kind of pre-templated "question" record the file holds (default: a
+    UserWarning)."""
     records = read_records(path)
-    return [evaluation_item(record, f"{path}: record {number}")
-            for number, record in enumerate(records, 1)]
+    items = [evaluation_item(record, f"{path}: record {number}")
+             for number, record in enumerate(records, 1)]
+
+    def is_question(record: dict) -> bool:  # evaluation_item's order of formats
+        return "instruction" not in record and "question" in record
+
+    def answers(record: dict) -> list:
+        return record["choices"] if "choices" in record else []
+
+    for line in _template_warnings(path, records, is_question, answers):
+        (warn or _warn)(line)
+    return items
 
 
 def extract_number(text: str) -> float | None:
@@ -471,7 +564,6 @@ def split_context(context: str, continuation: str) -> tuple[str, str]:
 __all__ = ["ALPACA_TEMPLATE", "ALPACA_TEMPLATE_NO_INPUT", "ArithmeticItem", "DataError",
            "Example", "MultipleChoiceItem", "PadCollator", "QUESTION_TEMPLATE",
            "SupervisedDataset", "TokenizedExamples", "alpaca_prompt", "check_data_file",
-           "commonsense_labels",
-           "evaluation_item", "extract_number", "load_evaluation_items",
-           "load_training_examples", "question_prompt", "read_records", "split_context",
-           "tokenize_examples", "training_example"]
+           "commonsense_labels", "evaluation_item", "extract_number", "load_evaluation_items",
+           "load_training_examples", "question_answer", "question_prompt", "read_records",
+           "split_context", "tokenize_examples", "training_example"]
