@@ -298,6 +298,59 @@ def load_training_examples(path: str | os.PathLike,
     return examples
 
 
+# Tokens past those kept that the tokenised piece of a cut text must still hold. Where a
+# text is cut, its tokens can differ from the whole text's (a word split in two, a merge
+# that lost its partner); this many tokens between the cut and the kept ones keep that
+# difference in the part that is dropped anyway.
+CUT_MARGIN_TOKENS = 32
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The length of the tokenizer's longest ordinary vocabulary string (special and added
+    tokens left out), at least 1: about the most text characters one token stands for (a
+    byte-level vocabulary spells a token with one character per byte, so never fewer than
+    the characters it covers). tokenize_head's first guess of the piece to tokenise."""
+    added = set(getattr(tokenizer, "added_tokens_encoder", {}))
+    return max([len(token) for token in tokenizer.get_vocab() if token not in added] + [1])
+
+
+def tokenize_head(tokenizer, text: str, count: int, add_special_tokens: bool = False,
+                  longest: int | None = None) -> list[int]:
+    """tokenizer(text)["input_ids"][:count], tokenising only a piece of the text's start,
+    so that time and memory grow with `count`, not with len(text).
+
+    The piece is (count + CUT_MARGIN_TOKENS) * longest characters at first, and doubles
+    until it gives count + CUT_MARGIN_TOKENS tokens or is the whole text: the tokens kept lie
+    CUT_MARGIN_TOKENS tokens or more before the cut, so they are the whole text's (a
+    whitespace-dropping tokenizer, whose tokens may stand for more characters, only takes
+    more doublings). longest: longest_token_chars(tokenizer), when the caller has it."""
+    return _tokenize_cut(tokenizer, text, count, add_special_tokens, longest, from_end=False)
+
+
+def tokenize_tail(tokenizer, text: str, count: int, add_special_tokens: bool = False,
+                  longest: int | None = None) -> list[int]:
+    """The last `count` tokens of tokenizer(text)["input_ids"] (all of them when there are
+    fewer; none for count 0), tokenising only a piece of the text's end (see
+    tokenize_head)."""
+    return _tokenize_cut(tokenizer, text, count, add_special_tokens, longest, from_end=True)
+
+
+def _tokenize_cut(tokenizer, text: str, count: int, add_special_tokens: bool,
+                  longest: int | None, from_end: bool) -> list[int]:
+    if count <= 0:
+        return []
+    size = (count + CUT_MARGIN_TOKENS) * (longest or longest_token_chars(tokenizer))
+    while True:
+        whole = size >= len(text)
+        piece = text if whole else text[len(text) - size:] if from_end else text[:size]
+        # verbose=False: a piece longer than the model's positions is no error, it is cut
+        ids = tokenizer(piece, add_special_tokens=add_special_tokens, verbose=False)[
+            "input_ids"]
+        if whole or len(ids) >= count + CUT_MARGIN_TOKENS:
+            return ids[max(0, len(ids) - count):] if from_end else ids[:count]
+        size *= 2
+
+
 @dataclass
 class TokenizedExamples:
     """Token features of the usable examples and how many were left out, and why."""
@@ -311,28 +364,40 @@ def tokenize_examples(tokenizer, examples: list[Example], max_length: int) -> To
     """input_ids and labels per example: the prompt's tokens (with the tokenizer's special
     start tokens) labelled -100, then the completion's and the end-of-text token. Past
     max_length the prompt loses tokens from its start (the response and the prompt's end
-    matter most), then the response from its end. Examples with an empty response, or whose
-    prompt's special tokens leave no room, are left out and counted."""
+    matter most), then the response from its end; only the pieces of a long text that can
+    be kept are tokenised (tokenize_head, tokenize_tail), so time and memory do not grow
+    with a record's length. Examples with an empty response are left out and counted, as
+    are those with no response token to predict within max_length (the prompt's special
+    tokens fill it, or the response starts the sequence: labels shift by one, so the first
+    token is never predicted)."""
     result = TokenizedExamples([])
     eos = tokenizer.eos_token_id
+    longest = longest_token_chars(tokenizer)
     for example in examples:
-        completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+        completion = tokenize_head(tokenizer, example.completion, max_length, longest=longest)
         if not example.completion.strip() or not completion:
             result.empty_response += 1
             continue
-        prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-        special = _leading_special_tokens(tokenizer, prompt)
+        head = tokenize_head(tokenizer, example.prompt, max_length + 1, True, longest)
+        special = _leading_special_tokens(tokenizer, head)
         response = completion + [eos]
         room = max_length - len(special)
         if room < 1:
             result.no_room += 1
             continue
         response = response[:room]
-        body = prompt[len(special):]
         keep = room - len(response)
-        body = body[-keep:] if keep > 0 else []
+        if keep <= 0:
+            body = []
+        elif len(head) <= max_length:  # the whole prompt
+            body = head[len(special):][-keep:]
+        else:  # over max_length + 1 tokens: its last `keep` follow its special tokens
+            body = tokenize_tail(tokenizer, example.prompt, keep, True, longest)
         ids = special + body + response
         labels = [-100] * (len(special) + len(body)) + response
+        if all(label == -100 for label in labels[1:]):
+            result.no_room += 1
+            continue
         result.features.append({"input_ids": ids, "labels": labels})
     return result
 
@@ -565,5 +630,6 @@ __all__ = ["ALPACA_TEMPLATE", "ALPACA_TEMPLATE_NO_INPUT", "ArithmeticItem", "Dat
            "Example", "MultipleChoiceItem", "PadCollator", "QUESTION_TEMPLATE",
            "SupervisedDataset", "TokenizedExamples", "alpaca_prompt", "check_data_file",
            "commonsense_labels", "evaluation_item", "extract_number", "load_evaluation_items",
-           "load_training_examples", "question_answer", "question_prompt", "read_records",
-           "split_context", "tokenize_examples", "training_example"]
+           "load_training_examples", "longest_token_chars", "question_answer", "question_prompt",
+           "read_records", "split_context", "tokenize_examples", "tokenize_head",
+           "tokenize_tail", "training_example"]

@@ -13,15 +13,24 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from moa.data import (
+    CUT_MARGIN_TOKENS,
     DataError,
+    Example,
     check_data_file,
     load_evaluation_items,
     load_training_examples,
+    longest_token_chars,
     read_records,
+    tokenize_examples,
+    tokenize_head,
+    tokenize_tail,
     training_example,
 )
+from moa.loading import byte_tokenizer
 
 
 def write_records(path: Path, records: list[dict]) -> Path:
@@ -168,3 +177,168 @@ def test_pre_templated_questions_warn_once_per_file_with_counts(tmp_path):
     load_evaluation_items(plain, warn=quiet.append)
     load_training_examples(plain, warn=quiet.append)
     assert quiet == []
+
+
+# ---- tokenising a cut text --------------------------------------------------------------------
+
+CORPUS = ["the quick brown fox jumps over the lazy dog", "Question: which is a metal?\nAnswer: "
+          "iron", "newton is the SI unit of force", "photosynthesis happens in chloroplasts",
+          "caf\u00e9 na\u00efve \u65e5\u672c\u8a9e \U0001f600 1,234.5"] * 20
+
+
+def trained_tokenizer(kind: str):
+    """A small tokenizer of `kind`, trained on CORPUS (real merges, offline, milliseconds):
+    - "bpe": byte-level BPE with GPT-2's pre-tokenizer regex and a start token (<s>), as
+      Llama 3, SmolLM2 and Qwen tokenize;
+    - "wordpiece": BERT's normaliser and pre-tokenizer, which drop whitespace, so a token
+      can stand for more characters than it spells; [CLS] ... [SEP] around the text;
+    - "unigram": SentencePiece-style Metaspace pieces chosen by a Viterbi search."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "bpe":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<s>", "</s>"], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>",
+                                       eos_token="</s>")
+    if kind == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.train_from_iterator(CORPUS, trainers.WordPieceTrainer(
+            vocab_size=300, special_tokens=["[UNK]", "[CLS]", "[SEP]"], show_progress=False))
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[(t, tokenizer.token_to_id(t))
+                                                     for t in ("[CLS]", "[SEP]")])
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]",
+                                       cls_token="[CLS]", sep_token="[SEP]", eos_token="[SEP]")
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.train_from_iterator(CORPUS, trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<unk>", "</s>"], unk_token="<unk>",
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>",
+                                   eos_token="</s>")
+
+
+TOKENIZERS = {"byte": byte_tokenizer(), **{kind: trained_tokenizer(kind)
+                                           for kind in ("bpe", "wordpiece", "unigram")}}
+WORDS = sorted({word for line in CORPUS for word in line.split()}) + [
+    "<s>", "</s>", "[SEP]", "<|endoftext|>", "\u00e9", "a" * 70, "\t", "  ", "\n"]
+
+
+@st.composite
+def texts(draw) -> str:
+    """Up to some ten thousand characters: corpus words (special-token spellings and a
+    70-letter word among them) and arbitrary short strings, joined by assorted separators,
+    a block of them repeated and a different end, so that cuts fall inside words, inside
+    runs of spaces and beside special tokens."""
+    def joined() -> str:
+        pieces = draw(st.lists(st.sampled_from(WORDS) | st.text(max_size=6), max_size=60))
+        separators = draw(st.lists(st.sampled_from(["", " ", "  ", "\n", ", ", "      "]),
+                                   min_size=len(pieces), max_size=len(pieces)))
+        return "".join(p + s for p, s in zip(pieces, separators))
+
+    return joined() * draw(st.integers(1, 40)) + joined()
+
+
+@pytest.mark.parametrize("longest", [
+    None,  # the tokenizer's own: the piece a real call tokenises first
+    1,  # pieces of count + CUT_MARGIN_TOKENS characters: more cuts, closer to the tokens kept
+])
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=texts(), count=st.integers(0, 60), special=st.booleans())
+def test_a_cut_text_gives_the_tokens_of_the_whole_text(name, longest, text, count, special):
+    tokenizer = TOKENIZERS[name]
+    whole = tokenizer(text, add_special_tokens=special)["input_ids"]
+    assert tokenize_head(tokenizer, text, count, special, longest) == whole[:count]
+    last = whole[max(0, len(whole) - count):] if count else []
+    assert tokenize_tail(tokenizer, text, count, special, longest) == last
+
+
+def reference_features(tokenizer, example: Example, max_length: int) -> dict | None:
+    """tokenize_examples' rule on the whole texts' tokens: the prompt's leading special
+    tokens, its end, then the response (completion and end-of-text) cut to fit; None where
+    no response token would be predicted."""
+    completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(example.prompt)["input_ids"]
+    special = 0
+    while special < len(prompt) and prompt[special] in tokenizer.all_special_ids:
+        special += 1
+    room = max_length - special
+    response = (completion + [tokenizer.eos_token_id])[:max(room, 0)]
+    keep = room - len(response)
+    ids = prompt[:special] + (prompt[special:][-keep:] if keep > 0 else []) + response
+    labels = [-100] * (len(ids) - len(response)) + response
+    return {"input_ids": ids, "labels": labels} if any(x != -100 for x in labels[1:]) else None
+
+
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt=texts(), completion=texts(), max_length=st.integers(1, 40))
+def test_training_features_are_those_of_the_whole_texts(name, prompt, completion, max_length):
+    tokenizer = TOKENIZERS[name]
+    example = Example(prompt, completion)
+    tokenized = tokenize_examples(tokenizer, [example], max_length)
+    if not completion.strip() or not tokenizer(completion, add_special_tokens=False)[
+            "input_ids"]:
+        assert tokenized.empty_response == 1 and not tokenized.features
+        return
+    expected = reference_features(tokenizer, example, max_length)
+    assert tokenized.features == ([expected] if expected else [])
+    assert tokenized.no_room == (expected is None)
+    for feature in tokenized.features:
+        assert len(feature["input_ids"]) <= max_length
+        assert any(label != -100 for label in feature["labels"][1:])  # something to learn
+
+
+class CountingTokenizer:
+    """A tokenizer that records the length of every text it is given."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, text: str, **kwargs):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+def test_a_huge_record_is_tokenised_in_pieces_that_max_length_bounds(name):
+    # 4 MB each way: before the cut came first, the whole text was tokenised (the issue's
+    # 50 MB record: 80-90 s and 9.7 GB)
+    tokenizer = CountingTokenizer(TOKENIZERS[name])
+    prompt = "Question: " + "the quick brown fox " * 200_000 + "which is a metal?\nAnswer:"
+    completion = " iron " + "and more words " * 280_000
+    max_length = 48
+    features = tokenize_examples(tokenizer, [Example(prompt, completion)], max_length)
+    bound = 2 * (max_length + 1 + CUT_MARGIN_TOKENS) * longest_token_chars(tokenizer)
+    assert max(tokenizer.lengths) <= bound, (max(tokenizer.lengths), bound)
+    # the same tokens as the whole texts', checked on a copy a hundredth as long
+    short = Example(prompt[:20_000] + prompt[-20_000:], completion[:40_000])
+    assert tokenize_examples(TOKENIZERS[name], [short], max_length).features == \
+        [reference_features(TOKENIZERS[name], short, max_length)]
+    assert features.features[0]["labels"][-max_length // 2:] == \
+        tokenize_examples(TOKENIZERS[name], [short], max_length).features[0]["labels"][
+            -max_length // 2:]
+
+
+def test_max_length_that_leaves_no_predicted_token_leaves_the_example_out():
+    tokenizer = byte_tokenizer()  # no start token: the response would begin the sequence
+    examples = [Example("Q: sky?\nA:", " blue"), Example("", "red")]
+    one = tokenize_examples(tokenizer, examples, max_length=1)
+    assert one.features == [] and one.no_room == 2  # [" "] alone: nothing is predicted
+    two = tokenize_examples(tokenizer, examples, max_length=2)
+    # the response comes first (then the prompt's end): one token predicted from another
+    assert [f["labels"] for f in two.features] == [tokenizer(" b")["input_ids"],
+                                                   tokenizer("re")["input_ids"]]
+    assert two.no_room == 0
