@@ -614,9 +614,11 @@ def load_evaluation_items(path: str | os.PathLike, warn: Callable[[str], None] |
 
 def extract_number(text: str) -> float | None:
     """The last number in a generated response, commas removed ("1,234" is 1234), as the
-    published arithmetic evaluation reads it; None when there is none."""
+    published arithmetic evaluation reads it; None when there is none, or when it is too
+    long to be a finite float (four hundred digits)."""
     found = _NUMBER.findall(text.replace(",", ""))
-    return float(found[-1]) if found else None
+    number = float(found[-1]) if found else None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def split_context(context: str, continuation: str) -> tuple[str, str]:
