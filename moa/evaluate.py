@@ -198,30 +198,32 @@ def _refuse_ties(tokenizer, item: MultipleChoiceItem, where: str, tokens: list[l
                  max_length: int, longest: int) -> None:
     """ValueError when two of an item's choices are the same tokens: the same text for the
     tokenizer (an uncased vocabulary), or the same start cut by max_length; their scores
-    would tie and the first would win. Names the --max-length that tells them apart."""
+    would tie and the first would win. Names the --max-length that tells every pair of the
+    item's choices apart."""
     seen: dict[tuple[int, ...], int] = {}
-    for index, ids in enumerate(tokens):
-        other = seen.setdefault(tuple(ids), index)
-        if other == index:
-            continue
-        texts = [item.continuations[other], item.continuations[index]]
-        size = len(ids)
-        while True:  # tokens of the two choices, twice as many each time, until they differ
-            size *= 2
-            first, second = (tokenize_head(tokenizer, split_context(item.context, t)[1],
-                                           size, longest=longest) for t in texts)
-            differ = _first_difference(first, second)
-            if differ is not None or len(first) < size:
-                break
-        if differ is None:
-            raise ValueError(f"{where}: choices {other} and {index} (from 0), "
-                             f"{texts[0][:40]!r} and {texts[1][:40]!r}, are the same tokens "
-                             "for this tokenizer, so their scores would tie; make them "
-                             "differ")
-        raise ValueError(f"{where}: choices {other} and {index} (from 0) begin with the same "
-                         f"{len(ids)} tokens, all that --max-length {max_length} keeps of a "
-                         "choice (half of it), so their scores would tie; give --max-length "
-                         f"{2 * (differ + 1)} or more")
+    tied = next(((seen[key], index) for index, key in enumerate(map(tuple, tokens))
+                 if seen.setdefault(key, index) != index), None)
+    if tied is None:
+        return
+    texts = [split_context(item.context, c)[1] for c in item.continuations]
+    differences, size = {}, len(tokens[tied[0]])
+    while len(differences) < len(texts) * (len(texts) - 1) // 2:
+        size *= 2  # every choice's first tokens, twice as many each time
+        heads = [tokenize_head(tokenizer, t, size, longest=longest) for t in texts]
+        for a in range(len(heads)):
+            for b in range(a + 1, len(heads)):
+                differ = _first_difference(heads[a], heads[b])
+                if differ is not None:
+                    differences[a, b] = differ
+                elif len(heads[a]) < size:  # the whole choices: the same tokens
+                    raise ValueError(
+                        f"{where}: choices {a} and {b} (from 0), {item.continuations[a][:40]!r} "
+                        f"and {item.continuations[b][:40]!r}, are the same tokens for this "
+                        "tokenizer, so their scores would tie; make them differ")
+    raise ValueError(f"{where}: choices {tied[0]} and {tied[1]} (from 0) begin with the same "
+                     f"{len(tokens[tied[0]])} tokens, all that --max-length {max_length} keeps "
+                     "of a choice (half of it), so their scores would tie; give --max-length "
+                     f"{2 * (max(differences.values()) + 1)} or more")
 
 
 @torch.no_grad()
@@ -542,24 +544,26 @@ def _protected_inputs(options: EvaluateOptions, adapter_dir: Path | None) -> dic
     return inputs
 
 
-def check_output_file(out: Path, inputs: dict[str, Path], overwrite: bool) -> None:
-    """Refuse, before anything is loaded, an --out that results cannot or must not be
-    written to: a directory or something else that is not a regular file; the same file
-    as one of `inputs` (by any name or link: a data set, a config, an adapter's files, a
-    model file or a file in a model directory), even with `overwrite`; an existing file
-    without `overwrite`; a folder that cannot be written (probed: a file created there and
-    removed)."""
-    if out.is_dir():
+def check_output_file(out: Path, inputs: dict[str, Path], overwrite: bool) -> Path:
+    """The file to write `out`'s results to: out with its links and ".." resolved (as the
+    folders still to be made will be: "new/../d.jsonl" is "d.jsonl"). Refuses, before
+    anything is loaded, an --out that results cannot or must not be written to: a directory
+    or something else that is not a regular file; the same file as one of `inputs` (by any
+    name or link: a data set, a config, an adapter's files, a model file or a file in a
+    model directory), even with `overwrite`; an existing file without `overwrite`; a folder
+    that cannot be written (probed: a file created there and removed)."""
+    real = Path(os.path.realpath(out))
+    if real.is_dir():
         raise IsADirectoryError(f"--out {str(out)!r} is a directory; name a JSON file")
-    for folder in out.parents:
+    for folder in real.parents:
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(f"cannot write {out}: {folder} is a file")
-    if os.path.lexists(out):  # a link that leads nowhere is there too
-        if out.exists() and not stat.S_ISREG(out.stat().st_mode):
+    if real.exists():
+        if not stat.S_ISREG(real.stat().st_mode):
             raise ValueError(f"--out {str(out)!r} is not a regular file; name a JSON file")
         for name, path in inputs.items():
-            inside = path.is_dir() and os.path.samefile(out.parent, path)
-            if inside or (path.exists() and out.exists() and os.path.samefile(out, path)):
+            inside = path.is_dir() and os.path.samefile(real.parent, path)
+            if inside or (path.exists() and os.path.samefile(real, path)):
                 what = f"a file in {name} {str(path)!r}" if inside else \
                     f"{name} {str(path)!r}"
                 raise ValueError(f"--out {str(out)!r} is {what}: the results would destroy "
@@ -568,7 +572,7 @@ def check_output_file(out: Path, inputs: dict[str, Path], overwrite: bool) -> No
             raise FileExistsError(f"--out {str(out)!r} already exists (another run's "
                                   "results?); give --overwrite to replace it, or another "
                                   "--out")
-    folder = out.absolute().parent
+    folder = real.parent
     while not folder.exists():  # the folders still to be made go into the nearest one
         folder = folder.parent
     probe = folder / f".moa-write-probe-{os.getpid()}-{secrets.token_hex(4)}"
@@ -578,6 +582,7 @@ def check_output_file(out: Path, inputs: dict[str, Path], overwrite: bool) -> No
     except OSError as error:
         raise OSError(f"cannot write --out {str(out)!r}: no file can be created in "
                       f"{str(folder)!r} ({error.strerror or error})") from None
+    return real
 
 
 def _json_safe(value):
@@ -655,7 +660,8 @@ def run_evaluate(options: EvaluateOptions, log: Callable[[str], None] = print,
     started = time.perf_counter()
     out = Path(options.out)
     adapter_dir = resolve_adapter_dir(options.adapter) if options.adapter else None
-    check_output_file(out, _protected_inputs(options, adapter_dir), options.overwrite)
+    destination = check_output_file(out, _protected_inputs(options, adapter_dir),
+                                    options.overwrite)
     items = load_evaluation_items(options.data, warn=lambda line: log(f"warning: {line}"))
     if options.limit is not None:
         items = items[:options.limit]
@@ -684,7 +690,7 @@ def run_evaluate(options: EvaluateOptions, log: Callable[[str], None] = print,
         log(f"warning: {result.non_finite} of {result.records} records had scores that are "
             "not finite (NaN or infinite log-likelihoods or logits): counted as wrong, "
             "'non_finite' in the results; the model or the adapter computes NaN or inf")
-    write_results(out, payload, options.overwrite)
+    write_results(destination, payload, options.overwrite)
     result.files.append(out)
     log(f"results written to {out} ({result.seconds:.1f} s)")
     return result
