@@ -3,9 +3,9 @@
 Multiple choice (moa/data.py's formats): every choice is scored by the sum of its tokens'
 log-probabilities after the prompt, the prompt run once per record (a KV cache shared by
 its choices, passed under the name the model's forward takes: cache_keyword), records
-batched by prompt length; the prediction is the best choice
-("accuracy"), and the best choice after dividing by its length in characters
-("accuracy_norm", as LM evaluation harnesses do). Arithmetic: greedy generation from the
+batched by prompt length; the prediction is the best choice ("accuracy"), and the best
+choice after dividing by its length in characters ("accuracy_norm", as LM evaluation
+harnesses do). Arithmetic: greedy generation from the
 prompt in batches padded on the left (generate gives the positions that skip the padding);
 the response is cut at the end-of-text token or where a new prompt begins, and its last
 number must equal the answer within 1e-3, as the published evaluation checks.
