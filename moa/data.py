@@ -12,8 +12,13 @@ A data file is JSON (a list of records, or an object whose "data" is one) or JSO
 - "prompt" and "completion": the text as given (training); in evaluation "prompt" with
   "choices" and "answer", or with a numeric "answer".
 - "question", "choices" (a list of strings) and "answer" (the index of the right choice, or
-  its text): multiple choice, prompted "Question: ...\\nAnswer:" and answered " choice".
+  its text): multiple choice, prompted "Question: ...\\nAnswer:" and answered " choice" (a
+  choice that starts with a space gets no second one). A file whose questions already hold
+  that template is wrapped again, with a warning.
 - "question" and "answer" (a number, or any text in training): prompted the same way.
+
+Choices must differ (surrounding spaces aside), and a numeric answer must be finite: a
+record that breaks either is refused, naming it.
 
 Training computes the loss on the response (completion) tokens only: prompt and response
 are tokenized apart and joined, so the boundary is exact, and the end-of-text token closes
@@ -28,7 +33,10 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+import stat
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,6 +61,8 @@ EVALUATION_FORMATS = ("'question' (or 'prompt'), 'choices' and 'answer' (multipl
                       "format)")
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# A question that already holds QUESTION_TEMPLATE (data prepared for another harness).
+_TEMPLATED_QUESTION = re.compile(r"\A\s*Question:.*Answer:|Answer:\s*\Z", re.DOTALL)
 _OPTION = re.compile(r"\b(Answer|Option|Solution|Ending)(\d+)\s*:", re.IGNORECASE)
 _ANSWER_FORMAT = re.compile(r"Answer format:\s*(\S+(?:\s*/\s*\S+)+)", re.IGNORECASE)
 
@@ -65,15 +75,47 @@ class DataError(ValueError):
 # reading
 # ---------------------------------------------------------------------------------------
 
+def check_data_file(path: str | os.PathLike) -> Path:
+    """`path` as a Path when it names a regular file; FileNotFoundError when nothing is
+    there, DataError saying what it is otherwise (a directory, a FIFO, a device, a socket).
+    Only the file's type is read (stat), so a FIFO cannot block."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"no such data file: {str(path)!r}") from None
+    if stat.S_ISREG(mode):
+        return path
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{path} is a directory, not a JSON or JSONL data file")
+    raise DataError(f"{path} is not a regular file (it is {_file_kind(mode)}); give a JSON "
+                    "or JSONL data file")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def _read_regular_file(path: Path) -> bytes:
+    # O_NONBLOCK: should the path have become a FIFO since check_data_file, opening it
+    # returns at once and fstat refuses it, instead of waiting for a writer.
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as handle:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise DataError(f"{path} is not a regular file (it is {_file_kind(mode)}); give "
+                            "a JSON or JSONL data file")
+        return handle.read()
+
+
 def read_records(path: str | os.PathLike) -> list[dict]:
     """The records of a JSON or JSON Lines file, each a dict. FileNotFoundError for a
-    missing file; DataError for text that is neither, or a record that is not an object."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such data file: {str(path)!r}")
-    if path.is_dir():
-        raise DataError(f"{path} is a directory, not a JSON or JSONL data file")
-    raw = path.read_bytes()
+    missing file; DataError for a path that is not a regular file (check_data_file), text
+    that is neither JSON nor JSON Lines, or a record that is not an object."""
+    path = check_data_file(path)
+    raw = _read_regular_file(path)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -146,6 +188,38 @@ def question_prompt(question: str) -> str:
     return QUESTION_TEMPLATE.format(question=question)
 
 
+def question_answer(answer: str) -> str:
+    """What follows question_prompt: the answer after one space (none added when it starts
+    with a space already)."""
+    return answer if answer.startswith(" ") else " " + answer
+
+
+def _template_warnings(path, records: list[dict], is_question, answers) -> list[str]:
+    """Lines that warn about "question" records prepared for another harness: questions
+    that already hold QUESTION_TEMPLATE, and answers or choices that already start with
+    the space that moa puts after "Answer:". is_question(record) tells the records of that
+    format; answers(record) gives their answer texts."""
+    questions = [r for r in records if is_question(r) and isinstance(r.get("question"), str)]
+    templated = sum(bool(_TEMPLATED_QUESTION.search(r["question"])) for r in questions)
+    spaced = sum(any(isinstance(a, str) and a.startswith(" ") for a in answers(r))
+                 for r in questions)
+    lines = []
+    if templated:
+        lines.append(f"{path}: {templated} of {len(questions)} 'question' records already "
+                     "hold the question template ('Question: ... Answer:'), which moa adds "
+                     "again ('Question: Question: ...'); give the bare question, or use "
+                     "'prompt' records, whose text is used as given")
+    if spaced:
+        lines.append(f"{path}: {spaced} of {len(questions)} 'question' records have answers "
+                     "or choices that start with a space; moa puts one space after "
+                     "'Answer:' and adds none to these")
+    return lines
+
+
+def _warn(line: str) -> None:
+    warnings.warn(line, UserWarning, stacklevel=3)
+
+
 # ---------------------------------------------------------------------------------------
 # training records
 # ---------------------------------------------------------------------------------------
@@ -180,7 +254,7 @@ def training_example(record: dict, where: str) -> Example:
             answer = choices[_choice_index(record["answer"], choices, where)]
         else:
             answer = _answer_text(record["answer"], where)
-        return Example(question_prompt(question), " " + answer)
+        return Example(question_prompt(question), question_answer(answer))
     raise DataError(f"{where} has none of the fields 'instruction', 'prompt', 'question' "
                     f"(it has {_field_list(record)}); allowed records: {TRAINING_FORMATS}")
 
@@ -193,6 +267,9 @@ def _answer_text(value, where: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # NaN, Infinity or an overflowing 1e999 in the JSON
+            raise DataError(f"{where}: 'answer' is {value}, not a finite number; give a "
+                            "finite number or a string")
         return _number_text(value)
     raise DataError(f"{where}: 'answer' is a JSON {_json_type(value)}, expected a string or "
                     "a number")
@@ -202,11 +279,76 @@ def _number_text(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def load_training_examples(path: str | os.PathLike) -> list[Example]:
-    """Every record of `path` as an Example, in file order."""
+def load_training_examples(path: str | os.PathLike,
+                           warn: Callable[[str], None] | None = None) -> list[Example]:
+    """Every record of `path` as an Example, in file order. warn(line) receives a line for
+    each kind of pre-templated "question" record the file holds (default: a UserWarning)."""
     records = read_records(path)
-    return [training_example(record, f"{path}: record {number}")
-            for number, record in enumerate(records, 1)]
+    examples = [training_example(record, f"{path}: record {number}")
+                for number, record in enumerate(records, 1)]
+
+    def is_question(record: dict) -> bool:  # training_example's order of formats
+        return "instruction" not in record and "prompt" not in record and "question" in record
+
+    def answers(record: dict) -> list:
+        return record["choices"] if "choices" in record else [record.get("answer")]
+
+    for line in _template_warnings(path, records, is_question, answers):
+        (warn or _warn)(line)
+    return examples
+
+
+# Tokens past those kept that the tokenised piece of a cut text must still hold. Where a
+# text is cut, its tokens can differ from the whole text's (a word split in two, a merge
+# that lost its partner); this many tokens between the cut and the kept ones keep that
+# difference in the part that is dropped anyway.
+CUT_MARGIN_TOKENS = 32
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The length of the tokenizer's longest ordinary vocabulary string (special and added
+    tokens left out), at least 1: about the most text characters one token stands for (a
+    byte-level vocabulary spells a token with one character per byte, so never fewer than
+    the characters it covers). tokenize_head's first guess of the piece to tokenise."""
+    added = set(getattr(tokenizer, "added_tokens_encoder", {}))
+    return max([len(token) for token in tokenizer.get_vocab() if token not in added] + [1])
+
+
+def tokenize_head(tokenizer, text: str, count: int, add_special_tokens: bool = False,
+                  longest: int | None = None) -> list[int]:
+    """tokenizer(text)["input_ids"][:count], tokenising only a piece of the text's start,
+    so that time and memory grow with `count`, not with len(text).
+
+    The piece is (count + CUT_MARGIN_TOKENS) * longest characters at first, and doubles
+    until it gives count + CUT_MARGIN_TOKENS tokens or is the whole text: the tokens kept lie
+    CUT_MARGIN_TOKENS tokens or more before the cut, so they are the whole text's (a
+    whitespace-dropping tokenizer, whose tokens may stand for more characters, only takes
+    more doublings). longest: longest_token_chars(tokenizer), when the caller has it."""
+    return _tokenize_cut(tokenizer, text, count, add_special_tokens, longest, from_end=False)
+
+
+def tokenize_tail(tokenizer, text: str, count: int, add_special_tokens: bool = False,
+                  longest: int | None = None) -> list[int]:
+    """The last `count` tokens of tokenizer(text)["input_ids"] (all of them when there are
+    fewer; none for count 0), tokenising only a piece of the text's end (see
+    tokenize_head)."""
+    return _tokenize_cut(tokenizer, text, count, add_special_tokens, longest, from_end=True)
+
+
+def _tokenize_cut(tokenizer, text: str, count: int, add_special_tokens: bool,
+                  longest: int | None, from_end: bool) -> list[int]:
+    if count <= 0:
+        return []
+    size = (count + CUT_MARGIN_TOKENS) * (longest or longest_token_chars(tokenizer))
+    while True:
+        whole = size >= len(text)
+        piece = text if whole else text[len(text) - size:] if from_end else text[:size]
+        # verbose=False: a piece longer than the model's positions is no error, it is cut
+        ids = tokenizer(piece, add_special_tokens=add_special_tokens, verbose=False)[
+            "input_ids"]
+        if whole or len(ids) >= count + CUT_MARGIN_TOKENS:
+            return ids[max(0, len(ids) - count):] if from_end else ids[:count]
+        size *= 2
 
 
 @dataclass
@@ -222,28 +364,40 @@ def tokenize_examples(tokenizer, examples: list[Example], max_length: int) -> To
     """input_ids and labels per example: the prompt's tokens (with the tokenizer's special
     start tokens) labelled -100, then the completion's and the end-of-text token. Past
     max_length the prompt loses tokens from its start (the response and the prompt's end
-    matter most), then the response from its end. Examples with an empty response, or whose
-    prompt's special tokens leave no room, are left out and counted."""
+    matter most), then the response from its end; only the pieces of a long text that can
+    be kept are tokenised (tokenize_head, tokenize_tail), so time and memory do not grow
+    with a record's length. Examples with an empty response are left out and counted, as
+    are those with no response token to predict within max_length (the prompt's special
+    tokens fill it, or the response starts the sequence: labels shift by one, so the first
+    token is never predicted)."""
     result = TokenizedExamples([])
     eos = tokenizer.eos_token_id
+    longest = longest_token_chars(tokenizer)
     for example in examples:
-        completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+        completion = tokenize_head(tokenizer, example.completion, max_length, longest=longest)
         if not example.completion.strip() or not completion:
             result.empty_response += 1
             continue
-        prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-        special = _leading_special_tokens(tokenizer, prompt)
+        head = tokenize_head(tokenizer, example.prompt, max_length + 1, True, longest)
+        special = _leading_special_tokens(tokenizer, head)
         response = completion + [eos]
         room = max_length - len(special)
         if room < 1:
             result.no_room += 1
             continue
         response = response[:room]
-        body = prompt[len(special):]
         keep = room - len(response)
-        body = body[-keep:] if keep > 0 else []
+        if keep <= 0:
+            body = []
+        elif len(head) <= max_length:  # the whole prompt
+            body = head[len(special):][-keep:]
+        else:  # over max_length + 1 tokens: its last `keep` follow its special tokens
+            body = tokenize_tail(tokenizer, example.prompt, keep, True, longest)
         ids = special + body + response
         labels = [-100] * (len(special) + len(body)) + response
+        if all(label == -100 for label in labels[1:]):
+            result.no_room += 1
+            continue
         result.features.append({"input_ids": ids, "labels": labels})
     return result
 
@@ -300,6 +454,7 @@ class MultipleChoiceItem:
     context: str
     continuations: list[str]
     answer: int
+    where: str = field(default="", compare=False)  # "data.jsonl: record 3", for messages
 
 
 @dataclass
@@ -309,6 +464,7 @@ class ArithmeticItem:
 
     prompt: str
     answer: float
+    where: str = field(default="", compare=False)
 
 
 def evaluation_item(record: dict, where: str) -> MultipleChoiceItem | ArithmeticItem:
@@ -318,10 +474,10 @@ def evaluation_item(record: dict, where: str) -> MultipleChoiceItem | Arithmetic
         return _published_item(record, where)
     if "question" in record:
         context = question_prompt(_text(record, "question", where, EVALUATION_FORMATS))
-        separator = " "
+        continuation = question_answer
     elif "prompt" in record:
         context = _text(record, "prompt", where, EVALUATION_FORMATS)
-        separator = ""
+        continuation = str
     else:
         raise DataError(f"{where} has none of the fields 'question', 'prompt', 'instruction' "
                         f"(it has {_field_list(record)}); allowed records: "
@@ -331,13 +487,13 @@ def evaluation_item(record: dict, where: str) -> MultipleChoiceItem | Arithmetic
                         f"{EVALUATION_FORMATS}")
     if "choices" in record:
         choices = _choices(record, where)
-        return MultipleChoiceItem(context, [separator + c for c in choices],
-                                  _choice_index(record["answer"], choices, where))
-    number = _number(record["answer"])
+        return MultipleChoiceItem(context, [continuation(c) for c in choices],
+                                  _choice_index(record["answer"], choices, where), where)
+    number = _finite_number(record["answer"], where)
     if number is None:
         raise DataError(f"{where}: 'answer' {record['answer']!r} is not a number and the "
                         f"record has no 'choices'; allowed records: {EVALUATION_FORMATS}")
-    return ArithmeticItem(context + separator.rstrip(), number)
+    return ArithmeticItem(context, number, where)
 
 
 def _published_item(record: dict, where: str) -> MultipleChoiceItem | ArithmeticItem:
@@ -350,6 +506,7 @@ def _published_item(record: dict, where: str) -> MultipleChoiceItem | Arithmetic
     answer = record["answer"]
     labels = commonsense_labels(instruction)
     if labels:
+        _refuse_repeats(labels, where, "the instruction's answer labels")
         if not isinstance(answer, str) or answer.strip().lower() not in labels:
             raise DataError(f"{where}: 'answer' is {answer!r}, but the instruction's options "
                             f"are {', '.join(labels)}")
@@ -357,13 +514,13 @@ def _published_item(record: dict, where: str) -> MultipleChoiceItem | Arithmetic
         given = answer.strip().lower()
         cut = output.lower().rfind(given)
         prefix = output[:cut] if output and cut >= 0 else COMMONSENSE_PREFIX
-        return MultipleChoiceItem(prompt + prefix, labels, labels.index(given))
-    number = _number(answer)
+        return MultipleChoiceItem(prompt + prefix, labels, labels.index(given), where)
+    number = _finite_number(answer, where)
     if number is None:
         raise DataError(f"{where}: 'answer' {answer!r} is neither a number nor one of options "
                         "listed by the instruction (it lists none: no 'Answer1:' ... or "
                         "'Answer format: a/b' line)")
-    return ArithmeticItem(prompt, number)
+    return ArithmeticItem(prompt, number, where)
 
 
 def commonsense_labels(instruction: str) -> list[str]:
@@ -387,7 +544,20 @@ def _choices(record: dict, where: str) -> list[str]:
             not all(isinstance(c, str) and c.strip() for c in choices):
         raise DataError(f"{where}: 'choices' must be a list of at least 2 non-empty strings, "
                         f"got {json.dumps(choices)[:80]}")
+    _refuse_repeats(choices, where, "'choices'")
     return choices
+
+
+def _refuse_repeats(options: list[str], where: str, what: str) -> None:
+    """DataError naming the first two options that are the same text (surrounding spaces
+    aside): the model could not tell them apart, and a tie would pick the first."""
+    first_seen: dict[str, int] = {}
+    for index, option in enumerate(options):
+        key = option.strip()
+        if key in first_seen:
+            raise DataError(f"{where}: {what} {first_seen[key]} and {index} (from 0) are the "
+                            f"same text {key!r}; each must differ (surrounding spaces aside)")
+        first_seen[key] = index
 
 
 def _choice_index(answer, choices: list[str], where: str) -> int:
@@ -402,6 +572,14 @@ def _choice_index(answer, choices: list[str], where: str) -> int:
                     f"{len(choices) - 1}) nor the text of one of its choices")
 
 
+def _finite_number(value, where: str) -> float | None:
+    """_number(value); DataError for a JSON number that is not finite (NaN, Infinity, an
+    overflowing 1e999)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: 'answer' is {value}, not a finite number")
+    return _number(value)
+
+
 def _number(value) -> float | None:
     if isinstance(value, bool):
         return None
@@ -414,18 +592,33 @@ def _number(value) -> float | None:
     return None
 
 
-def load_evaluation_items(path: str | os.PathLike) -> list[MultipleChoiceItem | ArithmeticItem]:
-    """Every record of `path` as an evaluation item, in file order."""
+def load_evaluation_items(path: str | os.PathLike, warn: Callable[[str], None] | None = None
+                          ) -> list[MultipleChoiceItem | ArithmeticItem]:
+    """Every record of `path` as an evaluation item, in file order. warn(line) receives a
+    line for each kind of pre-templated "question" record the file holds (default: a
+    UserWarning)."""
     records = read_records(path)
-    return [evaluation_item(record, f"{path}: record {number}")
-            for number, record in enumerate(records, 1)]
+    items = [evaluation_item(record, f"{path}: record {number}")
+             for number, record in enumerate(records, 1)]
+
+    def is_question(record: dict) -> bool:  # evaluation_item's order of formats
+        return "instruction" not in record and "question" in record
+
+    def answers(record: dict) -> list:
+        return record["choices"] if "choices" in record else []
+
+    for line in _template_warnings(path, records, is_question, answers):
+        (warn or _warn)(line)
+    return items
 
 
 def extract_number(text: str) -> float | None:
     """The last number in a generated response, commas removed ("1,234" is 1234), as the
-    published arithmetic evaluation reads it; None when there is none."""
+    published arithmetic evaluation reads it; None when there is none, or when it is too
+    long to be a finite float (four hundred digits)."""
     found = _NUMBER.findall(text.replace(",", ""))
-    return float(found[-1]) if found else None
+    number = float(found[-1]) if found else None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def split_context(context: str, continuation: str) -> tuple[str, str]:
@@ -437,7 +630,8 @@ def split_context(context: str, continuation: str) -> tuple[str, str]:
 
 __all__ = ["ALPACA_TEMPLATE", "ALPACA_TEMPLATE_NO_INPUT", "ArithmeticItem", "DataError",
            "Example", "MultipleChoiceItem", "PadCollator", "QUESTION_TEMPLATE",
-           "SupervisedDataset", "TokenizedExamples", "alpaca_prompt", "commonsense_labels",
-           "evaluation_item", "extract_number", "load_evaluation_items",
-           "load_training_examples", "question_prompt", "read_records", "split_context",
-           "tokenize_examples", "training_example"]
+           "SupervisedDataset", "TokenizedExamples", "alpaca_prompt", "check_data_file",
+           "commonsense_labels", "evaluation_item", "extract_number", "load_evaluation_items",
+           "load_training_examples", "longest_token_chars", "question_answer", "question_prompt",
+           "read_records", "split_context", "tokenize_examples", "tokenize_head",
+           "tokenize_tail", "training_example"]

@@ -33,6 +33,7 @@ from moa.data import (
     DataError,
     PadCollator,
     SupervisedDataset,
+    check_data_file,
     load_training_examples,
     tokenize_examples,
 )
@@ -475,8 +476,8 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
     out = Path(options.out)
     _check_output_dir(out)
     for path in (options.data, options.eval_data):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"no such data file: {path!r}")
+        if path is not None:
+            check_data_file(path)  # a missing path, a directory, a FIFO: one line each
     config = load_moa_config(options)
     resume = resolve_resume(options)
     tokenizer = load_tokenizer(options.model)

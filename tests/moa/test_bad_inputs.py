@@ -11,16 +11,31 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import math
+import os
 import re
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from moa import ExpertSpec, MoAConfig, MoALinear, get_moa_model
 from moa.cli import main
+from moa.data import (
+    CUT_MARGIN_TOKENS,
+    DataError,
+    MultipleChoiceItem,
+    evaluation_item,
+    longest_token_chars,
+    training_example,
+)
+from moa.loading import build_text_model, byte_tokenizer
 from tests.moa.tiny import tiny_llama
 
 
@@ -59,6 +74,74 @@ def demo_into(prepare) -> None:
         out = Path(tmp) / "out"
         prepare(out)
         cli("demo", "--steps", "1", "--out", str(out))
+
+
+def in_folder(run) -> None:
+    """run(D) in a fresh temporary folder D holding d.jsonl (two multiple-choice records)
+    and c.json (a --config file of one option)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_jsonl(folder / "d.jsonl", [{"question": "Which is a metal?",
+                                          "choices": ["iron", "wood"], "answer": 0},
+                                         {"question": "Which is wet?",
+                                          "choices": ["sand", "water"], "answer": 1}])
+        (folder / "c.json").write_text(json.dumps({"batch_size": 2}))
+        run(folder)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def evaluate_into(out, *flags: str) -> None:
+    """`moa evaluate` of d.jsonl (with --config c.json) into out(D), in a fresh folder D."""
+    in_folder(lambda tmp: cli("evaluate", "--data", str(tmp / "d.jsonl"), "--config",
+                              str(tmp / "c.json"), "--out", str(out(tmp)), *flags))
+
+
+def evaluate_adapter_into(out) -> None:
+    """`moa evaluate --adapter D/adapter --overwrite` into out(D/adapter)."""
+    def run(tmp: Path) -> None:
+        get_moa_model(build_text_model(), MoAConfig.preset("lora")).save_pretrained(
+            tmp / "adapter")
+        cli("evaluate", "--data", str(tmp / "d.jsonl"), "--adapter", str(tmp / "adapter"),
+            "--out", str(out(tmp / "adapter")), "--overwrite")
+
+    in_folder(run)
+
+
+def symlink_to(target: Path, link: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
+def command_on_records(command: str, records: list[dict] | str, *flags: str) -> None:
+    """`moa COMMAND --data D/d.jsonl --out D/out ...` where d.jsonl holds `records` (a list
+    of records, or the file's text)."""
+    def run(tmp: Path) -> None:
+        data = tmp / "d.jsonl"
+        if isinstance(records, str):
+            data.write_text(records)
+        else:
+            write_jsonl(data, records)
+        cli(command, "--data", str(data), "--out", str(tmp / "out"), *flags)
+
+    in_folder(run)
+
+
+def command_on_data_path(command: str, path, *flags: str) -> None:
+    """`moa COMMAND --data path(D) --out D/out ...` in a fresh folder D."""
+    in_folder(lambda tmp: cli(command, "--data", str(path(tmp)), "--out", str(tmp / "out"),
+                              *flags))
+
+
+def train_on_a_fifo() -> None:
+    from tests.moa.test_data import fifo_unblocked_after
+
+    with tempfile.TemporaryDirectory() as tmp, \
+            fifo_unblocked_after(Path(tmp) / "pipe.jsonl", seconds=20) as fifo:
+        cli("train", "--data", str(fifo), "--out", str(Path(tmp) / "out"))
 
 
 def _weights_path_is_a_directory(out: Path) -> None:
@@ -197,6 +280,82 @@ BAD_INPUTS = [
                  id="demo-out-weights-path-is-a-directory"),
     pytest.param(lambda: demo_into(_out_is_a_file), CommandFailed,
                  "is a file, not a directory", id="demo-out-is-a-file"),
+    # ---- an output that would destroy an input: refused, --overwrite or not --------------
+    pytest.param(lambda: evaluate_into(lambda tmp: tmp / "d.jsonl", "--overwrite"),
+                 CommandFailed, "is --data ", id="evaluate-out-is-the-data"),
+    pytest.param(lambda: evaluate_into(lambda tmp: tmp / "sub" / ".." / "d.jsonl"),
+                 CommandFailed, "is --data ", id="evaluate-out-is-the-data-through-dotdot"),
+    pytest.param(lambda: evaluate_into(lambda tmp: symlink_to(tmp / "d.jsonl", tmp / "r.json"),
+                                       "--overwrite"),
+                 CommandFailed, "is --data ", id="evaluate-out-is-a-link-to-the-data"),
+    pytest.param(lambda: evaluate_into(lambda tmp: tmp / "c.json", "--overwrite"),
+                 CommandFailed, "is --config ", id="evaluate-out-is-the-config-file"),
+    pytest.param(lambda: evaluate_adapter_into(lambda adapter: adapter /
+                                               "adapter_model.safetensors"),
+                 CommandFailed, "is the adapter's weights ",
+                 id="evaluate-out-is-the-adapter-weights"),
+    pytest.param(lambda: evaluate_into(lambda tmp: (tmp / "r.json").write_text("{}") and
+                                       tmp / "r.json"),
+                 CommandFailed, "already exists (another run's results?); give --overwrite",
+                 id="evaluate-out-holds-another-run"),
+    pytest.param(lambda: evaluate_into(lambda tmp: Path(os.devnull), "--overwrite"),
+                 CommandFailed, "is not a regular file", id="evaluate-out-is-a-device"),
+    # ---- data paths that are not regular files: said so, never opened ---------------------
+    pytest.param(lambda: command_on_data_path("evaluate", lambda tmp: tmp), CommandFailed,
+                 "is a directory, not a JSON or JSONL data file", id="evaluate-data-directory"),
+    pytest.param(lambda: command_on_data_path("evaluate", lambda tmp: os.devnull),
+                 CommandFailed, "is not a regular file (it is a character device)",
+                 id="evaluate-data-dev-null"),
+    pytest.param(lambda: command_on_data_path("train", lambda tmp: os.devnull), CommandFailed,
+                 "is not a regular file (it is a character device)", id="train-data-dev-null"),
+    pytest.param(lambda: command_on_data_path("train", lambda tmp: tmp / "d.jsonl",
+                                              "--eval-data", "/"), CommandFailed,
+                 "/ is a directory, not a JSON or JSONL data file",
+                 id="train-eval-data-directory"),
+    pytest.param(train_on_a_fifo, CommandFailed, "is not a regular file (it is a FIFO",
+                 id="train-data-fifo-refused-without-blocking"),
+    # ---- choices that repeat a text -----------------------------------------------------
+    pytest.param(lambda: evaluation_item({"question": "q", "choices": ["a", "a"],
+                                          "answer": 0}, "r"), DataError,
+                 "r: 'choices' 0 and 1 (from 0) are the same text 'a'", id="choices-repeat"),
+    pytest.param(lambda: evaluation_item({"question": "q", "choices": ["a", " a\n"],
+                                          "answer": 0}, "r"), DataError,
+                 "are the same text 'a'", id="choices-repeat-but-for-spaces"),
+    pytest.param(lambda: evaluation_item({"prompt": "p", "choices": ["b", "a", "b"],
+                                          "answer": 0}, "r"), DataError,
+                 "'choices' 0 and 2 (from 0) are the same text 'b'",
+                 id="prompt-choices-repeat"),
+    pytest.param(lambda: evaluation_item({"instruction": "Answer format: yes/no/yes",
+                                          "answer": "yes"}, "r"), DataError,
+                 "the instruction's answer labels 0 and 2 (from 0) are the same text 'yes'",
+                 id="published-labels-repeat"),
+    pytest.param(lambda: training_example({"question": "q", "choices": ["a", "a"],
+                                           "answer": 1}, "r"), DataError,
+                 "are the same text 'a'", id="training-choices-repeat"),
+    # ---- numbers that are not finite ------------------------------------------------------
+    pytest.param(lambda: command_on_records("train", '{"question": "q", "answer": NaN}\n'),
+                 CommandFailed, "record 1: 'answer' is nan, not a finite number",
+                 id="train-answer-nan"),
+    pytest.param(lambda: command_on_records("train", '{"question": "q", "answer": 1e999}\n'),
+                 CommandFailed, "record 1: 'answer' is inf, not a finite number",
+                 id="train-answer-overflows-to-inf"),
+    pytest.param(lambda: command_on_records("evaluate", '{"question": "q", '
+                                                        '"answer": -Infinity}\n'),
+                 CommandFailed, "record 1: 'answer' is -inf, not a finite number",
+                 id="evaluate-answer-minus-infinity"),
+    # ---- a --max-length that leaves nothing to learn or tells no choices apart ------------
+    pytest.param(lambda: command_on_records("train", [{"prompt": "Q: sky?\nA:",
+                                                       "completion": " blue"}],
+                                            "--max-length", "1"), CommandFailed,
+                 "no usable record (1 records: 1 with no room for a response within "
+                 "--max-length 1)", id="train-max-length-1"),
+    pytest.param(lambda: command_on_records("evaluate", [{"question": "q", "choices": ["x",
+                                                                                      "y"],
+                                                          "answer": 1}],
+                                            "--max-length", "1"), CommandFailed,
+                 "record 1: choices 0 and 1 (from 0) begin with the same 1 tokens, all that "
+                 "--max-length 1 keeps of a choice (half of it), so their scores would tie; "
+                 "give --max-length 4 or more", id="evaluate-max-length-1-ties-every-choice"),
 ]
 
 
@@ -204,3 +363,81 @@ BAD_INPUTS = [
 def test_bad_input_fails_clearly(make, expected_error, fragment):
     with pytest.raises(expected_error, match=re.escape(fragment)):
         make()
+
+
+# ---- property and fuzz tests of the classes above ----------------------------------------------
+
+SCORES = st.sampled_from([float("nan"), float("inf"), float("-inf")]) | \
+    st.floats(-50.0, 0.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scores=st.lists(st.lists(SCORES, min_size=2, max_size=4), min_size=1, max_size=6),
+       data=st.data())
+def test_a_score_that_is_not_finite_is_never_a_right_answer(scores, data):
+    import moa.evaluate
+
+    items = [MultipleChoiceItem("c", [f" {k}" for k in range(len(row))],
+                                data.draw(st.integers(0, len(row) - 1))) for row in scores]
+    with mock.patch.object(moa.evaluate, "score_multiple_choice", lambda *a, **k: scores):
+        result = moa.evaluate.evaluate_items(None, None, items, progress=False)
+    bad = [not all(math.isfinite(x) for x in row) for row in scores]
+    for prediction, is_bad in zip(result["predictions"], bad):
+        assert prediction["non_finite"] is is_bad
+        assert not (is_bad and prediction["correct"])
+    assert result["non_finite"] == sum(bad)
+    assert result["accuracy"] * len(items) <= len(items) - sum(bad) + 1e-9
+    json.dumps(moa.evaluate._json_safe(result), allow_nan=False)  # strict JSON
+
+
+def counted_commands(tmp: Path, command: list[str]) -> list[int]:
+    """The lengths of every text the tokenizer is given while `moa` runs `command`."""
+    from tests.moa.test_data import CountingTokenizer
+
+    tokenizer = CountingTokenizer(byte_tokenizer())
+    with mock.patch("moa.loading.load_tokenizer", lambda path: tokenizer):
+        cli(*command)
+    return tokenizer.lengths
+
+
+def test_a_huge_record_costs_what_max_length_allows(tmp_path):
+    # 8 MB of question and 2 MB of answer: only pieces that --max-length bounds are
+    # tokenised, in training and in evaluation (was: the whole text, 80-90 s for 50 MB)
+    question = "the quick brown fox " * 400_000 + "which is a metal?"
+    records = [{"question": question, "choices": ["iron" + " ore" * 500_000, "wood"],
+                "answer": 0}, {"question": question[-2000:], "answer": 3}]
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    bound = 2 * (64 + 1 + CUT_MARGIN_TOKENS) * longest_token_chars(byte_tokenizer())
+    lengths = counted_commands(tmp_path, ["train", "--data", str(data), "--steps", "1",
+                                          "--max-length", "64", "--out",
+                                          str(tmp_path / "run")])
+    assert max(lengths) <= bound, (max(lengths), bound)
+    lengths = counted_commands(tmp_path, ["evaluate", "--data", str(data), "--max-length",
+                                          "64", "--max-new-tokens", "2", "--out",
+                                          str(tmp_path / "r.json")])
+    assert max(lengths) <= bound, (max(lengths), bound)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(choices=st.lists(st.text("ab ", min_size=1, max_size=6).filter(str.strip),
+                        min_size=2, max_size=4, unique_by=str.strip),
+       max_length=st.integers(1, 16))
+def test_scored_choices_never_tie_by_the_cut(choices, max_length):
+    """Either the choices' kept tokens differ, or the refusal names a --max-length that
+    tells them apart."""
+    from moa.evaluate import score_multiple_choice
+
+    item = MultipleChoiceItem("Question: q?\nAnswer:", [" " + c for c in choices], 0)
+    model, tokenizer, cpu = TEXT_MODEL, byte_tokenizer(), torch.device("cpu")
+    try:
+        scores = score_multiple_choice(model, tokenizer, [item], 1, max_length, cpu,
+                                       progress=False)[0]
+    except ValueError as error:
+        needed = int(re.search(r"give --max-length (\d+) or more", str(error)).group(1))
+        assert needed > max_length
+        scores = score_multiple_choice(model, tokenizer, [item], 1, needed, cpu,
+                                       progress=False)[0]
+    assert len(set(scores)) == len(scores)
+
+
+TEXT_MODEL = build_text_model()

@@ -4,7 +4,12 @@ accuracy after `moa train` beating the base on learnable tasks, the table and th
 bad input as one-line errors."""
 
 import json
+import math
+import os
 import random
+import re
+import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,7 @@ import torch
 from moa import MoAConfig, get_moa_model
 from moa.cli import main
 from moa.data import (
+    CUT_MARGIN_TOKENS,
     ArithmeticItem,
     DataError,
     MultipleChoiceItem,
@@ -20,10 +26,19 @@ from moa.data import (
     commonsense_labels,
     evaluation_item,
     extract_number,
+    longest_token_chars,
 )
-from moa.evaluate import cut_response, evaluate_items, score_multiple_choice
+from moa.evaluate import (
+    cut_response,
+    evaluate_items,
+    generate_responses,
+    score_multiple_choice,
+)
 from moa.loading import build_text_model, byte_tokenizer
+from tests.moa.test_data import CountingTokenizer, trained_tokenizer
 from tests.moa.tiny import perturb
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -88,6 +103,7 @@ def test_question_records_and_their_prompts():
     ("-12", -12.0),  # negative
     ("about 1,234.5 metres", 1234.5),  # thousands separator and decimals
     ("no number here", None),
+    ("1" * 400, None),  # too long for a finite float: no number, never inf in the JSON
 ])
 def test_number_extraction(text, number):
     assert extract_number(text) == number
@@ -143,10 +159,112 @@ def test_accuracy_and_length_normalised_accuracy_follow_the_scores(monkeypatch):
                         lambda *args, **kwargs: [[-2.0, -5.0], [-1.0, -3.0]])
     result = evaluate_items(None, None, items, progress=False)
     assert result["tasks"]["multiple_choice"] == {"records": 2, "accuracy": 0.5,
-                                                  "accuracy_norm": 1.0}
+                                                  "accuracy_norm": 1.0, "non_finite": 0}
     assert [p["prediction"] for p in result["predictions"]] == [0, 0]
     assert [p["prediction_norm"] for p in result["predictions"]] == [1, 0]
-    assert result["accuracy"] == 0.5
+    assert result["accuracy"] == 0.5 and result["non_finite"] == 0
+
+
+@pytest.mark.parametrize("bad", [
+    pytest.param(float("nan"), id="nan"),  # an adapter whose weights are NaN
+    pytest.param(float("inf"), id="plus-infinity"),
+    pytest.param(float("-inf"), id="minus-infinity"),  # a logit of -inf on a choice's token
+])
+def test_a_record_with_a_score_that_is_not_finite_is_wrong_and_counted(bad, monkeypatch):
+    import moa.evaluate
+
+    # the right answer is choice 0 everywhere: where a NaN fell back to the first choice,
+    # the NaN records would count as right
+    items = [MultipleChoiceItem("c", [" a", " b"], 0) for _ in range(4)]
+    monkeypatch.setattr(moa.evaluate, "score_multiple_choice", lambda *args, **kwargs: [
+        [bad, bad], [bad, -1.0], [-1.0, bad], [-1.0, -2.0]])
+    result = evaluate_items(None, None, items, progress=False)
+    task = result["tasks"]["multiple_choice"]
+    assert task == {"records": 4, "accuracy": 0.25, "accuracy_norm": 0.25, "non_finite": 3}
+    assert result["accuracy"] == 0.25 and result["non_finite"] == 3
+    for prediction in result["predictions"][:3]:
+        assert prediction["correct"] is False and prediction["non_finite"] is True
+        assert prediction["prediction"] is None and prediction["prediction_norm"] is None
+    assert result["predictions"][1]["log_likelihoods"] == [None, -1.0]  # JSON null
+    assert result["predictions"][3]["correct"] is True
+
+
+def direct_score(model, context: list[int], choice: list[int]) -> float:
+    """The choice's log-likelihood after the context, from one forward of both."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([context + choice])).logits[0].log_softmax(-1)
+    return sum(logits[len(context) - 1 + i, t].item() for i, t in enumerate(choice))
+
+
+def test_long_texts_are_scored_on_the_tokens_the_whole_texts_keep():
+    # 4 MB of context and 1 MB of choice: only pieces that max_length bounds are tokenised
+    tokenizer, model = byte_tokenizer(), build_text_model()
+    context = "Question: " + "the quick brown fox " * 200_000 + "which is a metal?\nAnswer:"
+    choices = [" iron", " wood" + " and more" * 100_000]
+    counting = CountingTokenizer(tokenizer)
+    max_length = 24
+    scores = score_multiple_choice(model, counting, [MultipleChoiceItem(context, choices, 0)],
+                                   1, max_length, CPU, progress=False)[0]
+    bound = 2 * (max_length + 1 + CUT_MARGIN_TOKENS) * longest_token_chars(tokenizer)
+    assert max(counting.lengths) <= bound, (max(counting.lengths), bound)
+    # byte tokens: the whole texts' tokens, cut, are those of the texts' ends and starts
+    cut = [tokenizer(c[:100], add_special_tokens=False)["input_ids"][:max_length // 2]
+           for c in choices]
+    kept = tokenizer(context[-100:])["input_ids"][-(max_length - max(map(len, cut))):]
+    assert scores == pytest.approx([direct_score(model, kept, c) for c in cut], abs=1e-4)
+    # generation keeps the prompt's last max_length - max_new_tokens tokens
+    counting.lengths.clear()
+    responses, _ = generate_responses(model, counting, [context], 1, 4, max_length, CPU,
+                                      progress=False)
+    assert max(counting.lengths) <= bound
+    assert responses == generate_responses(model, tokenizer, [context[-100:]], 1, 4,
+                                           max_length, CPU, progress=False)[0]
+
+
+@pytest.mark.parametrize("choices, max_length, says", [
+    pytest.param([" x", " y"], 1, "choices 0 and 1 (from 0) begin with the same 1 tokens, all "
+                 "that --max-length 1 keeps of a choice (half of it), so their scores would "
+                 "tie; give --max-length 4 or more", id="max-length-1-leaves-the-space"),
+    pytest.param([" apple", " apricot", " pear"], 5, "choices 0 and 1 (from 0) begin with "
+                 "the same 2 tokens, all that --max-length 5 keeps of a choice (half of it), "
+                 "so their scores would tie; give --max-length 8 or more",
+                 id="cut-inside-a-shared-start"),
+    pytest.param([" to", " top"], 6, "choices 0 and 1 (from 0) begin with the same 3 "
+                 "tokens, all that --max-length 6 keeps of a choice (half of it), so their "
+                 "scores would tie; give --max-length 8 or more",
+                 id="one-choice-is-the-start-of-the-other"),
+])
+def test_choices_that_the_cut_makes_equal_are_refused(choices, max_length, says):
+    item = MultipleChoiceItem("Question: q?\nAnswer:", choices, 0, where="d.jsonl: record 2")
+    with pytest.raises(ValueError, match=f"^d.jsonl: record 2: {re.escape(says)}$"):
+        score_multiple_choice(None, byte_tokenizer(), [item], 1, max_length, CPU,
+                              progress=False)  # refused before the model runs
+    needed = int(says.split("--max-length ")[-1].split()[0])
+    scores = score_multiple_choice(build_text_model(), byte_tokenizer(), [item], 1, needed,
+                                   CPU, progress=False)[0]
+    assert len(set(scores)) == len(scores)  # told apart: no tie
+
+
+def test_choices_that_tokenize_the_same_are_refused():
+    tokenizer = trained_tokenizer("wordpiece")  # uncased: "Iron" and "iron" are one text
+    item = MultipleChoiceItem("Question: which?\nAnswer:", [" Iron", " iron"], 0)
+    with pytest.raises(ValueError, match="item 1: choices 0 and 1 .* are the same tokens for "
+                                         "this tokenizer, so their scores would tie"):
+        score_multiple_choice(None, tokenizer, [item], 1, 64, CPU, progress=False)
+
+
+def test_our_calls_into_transformers_raise_no_deprecation_warning():
+    # transformers 5.25 deprecates forward(past_key_values=) for cache= (removed in 5.40):
+    # against it, passing the old name warns (FutureWarning), and this fails
+    model = get_moa_model(build_text_model(), MoAConfig.preset("soft_moa")).eval()
+    perturb(model)
+    items = [MultipleChoiceItem("Question: a?\nAnswer:", [" yes", " no way"], 0)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        score_multiple_choice(model, byte_tokenizer(), items, 1, 64, CPU, progress=False)
+        generate_responses(model, byte_tokenizer(), ["1 + 1 ="], 1, 3, 64, CPU,
+                           progress=False)
 
 
 # ---- end to end: training lifts accuracy ------------------------------------------------------
@@ -326,3 +444,231 @@ def test_an_adapter_for_another_base_is_one_line(tmp_path, capsys):
     assert f"the adapter in {str(tmp_path / 'adapter')!r} (trained on " \
            "'moa-embedded-text-llama') does not fit" in err
     assert "shape mismatches" in err
+
+
+def refuse_constant(name: str):
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def test_an_adapter_with_nan_weights_gets_no_answer_right(tmp_path, capsys):
+    # every log-likelihood is NaN: the prediction used to fall to choice 0, and the results
+    # JSON held bare NaN
+    moa = get_moa_model(build_text_model(), MoAConfig.preset("soft_moa"))
+    with torch.no_grad():
+        for _, parameter in moa.moa_named_parameters():
+            parameter.fill_(float("nan"))
+    moa.save_pretrained(tmp_path / "adapter")
+    data = write_records(tmp_path / "d.jsonl", [
+        {"question": f"{name}?", "choices": ["yes", "no"], "answer": 0}
+        for name in ("a", "b", "c")] + [{"question": "1 + 1 = ?", "answer": 2}])
+    out = run(["evaluate", "--data", data, "--adapter", str(tmp_path / "adapter"),
+               "--max-new-tokens", "2", "--out", str(tmp_path / "r.json")], capsys)
+    assert "warning: 4 of 4 records had scores that are not finite" in out
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith(
+        ("multiple", "arithmetic", "all"))] == ["3", "1", "4"]  # the non-finite column
+    result = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse_constant)
+    assert result["accuracy"] == 0.0 and result["non_finite"] == 4
+    assert result["tasks"]["multiple_choice"]["non_finite"] == 3
+    assert all(p["correct"] is False and p["non_finite"] for p in result["predictions"])
+    assert result["predictions"][0]["log_likelihoods"] == [None, None]
+
+
+def test_pre_templated_records_warn_in_the_output(tmp_path, capsys):
+    data = write_records(tmp_path / "d.jsonl", [
+        {"question": "Question: Which is a metal?\nAnswer:", "choices": ["iron", "wood"],
+         "answer": 0}])
+    out = run(["evaluate", "--data", data, "--out", str(tmp_path / "r.json")], capsys)
+    assert "warning: " + data + ": 1 of 1 'question' records already hold the question " \
+           "template" in out
+
+
+# ---- --out: never an input, never another run's file, writable before anything loads ------
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading a model or a tokenizer fails the test: what is refused is refused first."""
+    import moa.evaluate
+    import moa.loading
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before --out was checked")
+
+    monkeypatch.setattr(moa.evaluate, "load_adapted_model", loaded)
+    monkeypatch.setattr(moa.loading, "load_tokenizer", loaded)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("adapter")
+    get_moa_model(build_text_model(), MoAConfig.preset("soft_moa")).save_pretrained(folder)
+    return folder
+
+
+def _data_file(tmp_path: Path) -> Path:
+    return Path(write_records(tmp_path / "d.jsonl",
+                              [{"question": "q", "choices": ["a", "b"], "answer": 0}]))
+
+
+@pytest.mark.parametrize("make_out, names", [
+    pytest.param(lambda tmp, adapter: tmp / "d.jsonl", "--data", id="the-data-file"),
+    pytest.param(lambda tmp, adapter: _link(tmp / "d.jsonl", tmp / "link.json", os.symlink),
+                 "--data", id="a-symbolic-link-to-the-data"),
+    pytest.param(lambda tmp, adapter: _link(tmp / "d.jsonl", tmp / "hard.json", os.link),
+                 "--data", id="a-hard-link-to-the-data"),
+    pytest.param(lambda tmp, adapter: tmp / "c.json", "--config", id="the-config-file"),
+    pytest.param(lambda tmp, adapter: adapter / "adapter_model.safetensors",
+                 "the adapter's weights", id="the-adapter-weights"),
+    pytest.param(lambda tmp, adapter: adapter / "moa_config.json", "the adapter's config",
+                 id="the-adapter-config"),
+])
+def test_an_out_that_is_an_input_is_refused_even_with_overwrite(make_out, names, tmp_path,
+                                                                 adapter_dir, capsys,
+                                                                 no_loading):
+    data = _data_file(tmp_path)
+    (tmp_path / "c.json").write_text(json.dumps({"batch_size": 2}))
+    out = make_out(tmp_path, adapter_dir)
+    before = {path: path.read_bytes() for path in (data, tmp_path / "c.json",
+                                                   *adapter_dir.iterdir())}
+    err = one_line_error(capsys, ["evaluate", "--data", str(data), "--adapter",
+                                  str(adapter_dir), "--config", str(tmp_path / "c.json"),
+                                  "--out", str(out), "--overwrite"])
+    assert f"--out {str(out)!r} is {names} " in err
+    assert "the results would destroy an input; name another file" in err
+    assert before == {path: path.read_bytes() for path in before}
+
+
+def _link(target: Path, link: Path, make) -> Path:
+    make(target, link)
+    return link
+
+
+def test_an_existing_out_is_refused_without_overwrite_and_replaced_with_it(tmp_path, capsys,
+                                                                           monkeypatch):
+    data, out = _data_file(tmp_path), tmp_path / "r.json"
+    out.write_text("another run's results\n")
+    with monkeypatch.context() as patch:
+        patch.setattr("moa.loading.load_tokenizer", _fail_loading)
+        err = one_line_error(capsys, ["evaluate", "--data", str(data), "--out", str(out)])
+    assert f"--out {str(out)!r} already exists (another run's results?); give --overwrite " \
+           "to replace it, or another --out" in err
+    assert out.read_text() == "another run's results\n"
+    (tmp_path / "c.yaml").write_text("overwrite: true\n")  # a config key too
+    run(["evaluate", "--data", str(data), "--config", str(tmp_path / "c.yaml"),
+         "--out", str(out)], capsys)
+    assert json.loads(out.read_text())["records"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "d.jsonl", "r.json"]
+
+
+def _fail_loading(*args, **kwargs):
+    raise AssertionError("loaded before --out was checked")
+
+
+def _can_create_in(folder: Path) -> bool:
+    try:
+        handle, name = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return False
+    os.close(handle)
+    os.unlink(name)
+    return True
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder where this user cannot create a file: a read-only one, or for root (whom
+    permissions do not stop) /sys where it refuses root too."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    if _can_create_in(folder):
+        folder = Path("/sys")
+        if not folder.is_dir() or _can_create_in(folder):
+            pytest.skip("no folder here refuses this user's writes")
+    yield folder
+    (tmp_path / "read-only").chmod(0o700)
+
+
+@pytest.mark.parametrize("inside", [
+    pytest.param("", id="in-the-folder"),
+    pytest.param("new/deeper", id="in-folders-still-to-be-made"),
+])
+def test_an_out_that_cannot_be_written_fails_before_anything_loads(inside, tmp_path,
+                                                                   unwritable_folder, capsys,
+                                                                   no_loading):
+    out = unwritable_folder / inside / "r.json"
+    err = one_line_error(capsys, ["evaluate", "--data", str(_data_file(tmp_path)),
+                                  "--out", str(out)])
+    assert f"cannot write --out {str(out)!r}: no file can be created in " \
+           f"{str(unwritable_folder)!r}" in err
+
+
+def test_an_out_that_is_a_device_is_refused(tmp_path, capsys, no_loading):
+    err = one_line_error(capsys, ["evaluate", "--data", str(_data_file(tmp_path)), "--out",
+                                  os.devnull, "--overwrite"])
+    assert f"--out {os.devnull!r} is not a regular file; name a JSON file" in err
+
+
+def test_a_failed_write_leaves_the_old_results_whole(tmp_path, capsys, monkeypatch):
+    data, out = _data_file(tmp_path), tmp_path / "r.json"
+    out.write_text("the old results\n")
+
+    def full_disk(descriptor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    err = one_line_error(capsys, ["evaluate", "--data", str(data), "--out", str(out),
+                                  "--overwrite"])
+    assert "No space left on device" in err
+    assert out.read_text() == "the old results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "r.json"]  # no temp
+
+
+def test_an_out_that_appears_while_scoring_is_left_alone(tmp_path, capsys, monkeypatch):
+    import moa.evaluate
+
+    data, out = _data_file(tmp_path), tmp_path / "r.json"
+    score = moa.evaluate.evaluate_items
+
+    def another_run_writes_out(*args, **kwargs):
+        out.write_text("another run's results\n")
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(moa.evaluate, "evaluate_items", another_run_writes_out)
+    err = one_line_error(capsys, ["evaluate", "--data", str(data), "--out", str(out)])
+    assert f"--out {str(out)!r} appeared while this run was scoring; its results are in " in err
+    assert out.read_text() == "another run's results\n"
+    kept = Path(err.split("its results are in ")[1].strip().strip("'"))
+    assert json.loads(kept.read_text())["records"] == 1
+
+
+# ---- --backend -------------------------------------------------------------------------------
+
+def test_an_adapter_saved_with_triton_is_evaluated_on_the_cpu_with_backend_torch(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")  # a CPU without the Triton interpreter
+    base = build_text_model()
+    torch.manual_seed(0)
+    moa = get_moa_model(base, MoAConfig.preset("soft_moa", backend="triton"))
+    perturb(moa)
+    moa.save_pretrained(tmp_path / "triton")
+    moa.moa_config.backend = "torch"
+    moa.save_pretrained(tmp_path / "torch")  # the same tensors, saved with torch
+    data = write_records(tmp_path / "d.jsonl", [
+        {"question": "Which is a metal?", "choices": ["iron", "wood", "glass"], "answer": 0}])
+    err = one_line_error(capsys, ["evaluate", "--data", data, "--adapter",
+                                  str(tmp_path / "triton"), "--out", str(tmp_path / "r.json")])
+    assert "was saved with backend 'triton', which runs triton kernels: a CUDA GPU (or " \
+           "TRITON_INTERPRET=1) is needed, and this run is on cpu; give --backend torch " \
+           "(or auto) to evaluate it here" in err
+    run(["evaluate", "--data", data, "--adapter", str(tmp_path / "triton"), "--backend",
+         "torch", "--out", str(tmp_path / "r.json")], capsys)
+    run(["evaluate", "--data", data, "--adapter", str(tmp_path / "torch"),
+         "--out", str(tmp_path / "t.json")], capsys)
+    scores = [json.loads((tmp_path / name).read_text())["predictions"][0]["log_likelihoods"]
+              for name in ("r.json", "t.json")]
+    assert scores[0] == scores[1] and all(math.isfinite(s) for s in scores[0])
+    assert json.loads((tmp_path / "r.json").read_text())["backend"] == "torch"
+    err = one_line_error(capsys, ["evaluate", "--data", data, "--adapter",
+                                  str(tmp_path / "torch"), "--backend", "triton",
+                                  "--out", str(tmp_path / "x.json")])
+    assert "--backend triton runs triton kernels" in err and "give --backend torch" in err
