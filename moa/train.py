@@ -471,6 +471,11 @@ def _progress_callback_class():
                 self.write(f"step {state.global_step:5d}  eval loss {logs['eval_loss']:.4f}")
 
         def on_train_end(self, args, state, control, **kwargs):
+            self.close()
+
+        def close(self) -> None:
+            """End the bar's line (also when the training stops on an exception, so that
+            the error starts a line of its own)."""
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
@@ -752,9 +757,10 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
     try:
         trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
-        progress_callback.on_train_end(None, None, None)  # close the bar before the message
         raise TrainingInterrupted(last_whole_checkpoint(out / CHECKPOINTS)[0],
                                   options.save_interval, options.overwrite) from None
+    finally:
+        progress_callback.close()
     model.eval()
 
     adapter_dir = out / "adapter"

@@ -616,3 +616,31 @@ def test_device_cuda_n_makes_the_trainer_train_on_that_gpu_alone(tmp_path, monke
     with pytest.raises(ValueError, match="--device cuda:3 picks one GPU, but this is a "
                                          "distributed launch"):
         _pin_gpu(other, 3)
+
+
+# ---- damaged checkpoints and a full disk, through the command ---------------------------
+
+def test_a_damaged_checkpoint_or_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    out = tmp_path / "out"
+    train = ["train", "--data", data, "--out", str(out), "--save-interval", "2"]
+    assert main([*train, "--steps", "2"]) == 0
+    optimizer = out / "checkpoints" / "checkpoint-2" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # cut short
+    assert one_line_error(capsys, [*train, "--steps", "4", "--resume", "last"]) == (
+        f"moa: error: cannot resume from {optimizer.parent}: optimizer.pt is not a whole "
+        "PyTorch file (truncated or overwritten); resume from another checkpoint or start "
+        "again")
+    save = torch.save
+
+    def no_space(obj, path, *args, **kwargs):
+        if str(path).endswith("scheduler.pt"):
+            raise OSError(28, "No space left on device")
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", no_space)
+    err = one_line_error(capsys, [*train, "--steps", "2", "--overwrite"])
+    assert err == (f"moa: error: cannot write the checkpoint of step 2 into "
+                   f"{out / 'checkpoints' / 'checkpoint-2'}: No space left on device; nothing "
+                   "of it was kept (the earlier checkpoints are as they were)")
+    assert not (out / "checkpoints").exists() or not os.listdir(out / "checkpoints")
