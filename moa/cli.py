@@ -3,7 +3,9 @@
 Bad flags and bad paths end in one line on stderr and a non-zero exit, never a traceback:
 exit status 2 for bad flags, 1 for a ValueError or OSError (a bad checkpoint, an output
 path that cannot be written) and for running out of memory. Any other exception is a bug
-and keeps its traceback.
+and keeps its traceback. Ctrl-C exits with status 130 ("moa: interrupted"; during `moa
+train`'s training a second line says where the newest checkpoint is and prints the command
+that continues from it, or that none was saved yet).
 """
 
 from __future__ import annotations
@@ -60,18 +62,9 @@ def _seed(text: str) -> int:
 
 
 def _device(text: str) -> str:
-    import torch
+    from moa.train import torch_device  # one convention for every command's --device
 
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(
-            f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("--device cuda given but no CUDA GPU is available")
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use cpu or cuda")
-    return text
+    return torch_device(text)
 
 
 def _checkpoint_dir(text: str) -> str:
@@ -104,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", type=_checkpoint_dir, default=None,
                       help="a local transformers causal-LM checkpoint directory or a .gguf "
                            "file (default: an embedded 4-layer Llama built from a config)")
-    demo.add_argument("--out", default="moa-demo", help="output directory")
+    demo.add_argument("--out", default="moa-demo",
+                      help="output directory; one that holds another run is refused unless "
+                           "--overwrite is given")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the run already in --out (its adapter/ and plots are "
+                           "removed)")
     demo.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     demo.add_argument("--seed", type=_seed, default=0, help="seed of the model and the data")
 
@@ -153,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _demo(args) -> int:
     from moa.demo import run_demo
 
-    result = run_demo(args.preset, args.steps, args.model, args.out, args.device, args.seed)
+    result = run_demo(args.preset, args.steps, args.model, args.out, args.device, args.seed,
+                      overwrite=args.overwrite)
     print(f"done in {result.seconds:.1f} s: loss {result.losses[0]:.3f} -> "
           f"{result.losses[-1]:.3f}")
     return 0
@@ -223,7 +222,44 @@ def _one_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _without(argv: list[str], flags: tuple[str, ...], takes_value: bool) -> list[str]:
+    """argv less each of `flags` (with its value where it takes one, also as --flag=value)."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in flags:
+            skip = takes_value
+        elif not any(word.startswith(flag + "=") for flag in flags):
+            kept.append(word)
+    return kept
+
+
+def resume_command(argv: list[str], overwrite_in_config: bool = False) -> str:
+    """The `moa train` command line that continues the run of `argv` from its newest
+    checkpoint: the same arguments with --resume last, less --overwrite (it would remove
+    the checkpoints; --no-overwrite where the --config file sets it)."""
+    import shlex
+
+    words = _without(argv, ("--resume",), takes_value=True)
+    words = _without(words, ("--overwrite", "--no-overwrite"), takes_value=False)
+    words += ["--resume", "last"] + (["--no-overwrite"] if overwrite_in_config else [])
+    return shlex.join(["moa", *words])
+
+
+def _interrupted_training(error, argv: list[str]) -> str:
+    """What Ctrl-C during `moa train` leaves, and how to continue."""
+    if error.checkpoint is None:
+        return (f"moa: no checkpoint was saved yet (the first comes at step "
+                f"{error.save_interval}, --save-interval); the same command starts the "
+                "run again")
+    overwrite_in_config = error.overwrite and "--overwrite" not in argv
+    return (f"moa: the newest checkpoint is {error.checkpoint}; continue from it with: "
+            f"{resume_command(argv, overwrite_in_config)}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
         return {"demo": _demo, "train": _train, "evaluate": _evaluate, "compare": _compare,
@@ -239,8 +275,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"moa: error: out of memory: {_one_line(error)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         print("moa: interrupted", file=sys.stderr)
+        from moa.train import TrainingInterrupted
+
+        if isinstance(error, TrainingInterrupted):
+            print(_interrupted_training(error, argv), file=sys.stderr)
         return 130
 
 

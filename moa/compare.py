@@ -34,6 +34,7 @@ import gc
 import hashlib
 import json
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -520,16 +521,25 @@ def write_text_atomic(path: Path, content: str) -> Path:
 
 class PeakMemory:
     """The peak memory of a block, in MiB: on CUDA torch.cuda.max_memory_allocated (reset at
-    the start); on the CPU the process's resident set size, sampled every SAMPLE_SECONDS by
-    a thread (psutil), so a peak shorter than that can be missed."""
+    the start); on Linux the process's peak resident set size (the kernel's high-water mark
+    VmHWM, reset at the start by writing 5 to /proc/self/clear_refs), so no peak is missed;
+    elsewhere the resident set size sampled every SAMPLE_SECONDS by a thread (psutil), which
+    can miss a peak shorter than that."""
 
     SAMPLE_SECONDS = 0.05
+    STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.kind = ("cuda: torch.cuda.max_memory_allocated during training" if self.cuda
-                     else "cpu: peak resident set size of the process during training, "
-                          f"sampled every {self.SAMPLE_SECONDS} s")
+        self.high_water_mark = not self.cuda and self._can_reset_high_water_mark()
+        if self.cuda:
+            self.kind = "cuda: torch.cuda.max_memory_allocated during training"
+        elif self.high_water_mark:
+            self.kind = ("cpu: peak resident set size of the process during training "
+                         "(VmHWM, reset at the start)")
+        else:
+            self.kind = ("cpu: peak resident set size of the process during training, "
+                         f"sampled every {self.SAMPLE_SECONDS} s")
         self.peak_bytes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -537,6 +547,22 @@ class PeakMemory:
     @property
     def peak_mb(self) -> float:
         return self.peak_bytes / 2**20
+
+    @classmethod
+    def _high_water_mark_bytes(cls) -> int:
+        found = re.search(r"^VmHWM:\s+(\d+) kB", cls.STATUS.read_text(), re.MULTILINE)
+        if found is None:
+            raise OSError("no VmHWM line in /proc/self/status")
+        return int(found.group(1)) * 1024
+
+    @classmethod
+    def _can_reset_high_water_mark(cls) -> bool:
+        try:
+            cls._high_water_mark_bytes()
+            cls.CLEAR_REFS.write_text("5")
+        except OSError:
+            return False
+        return True
 
     def _sample(self) -> None:
         import psutil
@@ -552,6 +578,8 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        elif self.high_water_mark:
+            self.CLEAR_REFS.write_text("5")
         else:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -561,6 +589,8 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             self.peak_bytes = torch.cuda.max_memory_allocated()
+        elif self.high_water_mark:
+            self.peak_bytes = self._high_water_mark_bytes()
         else:
             self._stop.set()
             self._thread.join()

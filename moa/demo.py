@@ -103,6 +103,22 @@ def check_output_dir(out_dir: str | Path) -> None:
                                     f"a directory; remove it or choose another --out")
 
 
+def check_no_other_run(out_dir: str | Path, model_path: str | None, overwrite: bool
+                       ) -> list[str]:
+    """The checks on out_dir that need nothing loaded: it is not the --model checkpoint nor
+    holds it, and it holds no other run (see moa.outputs) unless `overwrite`; the entries of
+    the run to replace (empty unless overwrite)."""
+    from moa.outputs import check_not_an_input, describe_entries, previous_run
+
+    check_not_an_input(out_dir, {"--model": model_path})
+    found = previous_run(out_dir)
+    if found and not overwrite:
+        raise ValueError(f"--out {out_dir} holds another run "
+                         f"({describe_entries(out_dir, found)}): replace it with --overwrite, "
+                         "or choose another --out")
+    return found
+
+
 def counting_batch(batch: int, length: int, vocab: int, generator: torch.Generator):
     """[batch, length] int64: per row a random start and stride, counting mod vocab."""
     start = torch.randint(0, vocab, (batch, 1), generator=generator)
@@ -127,21 +143,29 @@ def _stats_matrices(stats) -> tuple[list[str], list[str], list[list[float]], lis
 def run_demo(preset: str = "soft_moa", steps: int = 200, model_path: str | None = None,
              out_dir: str | Path = "moa-demo", device: str = "cpu", seed: int = 0,
              batch: int = 16, length: int = 32, learning_rate: float = 1e-2,
-             log=print, progress: bool = True) -> DemoResult:
+             log=print, progress: bool = True, overwrite: bool = False) -> DemoResult:
     """`moa demo`: inject `preset` into the embedded model (or the checkpoint at
     model_path), train it `steps` steps of AdamW at `learning_rate` on counting sequences
     [batch, length], print the loss, the parameter count and the router statistics through
     `log`, save and reload the adapter (checking the outputs match), and write the plots
-    into out_dir. progress: show a tqdm bar."""
+    into out_dir. progress: show a tqdm bar. An out_dir holding another run (moa demo's or
+    moa train's) is refused before anything loads, unless `overwrite`: then that run's
+    entries are removed once the model has loaded."""
     from moa.config import MoAConfig
     from moa.model import MoAModel, get_moa_model
+    from moa.outputs import check_writable, describe_entries, remove_previous_run
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    replaced = check_no_other_run(out_dir, model_path, overwrite)
+    check_writable(out_dir)
     device = torch.device(device)
     model = get_moa_model(load_model(model_path, seed).to(device), MoAConfig.preset(preset))
+    if replaced:
+        log(f"--overwrite: replacing the run in {out_dir} (removing "
+            f"{describe_entries(out_dir, replaced)})")
+        remove_previous_run(out_dir)
     vocab = min(DEMO_VOCAB, model.config.vocab_size)
     trainable = model.trainable_parameter_count()
     log(f"preset {preset}")

@@ -9,8 +9,14 @@ with MoAModel.save_pretrained into OUT/adapter, the loss curve as OUT/loss.png, 
 OUT/log_history.json and the options as OUT/train_options.json.
 
 Checkpoints are MoATrainer's (OUT/checkpoints/checkpoint-N: the adapter files beside the
-Trainer's optimizer, scheduler, RNG and state files, not the base model); `--resume last`
-or `--resume DIR` continues one exactly.
+Trainer's optimizer, scheduler, RNG and state files, not the base model, each saved whole or
+not at all); `--resume last` (the newest whole one) or `--resume DIR` continues one exactly.
+
+Before the model loads: OUT is none of the inputs and holds none of them; an OUT holding
+another run (moa/outputs.py) is refused unless --resume continues it or --overwrite replaces
+it; OUT is probed for writing; the Trainer's arguments are built (so --bf16 without a GPU
+that has bfloat16 is settled: on the CPU it trains in bf16 autocast). Ctrl-C during the
+training raises TrainingInterrupted, which says where the newest checkpoint is.
 """
 
 from __future__ import annotations
@@ -37,8 +43,17 @@ from moa.data import (
     load_training_examples,
     tokenize_examples,
 )
+from moa.outputs import (
+    CHECKPOINTS,
+    RUN_ENTRIES,
+    check_not_an_input,
+    check_writable,
+    describe_entries,
+    previous_run,
+    remove_previous_run,
+)
 
-CHECKPOINTS = "checkpoints"
+DEFAULT_PRESET = "soft_moa"
 
 # ---------------------------------------------------------------------------------------
 # options: one table serves the flags, the --config file and the defaults
@@ -108,14 +123,35 @@ def flag(value) -> bool:
     return value
 
 
-def device(value) -> str:
-    """auto (a CUDA GPU when there is one), cpu or cuda."""
+def torch_device(value, allow_auto: bool = False) -> str:
+    """A device name the `moa` commands take: cpu, cuda (the first GPU) or cuda:N (the GPU of
+    index N, which must exist), and with allow_auto also auto (a CUDA GPU when there is
+    one)."""
     value = text(value)
-    if value not in ("auto", "cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu or cuda, got {value!r}")
-    if value == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("cuda given but no CUDA GPU is available")
+    if allow_auto and value == "auto":
+        return value
+    allowed = "auto, cpu, cuda or cuda:N" if allow_auto else "cpu, cuda or cuda:N"
+    try:
+        parsed = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise argparse.ArgumentTypeError(f"unknown device {value!r}; use {allowed}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {value!r}; use {allowed}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"--device {value} given but no CUDA GPU is "
+                                             "available")
+        gpus = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= gpus:
+            raise argparse.ArgumentTypeError(f"--device {value}: there is no GPU "
+                                             f"{parsed.index}; this machine has {gpus} "
+                                             f"(cuda:0 to cuda:{gpus - 1})")
     return value
+
+
+def device(value) -> str:
+    """auto (a CUDA GPU when there is one), cpu, cuda or cuda:N."""
+    return torch_device(value, allow_auto=True)
 
 
 def preset(value) -> str:
@@ -156,9 +192,43 @@ def add_options(parser: argparse.ArgumentParser, options: tuple[Option, ...]) ->
                                 type=option.convert, metavar=option.metavar, help=help_text)
 
 
+class _RepeatedKey(ValueError):
+    """A config file names the same key twice."""
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict, refusing a key given twice (json keeps the last)."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _RepeatedKey(f"the key {key!r} is given twice")
+        result[key] = value
+    return result
+
+
+def _yaml_without_repeated_keys(raw: str):
+    """yaml.safe_load, refusing a mapping key given twice (PyYAML keeps the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, str) and key in seen:
+                    raise _RepeatedKey(f"the key {key!r} is given twice (line "
+                                       f"{key_node.start_mark.line + 1})")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(raw, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_config_file(path: str | os.PathLike, options: tuple[Option, ...]) -> dict:
     """The option values in a JSON or YAML file (an object whose keys are option names, as
-    the flags without the leading dashes), each checked as its flag would be."""
+    the flags without the leading dashes; dashes or underscores), each checked as its flag
+    would be. An option given twice (the same key twice, or under both spellings) is a
+    ValueError naming both."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such config file: {str(path)!r}")
@@ -167,13 +237,17 @@ def read_config_file(path: str | os.PathLike, options: tuple[Option, ...]) -> di
         import yaml
 
         try:
-            data = yaml.safe_load(raw)
+            data = _yaml_without_repeated_keys(raw)
+        except _RepeatedKey as error:
+            raise ValueError(f"{path}: {error}; give each option once") from None
         except yaml.YAMLError as error:
             raise ValueError(f"{path} is not valid YAML: "
                              f"{str(error).splitlines()[0]}") from None
     else:
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, object_pairs_hook=_unique_pairs)
+        except _RepeatedKey as error:
+            raise ValueError(f"{path}: {error}; give each option once") from None
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON ({error}); use a .yaml or .yml name "
                              "for YAML") from None
@@ -184,11 +258,16 @@ def read_config_file(path: str | os.PathLike, options: tuple[Option, ...]) -> di
                          f"{type(data).__name__}")
     by_name = {o.name: o for o in options}
     values = {}
+    keys = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in by_name:
             raise ValueError(f"{path}: unknown option {key!r}; allowed: "
                              f"{', '.join(o.name.replace('_', '-') for o in options)}")
+        if name in keys:
+            raise ValueError(f"{path}: {keys[name]!r} and {key!r} are the same option; give "
+                             "it once")
+        keys[name] = key
         if value is None:
             values[name] = None
             continue
@@ -199,24 +278,41 @@ def read_config_file(path: str | os.PathLike, options: tuple[Option, ...]) -> di
     return values
 
 
+def merge_options_with_sources(args: argparse.Namespace, options: tuple[Option, ...]
+                               ) -> tuple[dict, dict]:
+    """merge_options, and where each value not left at its default came from: {name:
+    "--flag" or "the --config file PATH"}."""
+    values = {o.name: o.default for o in options}
+    sources = {}
+    if getattr(args, "config", None):
+        from_file = read_config_file(args.config, options)
+        values.update(from_file)
+        sources.update({name: f"the --config file {args.config}" for name, value
+                        in from_file.items() if value is not None})
+    for option in options:
+        if getattr(args, option.name, None) is not None:
+            values[option.name] = getattr(args, option.name)
+            sources[option.name] = option.flag
+    return values, sources
+
+
 def merge_options(args: argparse.Namespace, options: tuple[Option, ...]) -> dict:
     """Defaults, overridden by the --config file's values, overridden by the flags given."""
-    values = {o.name: o.default for o in options}
-    if getattr(args, "config", None):
-        values.update(read_config_file(args.config, options))
-    values.update({o.name: getattr(args, o.name) for o in options
-                   if getattr(args, o.name, None) is not None})
-    return values
+    return merge_options_with_sources(args, options)[0]
 
 
 TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("model", text, None, "a local transformers checkpoint directory or a .gguf file; "
            "none: the embedded text model (random weights, for trying the commands)", "PATH"),
     Option("data", text, None, "training records, JSON or JSONL (required)", "FILE"),
-    Option("preset", preset, "soft_moa", f"MoAConfig preset: {', '.join(PRESETS)}", "NAME"),
+    Option("preset", preset, None, f"MoAConfig preset: {', '.join(PRESETS)} (default: "
+           f"{DEFAULT_PRESET} unless --moa-config is given)", "NAME"),
     Option("moa_config", text, None, "a MoAConfig as JSON (or YAML), instead of --preset",
            "FILE"),
-    Option("out", text, "moa-train", "output directory", "DIR"),
+    Option("out", text, "moa-train", "output directory; one that holds another run is "
+           "refused unless --resume continues it or --overwrite replaces it", "DIR"),
+    Option("overwrite", flag, False, "replace the run already in --out (its adapter/, "
+           "checkpoints/, logs and plots are removed before training starts)"),
     Option("steps", positive_int, None, "optimizer steps (none: --epochs passes over the "
            "data)", "N"),
     Option("epochs", positive_float, 1.0, "passes over the data when --steps is not given",
@@ -244,7 +340,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            "OUT/checkpoints) or a checkpoint directory", "CHECKPOINT"),
     Option("log_interval", positive_int, None, "steps between printed losses (none: a tenth "
            "of the run)", "N"),
-    Option("device", device, "auto", "auto (a CUDA GPU when there is one), cpu or cuda"),
+    Option("device", device, "auto", "auto (a CUDA GPU when there is one), cpu, cuda or "
+           "cuda:N"),
 )
 
 
@@ -254,9 +351,10 @@ class TrainOptions:
 
     data: str | None = None
     model: str | None = None
-    preset: str = "soft_moa"
+    preset: str | None = None  # None: DEFAULT_PRESET, unless moa_config is given
     moa_config: str | None = None
     out: str = "moa-train"
+    overwrite: bool = False
     steps: int | None = None
     epochs: float = 1.0
     lr: float = 3e-4
@@ -275,15 +373,45 @@ class TrainOptions:
     resume: str | None = None
     log_interval: int | None = None
     device: str = "auto"
+    config: str | None = None  # the --config file these came from (an input, not an option)
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.moa_config is not None:
+            raise ValueError(f"preset {self.preset!r} and moa_config {self.moa_config!r} "
+                             "conflict (a preset or a whole MoAConfig file); give one")
+        if self.preset is None and self.moa_config is None:
+            self.preset = DEFAULT_PRESET
+        if self.overwrite and self.resume == "last":
+            raise ValueError(f"--overwrite and --resume last conflict: --resume continues the "
+                             f"run in {self.out}, --overwrite would remove it; give one")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainOptions:
         """The options of parsed `moa train` flags (with their --config file)."""
-        options = cls(**merge_options(args, TRAIN_OPTIONS))
+        values, sources = merge_options_with_sources(args, TRAIN_OPTIONS)
+        if values["preset"] is not None and values["moa_config"] is not None:
+            raise ValueError(f"--preset {values['preset']} (from {sources['preset']}) and "
+                             f"--moa-config {values['moa_config']} (from "
+                             f"{sources['moa_config']}) conflict: a preset or a whole "
+                             "MoAConfig file; give one")
+        options = cls(**values, config=getattr(args, "config", None))
         if options.data is None:
             raise ValueError("moa train needs --data FILE (a flag or a 'data' key of "
                              "--config)")
         return options
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `moa train`'s training: where the run can be continued from.
+
+    checkpoint: the newest whole checkpoint in OUT/checkpoints (None: none was saved yet);
+    save_interval: the steps between checkpoints; overwrite: whether the run was given
+    --overwrite (a command that continues it must not be)."""
+
+    def __init__(self, checkpoint: str | None, save_interval: int, overwrite: bool) -> None:
+        super().__init__()
+        self.checkpoint, self.save_interval, self.overwrite = \
+            checkpoint, save_interval, overwrite
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,6 +472,11 @@ def _progress_callback_class():
                 self.write(f"step {state.global_step:5d}  eval loss {logs['eval_loss']:.4f}")
 
         def on_train_end(self, args, state, control, **kwargs):
+            self.close()
+
+        def close(self) -> None:
+            """End the bar's line (also when the training stops on an exception, so that
+            the error starts a line of its own)."""
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
@@ -409,23 +542,68 @@ def _check_output_dir(out: Path) -> None:
             raise IsADirectoryError(f"cannot write {out / name}: it is a directory")
 
 
-def resolve_resume(options: TrainOptions) -> str | None:
-    """The checkpoint directory to resume from, or None; ValueError when there is none."""
+def resolve_resume(options: TrainOptions, log: Callable[[str], None] = print) -> str | None:
+    """The checkpoint directory to resume from, or None; ValueError when there is none.
+    `--resume last` takes the newest whole checkpoint in OUT/checkpoints (saying which newer
+    ones it passed over: a checkpoint that lacks files is never resumed from)."""
+    from moa.trainer import last_whole_checkpoint, missing_checkpoint_files
+
     if options.resume is None:
         return None
     if options.resume == "last":
-        from transformers.trainer_utils import get_last_checkpoint
-
         folder = Path(options.out) / CHECKPOINTS
-        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        last, passed_over = last_whole_checkpoint(folder)
+        for checkpoint in passed_over:
+            log(f"--resume last: passing over {checkpoint}: it lacks "
+                f"{', '.join(missing_checkpoint_files(checkpoint))}")
         if last is None:
-            raise ValueError(f"--resume last: no checkpoint in {folder} to resume from")
+            raise ValueError(f"--resume last: no checkpoint in {folder} to resume from"
+                             + (f" ({len(passed_over)} lack files)" if passed_over else ""))
         return last
     path = Path(options.resume)
     if not (path / "trainer_state.json").is_file():
         raise ValueError(f"--resume {options.resume!r} is not a Trainer checkpoint directory "
                          "(no trainer_state.json in it)")
+    missing = missing_checkpoint_files(path)
+    if missing:
+        raise ValueError(f"--resume {options.resume!r} is not a whole checkpoint: it lacks "
+                         f"{', '.join(missing)}")
     return str(path)
+
+
+def _continues_the_run_in_out(options: TrainOptions, resume: str | None) -> bool:
+    """Whether the run resumes from a checkpoint of the run in OUT."""
+    if resume is None:
+        return False
+    checkpoints = (Path(options.out) / CHECKPOINTS).resolve()
+    return checkpoints in Path(resume).resolve().parents
+
+
+def check_outputs(options: TrainOptions, resume: str | None) -> list[str]:
+    """The checks on OUT that need nothing loaded: it is none of the inputs and holds none
+    of them, and a run already in it is continued (--resume) or replaced (--overwrite),
+    never written over otherwise. Returns the entries of the run to replace (empty unless
+    --overwrite)."""
+    out = Path(options.out)
+    check_not_an_input(out, {"--data": options.data, "--eval-data": options.eval_data,
+                             "--config": options.config, "--moa-config": options.moa_config,
+                             "--model": options.model})
+    continuing = _continues_the_run_in_out(options, resume)
+    if options.overwrite and continuing:
+        raise ValueError(f"--overwrite and --resume {options.resume} conflict: --resume "
+                         f"continues the run in {out}, --overwrite would remove it; give one")
+    found = previous_run(out)
+    if not found or continuing:
+        return []
+    if options.overwrite:
+        return found
+    what = describe_entries(out, found)
+    if CHECKPOINTS in found:
+        ways = "continue it with --resume last, or replace it with --overwrite"
+    else:
+        ways = "replace it with --overwrite (it has no checkpoint for --resume to continue)"
+    raise ValueError(f"--out {out} holds another run ({what}): {ways}, or choose another "
+                     "--out")
 
 
 def _tokenized(tokenizer, path: str, max_length: int):
@@ -457,20 +635,65 @@ def _steps_per_epoch(examples: int, options: TrainOptions) -> int:
                             / options.gradient_accumulation))
 
 
+def _uses_cpu(options: TrainOptions) -> bool:
+    """Whether --device means the CPU (auto: when there is no CUDA GPU)."""
+    if options.device == "auto":
+        return not torch.cuda.is_available()
+    return torch.device(options.device).type == "cpu"
+
+
+def _check_precision(options: TrainOptions) -> None:
+    """--bf16 needs a GPU with bfloat16 (compute capability 8.0 or more) unless on the CPU,
+    where torch's autocast runs bfloat16."""
+    if options.bf16 and not _uses_cpu(options) and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(_gpu_index(options) or 0)
+        raise ValueError(f"--bf16: this GPU ({name}) does not support bfloat16; leave out "
+                         "--bf16 (float32), or train on the CPU with --device cpu")
+
+
+def _gpu_index(options: TrainOptions) -> int | None:
+    """N of --device cuda:N (None for any other device)."""
+    if options.device in ("auto", "cpu", "cuda"):
+        return None
+    return torch.device(options.device).index
+
+
+def _pin_gpu(arguments, index: int) -> None:
+    """Make the Trainer train on GPU `index` alone: transformers' single-process device
+    choice is always cuda:0 (and nn.DataParallel over every visible GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"--device cuda:{index} picks one GPU, but this is a distributed "
+                         "launch, where each process takes its own: use --device cuda")
+    wanted = torch.device("cuda", index)
+    _ = arguments.device  # transformers' own set-up first (its distributed state)
+    torch.cuda.set_device(wanted)  # accelerate's device is "cuda": the current one
+    # TrainingArguments.device and .n_gpu read the cached result of _setup_devices.
+    arguments.__dict__["_setup_devices"] = wanted
+    arguments._n_gpu = 1
+    if arguments.device != wanted or arguments.n_gpu != 1:
+        raise ValueError(f"--device cuda:{index}: this transformers version's Trainer would "
+                         f"train on {arguments.device}; use --device cuda with "
+                         f"CUDA_VISIBLE_DEVICES={index}")
+
+
 def run_train(options: TrainOptions, log: Callable[[str], None] = print,
               progress: bool = True, *, base_model: torch.nn.Module | None = None,
               adapt: Callable[[torch.nn.Module], torch.nn.Module] | None = None
               ) -> TrainResult:
     """`moa train` (see the module docstring); `log` receives the printed lines, progress
     shows a tqdm bar. Raises ValueError or OSError (FileNotFoundError, DataError) for bad
-    input, before the model is loaded where it can. base_model: options.model already
-    loaded (it is adapted in place) instead of loading it; adapt: builds the model to train
-    from the base instead of get_moa_model with the preset or --moa-config (e.g. a PEFT
-    model, which the Trainer checkpoints and save_pretrained writes as PEFT does)."""
+    input, before the model is loaded where it can: the output folder's checks (see
+    check_outputs; then a probe file written and removed), the data, the Trainer's
+    arguments. Ctrl-C during the training raises TrainingInterrupted. base_model:
+    options.model already loaded (it is adapted in place) instead of loading it; adapt:
+    builds the model to train from the base instead of get_moa_model with the preset or
+    --moa-config (e.g. a PEFT model, which the Trainer checkpoints and save_pretrained
+    writes as PEFT does)."""
     from transformers import PrinterCallback, ProgressCallback, TrainingArguments, set_seed
 
     from moa.loading import load_base_model, load_tokenizer, model_description
     from moa.model import get_moa_model
+    from moa.trainer import last_whole_checkpoint
 
     started = time.perf_counter()
     out = Path(options.out)
@@ -478,12 +701,37 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
     for path in (options.data, options.eval_data):
         if path is not None:
             check_data_file(path)  # a missing path, a directory, a FIFO: one line each
+    resume = resolve_resume(options, log)
+    replaced = check_outputs(options, resume)
     config = load_moa_config(options)
-    resume = resolve_resume(options)
+    _check_precision(options)
     tokenizer = load_tokenizer(options.model)
     examples, train = _tokenized(tokenizer, options.data, options.max_length)
     evaluation = _tokenized(tokenizer, options.eval_data, options.max_length)[1] \
         if options.eval_data else None
+
+    total = options.steps or math.ceil(options.epochs
+                                       * _steps_per_epoch(len(train.features), options))
+    use_cpu = _uses_cpu(options)
+    arguments = TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        max_steps=options.steps or -1, num_train_epochs=options.epochs,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation,
+        learning_rate=options.lr, warmup_steps=options.warmup_steps,
+        weight_decay=options.weight_decay, bf16=options.bf16,
+        seed=options.seed, data_seed=options.seed, logging_steps=1,
+        save_strategy="steps", save_steps=options.save_interval,
+        save_total_limit=options.save_total_limit,
+        eval_strategy="steps" if evaluation else "no",
+        eval_steps=(options.eval_interval or max(1, total // 5)) if evaluation else None,
+        report_to=[], remove_unused_columns=False, use_cpu=use_cpu,
+        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=not use_cpu,
+        **_checkpointing_arguments(TrainingArguments, options.gradient_checkpointing))
+    if _gpu_index(options) is not None:
+        _pin_gpu(arguments, _gpu_index(options))
+    check_writable(out, RUN_ENTRIES)
 
     set_seed(options.seed)
     base = base_model if base_model is not None else \
@@ -503,25 +751,6 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
         + (f" ({skipped} left out: empty or no room)" if skipped else ""))
     model.print_trainable_parameters()
 
-    total = options.steps or math.ceil(options.epochs
-                                       * _steps_per_epoch(len(train.features), options))
-    arguments = TrainingArguments(
-        output_dir=str(out / CHECKPOINTS),
-        max_steps=options.steps or -1, num_train_epochs=options.epochs,
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.gradient_accumulation,
-        learning_rate=options.lr, warmup_steps=options.warmup_steps,
-        weight_decay=options.weight_decay, bf16=options.bf16,
-        seed=options.seed, data_seed=options.seed, logging_steps=1,
-        save_strategy="steps", save_steps=options.save_interval,
-        save_total_limit=options.save_total_limit,
-        eval_strategy="steps" if evaluation else "no",
-        eval_steps=(options.eval_interval or max(1, total // 5)) if evaluation else None,
-        report_to=[], remove_unused_columns=False, use_cpu=options.device == "cpu",
-        disable_tqdm=True, dataloader_num_workers=0,
-        dataloader_pin_memory=options.device != "cpu" and torch.cuda.is_available(),
-        **_checkpointing_arguments(TrainingArguments, options.gradient_checkpointing))
     progress_callback = _progress_callback_class()(log, progress, options.log_interval)
     trainer = checkpoint_trainer_class()(
         model=model, args=arguments, train_dataset=SupervisedDataset(train.features),
@@ -529,9 +758,19 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
         data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[progress_callback])
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
+    if replaced:
+        log(f"--overwrite: replacing the run in {out} (removing "
+            f"{describe_entries(out, replaced)})")
+        remove_previous_run(out)
     if resume:
         log(f"resuming from {resume}")
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(last_whole_checkpoint(out / CHECKPOINTS)[0],
+                                  options.save_interval, options.overwrite) from None
+    finally:
+        progress_callback.close()
     model.eval()
 
     adapter_dir = out / "adapter"
@@ -575,11 +814,14 @@ def _title(options: TrainOptions) -> str:
 
 
 def _write_json(path: Path, data) -> Path:
+    from moa.serialization import write_file_atomically
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    write_file_atomically(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
     return path
 
 
-__all__ = ["TRAIN_OPTIONS", "Option", "TrainOptions", "TrainResult", "add_options",
-           "checkpoint_trainer_class", "load_moa_config", "merge_options",
-           "read_config_file", "run_train"]
+__all__ = ["TRAIN_OPTIONS", "Option", "TrainOptions", "TrainResult", "TrainingInterrupted",
+           "add_options", "check_outputs", "checkpoint_trainer_class", "load_moa_config",
+           "merge_options", "merge_options_with_sources", "read_config_file", "run_train",
+           "torch_device"]

@@ -22,19 +22,147 @@ checkpoint rotation, the Hub):
 Under DeepSpeed and FSDP the Trainer's own resume files (a DeepSpeed checkpoint, FSDP's
 model and optimizer states) are still written beside the adapter, and resuming reads those,
 as the Trainer does for PEFT models.
+
+Two more things the mixin adds to the Trainer's checkpoints:
+
+- Each checkpoint is saved atomically: the Trainer writes it into a staging folder
+  (`_partial-checkpoint-N` beside the checkpoints: the underscore keeps it out of the
+  Trainer's Hub uploads, and no checkpoint search matches it) that is renamed to
+  `checkpoint-N` once every file is in it; a failed save (a full disk, Ctrl-C) removes the
+  staging folder, so a `checkpoint-N` folder is always whole. A write failure is an OSError
+  whose one-line message names the checkpoint.
+- Resuming from a damaged checkpoint fails with a ValueError that names the file
+  (trainer_state.json that is not a Trainer state, a truncated or overwritten optimizer.pt,
+  scheduler.pt, scaler.pt or rng_state.pth) instead of a parser's traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
+import zipfile
 
 import torch
 from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import (
+    OPTIMIZER_NAME,
+    SCALER_NAME,
+    SCHEDULER_NAME,
+    TRAINER_STATE_NAME,
+    TRAINING_ARGS_NAME,
+)
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from moa.config import CONFIG_NAME
 from moa.model import MoAModel
 from moa.serialization import WEIGHTS_NAME
+
+STAGING_PREFIX = "_partial-"
+RNG_STATE_NAME = "rng_state.pth"
+# What a checkpoint of `moa train` (one MoA adapter, the Trainer's optimizer and scheduler)
+# holds when whole; the Trainer writes trainer_state.json last.
+CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME,
+                    TRAINER_STATE_NAME)
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def missing_checkpoint_files(directory: str | os.PathLike) -> list[str]:
+    """The CHECKPOINT_FILES that `directory` lacks (none for a whole checkpoint)."""
+    return [name for name in CHECKPOINT_FILES
+            if not os.path.isfile(os.path.join(directory, name))]
+
+
+def checkpoints_newest_first(folder: str | os.PathLike) -> list[str]:
+    """The `checkpoint-N` folders in `folder`, highest N first (none if `folder` is not a
+    folder)."""
+    if not os.path.isdir(folder):
+        return []
+    steps = {}
+    for name in os.listdir(folder):
+        match = _CHECKPOINT_NAME.match(name)
+        if match and os.path.isdir(os.path.join(folder, name)):
+            steps[os.path.join(folder, name)] = int(match.group(1))
+    return sorted(steps, key=steps.get, reverse=True)
+
+
+def last_whole_checkpoint(folder: str | os.PathLike) -> tuple[str | None, list[str]]:
+    """The newest `checkpoint-N` in `folder` that holds every CHECKPOINT_FILES (None if
+    there is none), and the newer ones passed over because they lack some."""
+    passed_over = []
+    for checkpoint in checkpoints_newest_first(folder):
+        if not missing_checkpoint_files(checkpoint):
+            return checkpoint, passed_over
+        passed_over.append(checkpoint)
+    return None, passed_over
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _is_write_failure(error: BaseException) -> bool:
+    """Whether `error` says a file could not be written: an OSError (a full disk, no
+    permission), a SafetensorError, or torch.save's zip writer failing (a RuntimeError from
+    its inline_container.cc)."""
+    return isinstance(error, OSError) or type(error).__name__ == "SafetensorError" or (
+        isinstance(error, RuntimeError) and "inline_container" in str(error))
+
+
+def _write_failure_reason(error: BaseException) -> str:
+    errno = getattr(error, "errno", None)
+    return os.strerror(errno) if errno else _first_line(error) or type(error).__name__
+
+
+def _torch_file_problem(path: str) -> str | None:
+    """Why the torch.save file at `path` cannot be read whole (None: it can, or it is
+    absent). torch.save writes a zip archive: a truncated or overwritten one has no central
+    directory, a damaged entry fails its checksum. Nothing is unpickled."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError):
+        return "is not a whole PyTorch file (truncated or overwritten)"
+    return None if damaged is None else f"is damaged (its entry {damaged} fails its checksum)"
+
+
+@contextlib.contextmanager
+def _reading(checkpoint: str, names: tuple[str, ...], what: str):
+    """Turn a failure to restore `what` from `checkpoint`'s files `names` into a one-line
+    ValueError naming the damaged file (running out of memory stays what it is)."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+            raise
+        for name in names:
+            problem = _torch_file_problem(os.path.join(checkpoint, name))
+            if problem is not None:
+                raise ValueError(f"cannot resume from {checkpoint}: {name} {problem}; resume "
+                                 "from another checkpoint or start again") from error
+        raise ValueError(f"cannot resume from {checkpoint}: its {what} ({', '.join(names)}) "
+                         f"do not fit this run: {type(error).__name__}: "
+                         f"{_first_line(error)}") from error
+
+
+def check_trainer_state(checkpoint: str | os.PathLike) -> None:
+    """ValueError, naming the file, when `checkpoint`'s trainer_state.json is missing or is
+    not a Trainer state the Trainer can read."""
+    path = os.path.join(checkpoint, TRAINER_STATE_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"cannot resume from {os.fspath(checkpoint)}: it has no "
+                         f"{TRAINER_STATE_NAME} (not a whole Trainer checkpoint)")
+    try:
+        TrainerState.load_from_json(path)
+    except (ValueError, TypeError) as error:  # JSON and decoding errors; unknown fields
+        raise ValueError(f"cannot resume from {os.fspath(checkpoint)}: {path} is damaged "
+                         f"or not a Trainer state ({type(error).__name__}: "
+                         f"{_first_line(error)})") from None
 
 
 class MoATrainerMixin:
@@ -97,6 +225,135 @@ class MoATrainerMixin:
             return super()._load_best_model()
         moa.load_adapter(best, is_trainable=True)
 
+    # ---- resuming: damaged files as one line ----------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Trainer.train; `resume_from_checkpoint=True` takes the newest whole checkpoint in
+        output_dir (never one a failed save left), and a checkpoint's trainer_state.json is
+        checked first (see the module docstring)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint, _ = last_whole_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no whole checkpoint in {self.args.output_dir} to resume "
+                                 "from")
+        if resume_from_checkpoint not in (None, False):
+            check_trainer_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        with _reading(checkpoint, (OPTIMIZER_NAME, SCHEDULER_NAME),
+                      "optimizer and scheduler states"):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        with _reading(checkpoint, (SCALER_NAME,), "gradient scaler state"):
+            return super()._load_scaler(checkpoint)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        rng_file = RNG_STATE_NAME if self.args.world_size <= 1 else \
+            f"rng_state_{self.args.process_index}.pth"
+        with _reading(checkpoint, (rng_file,), "random number generator states"):
+            return super()._load_rng_state(checkpoint)
+
+    # ---- saving: each checkpoint whole or not at all --------------------------------------
+
+    _moa_staging: str | None = None
+    _moa_push_deferred: bool = False
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is saved, the Trainer writes it under the staging folder.
+        return self._moa_staging if self._moa_staging is not None else \
+            super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if self._moa_staging is not None:  # pushed from its final place once it is there
+            self._moa_push_deferred = True
+            return None
+        return super()._push_from_checkpoint(checkpoint_folder)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into a staging folder and renamed into place
+        when whole; on any failure the staging folder is removed (see the module
+        docstring)."""
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        staging = os.path.join(run_dir, STAGING_PREFIX + name)
+        staged = os.path.join(staging, name)
+        writer = self.args.should_save
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
+        self.accelerator.wait_for_everyone()
+        self._moa_staging, self._moa_push_deferred = staging, False
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if writer:
+                if self.state.best_model_checkpoint == staged:
+                    self.state.best_model_checkpoint = final
+                    self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+                _move_into_place(staged, final)
+        except BaseException as error:
+            if writer:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, _PreviousNotPutBack):
+                raise
+            if _is_write_failure(error):
+                raise OSError(f"cannot write the checkpoint of step {self.state.global_step} "
+                              f"into {final}: {_write_failure_reason(error)}; nothing of it "
+                              "was kept (the earlier checkpoints are as they were)") from error
+            raise
+        finally:
+            self._moa_staging = None
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
+            self._rotate_into(run_dir)
+        if self._moa_push_deferred:
+            self._moa_push_deferred = False
+            self._push_from_checkpoint(final)
+
+    def _rotate_into(self, run_dir: str) -> None:
+        """The Trainer's deletion of the oldest checkpoints beyond save_total_limit, in
+        run_dir (inside the staging folder the Trainer found only the new one)."""
+        try:
+            from transformers.trainer_utils import rotate_checkpoints
+        except ImportError:  # transformers 4: a Trainer method
+            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+            return
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint,
+                           use_mtime=True)
+
+
+class _PreviousNotPutBack(OSError):
+    """Replacing a checkpoint failed, and so did putting the previous one back."""
+
+
+def _move_into_place(staged: str, final: str) -> None:
+    """Rename the whole checkpoint `staged` to `final`. A checkpoint already at `final` (the
+    same step saved again after resuming from an earlier one) is moved aside to
+    `_replaced-checkpoint-N` first, put back if the rename fails, and removed once it
+    succeeds."""
+    replaced = None
+    if os.path.lexists(final):
+        replaced = os.path.join(os.path.dirname(final), "_replaced-" + os.path.basename(final))
+        shutil.rmtree(replaced, ignore_errors=True)  # a killed replacement's leftover
+        os.rename(final, replaced)
+    try:
+        os.rename(staged, final)
+    except BaseException as error:
+        if replaced is not None:
+            try:
+                os.rename(replaced, final)
+            except OSError as second:
+                raise _PreviousNotPutBack(
+                    f"cannot move the new checkpoint into {final}: "
+                    f"{_write_failure_reason(error)}, nor put the previous one back "
+                    f"({_write_failure_reason(second)}): it is in {replaced}") from error
+        raise
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
 
 class MoATrainer(MoATrainerMixin, Trainer):
     """transformers.Trainer whose checkpoints and save_model hold a MoAModel's adapter only
@@ -104,4 +361,5 @@ class MoATrainer(MoATrainerMixin, Trainer):
     scheduler and RNG states. MoAModel.from_pretrained(base, checkpoint_dir) loads one."""
 
 
-__all__ = ["MoATrainer", "MoATrainerMixin"]
+__all__ = ["CHECKPOINT_FILES", "MoATrainer", "MoATrainerMixin", "check_trainer_state",
+           "checkpoints_newest_first", "last_whole_checkpoint", "missing_checkpoint_files"]

@@ -441,3 +441,92 @@ def test_scored_choices_never_tie_by_the_cut(choices, max_length):
 
 
 TEXT_MODEL = build_text_model()
+
+
+# ---- moa train and moa demo: output folders, checkpoints, conflicting options ------------
+#
+# Rows as above; each `make` gets a fresh folder to prepare its inputs in. None of them
+# trains: every refusal comes before a model loads.
+
+def _records(folder: Path) -> str:
+    path = folder / "data.jsonl"
+    path.write_text('{"prompt": "a", "completion": " b"}\n', encoding="utf-8")
+    return str(path)
+
+
+def in_empty_folder(make):
+    """make(folder) in a fresh temporary folder, as a BAD_INPUTS row's make()."""
+    def run() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            make(Path(tmp))
+    return run
+
+
+def _another_run(folder: Path) -> Path:
+    """An --out holding what a finished `moa train` leaves (empty stand-ins)."""
+    out = folder / "out"
+    (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (out / "adapter").mkdir()
+    (out / "adapter" / "moa_config.json").write_text("{}")
+    (out / "log_history.json").write_text("[]")
+    return out
+
+
+def _config(folder: Path, text: str) -> str:
+    path = folder / "c.yaml"
+    path.write_text(text.format(data=_records(folder)), encoding="utf-8")
+    return str(path)
+
+
+def _checkpoint_lacking(folder: Path, name: str) -> str:
+    checkpoint = folder / "checkpoint-4"
+    checkpoint.mkdir()
+    for file in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "moa_config.json",
+                 "adapter_model.safetensors"):
+        if file != name:
+            (checkpoint / file).write_text("{}")
+    return str(checkpoint)
+
+
+TRAIN_BAD_INPUTS = [
+    pytest.param(in_empty_folder(lambda f: cli("train", "--data", _records(f), "--out",
+                                         str(_another_run(f)))), CommandFailed,
+                 "holds another run (adapter/, checkpoints/, log_history.json): continue it "
+                 "with --resume last, or replace it with --overwrite",
+                 id="train-out-holds-another-run"),
+    pytest.param(in_empty_folder(lambda f: cli("demo", "--steps", "1", "--out",
+                                         str(_another_run(f)))), CommandFailed,
+                 "holds another run (adapter/, checkpoints/, log_history.json): replace it "
+                 "with --overwrite", id="demo-out-holds-a-train-run"),
+    pytest.param(in_empty_folder(lambda f: cli("train", "--data", _records(f), "--out", str(f))),
+                 CommandFailed, "holds the input --data", id="train-out-holds-the-data"),
+    pytest.param(in_empty_folder(lambda f: cli("train", "--data", _records(f), "--out",
+                                         str(_another_run(f)), "--resume", "last",
+                                         "--overwrite")), CommandFailed,
+                 "--overwrite and --resume last conflict", id="train-overwrite-and-resume"),
+    pytest.param(in_empty_folder(lambda f: cli("train", "--data", _records(f), "--out",
+                                         str(_another_run(f)), "--resume", "last")),
+                 CommandFailed, "--resume last: no checkpoint in",
+                 id="train-resume-last-passes-over-a-checkpoint-lacking-files"),
+    pytest.param(in_empty_folder(lambda f: cli("train", "--data", _records(f), "--resume",
+                                         _checkpoint_lacking(f, "optimizer.pt"))),
+                 CommandFailed, "is not a whole checkpoint: it lacks optimizer.pt",
+                 id="train-resume-dir-without-its-optimizer"),
+    pytest.param(in_empty_folder(lambda f: cli("train", "--config", _config(
+                     f, "data: {data}\npreset: lora\nmoa_config: m.json\n"))), CommandFailed,
+                 "--preset lora (from the --config file", id="train-config-preset-and-moa-config"),
+    pytest.param(in_empty_folder(lambda f: cli("train", "--config", _config(
+                     f, "data: {data}\neval-data: {data}\neval_data: {data}\n"))),
+                 CommandFailed, "'eval-data' and 'eval_data' are the same option",
+                 id="train-config-option-under-two-spellings"),
+    pytest.param(in_empty_folder(lambda f: cli("train", "--data", _records(f), "--device",
+                                         "cuda:7" if not torch.cuda.is_available()
+                                         else f"cuda:{torch.cuda.device_count()}")),
+                 CommandFailed, "--device cuda:", id="train-device-gpu-that-is-not-there"),
+]
+
+
+@pytest.mark.parametrize("make, expected_error, fragment", TRAIN_BAD_INPUTS)
+def test_bad_train_and_demo_input_fails_clearly(make, expected_error, fragment):
+    with pytest.raises(expected_error, match=re.escape(fragment)):
+        make()

@@ -216,15 +216,29 @@ def test_peft_lora_trains_over_a_gguf_base_whose_weights_were_dequantized_at_loa
     assert not hasattr(model.get_base_model().config, "quantization_config")
 
 
-def test_peak_memory_on_the_cpu_sees_an_allocation_inside_the_block():
+@pytest.mark.parametrize("high_water_mark", [
+    pytest.param(True, id="linux-high-water-mark"),  # exact: the kernel's VmHWM, reset
+    pytest.param(False, id="sampled-fallback"),  # no /proc: RSS sampled by a thread
+])
+def test_peak_memory_on_the_cpu_sees_an_allocation_inside_the_block(high_water_mark,
+                                                                    monkeypatch):
+    if high_water_mark and not PeakMemory._can_reset_high_water_mark():
+        pytest.skip("no resettable VmHWM here (not Linux, or /proc/self/clear_refs refused)")
+    if not high_water_mark:
+        monkeypatch.setattr(PeakMemory, "_can_reset_high_water_mark", classmethod(
+            lambda cls: False))
+    block = torch.ones(300 * 2**20 // 4)  # a peak before the blocks must not count
+    del block
     with PeakMemory(torch.device("cpu")) as before:
         time.sleep(0.15)
     with PeakMemory(torch.device("cpu")) as during:
         block = torch.ones(200 * 2**20 // 4)  # 200 MiB, touched
-        time.sleep(0.3)
+        time.sleep(0.15 if high_water_mark else 1.0)  # the sampler needs the time
         del block
+    assert during.high_water_mark is high_water_mark
     assert "resident set size" in during.kind
     assert during.peak_mb > before.peak_mb + 150
+    assert before.peak_mb < during.peak_mb < before.peak_mb + 300
 
 
 # ---- runs ----------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ resuming a checkpoint, bad input as one-line errors, and SmolLM2's GGUF when ins
 import copy
 import importlib.metadata
 import json
+import math
+import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -310,3 +313,334 @@ def test_smollm2_gguf_injects_trains_a_step_saves_and_reloads_exactly(tmp_path):
     reloaded = MoAModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, moa(input_ids=ids).logits)
+
+
+# ---- the output folder: never another run's, never an input, writable before the model -----
+
+def forbid_model_load(monkeypatch) -> None:
+    """Fail the test if a command loads a base model (a refusal must come before)."""
+    import moa.demo
+    import moa.loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(moa.loading, "load_base_model", refuse)
+    monkeypatch.setattr(moa.demo, "load_model", refuse)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    forbid_model_load(monkeypatch)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_an_out_holding_another_run_is_refused_unless_continued_or_replaced(tmp_path, capsys,
+                                                                            monkeypatch):
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    out = tmp_path / "out"
+    train = ["train", "--data", data, "--out", str(out), "--batch-size", "6"]
+    assert main([*train, "--steps", "2", "--save-interval", "2"]) == 0
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    with monkeypatch.context() as patch:
+        forbid_model_load(patch)
+        err = one_line_error(capsys, [*train, "--steps", "1"])
+    assert err == (f"moa: error: --out {out} holds another run (adapter/, checkpoints/, "
+                   "log_history.json, train_options.json, loss.png): continue it with "
+                   "--resume last, or replace it with --overwrite, or choose another --out")
+    with monkeypatch.context() as patch:  # a demo into it: the same rule
+        forbid_model_load(patch)
+        err = one_line_error(capsys, ["demo", "--steps", "1", "--out", str(out)])
+    assert f"--out {out} holds another run (adapter/, checkpoints/" in err
+    assert "replace it with --overwrite" in err
+    assert snapshot(out) == before  # nothing of it was touched
+    # --overwrite and continuing it conflict: one would remove what the other reads
+    assert "--overwrite and --resume last conflict" in one_line_error(
+        capsys, [*train, "--steps", "3", "--overwrite", "--resume", "last"])
+    # --resume continues it
+    assert main([*train, "--steps", "3", "--save-interval", "1", "--resume", "last"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-2", "checkpoint-3"]
+    # --overwrite replaces it: its entries go, other files stay
+    assert main([*train, "--steps", "1", "--save-interval", "1", "--overwrite"]) == 0
+    assert "--overwrite: replacing the run in" in capsys.readouterr().out
+    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-1"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [entry["step"] for entry in json.loads((out / "log_history.json").read_text())
+            if "loss" in entry] == [1]
+
+
+def test_a_demo_out_holding_another_demo_is_refused_unless_overwritten(tmp_path, capsys,
+                                                                       monkeypatch):
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "sparse_moa", "--steps", "1", "--out", str(out)]) == 0
+    before = snapshot(out)
+    with monkeypatch.context() as patch:
+        forbid_model_load(patch)
+        err = one_line_error(capsys, ["demo", "--steps", "1", "--out", str(out)])
+        assert err == (f"moa: error: --out {out} holds another run (adapter/, loss.png, "
+                       "mean_gate.png, active_rate.png): replace it with --overwrite, or "
+                       "choose another --out")
+        err = one_line_error(capsys, ["train", "--data", write_records(
+            tmp_path / "data.jsonl", FORMATS["prompt_completion"][0]), "--out", str(out)])
+        assert "replace it with --overwrite (it has no checkpoint for --resume to continue)" \
+            in err
+    assert snapshot(out) == before
+    # a soft preset draws no activation rates: the sparse run's plot must not stay behind
+    assert main(["demo", "--steps", "1", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["adapter", "loss.png", "mean_gate.png"]
+
+
+def test_an_out_that_is_or_holds_an_input_is_refused(tmp_path, capsys, no_model_load):
+    model = tmp_path / "model"
+    build_text_model().save_pretrained(model)
+    byte_tokenizer().save_pretrained(model)
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {data}\n")
+    moa_config = tmp_path / "configs" / "moa.json"
+    moa_config.parent.mkdir()
+    moa_config.write_text(MoAConfig.preset("soft_moa").to_json_string())
+    cases = [  # (arguments, what the error names)
+        (["--data", data, "--out", str(tmp_path)], f"holds the input --data {data}"),
+        (["--data", data, "--eval-data", str(model / "config.json"), "--out", str(model)],
+         f"holds the input --eval-data {model / 'config.json'}"),
+        (["--data", data, "--model", str(model), "--out", str(model)],
+         f"is the input --model {model}"),
+        (["--config", str(config), "--out", str(tmp_path)], f"holds the input --data {data}"),
+        (["--data", str(tmp_path / ".." / tmp_path.name / "data.jsonl"), "--out",
+          str(tmp_path)], "holds the input --data"),  # the same place, spelled otherwise
+        (["--data", data, "--moa-config", str(moa_config), "--out", str(moa_config.parent)],
+         f"holds the input --moa-config {moa_config}"),
+    ]
+    for arguments, message in cases:
+        assert message in one_line_error(capsys, ["train", *arguments]), arguments
+    inner = tmp_path / "run" / "c.yaml"  # the config file alone inside --out
+    inner.parent.mkdir()
+    inner.write_text(f"data: {data}\n")
+    assert f"holds the input --config {inner}" in one_line_error(
+        capsys, ["train", "--config", str(inner), "--out", str(inner.parent)])
+    assert f"is the input --model {model}" in one_line_error(
+        capsys, ["demo", "--model", str(model), "--out", str(model)])
+
+
+def test_an_out_that_cannot_be_written_fails_before_the_model_loads(tmp_path, capsys,
+                                                                    monkeypatch, no_model_load):
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    if Path("/proc/self").is_dir():  # Linux: nothing can be created in /proc, root or not
+        assert "cannot create the output folder /proc/self/moa-out: " in one_line_error(
+            capsys, ["train", "--data", data, "--out", "/proc/self/moa-out"])
+    import moa.outputs
+
+    def denied(*args, **kwargs):  # a folder without write permission (tests may run as root)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(moa.outputs.tempfile, "mkstemp", denied)
+    out = tmp_path / "out"
+    err = one_line_error(capsys, ["train", "--data", data, "--out", str(out)])
+    assert err == f"moa: error: cannot write into {out}: Permission denied; choose another --out"
+    err = one_line_error(capsys, ["demo", "--steps", "1", "--out", str(out)])
+    assert err == f"moa: error: cannot write into {out}: Permission denied; choose another --out"
+
+
+# ---- precision and device ------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto means the GPU here")
+def test_bf16_with_device_auto_on_a_machine_without_a_gpu_trains_on_the_cpu(tmp_path):
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    result = run_train(quiet(data=data, out=str(tmp_path / "out"), steps=2, bf16=True,
+                             device="auto"), log=lambda _: None, progress=False)
+    assert [step for step, _ in result.losses] == [1, 2]
+    assert all(math.isfinite(loss) for _, loss in result.losses)
+    assert result.model.get_base_model().dtype == torch.bfloat16
+
+
+def test_bf16_on_a_gpu_without_bfloat16_is_refused_before_the_model_loads(tmp_path, capsys,
+                                                                         monkeypatch,
+                                                                         no_model_load):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla T4")
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    assert one_line_error(capsys, ["train", "--data", data, "--bf16", "--out",
+                                   str(tmp_path / "out")]) == (
+        "moa: error: --bf16: this GPU (Tesla T4) does not support bfloat16; leave out --bf16 "
+        "(float32), or train on the CPU with --device cpu")
+
+
+@pytest.mark.parametrize("device,message", [
+    ("cuda:0", "--device cuda:0 given but no CUDA GPU is available"),  # cli.py's convention
+    ("cuda:1", "--device cuda:1 given but no CUDA GPU is available"),
+    ("cuda:x", "unknown device 'cuda:x'; use auto, cpu, cuda or cuda:N"),  # not an index
+    ("meta", "unsupported device 'meta'; use auto, cpu, cuda or cuda:N"),  # torch's, not ours
+])
+def test_device_takes_cuda_n_as_the_other_commands_do(device, message, tmp_path, capsys):
+    if torch.cuda.is_available() and device.startswith("cuda:") and device[5:].isdigit():
+        pytest.skip("a CUDA machine: the device check passes or names the GPUs there are")
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    assert message in one_line_error(capsys, ["train", "--data", data, "--device", device])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {data}\ndevice: '{device}'\n")
+    assert f"device: {message}" in one_line_error(capsys, ["train", "--config", str(config)])
+    assert message.replace("auto, ", "") in one_line_error(
+        capsys, ["demo", "--device", device])  # the same check, without auto
+
+
+# ---- conflicting options -----------------------------------------------------------------
+
+def test_a_preset_and_a_moa_config_conflict_wherever_they_come_from(tmp_path, capsys):
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    moa_config = tmp_path / "moa.json"
+    moa_config.write_text(MoAConfig.preset("sparse_moa").to_json_string())
+    config = tmp_path / "c.yaml"
+    conflict = "conflict: a preset or a whole MoAConfig file; give one"
+    err = one_line_error(capsys, ["train", "--data", data, "--preset", "soft_moa",
+                                  "--moa-config", str(moa_config)])
+    assert err == (f"moa: error: --preset soft_moa (from --preset) and --moa-config "
+                   f"{moa_config} (from --moa-config) {conflict}")
+    config.write_text(f"data: {data}\npreset: molora\n")  # a flag does not override
+    err = one_line_error(capsys, ["train", "--config", str(config), "--moa-config",
+                                  str(moa_config)])  # another option's config value
+    assert err == (f"moa: error: --preset molora (from the --config file {config}) and "
+                   f"--moa-config {moa_config} (from --moa-config) {conflict}")
+    config.write_text(f"data: {data}\nmoa-config: {moa_config}\n")
+    assert f"(from the --config file {config}) {conflict}" in one_line_error(
+        capsys, ["train", "--config", str(config), "--preset", "soft_moa"])
+    with pytest.raises(ValueError, match="preset 'soft_moa' and moa_config .* conflict"):
+        TrainOptions(data=data, preset="soft_moa", moa_config=str(moa_config))
+    # either alone is fine; neither means soft_moa
+    assert TrainOptions(data=data, moa_config=str(moa_config)).preset is None
+    assert TrainOptions(data=data).preset == "soft_moa"
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("c.yaml", "data: a.jsonl\nbatch-size: 4\nbatch_size: 8\n",  # two spellings
+     "'batch-size' and 'batch_size' are the same option; give it once"),
+    ("c.json", '{"data": "a.jsonl", "max_length": 64, "max-length": 32}',
+     "'max_length' and 'max-length' are the same option; give it once"),
+    ("c.yaml", "data: a.jsonl\nsteps: 4\nsteps: 8\n",  # YAML keeps the last, silently
+     "the key 'steps' is given twice (line 3); give each option once"),
+    ("c.json", '{"data": "a.jsonl", "lr": 0.1, "lr": 0.2}',  # so does json
+     "the key 'lr' is given twice; give each option once"),
+])
+def test_a_config_file_giving_an_option_twice_is_refused(name, text, message, tmp_path,
+                                                         capsys):
+    config = tmp_path / name
+    config.write_text(text)
+    assert one_line_error(capsys, ["train", "--config", str(config)]) == \
+        f"moa: error: {config}: {message}"
+
+
+# ---- Ctrl-C --------------------------------------------------------------------------------
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Ctrl-C as the Trainer finishes optimizer step `step` (before that step's checkpoint)."""
+    import moa.train
+
+    progress_class = moa.train._progress_callback_class
+
+    def interrupting_class():
+        class Interrupting(progress_class()):
+            def on_step_end(self, args, state, control, **kwargs):
+                super().on_step_end(args, state, control, **kwargs)
+                if state.global_step == step:
+                    raise KeyboardInterrupt
+
+        return Interrupting
+
+    monkeypatch.setattr(moa.train, "_progress_callback_class", interrupting_class)
+
+
+def test_ctrl_c_says_where_the_newest_checkpoint_is_and_how_to_continue(tmp_path, capsys,
+                                                                       monkeypatch):
+    data = write_records(tmp_path / "data.jsonl", FORMATS["multiple_choice"][0])
+    out = tmp_path / "out dir"  # a space: the printed command must quote it
+    argv = ["train", "--data", data, "--out", str(out), "--steps", "5", "--batch-size", "2",
+            "--save-interval", "2", "--overwrite"]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 3)
+        capsys.readouterr()
+        assert main(argv) == 130
+    err = capsys.readouterr().err.splitlines()
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    command = shlex.join(["moa", *argv[:-1], "--resume", "last"])  # less --overwrite
+    assert err[-2:] == ["moa: interrupted", f"moa: the newest checkpoint is {checkpoint}; "
+                                            f"continue from it with: {command}"], err
+    assert os.listdir(out / "checkpoints") == ["checkpoint-2"]
+    # the printed command continues the run to what an uninterrupted run gives
+    assert main(shlex.split(command)[1:]) == 0
+    whole = tmp_path / "whole"
+    assert main([*argv[:4], str(whole), *argv[5:-1]]) == 0
+
+    def losses(run: Path) -> list[tuple[int, float]]:
+        history = json.loads((run / "log_history.json").read_text())
+        return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+
+    assert losses(out) == losses(whole) and len(losses(whole)) == 5
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_none(tmp_path, capsys, monkeypatch):
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    out = tmp_path / "out"
+    interrupt_at(monkeypatch, 1)
+    capsys.readouterr()
+    assert main(["train", "--data", data, "--out", str(out), "--steps", "3"]) == 130
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "moa: interrupted", "moa: no checkpoint was saved yet (the first comes at step 500, "
+                            "--save-interval); the same command starts the run again"]
+    monkeypatch.undo()
+    assert main(["train", "--data", data, "--out", str(out), "--steps", "1"]) == 0
+
+
+def test_device_cuda_n_makes_the_trainer_train_on_that_gpu_alone(tmp_path, monkeypatch):
+    # transformers' single-process choice is cuda:0 (DataParallel over every GPU); what the
+    # Trainer reads (args.device, args.n_gpu, the current CUDA device) must say GPU 3 alone.
+    # A CPU machine checks the arguments; a GPU machine's run is the real check.
+    from transformers import TrainingArguments
+
+    from moa.train import _pin_gpu
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    arguments = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    _pin_gpu(arguments, 3)
+    assert arguments.device == torch.device("cuda", 3) and arguments.n_gpu == 1
+    assert current[-1] == torch.device("cuda", 3)
+    other = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: each process has its own GPU
+    with pytest.raises(ValueError, match="--device cuda:3 picks one GPU, but this is a "
+                                         "distributed launch"):
+        _pin_gpu(other, 3)
+
+
+# ---- damaged checkpoints and a full disk, through the command ---------------------------
+
+def test_a_damaged_checkpoint_or_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    data = write_records(tmp_path / "data.jsonl", FORMATS["prompt_completion"][0])
+    out = tmp_path / "out"
+    train = ["train", "--data", data, "--out", str(out), "--save-interval", "2"]
+    assert main([*train, "--steps", "2"]) == 0
+    optimizer = out / "checkpoints" / "checkpoint-2" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # cut short
+    assert one_line_error(capsys, [*train, "--steps", "4", "--resume", "last"]) == (
+        f"moa: error: cannot resume from {optimizer.parent}: optimizer.pt is not a whole "
+        "PyTorch file (truncated or overwritten); resume from another checkpoint or start "
+        "again")
+    save = torch.save
+
+    def no_space(obj, path, *args, **kwargs):
+        if str(path).endswith("scheduler.pt"):
+            raise OSError(28, "No space left on device")
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", no_space)
+    err = one_line_error(capsys, [*train, "--steps", "2", "--overwrite"])
+    assert err == (f"moa: error: cannot write the checkpoint of step 2 into "
+                   f"{out / 'checkpoints' / 'checkpoint-2'}: No space left on device; nothing "
+                   "of it was kept (the earlier checkpoints are as they were)")
+    assert not (out / "checkpoints").exists() or not os.listdir(out / "checkpoints")
