@@ -15,8 +15,10 @@ and options. Each step's launches are recorded as a GPU run makes them:
   collects: torch.cuda.is_available() reads True and TRITON_INTERPRET 0 while the test
   modules load, so ON_GPU, the token counts and the dtypes are the GPU's; the tensors stay
   on the CPU and the kernels run under the Triton interpreter, so the values, and every
-  launch decision that depends on them, are real. A test that fails here (one that reads
-  the GPU's own state, such as the JIT's caches) still counts the launches it made.
+  launch decision that depends on them, are real. A test that fails here still counts the
+  launches it made. test_jit_builds_within_budget (T = 8192 x 4096 in three dtypes: hours
+  interpreted) is recorded as --step bench records its layers: its L1 and 8B q shapes on
+  the meta device (there the 8B q gates require a gradient; in the test they do not).
 - check: `moa check --device cuda --cases 3 --seed 0`'s cases (the same random layers:
   check_backends with the GPU's sizes), interpreted on the CPU.
 - bench: one forward and backward of each layer the bench step times (bf16; the layer
@@ -46,6 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("tests", "check", "bench")
+COUNTS = STEPS + ("realistic",)
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,6 +76,7 @@ def _decode(value):
 def _build_record(function, signature, constexprs, attrs, options, origin: str) -> dict:
     """One build as JSON: enough to compile it again in another process."""
     return {"module": function.__module__, "kernel": function.__name__, "origin": origin,
+            "key": _build_key(function, signature, constexprs, attrs, options),
             "signature": signature,
             "constexprs": [[list(path), _encode(v)] for path, v in constexprs.items()],
             "attrs": [[list(path), _encode(v)] for path, v in attrs.items()],
@@ -161,6 +165,13 @@ def _interpreted_recorder() -> InterpretedLaunches:
     return recorder
 
 
+# Left out of the interpreted run (its realistic shapes, T = 8192 x 4096 in three dtypes,
+# take the CPU hours): test_jit_builds_within_budget. Its launches are recorded on the meta
+# device instead (--step realistic, a process with compiled kernels): L1 and the 8B q
+# projection, as its REALISTIC list has them
+SLOW_ON_THE_CPU = "jit_builds_within_budget"
+
+
 def count_tests(selection: list[str], keyword: str | None) -> dict:
     """The builds of the test step's selection run with the GPU's parameters."""
     recorder = _interpreted_recorder()
@@ -169,14 +180,19 @@ def count_tests(selection: list[str], keyword: str | None) -> dict:
 
     torch.cuda.is_available = lambda: True  # the test modules collect the GPU's parameters
     os.environ["TRITON_INTERPRET"] = "0"  # ... and read it as they load
+    keyword = f"({keyword or 'True'}) and not {SLOW_ON_THE_CPU}"
     arguments = ["-p", "no:cacheprovider", "-q", "-o", "console_output_style=classic",
-                 *selection] + (["-k", keyword] if keyword else [])
+                 *selection, "-k", keyword]
     code = pytest.main(arguments, plugins=[recorder])
     outcomes: dict[str, int] = {}
     for outcome in recorder.outcomes.values():
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    builds = dict(recorder.builds)
+    for record in _in_child("realistic")["launches"]:
+        if builds.setdefault(record["key"], record) is record:
+            recorder.new_per_origin.setdefault(record["origin"], []).append(record["kernel"])
     return {"pytest_exit": int(code), "outcomes": outcomes, "selection": selection,
-            "keyword": keyword, **_summary(recorder.builds),
+            "keyword": keyword, **_summary(builds),
             "new_builds_per_test": recorder.new_per_origin}
 
 
@@ -193,8 +209,6 @@ def count_check() -> dict:
 
 def count_bench() -> dict:
     """The builds of the bench step: a forward and backward of each layer shape, bf16."""
-    import torch
-
     from moa.bench import LAYER_CASES
     from moa.config import RouterConfig
     from moa_kernels.triton import builds
@@ -202,15 +216,46 @@ def count_bench() -> dict:
     l1 = next(case for case in LAYER_CASES if case.name == "L1 soft")
     configs = builds.layer_configs() + [builds.LayerConfig(
         "L1 topk2", 2048, 2048, 2048, tuple(l1.experts), RouterConfig(mode="topk", top_k=2))]
+    found = _record_meta([(config, "bf16", config.name) for config in configs])
+    return {"configs": [config.name for config in configs], **_summary(found)}
+
+
+def count_realistic() -> dict:
+    """The builds of test_jit_builds_within_budget (see SLOW_ON_THE_CPU)."""
+    from moa_kernels.triton import builds
+
+    configs = [c for c in builds.layer_configs() if c.name in ("L1 soft", "8B q")]
+    return _summary(_record_meta([
+        (config, dtype, f"{SLOW_ON_THE_CPU}[torch.{name}]") for name, dtype in
+        (("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp32"))
+        for config in configs]))
+
+
+def _record_meta(runs: list) -> dict[str, dict]:
+    """The distinct builds of (LayerConfig, dtype, origin) runs: a forward and backward
+    each on the meta device, launches intercepted (builds.recording)."""
+    from moa_kernels.triton import builds
+
     found: dict[str, dict] = {}
-    for config in configs:
+    for config, dtype, origin in runs:
         with builds.recording() as launches:
-            config.run(torch.bfloat16)
+            config.run(builds.DTYPES[dtype])
         for launch in builds.unique(launches):
             found.setdefault(launch.key, _build_record(
                 launch.kernel.fn, launch.signature, launch.constexprs, launch.attrs,
-                launch.options, config.name))
-    return {"configs": [config.name for config in configs], **_summary(found)}
+                launch.options, origin))
+    return found
+
+
+def _in_child(step: str) -> dict:
+    """count_builds --step `step` in a process without the interpreter; its result."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    with tempfile.TemporaryDirectory(prefix="count_builds-") as folder:
+        path = Path(folder) / f"{step}.json"
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), str(path), "--step",
+                        step], env=env, check=True, cwd=ROOT)
+        return json.loads(path.read_text())
 
 
 def _summary(builds: dict[str, dict]) -> dict:
@@ -305,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                         "with --compile alone an existing one's builds are compiled again)")
     parser.add_argument("selection", nargs="*", help="--step tests: test files or node ids "
                         "(default: the GPU suite's test step)")
-    parser.add_argument("--step", choices=STEPS, default="tests")
+    parser.add_argument("--step", choices=COUNTS, default="tests",
+                        help="the suite's step (realistic: test_jit_builds_within_budget's "
+                        "shapes, which --step tests counts this way)")
     parser.add_argument("-k", dest="keyword", help="--step tests: pytest -k (default: the "
                         "suite's filter when no selection is given)")
     parser.add_argument("--compile", action="store_true",
@@ -320,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out.exists():
         parser.error(f"{args.out} exists; name a new file")
-    if args.step == "bench" and os.environ.get("TRITON_INTERPRET") == "1":
-        parser.error("--step bench records compiled kernels' launches: unset TRITON_INTERPRET")
+    if args.step in ("bench", "realistic") and os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error(f"--step {args.step} records compiled kernels' launches: unset "
+                     "TRITON_INTERPRET")
     started = time.monotonic()
     if args.step == "tests":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -332,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             gpu_suite.TEST_FILTER
         result = count_tests(selection, keyword)
     else:
-        result = count_check() if args.step == "check" else count_bench()
+        result = {"check": count_check, "bench": count_bench,
+                  "realistic": count_realistic}[args.step]()
     result = {"step": args.step, "seconds": round(time.monotonic() - started, 1), **result}
     args.out.write_text(json.dumps(result, indent=1))
     print(f"count_builds: {args.step}: {result['builds']} distinct sm_90 builds "

@@ -8,24 +8,37 @@ repository's files only, on PYTHONPATH) and works with the torch / triton it fin
 2.11 + triton 3.6 as well as the pinned 2.13 / 3.9: only long-standing APIs are used,
 triton.testing.do_bench among them).
 
-Steps, each a subprocess with its own time limit (the whole suite is meant to finish in
-8 minutes on an H100 or H200, compilation included; --quick in 4):
+Steps, each a subprocess with its own time limit (LIMITS: sized from the JIT builds
+each step makes, counted and compiled on a CPU by benchmarks/count_builds.py; the whole
+suite fits one 10-minute command on an H100 or H200, compilation included):
   1. tests     pytest over the CUDA tests (TEST_FILES, compiled kernels: TRITON_INTERPRET=0;
                bf16 included; T from 1 to 16384, ranks above 32, NaN-prefilled buffers,
-               non-unit strides, and the JIT's registers / spills, written to OUT;
-               --quick leaves out the inductor compile test);
+               non-unit strides, and the JIT's registers / spills of the realistic shapes'
+               builds; --quick leaves out the inductor compile test); a result line per
+               test in its log;
   2. check     `python -m moa check --device cuda` (skipped by --quick);
   3. bench     do_bench medians, forward and forward + backward, of L1, M8 soft and top-2
                (T = 2048, 2048 x 2048) and a Llama-3.1-8B layer (T = 8192; q, k, v, o,
                down with LoRA r=8 and one layer router), bf16: the triton backend, the
                torch backend, PEFT-style LoRA (cuBLAS twice: x A^T, then B, the scaling and
                the add) of the same total rank, and the frozen base alone (--quick: L1).
+               Beside each median, the host's time for the same call (host_times: launch
+               and wall), so a figure that measures the host, not the kernels, shows.
                The sparse cases (M8 top-2, and L1's experts under a top-2 router, "L1
                topk2") run the triton backend under both sparse plans: "triton" (the
                default, MOA_TRITON_SPARSE=masked) and "triton-grouped"
                (MOA_TRITON_SPARSE=grouped: grouped GEMMs over the active pairs).
-Writes OUT/results.json (everything), OUT/summary.md (the tables), OUT/<step>.log. Exits 1
-if a step failed (a test, a check case, a benchmark error, a time limit).
+A step past its limit has every thread's stack dumped into its log (SIGUSR1), is
+interrupted (SIGINT: pytest still writes its summary and tests.xml) and then killed; a
+test running past TEST_STACK_DUMP_S dumps its stack earlier (pytest's faulthandler).
+
+Writes three files into OUT (an empty or new folder), what a GPU session brings back
+(at most 8 files, none over 16 MB, at most 2 folders deep; checked at the end): results.json
+(everything), summary.md (the tables) and suite.tar.gz (every step's log, tests.xml,
+bench.json and bench.md, the JIT build tables, results.json and summary.md), republished
+after every step, so a suite stopped from outside still leaves the steps it finished.
+Exits 1 if a step failed (a test, a check case, a benchmark error, a time limit) or OUT
+breaks those limits.
 
 --dry-run runs the same harness on the CPU under the Triton interpreter with tiny shapes:
 the test step collects the full CUDA selection (so a missing file or a renamed test fails
@@ -67,8 +80,23 @@ DRY_TESTS = ["tests/moa_kernels/test_triton_gpu.py::"
              "test_grouped_matches_reference[t1-topk-lora-ranks-bf16]"]
 STEPS = ("tests", "check", "bench")
 
-# Seconds per step: (full, quick).
-LIMITS = {"tests": (320, 195), "check": (60, 0), "bench": (100, 40)}
+# Seconds per step: (full, quick). The suite runs on a cold Triton cache, so each step
+# pays for its JIT builds, counted and compiled for sm_90 on a CPU by
+# benchmarks/count_builds.py (kernels of ed3d228, triton 3.9; one at a time, as the JIT makes
+# them, on an empty cache; CPU seconds of the compiler and ptxas, as a loaded 2-core AMD
+# EPYC's wall times were 1.8-7.8x those): tests 317 builds, 154.6 s (0.49 s each); check
+# 24 builds, 6.8 s; bench 22 builds, 8.6 s. Each limit: the builds' seconds x 1.5 (another
+# host CPU; the JIT's binding and cubin loads), plus what the CPU cannot measure, assumed:
+#   tests  232 s builds + 40 s for the 312 tests themselves (~0.1 s of Python and float64
+#          references each) + 60 s for the inductor test's cold compile (not in --quick)
+#          + 15 s start (torch, CUDA context, collection) = 347 s: 360 (quick 290);
+#   check  10 s builds + 5 s for its 12 cases x 3 backends + 15 s start = 30 s: 60;
+#   bench  13 s builds + 25 s of do_bench (44 medians of ~0.1-0.4 s each) and host_times
+#          + 15 s start = 53 s: 100 (quick, L1 only: 40).
+# Full: 520 s, with the stops at the limits (STACK_DUMP_WAIT_S + INTERRUPT_WAIT_S a step)
+# and the driver's own start under SESSION_COMMAND_S, one command of a GPU session.
+LIMITS = {"tests": (360, 290), "check": (60, 0), "bench": (100, 40)}
+SESSION_COMMAND_S = 600
 DRY_LIMITS = {"tests": 600, "check": 600, "bench": 600}
 # The dry run's limit on its test run alone, if set (tests/moa_kernels/test_gpu_suite.py
 # lets a hanging test reach it)
@@ -80,7 +108,7 @@ TEST_STACK_DUMP_S = 90
 # SIGINT (pytest ends the session: its summary and tests.xml are written), then after
 # INTERRUPT_WAIT_S more the step's process group is killed
 STACK_DUMP_WAIT_S = 3
-INTERRUPT_WAIT_S = 15
+INTERRUPT_WAIT_S = 10
 
 # What a GPU session brings back from OUT: at most 8 files, none over 16 MB, at most 2
 # folders deep. The suite leaves 3 there (one step's live log more while it runs) and

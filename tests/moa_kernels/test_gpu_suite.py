@@ -169,6 +169,19 @@ def test_bad_steps_are_refused(tmp_path):
     assert result.returncode == 2 and "--steps takes" in result.stderr
 
 
+@pytest.mark.parametrize("mode", [0, 1], ids=["full", "quick"])
+def test_limits_fit_one_session_command(mode):
+    # every step stopped at its limit (stack dump, interrupt) still ends, with 30 s for
+    # the driver's own start and publishing, inside one command of a GPU session; and a
+    # test's own stack dump comes before its step's limit
+    module = _suite_module()
+    limits = [module.LIMITS[step][mode] for step in module.STEPS]
+    stops = sum(limit > 0 for limit in limits) * (module.STACK_DUMP_WAIT_S +
+                                                   module.INTERRUPT_WAIT_S)
+    assert sum(limits) + stops + 30 <= module.SESSION_COMMAND_S
+    assert module.TEST_STACK_DUMP_S < module.LIMITS["tests"][mode]
+
+
 def test_ratios_and_tables_from_known_rows():
     module = _suite_module()
     rows = []
@@ -205,3 +218,35 @@ def test_ratios_and_tables_from_known_rows():
            "1.0000 | 3.1000 | 1.500 | fwd |" in table
     # rows without host times (none measured) leave those cells empty, not host-bound
     assert "| L1 soft | triton | 1.2000 |  |  | 1.200 | 2.8000 |  |  | 1.400 |  |" in table
+
+
+def test_bench_triton_rows_carry_host_times(monkeypatch):
+    # benchmarks/bench_triton.py (CUDA only) on the CPU, do_bench and the synchronisation
+    # stood in for: every do_bench figure comes with its launch and wall times
+    triton_testing = pytest.importorskip("triton.testing")
+    torch = pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_triton", ROOT / "benchmarks" /
+                                                  "bench_triton.py")
+    bench_triton = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_triton)
+    calls = []
+
+    def do_bench(fn, grad_to_none=None, return_mode="median"):
+        calls.append(fn)
+        fn()
+        return 4.0
+
+    monkeypatch.setattr(triton_testing, "do_bench", do_bench)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(3, 8, requires_grad=True)
+    times = bench_triton._timings(layer, x, torch.randn(3, 8))
+    assert set(times) == {"fwd", "fwd_launch", "fwd_wall", "train", "train_launch",
+                          "train_wall"} and len(calls) == 2
+    assert all(0 < times[key] < 4.0 for key in times if key not in ("fwd", "train"))
+    row = bench_triton._row("L1 soft", "triton", times, times)
+    assert row.split()[3:10] == [f"{times[k]:.3f}" for k in (
+        "fwd", "fwd_launch", "fwd_wall", "train", "train_launch", "train_wall")] + ["1.00"]
+    assert "host" not in row  # launch far below the 4 ms median
