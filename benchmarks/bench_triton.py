@@ -6,9 +6,13 @@ backend and the reference backend, as medians from triton.testing.do_bench.
 
 Forward = one layer call; fwd+bwd = call + backward of a fixed dy, x requiring grad and the
 base frozen; the adapters in the base's dtype. Every ratio is taken between numbers of the
-same run. Without CUDA it prints why and exits 0 (CI has no GPU; see benchmarks/roofline.py
-for the kernels' floors). benchmarks/gpu_suite.sh runs the fuller set (the 8B layer,
-PEFT-style LoRA) with the tests, and writes its figures to a folder.
+same run. Beside each do_bench median, the host's time (gpu_suite.host_times): launch, one
+call without waiting for the GPU, and wall, per call of calls back to back synchronised
+once; "host" marks a median within reach of its launch time (it measures the host: Python,
+dispatch, launches, not the kernels). Without CUDA it prints why and exits 0 (CI has no
+GPU; see benchmarks/roofline.py for the kernels' floors). benchmarks/gpu_suite.sh runs the
+fuller set (the 8B layer, PEFT-style LoRA) with the tests, and writes its figures to a
+folder.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ def _cases():
     return LAYER_CASES
 
 
-def _timings(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> tuple[float, float]:
-    """(forward ms, forward + backward ms), do_bench medians."""
+def _timings(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> dict[str, float]:
+    """do_bench medians (fwd, train, ms) and beside each its host times (fwd_launch,
+    fwd_wall, train_launch, train_wall, ms; see gpu_suite.host_times)."""
+    from gpu_suite import HOST_CALLS, host_times
     from triton.testing import do_bench
 
     def forward():
@@ -41,9 +47,25 @@ def _timings(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> tuple[
         x.grad = None
         module(x).backward(grad_y)
 
-    return (do_bench(forward, return_mode="median"),
-            do_bench(train, grad_to_none=[x] + list(module.parameters()),
-                     return_mode="median"))
+    found = {}
+    for name, fn, grad_to_none in (("fwd", forward, None),
+                                   ("train", train, [x] + list(module.parameters()))):
+        found[name] = do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
+        found[f"{name}_launch"], found[f"{name}_wall"] = host_times(
+            fn, grad_to_none, torch.cuda.synchronize, HOST_CALLS)
+    return found
+
+
+def _row(case: str, backend: str, times: dict, base: dict | None) -> str:
+    from gpu_suite import HOST_BOUND_SHARE
+
+    host = [label for label, name in (("fwd", "fwd"), ("fwd+bwd", "train"))
+            if times[f"{name}_launch"] >= HOST_BOUND_SHARE * times[name]]
+    ratios = " " * 21 if base is None else \
+        f" {times['fwd'] / base['fwd']:9.2f} {times['train'] / base['train']:11.2f}"
+    return (f"{case:9s} {backend:10s} {times['fwd']:8.3f} {times['fwd_launch']:7.3f} "
+            f"{times['fwd_wall']:7.3f} {times['train']:11.3f} {times['train_launch']:7.3f} "
+            f"{times['train_wall']:7.3f}{ratios}  {'host: ' + ', '.join(host) if host else ''}")
 
 
 def main() -> int:
@@ -68,8 +90,9 @@ def main() -> int:
     backends = args.backends.split(",")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"T = {args.tokens}, in = out = {args.features}, {args.dtype}")
-    print(f"{'case':9s} {'backend':10s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} "
-          f"{'fwd/base':>9s} {'train/base':>11s}")
+    print(f"{'case':9s} {'backend':10s} {'fwd ms':>8s} {'launch':>7s} {'wall':>7s} "
+          f"{'fwd+bwd ms':>11s} {'launch':>7s} {'wall':>7s} {'fwd/base':>9s} "
+          f"{'train/base':>11s}")
     results = {}
     for case in _cases():
         torch.manual_seed(0)
@@ -78,27 +101,26 @@ def main() -> int:
         x = torch.randn(args.tokens, args.features, device=device, dtype=dtype,
                         requires_grad=True)
         grad_y = torch.randn(args.tokens, args.features, device=device, dtype=dtype)
-        base_fwd, base_train = _timings(base, x, grad_y)
-        results[(case.name, "base")] = (base_fwd, base_train)
-        print(f"{case.name:9s} {'base':10s} {base_fwd:8.3f} {base_train:11.3f}")
+        results[(case.name, "base")] = _timings(base, x, grad_y)
+        print(_row(case.name, "base", results[(case.name, "base")], None))
         for backend in backends:
             layer.backend = backend
-            fwd, train = _timings(layer, x, grad_y)
-            results[(case.name, backend)] = (fwd, train)
-            print(f"{case.name:9s} {backend:10s} {fwd:8.3f} {train:11.3f} "
-                  f"{fwd / base_fwd:9.2f} {train / base_train:11.2f}")
+            results[(case.name, backend)] = _timings(layer, x, grad_y)
+            print(_row(case.name, backend, results[(case.name, backend)],
+                       results[(case.name, "base")]))
     for other in ("torch", "reference"):
         if "triton" in backends and other in backends:
             for case in _cases():
-                fwd = results[(case.name, other)][0] / results[(case.name, "triton")][0]
-                train = results[(case.name, other)][1] / results[(case.name, "triton")][1]
+                fwd = results[(case.name, other)]["fwd"] / results[(case.name, "triton")]["fwd"]
+                train = results[(case.name, other)]["train"] / \
+                    results[(case.name, "triton")]["train"]
                 print(f"{case.name}: triton is {fwd:.2f}x (fwd) / {train:.2f}x (fwd+bwd) "
                       f"faster than {other}")
     for backend in backends:
         names = [c.name for c in _cases()]
         if "M8 topk2" in names and "M8 soft" in names:
             ratios = []
-            for index in (0, 1):
+            for index in ("fwd", "train"):
                 base_time = results[("M8 soft", "base")][index]
                 sparse = results[("M8 topk2", backend)][index] - base_time
                 dense = results[("M8 soft", backend)][index] - base_time

@@ -8,24 +8,37 @@ repository's files only, on PYTHONPATH) and works with the torch / triton it fin
 2.11 + triton 3.6 as well as the pinned 2.13 / 3.9: only long-standing APIs are used,
 triton.testing.do_bench among them).
 
-Steps, each a subprocess with its own time limit (the whole suite is meant to finish in
-8 minutes on an H100 or H200, compilation included; --quick in 4):
+Steps, each a subprocess with its own time limit (LIMITS: sized from the JIT builds
+each step makes, counted and compiled on a CPU by benchmarks/count_builds.py; the whole
+suite fits one 10-minute command on an H100 or H200, compilation included):
   1. tests     pytest over the CUDA tests (TEST_FILES, compiled kernels: TRITON_INTERPRET=0;
                bf16 included; T from 1 to 16384, ranks above 32, NaN-prefilled buffers,
-               non-unit strides, and the JIT's registers / spills, written to OUT;
-               --quick leaves out the inductor compile test);
+               non-unit strides, and the JIT's registers / spills of the realistic shapes'
+               builds; --quick leaves out the inductor compile test); a result line per
+               test in its log;
   2. check     `python -m moa check --device cuda` (skipped by --quick);
   3. bench     do_bench medians, forward and forward + backward, of L1, M8 soft and top-2
                (T = 2048, 2048 x 2048) and a Llama-3.1-8B layer (T = 8192; q, k, v, o,
                down with LoRA r=8 and one layer router), bf16: the triton backend, the
                torch backend, PEFT-style LoRA (cuBLAS twice: x A^T, then B, the scaling and
                the add) of the same total rank, and the frozen base alone (--quick: L1).
+               Beside each median, the host's time for the same call (host_times: launch
+               and wall), so a figure that measures the host, not the kernels, shows.
                The sparse cases (M8 top-2, and L1's experts under a top-2 router, "L1
                topk2") run the triton backend under both sparse plans: "triton" (the
                default, MOA_TRITON_SPARSE=masked) and "triton-grouped"
                (MOA_TRITON_SPARSE=grouped: grouped GEMMs over the active pairs).
-Writes OUT/results.json (everything), OUT/summary.md (the tables), OUT/<step>.log. Exits 1
-if a step failed (a test, a check case, a benchmark error, a time limit).
+A step past its limit has every thread's stack dumped into its log (SIGUSR1), is
+interrupted (SIGINT: pytest still writes its summary and tests.xml) and then killed; a
+test running past TEST_STACK_DUMP_S dumps its stack earlier (pytest's faulthandler).
+
+Writes three files into OUT (an empty or new folder), what a GPU session brings back
+(at most 8 files, none over 16 MB, at most 2 folders deep; checked at the end): results.json
+(everything), summary.md (the tables) and suite.tar.gz (every step's log, tests.xml,
+bench.json and bench.md, the JIT build tables, results.json and summary.md), republished
+after every step, so a suite stopped from outside still leaves the steps it finished.
+Exits 1 if a step failed (a test, a check case, a benchmark error, a time limit) or OUT
+breaks those limits.
 
 --dry-run runs the same harness on the CPU under the Triton interpreter with tiny shapes:
 the test step collects the full CUDA selection (so a missing file or a renamed test fails
@@ -36,11 +49,16 @@ here) and runs a few of its cases; check and bench run small. CI runs it
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -62,15 +80,63 @@ DRY_TESTS = ["tests/moa_kernels/test_triton_gpu.py::"
              "test_grouped_matches_reference[t1-topk-lora-ranks-bf16]"]
 STEPS = ("tests", "check", "bench")
 
-# Seconds per step: (full, quick). Together under the 8 / 4 minute goals.
-LIMITS = {"tests": (320, 195), "check": (60, 0), "bench": (100, 40)}
+# Seconds per step: (full, quick). The suite runs on a cold Triton cache, so each step
+# pays for its JIT builds, counted and compiled for sm_90 on a CPU by
+# benchmarks/count_builds.py (kernels of ed3d228, triton 3.9; one at a time, as the JIT makes
+# them, on an empty cache; CPU seconds of the compiler and ptxas, as a loaded 2-core AMD
+# EPYC's wall times were 1.8-7.8x those): tests 317 builds, 154.6 s (0.49 s each); check
+# 24 builds, 6.8 s; bench 22 builds, 8.6 s. Each limit: the builds' seconds x 1.5 (another
+# host CPU; the JIT's binding and cubin loads), plus what the CPU cannot measure, assumed:
+#   tests  232 s builds + 40 s for the 312 tests themselves (~0.1 s of Python and float64
+#          references each) + 60 s for the inductor test's cold compile (not in --quick)
+#          + 15 s start (torch, CUDA context, collection) = 347 s: 360 (quick 290);
+#   check  10 s builds + 5 s for its 12 cases x 3 backends + 15 s start = 30 s: 60;
+#   bench  13 s builds + 25 s of do_bench (44 medians of ~0.1-0.4 s each) and host_times
+#          + 15 s start = 53 s: 100 (quick, L1 only: 40).
+# Full: 520 s, with the stops at the limits (STACK_DUMP_WAIT_S + INTERRUPT_WAIT_S a step)
+# and the driver's own start under SESSION_COMMAND_S, one command of a GPU session.
+LIMITS = {"tests": (360, 290), "check": (60, 0), "bench": (100, 40)}
+SESSION_COMMAND_S = 600
 DRY_LIMITS = {"tests": 600, "check": 600, "bench": 600}
+# The dry run's limit on its test run alone, if set (tests/moa_kernels/test_gpu_suite.py
+# lets a hanging test reach it)
+DRY_TEST_LIMIT_VARIABLE = "MOA_GPU_SUITE_DRY_TEST_LIMIT"
+# A test that runs this long (at most half its step's limit) prints every thread's stack
+# (pytest's faulthandler_timeout), long before the step's limit
+TEST_STACK_DUMP_S = 90
+# At a step's limit: SIGUSR1 (every thread's stack into the log), STACK_DUMP_WAIT_S later
+# SIGINT (pytest ends the session: its summary and tests.xml are written), then after
+# INTERRUPT_WAIT_S more the step's process group is killed
+STACK_DUMP_WAIT_S = 3
+INTERRUPT_WAIT_S = 10
+
+# What a GPU session brings back from OUT: at most 8 files, none over 16 MB, at most 2
+# folders deep. The suite leaves 3 there (one step's live log more while it runs) and
+# checks the limits when it ends.
+RETURNED_FILES = 8
+RETURNED_BYTES = 16 * 2**20
+RETURNED_DEPTH = 2
+ARCHIVE = "suite.tar.gz"
+# A log is kept whole in the archive up to this size, else its head and tail (so the
+# archive stays far below RETURNED_BYTES whatever a step prints)
+LOG_KEPT_BYTES = 1_000_000
 
 TARGETS = [  # issue 13, on a GPU
     ("L1 fwd+bwd / frozen base", "<=", 1.5),
     ("L1 fwd+bwd speed-up of triton over PEFT-style cuBLAS twice", ">=", 1.3),
     ("M8 top-2 adapter overhead / soft overhead (triton, fwd+bwd)", "<=", 0.6),
 ]
+
+# A step's python process: SIGUSR1 dumps every thread's stack into its log (through a copy
+# of stderr made before pytest captures it), then it runs `-m MODULE` or a script
+_DUMPABLE = ("import faulthandler, os, runpy, signal, sys\n"
+             "stacks = os.fdopen(os.dup(2), 'w')\n"
+             "faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)\n"
+             "sys.argv[:2] = [sys.argv[1]]\n"
+             "if sys.argv[0].endswith('.py'):\n"
+             "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "else:\n"
+             "    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,7 +146,7 @@ TARGETS = [  # issue 13, on a GPU
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path, help="folder for results.json, summary.md, logs")
+    parser.add_argument("out", type=Path, help="an empty (or new) folder for the results")
     parser.add_argument("--quick", action="store_true", help="tests and L1 only (4 minutes)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, Triton interpreter, tiny shapes: test the harness")
@@ -91,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [step for step in args.steps.split(",") if step]
     if not set(chosen) <= set(STEPS):
         parser.error(f"--steps takes {', '.join(STEPS)}; got {args.steps!r}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.bench_only:  # the bench step's own process
+    if args.bench_only:  # the bench step's own process, writing into the work folder
         return run_benchmarks(args.out, quick=args.quick, dry_run=args.dry_run)
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        parser.error(f"{args.out} is not an empty folder; name a new one (a run never "
+                     "writes over another's results)")
+    args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     environment = _environment(args.dry_run)
     print(f"gpu suite: {environment['device']}; torch {environment['torch']}, triton "
@@ -103,17 +172,26 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     runners = {"tests": _tests, "check": _check, "bench": _bench}
-    steps = [runners[name](args) for name in STEPS
-             if name in chosen and not (name == "check" and args.quick)]
-    results = {"environment": environment, "mode": _mode(args), "steps": steps,
-               "seconds": round(time.monotonic() - started, 1)}
-    results.update(_collect(args.out))
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "summary.md").write_text(summary(results))
-    failed = [step["name"] for step in steps if step["status"] != "passed"]
+    results = {"environment": environment, "mode": _mode(args), "steps": []}
+    with tempfile.TemporaryDirectory(prefix="gpu_suite-") as work:
+        args.work = Path(work)
+        for name in STEPS:
+            if name in chosen and not (name == "check" and args.quick):
+                results["steps"].append(runners[name](args))
+                results["seconds"] = round(time.monotonic() - started, 1)
+                _publish(args, results)  # what a suite stopped from outside still returns
+        results["seconds"] = round(time.monotonic() - started, 1)
+        _publish(args, results)
+    failed = [step["name"] for step in results["steps"] if step["status"] != "passed"]
     print(f"gpu suite: {'FAILED: ' + ', '.join(failed) if failed else 'passed'} in "
           f"{results['seconds']:.0f} s; see {args.out / 'summary.md'}", flush=True)
-    return 1 if failed else 0
+    listing, problems = check_outputs(args.out)
+    print(f"gpu suite: {args.out} holds (limits: {RETURNED_FILES} files, "
+          f"{RETURNED_BYTES // 2**20} MB each, {RETURNED_DEPTH} folders deep):", flush=True)
+    print("\n".join(f"    {line}" for line in listing), flush=True)
+    for problem in problems:
+        print(f"gpu suite: {args.out} would not come back whole: {problem}", file=sys.stderr)
+    return 1 if failed or problems else 0
 
 
 def _mode(args) -> str:
@@ -129,48 +207,101 @@ def _child_env(args) -> dict:
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
                                      if env.get("PYTHONPATH") else "")
     env["TRITON_INTERPRET"] = "1" if args.dry_run else "0"
-    env["MOA_GPU_SUITE_OUT"] = str(args.out.resolve())
+    env["MOA_GPU_SUITE_OUT"] = str(args.work)  # test_triton_gpu's JIT build tables
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's notice
     return env
 
 
+def _python(*arguments: str) -> list[str]:
+    """A python command (`-m MODULE ...` as "MODULE", or a script path) whose stacks a
+    SIGUSR1 dumps."""
+    return [sys.executable, "-c", _DUMPABLE, *arguments]
+
+
 def _run(name: str, command: list[str], args, limit: int) -> dict:
-    """Run one step, its output to OUT/<name>.log; passed, failed or timed out."""
-    log = args.out / f"{name}.log"
-    print(f"[{name}] {' '.join(command)} (limit {limit} s)", flush=True)
+    """Run one step, its output to its log (in OUT while it runs, then in the work folder
+    and the archive); passed, failed or timed out. At the limit: a stack dump, then an
+    interrupt, then the kill (see STACK_DUMP_WAIT_S)."""
+    live = args.out / f"{name}.log"
+    shown = command
+    if command[1:3] == ["-c", _DUMPABLE]:  # shown as the python command it runs
+        target = command[3]
+        shown = [command[0], *([target] if target.endswith(".py") else ["-m", target]),
+                 *command[4:]]
+    print(f"[{name}] {' '.join(shown)} (limit {limit} s)", flush=True)
     started = time.monotonic()
-    with open(log, "w") as handle:
+    with open(live, "w") as handle:
+        process = subprocess.Popen(command, cwd=ROOT, env=_child_env(args), stdout=handle,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = subprocess.run(command, cwd=ROOT, env=_child_env(args), stdout=handle,
-                                  stderr=subprocess.STDOUT, timeout=limit).returncode
+            code = process.wait(timeout=limit)
             status = "passed" if code == 0 else "failed"
         except subprocess.TimeoutExpired:
-            code, status = None, "timed out"
+            code, status = _stop(process, handle, limit), "timed out"
+        finally:
+            _kill_group(process)
     seconds = round(time.monotonic() - started, 1)
+    log = args.work / live.name
+    shutil.move(live, log)
     tail = log.read_text(errors="replace").splitlines()[-15:]
     print(f"[{name}] {status} in {seconds} s", flush=True)
     if status != "passed":
         print("\n".join(f"    {line}" for line in tail), flush=True)
     return {"name": name, "status": status, "returncode": code, "seconds": seconds,
-            "log": log.name, "tail": tail}
+            "limit": limit, "log": log.name, "tail": tail}
+
+
+def _stop(process: subprocess.Popen, log, limit: int) -> int | None:
+    """A step past its limit: every thread's stack into the log (SIGUSR1), an interrupt
+    (SIGINT: pytest writes its summary and xml), and if it is still running, the kill."""
+    log.write(f"\n[gpu suite] time limit of {limit} s reached: every thread's stack "
+              "(SIGUSR1), then SIGINT\n")
+    log.flush()
+    for sent, wait in ((signal.SIGUSR1, STACK_DUMP_WAIT_S), (signal.SIGINT, INTERRUPT_WAIT_S)):
+        try:
+            process.send_signal(sent)
+            return process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            break
+    _kill_group(process)
+    return process.wait()
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """Kill what is left of a step's process group (its workers, its subprocesses)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _pytest_options(limit: int, verbosity: str = "-v") -> list[str]:
+    """pytest with a result line per test (-v, and nothing that quietens it) in the log
+    as each one ends, no cache written into the checkout, and a stack dump for a test that
+    runs past TEST_STACK_DUMP_S or half the step's limit."""
+    dump = max(1, min(TEST_STACK_DUMP_S, limit // 2))
+    return ["pytest", "-p", "no:cacheprovider", verbosity, "-rfE", "-o",
+            "console_output_style=classic", "-o", f"faulthandler_timeout={dump}"]
 
 
 def _tests(args) -> dict:
-    pytest = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE"]
+    limit = _limit(args, "tests")
+    junit = f"--junitxml={args.work / 'tests.xml'}"
     if args.dry_run:  # the whole selection must collect; then a few cases really run
-        collect = _run("tests-collect", pytest + ["--collect-only", *TEST_FILES, "-k",
-                                                  TEST_FILTER], args, _limit(args, "tests"))
+        collect = _run("tests-collect", _python(*_pytest_options(limit, "-q"),
+                                                "--collect-only", *TEST_FILES, "-k",
+                                                TEST_FILTER), args, limit)
         if collect["status"] != "passed":
             return {**collect, "name": "tests"}
         chosen = os.environ.get("MOA_GPU_SUITE_DRY_TESTS", "").split() or DRY_TESTS
-        step = _run("tests", pytest + [f"--junitxml={args.out / 'tests.xml'}", *chosen],
-                    args, _limit(args, "tests"))
-        step["collected"] = _collected(args.out / "tests-collect.log")
+        limit = int(os.environ.get(DRY_TEST_LIMIT_VARIABLE) or limit)
+        step = _run("tests", _python(*_pytest_options(limit), junit, *chosen), args, limit)
+        step["collected"] = _collected(args.work / "tests-collect.log")
         return step
-    # -v: a line per test as it ends, so the log says how far a timed-out run got
-    return _run("tests", pytest + ["-v", f"--junitxml={args.out / 'tests.xml'}", *TEST_FILES,
-                                   "-k", QUICK_FILTER if args.quick else TEST_FILTER],
-                args, _limit(args, "tests"))
+    return _run("tests", _python(*_pytest_options(limit), junit, *TEST_FILES, "-k",
+                                 QUICK_FILTER if args.quick else TEST_FILTER), args, limit)
 
 
 def _collected(log: Path) -> int | None:
@@ -187,12 +318,12 @@ def _collected(log: Path) -> int | None:
 def _check(args) -> dict:
     device = "cpu" if args.dry_run else "cuda"
     cases = "1" if args.dry_run else "3"
-    return _run("check", [sys.executable, "-m", "moa", "check", "--device", device,
-                          "--cases", cases, "--seed", "0"], args, _limit(args, "check"))
+    return _run("check", _python("moa", "check", "--device", device, "--cases", cases,
+                                 "--seed", "0"), args, _limit(args, "check"))
 
 
 def _bench(args) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), str(args.out), "--bench-only"]
+    command = _python(str(Path(__file__).resolve()), str(args.work), "--bench-only")
     command += ["--quick"] if args.quick else []
     command += ["--dry-run"] if args.dry_run else []
     return _run("bench", command, args, _limit(args, "bench"))
@@ -236,8 +367,77 @@ def _commit() -> str | None:
         return None
 
 
+def _publish(args, results: dict) -> None:
+    """results.json and summary.md into OUT, and OUT/suite.tar.gz: every file the steps
+    left in the work folder (logs, tests.xml, bench.json, bench.md, JIT builds) with those
+    two; each written whole, then renamed into place."""
+    results.update(_collect(args.work))
+    results["archive"] = ARCHIVE
+    results["archived"] = sorted(path.name for path in args.work.iterdir())
+    text = {"results.json": json.dumps(results, indent=1),
+            "summary.md": summary(results)}
+    for name, content in text.items():
+        (args.work / name).write_text(content)
+        _replace(args.out / name, lambda path, content=content: path.write_text(content))
+    _replace(args.out / ARCHIVE, lambda path: _archive(args.work, path))
+
+
+def _replace(path: Path, write) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def _archive(folder: Path, path: Path) -> None:
+    """A gzipped tar of `folder`'s files (flat), each log over LOG_KEPT_BYTES cut to its
+    head and tail."""
+    with tarfile.open(path, "w:gz") as archive:
+        for member in sorted(folder.iterdir()):
+            data = member.read_bytes()
+            if member.suffix == ".log" and len(data) > LOG_KEPT_BYTES:
+                head, tail = data[:LOG_KEPT_BYTES // 4], data[-(LOG_KEPT_BYTES * 3 // 4):]
+                cut = len(data) - len(head) - len(tail)
+                data = head + f"\n[gpu suite: {cut} bytes left out here]\n".encode() + tail
+            info = tarfile.TarInfo(member.name)
+            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+            archive.addfile(info, io.BytesIO(data))
+
+
+def check_outputs(out: Path) -> tuple[list[str], list[str]]:
+    """OUT against what a GPU session brings back: a line per entry (size, folders deep),
+    and every way it breaks those limits: more than RETURNED_FILES files, a file over
+    RETURNED_BYTES, one more than RETURNED_DEPTH folders deep, a link or other non-plain
+    file, a name other than letters, digits, '.', '_' and '-'."""
+    listing, problems, files = [], [], 0
+    for path in sorted(out.rglob("*")):
+        relative = path.relative_to(out)
+        depth = len(relative.parts) - 1
+        if not all(part.isascii() and part.replace(".", "").replace("_", "")
+                   .replace("-", "").isalnum() for part in relative.parts):
+            problems.append(f"{relative}: a name with other characters than letters, "
+                            "digits, '.', '_', '-'")
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            listing.append(f"{relative} (not a plain file)")
+            problems.append(f"{relative}: a link or not a plain file")
+            continue
+        if path.is_dir():
+            listing.append(f"{relative}/ (a folder)")
+            continue
+        files += 1
+        size = path.stat().st_size
+        listing.append(f"{relative}  {size:,} bytes  {depth} folders deep")
+        if size > RETURNED_BYTES:
+            problems.append(f"{relative}: {size:,} bytes, over {RETURNED_BYTES:,}")
+        if depth > RETURNED_DEPTH:
+            problems.append(f"{relative}: {depth} folders deep, over {RETURNED_DEPTH}")
+    if files > RETURNED_FILES:
+        problems.append(f"{files} files, over {RETURNED_FILES}")
+    return listing, problems
+
+
 def _collect(out: Path) -> dict:
-    """What the steps left in OUT: test counts (junit xml), benchmark rows, JIT builds."""
+    """What the steps left in the work folder: test counts (junit xml), benchmark rows,
+    JIT builds."""
     found: dict = {}
     xml = out / "tests.xml"
     if xml.exists():
@@ -263,9 +463,11 @@ def summary(results: dict) -> str:
              f"{env['device']}; torch {env['torch']} (CUDA {env['cuda_version']}), triton "
              f"{env['triton']}, Python {env['python']}; commit {env['commit']}; "
              f"fp32-output GEMM (torch.mm out_dtype): {env['fp32_output_gemm']}; "
-             f"{results['seconds']:.0f} s in all.", "",
-             "| step | status | seconds |", "|---|---|---:|"]
-    lines += [f"| {s['name']} | {s['status']} | {s['seconds']} |" for s in results["steps"]]
+             f"{results['seconds']:.0f} s in all. Every log, tests.xml, bench.json and the "
+             f"JIT build tables are in {results.get('archive', ARCHIVE)}.", "",
+             "| step | status | seconds | limit (s) |", "|---|---|---:|---:|"]
+    lines += [f"| {s['name']} | {s['status']} | {s['seconds']} | {s.get('limit', '')} |"
+              for s in results["steps"]]
     if "tests" in results:
         t = results["tests"]
         lines += ["", f"Tests: {t['tests']} run, {t['failures']} failed, {t['errors']} "
@@ -278,16 +480,13 @@ def summary(results: dict) -> str:
         lines += ["", bench_markdown(bench)]
     builds = results.get("jit_builds")
     if builds:
-        lines += ["", "Builds the JIT made in the test step (registers and spills from the "
-                      "driver):", "", "| kernel | dtype | warps | registers | spills | shared "
-                      "(B) |", "|---|---|---:|---:|---:|---:|"]
-        seen = set()
-        for b in builds:
-            key = tuple(sorted(b.items()))
-            if key not in seen:
-                seen.add(key)
-                lines.append(f"| `{b['kernel']}` | {b['dtype']} | {b['warps']} | "
-                             f"{b['registers']} | {b['spills']} | {b['shared']} |")
+        lines += ["", "Builds the JIT made for the realistic shapes (test_jit_builds_within_"
+                      "budget; each build once, with the dtype of the test that compiled it; "
+                      "registers and spills from the driver):", "",
+                  "| kernel | dtype | warps | registers | spills | shared (B) |",
+                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| `{b['kernel']}` | {b['dtype']} | {b['warps']} | {b['registers']} | "
+                  f"{b['spills']} | {b['shared']} |" for b in builds]
     return "\n".join(lines) + "\n"
 
 
@@ -337,27 +536,33 @@ class WithSparsePlan:
 
 
 def run_benchmarks(out: Path, *, quick: bool, dry_run: bool) -> int:
+    """Time every layer case's variants; bench.json and bench.md into `out`, rewritten
+    after each case (a step stopped at its limit keeps the cases it finished)."""
     import torch
 
     device = torch.device("cpu" if dry_run else "cuda")
     dtype = torch.bfloat16
     shapes = TINY if dry_run else FULL
     timer = _cpu_timer if dry_run else _cuda_timer()
+    synchronize = (lambda: None) if dry_run else torch.cuda.synchronize
+    calls = HOST_CALLS_DRY if dry_run else HOST_CALLS
     torch.backends.cuda.matmul.allow_tf32 = False
-    rows = []
+    result = {"device": str(device), "dtype": "bf16", "shapes": shapes, "rows": [],
+              "ratios": {}, "host_calls": calls}
+
+    def measure(case: str, modules: dict, tokens: int) -> None:
+        result["rows"] += _time_variants(case, modules, timer, synchronize, calls, tokens,
+                                         device, dtype)
+        result["ratios"] = _ratios(result["rows"])
+        (out / "bench.json").write_text(json.dumps(result, indent=1))
+        (out / "bench.md").write_text(bench_markdown(result) + "\n")
+
     for case in bench_cases(quick):
-        modules = _layer_variants(case, shapes, device, dtype)
-        rows += _time_variants(case.name, modules, timer, shapes["tokens"], device, dtype)
-        del modules
+        measure(case.name, _layer_variants(case, shapes, device, dtype), shapes["tokens"])
     if not quick:
-        modules = _eight_b_variants(shapes, device, dtype)
-        rows += _time_variants("8B layer", modules, timer, shapes["8b_tokens"], device, dtype)
-    result = {"device": str(device), "dtype": "bf16", "shapes": shapes, "rows": rows,
-              "ratios": _ratios(rows)}
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
-    (out / "bench.md").write_text(bench_markdown(result) + "\n")
+        measure("8B layer", _eight_b_variants(shapes, device, dtype), shapes["8b_tokens"])
     print(bench_markdown(result))
-    return 1 if any("error" in row for row in rows) else 0
+    return 1 if any("error" in row for row in result["rows"]) else 0
 
 
 def _cuda_timer():
@@ -380,6 +585,34 @@ def _cpu_timer(fn, grad_to_none):
         if i:
             samples.append((time.perf_counter() - started) * 1e3)
     return sorted(samples)[len(samples) // 2]
+
+
+# Calls per host timing (host_times): enough to fill the GPU's queue well past one call's
+# launches, few enough to add under a second per variant
+HOST_CALLS = 20
+HOST_CALLS_DRY = 1
+
+
+def host_times(fn, grad_to_none, synchronize, calls: int) -> tuple[float, float]:
+    """(launch ms, wall ms) of `fn`, beside its do_bench median. launch: the median host
+    time of one call without waiting for the device (what the CPU spends issuing it; a
+    host-device sync inside the call makes it wait, and shows here). wall: the wall time
+    per call of `calls` calls issued back to back and synchronised once at the end (the
+    larger of the host's and the device's time per call). A do_bench median close to the
+    launch time measures the host (Python, dispatch, launches), not the kernels.
+    `grad_to_none`'s gradients are reset before each call, as do_bench does."""
+    synchronize()
+    launches = []
+    started = time.perf_counter()
+    for _ in range(calls):
+        for tensor in grad_to_none or ():
+            tensor.grad = None
+        issued = time.perf_counter()
+        fn()
+        launches.append(time.perf_counter() - issued)
+    synchronize()
+    wall = (time.perf_counter() - started) / calls
+    return sorted(launches)[len(launches) // 2] * 1e3, wall * 1e3
 
 
 class CublasTwiceLoRA:
@@ -490,7 +723,10 @@ def _eight_b_variants(shapes, device, dtype) -> dict:
     return modules
 
 
-def _time_variants(case: str, modules: dict, timer, tokens: int, device, dtype) -> list[dict]:
+def _time_variants(case: str, modules: dict, timer, synchronize, calls: int, tokens: int,
+                   device, dtype) -> list[dict]:
+    """A row per variant: do_bench medians (fwd_ms, fwd_bwd_ms) and beside each, the
+    host_times of the same function (*_launch_ms, *_wall_ms)."""
     import torch
 
     probe = next(iter(modules.values()))[0]
@@ -521,16 +757,19 @@ def _time_variants(case: str, modules: dict, timer, tokens: int, device, dtype) 
             outputs = call()
             torch.autograd.backward(outputs if isinstance(outputs, list) else [outputs], grads)
 
+        row = {"case": case, "variant": variant}
         try:
-            fwd = timer(forward, None)
-            fwd_bwd = timer(train, leaves + list(params))
-            rows.append({"case": case, "variant": variant, "fwd_ms": round(fwd, 4),
-                         "fwd_bwd_ms": round(fwd_bwd, 4)})
+            for name, fn, grad_to_none in (("fwd", forward, None),
+                                           ("fwd_bwd", train, leaves + list(params))):
+                row[f"{name}_ms"] = round(timer(fn, grad_to_none), 4)
+                launch, wall = host_times(fn, grad_to_none, synchronize, calls)
+                row[f"{name}_launch_ms"], row[f"{name}_wall_ms"] = round(launch, 4), \
+                    round(wall, 4)
         except Exception as error:  # one broken variant must not hide the others' figures
-            rows.append({"case": case, "variant": variant, "error": repr(error)[:300]})
-        print(f"{case:9s} {variant:7s} {rows[-1]}", flush=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            row = {"case": case, "variant": variant, "error": repr(error)[:300]}
+        rows.append(row)
+        print(f"{case:9s} {variant:7s} {row}", flush=True)
+        synchronize()
     return rows
 
 
@@ -562,22 +801,47 @@ def _ratios(rows: list[dict]) -> dict:
     return {key: round(value, 4) for key, value in ratios.items()}
 
 
+# A do_bench median whose host launch time is at least this share of it measures the host
+HOST_BOUND_SHARE = 0.8
+
+
+def host_bound(row: dict) -> list[str]:
+    """The figures of a row ("fwd", "fwd+bwd") that measure the host: launch time at least
+    HOST_BOUND_SHARE of the do_bench median."""
+    return [label for label, name in (("fwd", "fwd"), ("fwd+bwd", "fwd_bwd"))
+            if row.get(f"{name}_launch_ms") is not None
+            and row[f"{name}_launch_ms"] >= HOST_BOUND_SHARE * row[f"{name}_ms"]]
+
+
 def bench_markdown(bench: dict) -> str:
     rows = bench["rows"]
     base = {r["case"]: r for r in rows if r["variant"] == "base" and "error" not in r}
-    lines = [f"Layer benchmarks ({bench['device']}, {bench['dtype']}; do_bench medians; "
-             f"shapes {bench['shapes']}):", "",
-             "| case | variant | fwd ms | fwd x base | fwd+bwd ms | fwd+bwd x base |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [f"Layer benchmarks ({bench['device']}, {bench['dtype']}; shapes "
+             f"{bench['shapes']}). ms: do_bench median. launch: the host's time for one "
+             f"call without waiting for the device (median). wall: wall time per call of "
+             f"{bench.get('host_calls', HOST_CALLS)} calls back to back, synchronised once. "
+             f"host-bound: launch >= {HOST_BOUND_SHARE} x ms, so the figure measures the "
+             f"host (Python, dispatch, launches), not the kernels.", "",
+             "| case | variant | fwd ms | launch | wall | fwd x base | fwd+bwd ms | launch | "
+             "wall | fwd+bwd x base | host-bound |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+    def ms(row, key):
+        return "" if row.get(key) is None else f"{row[key]:.4f}"
+
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['variant']} | error: {r['error']} | | | |")
+            lines.append(f"| {r['case']} | {r['variant']} | error: {r['error']} "
+                         "| | | | | | | | |")
             continue
         b = base.get(r["case"])
         fwd_ratio = f"{r['fwd_ms'] / b['fwd_ms']:.3f}" if b else ""
         train_ratio = f"{r['fwd_bwd_ms'] / b['fwd_bwd_ms']:.3f}" if b else ""
-        lines.append(f"| {r['case']} | {r['variant']} | {r['fwd_ms']:.4f} | {fwd_ratio} | "
-                     f"{r['fwd_bwd_ms']:.4f} | {train_ratio} |")
+        lines.append(f"| {r['case']} | {r['variant']} | {ms(r, 'fwd_ms')} | "
+                     f"{ms(r, 'fwd_launch_ms')} | {ms(r, 'fwd_wall_ms')} | {fwd_ratio} | "
+                     f"{ms(r, 'fwd_bwd_ms')} | {ms(r, 'fwd_bwd_launch_ms')} | "
+                     f"{ms(r, 'fwd_bwd_wall_ms')} | {train_ratio} | "
+                     f"{', '.join(host_bound(r))} |")
     ratios = bench["ratios"]
     measured = {
         TARGETS[0][0]: ratios.get("L1 soft triton fwd+bwd / base"),

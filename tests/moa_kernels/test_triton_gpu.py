@@ -15,6 +15,7 @@ import contextlib
 import copy
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -159,10 +160,13 @@ REALISTIC = [("L1", ["lora:8", "lora:16", "lora:32", "adapter:16"], RouterConfig
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_jit_builds_within_budget(dtype):
     """The builds the JIT made on this GPU for realistic shapes: registers and spills from
-    the driver, against the budget (no spills; <= 168 registers at 4 warps)."""
+    the driver, against the budget (no spills; <= 168 registers at 4 warps). The builds
+    new in this test (compiled for `dtype`) go to the GPU suite's table, once each."""
     from moa_kernels.triton import expand
 
     kernels = (expand._gate_kernel, expand._gate_grad_kernel)
+    device = torch.cuda.current_device()
+    before = _compiled_ids(kernels, device)
     for _, experts, router, tokens, d_in, d_out in REALISTIC:
         layer = _layer(router, d_in, d_out, dtype, experts)
         x = torch.randn(tokens, d_in, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -171,28 +175,23 @@ def test_jit_builds_within_budget(dtype):
         y = layer(x, gates) if gates is not None else layer(x)
         y.float().sum().backward()
     torch.cuda.synchronize()
-    rows = []
-    for kernel in kernels:
-        for compiled in _compiled(kernel):
-            rows.append({"kernel": kernel.fn.__name__, "dtype": str(dtype),
-                         "registers": int(compiled.n_regs), "spills": int(compiled.n_spills),
-                         "shared": int(compiled.metadata.shared),
-                         "warps": int(compiled.metadata.num_warps)})
-    assert {row["kernel"] for row in rows} == {k.fn.__name__ for k in kernels}
+    new = _build_rows(kernels, device, str(dtype), before)
+    assert {row["kernel"] for row in new} == {k.fn.__name__ for k in kernels}
     out = os.environ.get("MOA_GPU_SUITE_OUT")
     if out:
         with open(os.path.join(out, f"jit_builds_{str(dtype)[6:]}.json"), "w") as handle:
-            json.dump(rows, handle, indent=1)
-    for row in rows:
+            json.dump(new, handle, indent=1)
+    # every build of these kernels in this process keeps the budget (those of earlier
+    # tests too)
+    for row in _build_rows(kernels, device, str(dtype), set()):
         assert row["spills"] == 0, row
         assert row["warps"] != 4 or row["registers"] <= 168, row
 
 
-def _compiled(kernel) -> list:
-    """The kernels the JIT compiled for `kernel` on the current device: triton 3.x keeps
-    them in a dict inside device_caches[device] (a tuple whose layout changes between
-    versions), older ones in cache[device]; a compiled kernel is what has `asm`."""
-    device = torch.cuda.current_device()
+def _compiled(kernel, device) -> list:
+    """The kernels the JIT compiled for `kernel` on `device`: triton 3.x keeps them in a
+    dict inside device_caches[device] (a tuple whose layout changes between versions),
+    older ones in cache[device]; a compiled kernel is what has `asm`."""
     caches = getattr(kernel, "device_caches", None)
     if caches is not None:
         entry = caches[device]
@@ -205,3 +204,59 @@ def _compiled(kernel) -> list:
         if getattr(item, "n_regs", None) is None and hasattr(item, "_init_handles"):
             item._init_handles()
     return compiled
+
+
+def _compiled_ids(kernels, device) -> set[int]:
+    """The ids of the builds the JIT holds now for `kernels` (each stays alive in its cache,
+    so an id names one build for the process's life)."""
+    return {id(compiled) for kernel in kernels for compiled in _compiled(kernel, device)}
+
+
+def _build_rows(kernels, device, dtype: str, before: set[int]) -> list[dict]:
+    """A row per build of `kernels` on `device` not in `before` (_compiled_ids), labelled
+    with `dtype`: the builds a test made, with the dtype it ran."""
+    rows = []
+    for kernel in kernels:
+        for compiled in _compiled(kernel, device):
+            if id(compiled) not in before:
+                rows.append({"kernel": kernel.fn.__name__, "dtype": dtype,
+                             "registers": int(compiled.n_regs),
+                             "spills": int(compiled.n_spills),
+                             "shared": int(compiled.metadata.shared),
+                             "warps": int(compiled.metadata.num_warps)})
+    return rows
+
+
+class _FakeBuild:
+    """What _build_rows reads of a compiled kernel."""
+
+    def __init__(self, registers):
+        self.asm, self.n_regs, self.n_spills = {}, registers, 0
+        self.metadata = types.SimpleNamespace(shared=1024, num_warps=4)
+
+
+def test_build_rows_label_each_build_once_with_the_dtype_of_its_test():
+    # two "tests" in one process (bf16, then fp16) on a JIT cache laid out as triton 3.9's
+    # (device_caches[device] = (kernel cache, key cache, target, backend, binder)): the
+    # second records only the builds it added, labelled fp16; nothing appears twice
+    class Kernel:
+        def __init__(self, name):
+            self.fn = types.SimpleNamespace(__name__=name)
+            self.device_caches = {0: ({}, {"a key": "not a build"}, None, None, None)}
+
+        def compile(self, key, registers):
+            self.device_caches[0][0][key] = _FakeBuild(registers)
+
+    kernels = (Kernel("_gate_kernel"), Kernel("_gate_grad_kernel"))
+    before = _compiled_ids(kernels, 0)
+    kernels[0].compile("bf16 L1", 80)
+    kernels[1].compile("bf16 L1", 90)
+    first = _build_rows(kernels, 0, "torch.bfloat16", before)
+    before = _compiled_ids(kernels, 0)
+    kernels[0].compile("fp16 L1", 81)
+    second = _build_rows(kernels, 0, "torch.float16", before)
+    assert [(r["kernel"], r["dtype"], r["registers"]) for r in first] == [
+        ("_gate_kernel", "torch.bfloat16", 80), ("_gate_grad_kernel", "torch.bfloat16", 90)]
+    assert [(r["kernel"], r["dtype"], r["registers"]) for r in second] == [
+        ("_gate_kernel", "torch.float16", 81)]
+    assert len(_build_rows(kernels, 0, "any", set())) == 3  # all builds, for the budget
