@@ -27,6 +27,7 @@ terms, not of its norm. Hence:
   backend tests compare.
 """
 
+import math
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -118,7 +119,7 @@ def assert_negligible(tensor: torch.Tensor, bound: float, name: str) -> None:
 
 def assert_results_match(actual: dict, expected: dict, tol: float, *, dtype: torch.dtype,
                          expected_dtype: torch.dtype | None = None,
-                         vanishing=()) -> None:
+                         vanishing=(), floors: dict | None = None) -> None:
     """Every entry of `actual` (name -> tensor or None) against `expected`.
 
     dtype / expected_dtype: what each side computed in (expected_dtype defaults to dtype).
@@ -126,7 +127,9 @@ def assert_results_match(actual: dict, expected: dict, tol: float, *, dtype: tor
       O(1) or exactly zero, never rounding noise.
     - Names in `vanishing` are zero by construction (the caller knows why, e.g.
       `router_gates_vanish`): each side must be negligible in its own dtype.
-    - Other gradients: relative error with floor `rounding_floor`.
+    - Other gradients: relative error with floor `rounding_floor`, or the caller's floor
+      for that name in `floors` (name -> norm) where it is larger: one derived from the
+      gradient's own terms (e.g. a long reduction's accumulated rounding).
     Magnitudes are natural ones: sqrt(numel) * the `gradient_scale` of the expected
     gradients that do not vanish.
     """
@@ -149,7 +152,8 @@ def assert_results_match(actual: dict, expected: dict, tol: float, *, dtype: tor
         elif key in OUTPUT_KEYS:
             assert_close(got, want, tol, name=key, floor=0.0)
         else:
-            assert_close(got, want, tol, name=key, floor=rounding_floor(dtype, magnitude, tol))
+            floor = max(rounding_floor(dtype, magnitude, tol), (floors or {}).get(key, 0.0))
+            assert_close(got, want, tol, name=key, floor=floor)
 
 
 def router_gates_vanish(layer, gates: torch.Tensor) -> bool:
@@ -214,19 +218,29 @@ def sparse_run_with_outside_gates(layer, x: torch.Tensor, gates: torch.Tensor,
     return result
 
 
+def output_weighting(shape, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weighting of y [T, out] under which run_with_gradients differentiates, fp32: a
+    ramp from -1 to 1 over y's elements in row-major order (both signs, drifting along T),
+    rounded to `dtype` first when given (the cotangent a run in `dtype` receives)."""
+    weights = torch.linspace(-1.0, 1.0, math.prod(shape), device=device).reshape(shape)
+    return weights if dtype is None else weights.to(dtype).float()
+
+
 def run_with_gradients(layer, x: torch.Tensor, backend: str, gates=None,
-                       seed: int | None = 7):
+                       seed: int | None = 7, weights_dtype: torch.dtype | None = None):
     """y and the gradients of x and of every trainable tensor of `layer(x[, gates])` on
     `backend` under a fixed weighting of y, and the gates the layer applied. seed: the
     global seed set just before the call (the same dropout mask for every backend), or None
-    to leave the generator alone."""
+    to leave the generator alone. weights_dtype: round the weighting to this dtype first
+    (a bf16 run's backward starts from the weighting rounded to bf16, so a float64 oracle of
+    that run is given weights_dtype=torch.bfloat16 to differentiate the same values)."""
     layer.backend = backend
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     if seed is not None:
         torch.manual_seed(seed)
     y = layer(x, gates) if gates is not None else layer(x)
-    weights = torch.linspace(-1.0, 1.0, y.numel(), device=y.device).reshape(y.shape)
+    weights = output_weighting(y.shape, y.device, weights_dtype)
     (y.float() * weights).sum().backward()
     grads = {"y": y.detach(), "x": x.grad}
     for name, parameter in layer.named_parameters():
