@@ -566,7 +566,8 @@ def check_module_experts(metadata: dict[str, str], moa: MoAModel, weights_path: 
 
 def load_state_into(moa: MoAModel, state: dict[str, torch.Tensor]) -> None:
     """What MoAModel.load_moa_state_dict does: copy `state` into moa's MoA tensors, each
-    present with its shape and nothing else; otherwise ValueError names the keys."""
+    present with its shape and nothing else; otherwise ValueError names the keys. Under
+    FSDP2 (DTensor parameters) each rank keeps its shard of the whole tensors given."""
     expected = dict(moa.moa_named_parameters())
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -589,7 +590,14 @@ def load_state_into(moa: MoAModel, state: dict[str, torch.Tensor]) -> None:
                          + ", ".join(not_float[:_SHOWN]))
     with torch.no_grad():
         for name, param in expected.items():
-            param.copy_(state[name])  # a float dtype other than the model's is cast
+            value = state[name]
+            if _is_dtensor(param):  # FSDP2: this rank's shard of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(param.device_mesh.device_type),
+                                          param.device_mesh, param.placements,
+                                          src_data_rank=None)  # every rank has it whole
+            param.copy_(value)  # a float dtype other than the model's is cast
 
 
 def _last_part(name_or_path: str) -> str:
