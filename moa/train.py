@@ -22,6 +22,7 @@ training raises TrainingInterrupted, which says where the newest checkpoint is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -749,12 +750,12 @@ def _check_resume_fits(resume: str, options: TrainOptions, world: World) -> None
 
     written_by = checkpoint_strategy(resume)
     wanted = _strategy(options)
-    flags = {"deepspeed": "--deepspeed CONFIG.json", "fsdp": "--fsdp",
-             "ddp": "neither --fsdp nor --deepspeed"}
+    how = {"deepspeed": "with --deepspeed", "fsdp": "with --fsdp",
+           "ddp": "without --fsdp or --deepspeed"}
     if written_by != wanted:
-        raise ValueError(f"--resume {resume}: this checkpoint was written under {written_by}, "
-                         f"this run trains under {wanted}; resume it with {flags[written_by]} "
-                         "(a checkpoint's optimizer state is its strategy's own)")
+        raise ValueError(f"--resume {resume}: this checkpoint was written {how[written_by]} "
+                         f"and this run is {how[wanted]}: resume it {how[written_by]} (the "
+                         "optimizer state in a checkpoint is its strategy's own)")
     processes = checkpoint_world_size(resume)
     if written_by == "deepspeed" and processes != world.size:
         raise ValueError(f"--resume {resume}: this DeepSpeed checkpoint was written by "
@@ -830,6 +831,26 @@ def _quiet(_: str) -> None:
     """What the ranks other than 0 print: nothing."""
 
 
+# accelerate's Accelerator sets these in os.environ for good once given a DeepSpeed (FSDP)
+# plugin, and every later Accelerator of the process reads them: a later run_train in the
+# same process (moa compare's runs, a notebook) would train under DeepSpeed unasked.
+ACCELERATE_SWITCHES = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
+
+
+@contextlib.contextmanager
+def _environment_kept(names: tuple[str, ...]):
+    """The environment variables `names` as they were before the block, after it."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run_train(options: TrainOptions, log: Callable[[str], None] = print,
               progress: bool = True, *, base_model: torch.nn.Module | None = None,
               adapt: Callable[[torch.nn.Module], torch.nn.Module] | None = None
@@ -899,30 +920,31 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
 
     progress_callback = _progress_callback_class()(say, progress and world.is_main,
                                                    options.log_interval)
-    trainer = checkpoint_trainer_class()(
-        model=model, args=arguments, train_dataset=SupervisedDataset(train.features),
-        eval_dataset=SupervisedDataset(evaluation.features) if evaluation else None,
-        data_collator=PadCollator(prepared.tokenizer.pad_token_id),
-        callbacks=[progress_callback])
-    for callback in (ProgressCallback, PrinterCallback):
-        trainer.remove_callback(callback)
+    with _environment_kept(ACCELERATE_SWITCHES):
+        trainer = checkpoint_trainer_class()(
+            model=model, args=arguments, train_dataset=SupervisedDataset(train.features),
+            eval_dataset=SupervisedDataset(evaluation.features) if evaluation else None,
+            data_collator=PadCollator(prepared.tokenizer.pad_token_id),
+            callbacks=[progress_callback])
+        for callback in (ProgressCallback, PrinterCallback):
+            trainer.remove_callback(callback)
 
-    def replace_previous_run() -> None:
-        if replaced and world.is_main:
-            say(f"--overwrite: replacing the run in {out} (removing "
-                f"{describe_entries(out, replaced)})")
-            remove_previous_run(out)
+        def replace_previous_run() -> None:
+            if replaced and world.is_main:
+                say(f"--overwrite: replacing the run in {out} (removing "
+                    f"{describe_entries(out, replaced)})")
+                remove_previous_run(out)
 
-    world.agree(replace_previous_run)
-    if resume:
-        say(f"resuming from {resume}")
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(last_whole_checkpoint(out / CHECKPOINTS)[0],
-                                  options.save_interval, options.overwrite) from None
-    finally:
-        progress_callback.close()
+        world.agree(replace_previous_run)
+        if resume:
+            say(f"resuming from {resume}")
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(last_whole_checkpoint(out / CHECKPOINTS)[0],
+                                      options.save_interval, options.overwrite) from None
+        finally:
+            progress_callback.close()
     model.eval()
 
     adapter_dir = out / "adapter"

@@ -578,6 +578,11 @@ def test_compare_trains_each_run_data_parallel_and_rank_0_writes_the_results(run
     _, out1, _, writes1 = command(folder, "compare", 1)
     assert out1 == ""
     run_dir = folder / "dir" / "runs" / "soft_moa" / "seed-0"
+    # The zero3 scenario ran before in these processes, and accelerate leaves
+    # ACCELERATE_USE_DEEPSPEED=true in their environment: run_train puts it back, so this
+    # run is not a DeepSpeed one (no global_stepN folder in its checkpoint).
+    assert any("checkpoint-4" in path for path in writes1)  # the audit sees the checkpoint
+    assert not any("global_step" in path for path in writes1), writes1
     assert all(Path(path).is_relative_to(run_dir) and
                in_staging(Path(path).relative_to(run_dir))
                for path in writes1 if Path(path).is_relative_to(folder / "dir")), writes1
