@@ -19,14 +19,16 @@ checkpoint rotation, the Hub):
 - `_load_from_checkpoint` (resume_from_checkpoint) and `_load_best_model`
   (load_best_model_at_end): MoAModel.load_adapter on the checkpoint's adapter files.
 
-Under DeepSpeed and FSDP, where the Trainer adds its engine's own resume files, those hold no
-base weights either (`_save_optimizer_and_scheduler`): DeepSpeed's checkpoint
-(global_stepN/, latest) leaves the frozen parameters out (exclude_frozen_parameters; its
-ZeRO partitions hold the trainable ones) and resumes non-strict about the module's keys, as
-for PEFT models; under FSDP only the optimizer state is written (optimizer.bin, whole, as
-FSDP's full state dict: it fits any number of processes) and resuming loads the adapter
-files into the sharded model. `checkpoint_strategy` tells the three kinds of checkpoint
-apart by their optimizer files.
+Sharded training (`_save_optimizer_and_scheduler`): under DeepSpeed the engine's checkpoint
+(global_stepN/, latest) leaves the frozen parameters out (exclude_frozen_parameters; its ZeRO
+partitions hold the trainable ones) and resuming reads it non-strict about the module's
+keys, as for PEFT models. A model sharded with FSDP2 before training
+(moa.distributed.shard_with_fsdp2, what `moa train --fsdp` does; the Trainer's route for
+models sharded when they load) gets its optimizer state whole in optimizer.bin (FSDP's full
+state dict: it fits any number of processes), its scheduler, scaler and RNG states, and on
+resuming the adapter files loaded into its shards. (Under accelerate's own FSDP plugin, on
+GPUs, the Trainer writes and reads its FSDP files as for any model, the base included.)
+`checkpoint_strategy` tells the kinds of checkpoint apart by their optimizer files.
 
 Two more things the mixin adds to the Trainer's checkpoints:
 
@@ -256,9 +258,10 @@ class MoATrainerMixin:
                    for name in (CONFIG_NAME, WEIGHTS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        # Under FSDP too: load_adapter fills the sharded MoA tensors from the whole ones.
+        # A model sharded by shard_with_fsdp2 (no accelerate FSDP plugin) comes here too:
+        # load_adapter fills its sharded MoA tensors from the whole ones.
         moa = self._moa_model()
-        if moa is None or self.is_deepspeed_enabled \
+        if moa is None or self.is_fsdp_enabled or self.is_deepspeed_enabled \
                 or not self._adapter_in(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         moa.load_adapter(resume_from_checkpoint, is_trainable=True)

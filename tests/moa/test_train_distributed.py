@@ -9,10 +9,13 @@ records every file it opens for writing, creates, renames or removes from Python
 hook): rank 0 alone writes the outputs.
 
 - ddp, fsdp (--fsdp), zero3 (--deepspeed with a ZeRO-3 config; skipped without
-  deepspeed): `moa train` over one epoch at --batch-size 4 (4 steps, checkpoints at 2 and 4),
-  then checkpoint-2 alone copied into a new OUT and continued with --resume last. The ddp
-  scenario ends with a third command into the first OUT, which holds a run: refused on both
-  ranks with the same line.
+  deepspeed): `moa train` over one epoch at a global batch of 8 (4 steps, checkpoints at 2
+  and 4; fsdp in micro-batches of 2 accumulated twice, zero3 with activation
+  checkpointing), then checkpoint-2 alone copied into a new OUT and continued with --resume
+  last. The ddp scenario ends with a third command into the first OUT, which holds a run:
+  refused on both ranks with the same line, then one whose first checkpoint rank 0 cannot
+  write (a full disk); fsdp and zero3 with two steps under --bf16 and
+  --gradient-checkpointing.
 - evaluate: `moa evaluate` of the ddp adapter on multiple-choice and arithmetic records.
 - compare: `moa compare` of one variant, one seed.
 
@@ -61,7 +64,12 @@ TRAIN = ["--epochs", "1", "--batch-size", "4", "--lr", "1e-2", "--save-interval"
 ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
          "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
          "train_batch_size": "auto"}
-STRATEGIES = {"ddp": [], "fsdp": ["--fsdp"], "zero3": ["--deepspeed", "{inputs}/zero3.json"]}
+# The same global batch of 8 each: fsdp as 2 processes x 2 x 2 micro-batches (FSDP2's
+# gradient reduction deferred to the last one), zero3 with activation checkpointing.
+STRATEGIES = {"ddp": [], "fsdp": ["--fsdp", "--batch-size", "2", "--gradient-accumulation", "2"],
+              "zero3": ["--deepspeed", "{inputs}/zero3.json", "--gradient-checkpointing"]}
+HEADERS = {"ddp": "global batch of 2 x 4 x 1", "fsdp": "global batch of 2 x 2 x 2",
+           "zero3": "global batch of 2 x 4 x 1"}
 SCENARIOS = ["ddp", "fsdp"] + (["zero3"] if HAS_DEEPSPEED else []) + ["evaluate", "compare"]
 
 
@@ -133,6 +141,33 @@ def run_training(rank: int, folder: Path, strategy: str) -> None:
     if strategy == "ddp":
         cli(folder, "refused", ["train", *data, "--steps", "2", "--out", str(folder / "run")],
             rank)
+        with disk_full_for("optimizer.pt", rank == 0):
+            cli(folder, "disk-full", ["train", *data, "--steps", "2", "--save-interval", "1",
+                                      "--out", str(folder / "disk-full")], rank)
+    else:
+        cli(folder, "mixed", ["train", *data, "--steps", "2", "--batch-size", "4", *extra,
+                              "--bf16", "--gradient-checkpointing", "--out",
+                              str(folder / "mixed")], rank)
+
+
+@contextlib.contextmanager
+def disk_full_for(name: str, active: bool):
+    """torch.save of a file named `name` fails as on a full disk (in this process, if
+    active)."""
+    import errno
+
+    real = torch.save
+
+    def save(obj, file, *args, **kwargs):
+        if active and os.path.basename(str(file)) == name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real(obj, file, *args, **kwargs)
+
+    torch.save = save
+    try:
+        yield
+    finally:
+        torch.save = real
 
 
 def run_evaluate_scenario(rank: int, folder: Path) -> None:
@@ -346,7 +381,7 @@ def test_rank_0_alone_prints_and_writes_the_outputs(runs, strategy):
     _, out0, _, _ = command(folder, "run", 0)
     _, out1, err1, writes1 = command(folder, "run", 1)
     assert out0.count("done in") == 1 and out0.count("adapter saved to") == 1
-    assert "2 processes (gloo" in out0 and "global batch of 2 x 4 x 1" in out0
+    assert "2 processes (gloo" in out0 and HEADERS[strategy] in out0
     assert out1 == ""  # nothing on stdout, and no progress bar or loss lines on stderr
     assert "training" not in err1 and "loss" not in err1
     run = folder / "run"
@@ -441,6 +476,21 @@ def test_sharded_training_trains_what_ddp_trains(runs, strategy):
     folder = results(runs, strategy)
     ddp = results(runs, "ddp")
     assert adapter_error(folder / "run" / "adapter", ddp / "run" / "adapter") < 1e-5
+    for (step, a), (_, b) in zip(losses(folder / "run"), losses(ddp / "run")):
+        assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_sharded_training_runs_with_bf16_and_activation_checkpointing(runs, strategy):
+    if strategy == "zero3" and not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed")
+    folder = results(runs, strategy)
+    succeeded(folder, "mixed")
+    steps = losses(folder / "mixed")
+    assert [step for step, _ in steps] == [1, 2]
+    assert all(0 < loss < 20 for _, loss in steps)
+    adapter = load_file(folder / "mixed" / "adapter" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 and t.isfinite().all() for t in adapter.values())
 
 
 def test_an_out_holding_another_run_is_refused_on_every_rank_with_one_line(runs):
@@ -452,6 +502,21 @@ def test_an_out_holding_another_run_is_refused_on_every_rank_with_one_line(runs)
         lines.append([line for line in err.splitlines() if line.startswith("moa: ")])
     assert lines[0] == lines[1] and len(lines[0]) == 1
     assert "holds another run" in lines[0][0] and "--resume last" in lines[0][0]
+
+
+def test_a_checkpoint_that_rank_0_cannot_write_fails_the_run_on_every_rank(runs):
+    folder = results(runs, "ddp")
+    for rank in range(WORLD_SIZE):
+        code, _, err, _ = command(folder, "disk-full", rank)
+        lines = [line for line in err.splitlines() if line.startswith("moa: ")]
+        assert code == 1 and len(lines) == 1, err[-2000:]
+        assert lines[0].startswith("moa: error: cannot write the checkpoint of step 1 into ")
+        assert lines[0].endswith("nothing of it was kept (the earlier checkpoints are as "
+                                 "they were)")
+        reason = "No space left on device" if rank == 0 else \
+            "another process failed to write its part of it"
+        assert reason in lines[0]
+    assert list((folder / "disk-full" / "checkpoints").iterdir()) == []
 
 
 def test_a_ddp_checkpoint_continues_in_one_process_at_the_same_global_batch(runs, tmp_path):
