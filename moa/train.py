@@ -15,8 +15,16 @@ not at all); `--resume last` (the newest whole one) or `--resume DIR` continues 
 Before the model loads: OUT is none of the inputs and holds none of them; an OUT holding
 another run (moa/outputs.py) is refused unless --resume continues it or --overwrite replaces
 it; OUT is probed for writing; the Trainer's arguments are built (so --bf16 without a GPU
-that has bfloat16 is settled: on the CPU it trains in bf16 autocast). Ctrl-C during the
-training raises TrainingInterrupted, which says where the newest checkpoint is.
+that has bfloat16 is settled: on the CPU it trains in bf16 autocast; --fsdp and --deepspeed
+where they cannot run, and a --resume checkpoint of another strategy, are refused). Ctrl-C
+during the training raises TrainingInterrupted, which says where the newest checkpoint is.
+
+Launched as several processes (torchrun, accelerate launch; moa/distributed.py), each one
+runs all of this: data-parallel by default (the Trainer's DDP: each process its share of
+every global batch of processes x batch x accumulation), the model also sharded under
+--fsdp (moa.distributed.shard_with_fsdp2) or --deepspeed CONFIG.json (the Trainer's
+DeepSpeed integration); rank 0 alone checks and writes OUT and prints, and the other
+processes learn its verdicts (World.agree, World.share).
 """
 
 from __future__ import annotations
