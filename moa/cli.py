@@ -159,10 +159,12 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
+    from moa.distributed import current_world
     from moa.train import TrainOptions, run_train
 
     result = run_train(TrainOptions.from_args(args))
-    print(f"done in {result.seconds:.1f} s")
+    if current_world().is_main:  # launched as several processes, rank 0 speaks for all
+        print(f"done in {result.seconds:.1f} s")
     return 0
 
 

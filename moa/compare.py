@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from moa.config import PRESETS
+from moa.distributed import World, join_world
 from moa.evaluate import EVALUATE_OPTIONS, evaluate_items
 from moa.train import (
     TRAIN_OPTIONS,
@@ -692,12 +693,13 @@ def _free(device: torch.device) -> None:
 
 
 def _score_base(plan: Plan, base, tokenizer, items, device: torch.device,
-                progress: bool) -> dict:
+                progress: bool, world: World) -> dict:
     options = plan.options
     started = time.perf_counter()
     model = copy.deepcopy(base).to(device).eval()
     scores = evaluate_items(model, tokenizer, items, options.eval_batch_size,
-                            options.max_new_tokens, options.eval_max_length, device, progress)
+                            options.max_new_tokens, options.eval_max_length, device, progress,
+                            world=world)
     del model
     return {"variant": BASE, "trainable_params": 0, **score_result(scores),
             "score_seconds": time.perf_counter() - started, "device": str(device)}
@@ -705,10 +707,10 @@ def _score_base(plan: Plan, base, tokenizer, items, device: torch.device,
 
 def _train_and_score(plan: Plan, variant: Variant, seed: int, base, tokenizer, items,
                      device: torch.device, log: Callable[[str], None],
-                     progress: bool) -> dict:
+                     progress: bool, world: World) -> dict:
     options = plan.options
     run_dir = plan.run_path(variant.name, seed, suffix="")
-    if run_dir.exists():  # what an interrupted or failed run left
+    if run_dir.exists() and world.is_main:  # what an interrupted or failed run left
         shutil.rmtree(run_dir)
     train_options = TrainOptions(
         data=options.data, model=options.model, out=str(run_dir), steps=options.steps,
@@ -729,7 +731,7 @@ def _train_and_score(plan: Plan, variant: Variant, seed: int, base, tokenizer, i
     started = time.perf_counter()
     scores = evaluate_items(model, tokenizer, items, options.eval_batch_size,
                             options.max_new_tokens, options.eval_max_length, score_device,
-                            progress)
+                            progress, world=world)
     score_seconds = time.perf_counter() - started
     routers = router_statistics(model, tokenizer, router_prompts(items),
                                 options.eval_max_length)
@@ -765,73 +767,112 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
                 progress: bool = True) -> CompareResult:
     """`moa compare` (see the module docstring). Bad input is a ValueError or OSError before
     any model loads; a run that raises (anything but KeyboardInterrupt) is recorded and the
-    others go on."""
+    others go on.
+
+    Launched as several processes (moa/distributed.py), every process calls this: each
+    run trains data-parallel as `moa train` does and each process scores its share of the
+    test records; rank 0 alone checks and writes DIR and prints, a run that fails on any
+    process fails on all, and every process returns the same summary and failures (files
+    only on rank 0)."""
     from tqdm import tqdm
 
     from moa.data import load_evaluation_items
     from moa.loading import load_base_model, load_tokenizer, model_description
 
-    plan = plan_compare(options)
+    world = join_world(cpu=_device_of(options.device).type == "cpu")
+    plan = world.share(world.agree(lambda: plan_compare(options) if world.is_main else None))
     runs = [(variant, seed) for variant in plan.variants for seed in range(options.seeds)]
-    done = [(v, s) for v, s in runs if plan.run_path(v.name, s).is_file()]
-    base_done = plan.base_path().is_file()
+    done, base_done = world.share(
+        ([(v.name, s) for v, s in runs if plan.run_path(v.name, s).is_file()],
+         plan.base_path().is_file()))
     bar = tqdm(total=len(runs) + 1, initial=len(done) + base_done, desc="compare",
-               unit="run", disable=not progress, mininterval=0.5, position=0)
+               unit="run", disable=not (progress and world.is_main), mininterval=0.5,
+               position=0)
 
     def say(line: str) -> None:
-        (tqdm.write if progress else log)(line)
+        if world.is_main:
+            (tqdm.write if progress else log)(line)
 
     failed: list[str] = []
     try:
         say(f"moa compare: {len(plan.variants)} variants x {options.seeds} seeds on "
             f"{model_description(options.model)}; {len(done) + base_done} of {len(runs) + 1} "
-            f"runs already in {plan.out}")
+            f"runs already in {plan.out}"
+            + (f"; {world.size} processes (each run data-parallel)" if world.size > 1
+               else ""))
         if len(done) + base_done < len(runs) + 1:
-            device = _device_of(options.device)
-            tokenizer = load_tokenizer(options.model)
-            items = load_evaluation_items(options.eval_data)
-            base = load_base_model(options.model, torch.bfloat16 if options.bf16 else None)
+            device = world.device(options.device)
+            tokenizer, items, base = world.agree(lambda: (
+                load_tokenizer(options.model), load_evaluation_items(options.eval_data),
+                load_base_model(options.model, torch.bfloat16 if options.bf16 else None)))
             if not base_done:
                 bar.set_postfix_str("base model")
+
+                def score_base() -> None:
+                    result = _score_base(plan, base, tokenizer, items, device, progress,
+                                         world)
+                    if world.is_main:
+                        write_json_atomic(plan.base_path(), result)
+                        plan.base_path(".error.txt").unlink(missing_ok=True)
+
                 try:
-                    write_json_atomic(plan.base_path(),
-                                      _score_base(plan, base, tokenizer, items, device,
-                                                  progress))
-                    plan.base_path(".error.txt").unlink(missing_ok=True)
+                    world.agree(score_base)
                 except Exception as error:
-                    reason = _write_failure(plan.base_path(".error.txt"), error)
+                    reason = _record_failure(plan.base_path(".error.txt"), error, world)
                     say(f"base model: failed: {reason} (see {plan.base_path('.error.txt')})")
                     failed.append(BASE)
                 _free(device)
                 bar.update()
             for variant, seed in runs:
-                if (variant, seed) in done:
+                if (variant.name, seed) in done:
                     continue
                 bar.set_postfix_str(f"{variant.name} seed {seed}")
                 error_path = plan.run_path(variant.name, seed, ".error.txt")
-                try:
+
+                def train_and_score(variant=variant, seed=seed, error_path=error_path):
                     result = _train_and_score(plan, variant, seed, base, tokenizer, items,
-                                              device, say, progress)
-                    write_json_atomic(plan.run_path(variant.name, seed), result, indent=None)
-                    error_path.unlink(missing_ok=True)
-                    _tidy_run_dir(plan, variant.name, seed)
+                                              device, say, progress, world)
+                    if world.is_main:
+                        write_json_atomic(plan.run_path(variant.name, seed), result,
+                                          indent=None)
+                        error_path.unlink(missing_ok=True)
+                        _tidy_run_dir(plan, variant.name, seed)
+                    return result
+
+                try:
+                    result = world.agree(train_and_score)
                     say(f"{variant.name} seed {seed}: accuracy {result['accuracy']:.4f}")
                 except Exception as error:
-                    reason = _write_failure(error_path, error)
+                    reason = _record_failure(error_path, error, world)
                     say(f"{variant.name} seed {seed}: failed: {reason} (see {error_path})")
                     failed.append(f"{variant.name} seed {seed}")
                 _free(device)
                 bar.update()
     finally:
         bar.close()
-    summary = summarize(plan)
-    files = write_summary(plan, summary)
-    log(format_table(summary))
-    log(f"written: {', '.join(str(f) for f in files)}")
+
+    def summary_and_files():
+        if not world.is_main:
+            return None, []
+        summary = summarize(plan)
+        return summary, write_summary(plan, summary)
+
+    summary, files = world.agree(summary_and_files)
+    summary = world.share(summary)
+    say(format_table(summary))
+    say(f"written: {', '.join(str(f) for f in files)}")
     if failed:
-        log(f"{len(failed)} run(s) failed: {', '.join(failed)}; the reasons are in "
+        say(f"{len(failed)} run(s) failed: {', '.join(failed)}; the reasons are in "
             f"{plan.out / RUNS} (*.error.txt). Run the same command again to retry them")
     return CompareResult(summary, failed, files)
+
+
+def _record_failure(path: Path, error: BaseException, world: World) -> str:
+    """Write up a failed run (rank 0) and return its reason (every rank)."""
+    if world.is_main:
+        return _write_failure(path, error)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 # ---------------------------------------------------------------------------------------

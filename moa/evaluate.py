@@ -35,7 +35,7 @@ import stat
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -51,6 +51,7 @@ from moa.data import (
     tokenize_head,
     tokenize_tail,
 )
+from moa.distributed import World, join_world
 from moa.train import (
     Option,
     add_options,
@@ -379,60 +380,79 @@ def _finite_or_none(value: float, digits: int = 4) -> float | None:
 
 def evaluate_items(model, tokenizer, items: list, batch_size: int = 16,
                    max_new_tokens: int = 128, max_length: int = 1024,
-                   device: torch.device | str = "cpu", progress: bool = True) -> dict:
+                   device: torch.device | str = "cpu", progress: bool = True,
+                   world: World | None = None) -> dict:
     """Accuracy of `model` on evaluation items (moa/data.py); the dict of
     EvaluationResult's fields but the time and the files. A record whose scores are not all
-    finite counts as wrong, with no prediction, and in "non_finite"."""
-    device = torch.device(device)
-    choice_items = [(i, item) for i, item in enumerate(items)
-                    if isinstance(item, MultipleChoiceItem)]
-    arithmetic_items = [(i, item) for i, item in enumerate(items)
-                        if isinstance(item, ArithmeticItem)]
+    finite counts as wrong, with no prediction, and in "non_finite".
+
+    world: the processes of a launched group (moa/distributed.py), every one of which calls
+    this with the same items: each scores every world.size-th item (its own model, on its
+    own device), the predictions are gathered, and every process returns the scores of all
+    the items, as one process scoring them all would (an error on any process is raised on
+    all). None: one process scores them all."""
+    world = world or World()
+    numbered = [(i, item if item.where else replace(item, where=f"item {i + 1}"))
+                for i, item in enumerate(items)]
+    mine = numbered[world.rank::world.size]
+    found = world.agree(lambda: _predict(model, tokenizer, mine, batch_size,
+                                         max_new_tokens, max_length, torch.device(device),
+                                         progress and world.is_main))
     predictions: list[dict] = [{} for _ in items]
+    for i, prediction in world.gather(found):
+        predictions[i] = prediction
     tasks = {}
+    for task in ("multiple_choice", "arithmetic"):
+        rows = [p for p in predictions if p["task"] == task]
+        if not rows:
+            continue
+        tasks[task] = {"records": len(rows),
+                       "accuracy": sum(p["correct"] for p in rows) / len(rows)}
+        if task == "multiple_choice":
+            tasks[task]["accuracy_norm"] = sum(
+                p["prediction_norm"] == p["answer"] for p in rows if not p["non_finite"]
+            ) / len(rows)
+        tasks[task]["non_finite"] = sum(p["non_finite"] for p in rows)
+    total = sum(p["correct"] for p in predictions)
+    return {"accuracy": total / len(items), "records": len(items), "tasks": tasks,
+            "predictions": predictions,
+            "non_finite": sum(task["non_finite"] for task in tasks.values())}
+
+
+def _predict(model, tokenizer, numbered: list, batch_size: int, max_new_tokens: int,
+             max_length: int, device: torch.device, progress: bool) -> list[tuple[int, dict]]:
+    """(index, prediction) of each (index, item) in `numbered` (see evaluate_items)."""
+    choice_items = [(i, item) for i, item in numbered if isinstance(item, MultipleChoiceItem)]
+    arithmetic_items = [(i, item) for i, item in numbered if isinstance(item, ArithmeticItem)]
+    predictions = []
     if choice_items:
         scores = score_multiple_choice(model, tokenizer, [item for _, item in choice_items],
                                        batch_size, max_length, device, progress)
-        correct = correct_norm = non_finite = 0
         for (i, item), score in zip(choice_items, scores):
             prediction = {"record": i + 1, "task": "multiple_choice", "answer": item.answer,
                           "prediction": None, "prediction_norm": None, "correct": False,
                           "non_finite": True,
                           "log_likelihoods": [_finite_or_none(s) for s in score]}
-            predictions[i] = prediction
+            predictions.append((i, prediction))
             if not all(math.isfinite(s) for s in score):
-                non_finite += 1
                 continue
             best = max(range(len(score)), key=score.__getitem__)
             normalised = [s / len(c) for s, c in zip(score, item.continuations)]
             best_norm = max(range(len(score)), key=normalised.__getitem__)
-            correct += best == item.answer
-            correct_norm += best_norm == item.answer
             prediction.update(prediction=best, prediction_norm=best_norm,
                               correct=best == item.answer, non_finite=False)
-        tasks["multiple_choice"] = {"records": len(choice_items),
-                                    "accuracy": correct / len(choice_items),
-                                    "accuracy_norm": correct_norm / len(choice_items),
-                                    "non_finite": non_finite}
     if arithmetic_items:
         responses, flags = generate_responses(
             model, tokenizer, [item.prompt for _, item in arithmetic_items], batch_size,
             max_new_tokens, max_length, device, progress)
-        correct = 0
         for (i, item), response, flagged in zip(arithmetic_items, responses, flags):
             number = None if flagged else extract_number(response)
             right = number is not None and abs(number - item.answer) <= TOLERANCE
-            correct += right
-            predictions[i] = {"record": i + 1, "task": "arithmetic", "answer": item.answer,
-                              "prediction": number, "correct": right, "non_finite": flagged,
-                              "response": response}
-        tasks["arithmetic"] = {"records": len(arithmetic_items),
-                               "accuracy": correct / len(arithmetic_items),
-                               "non_finite": sum(flags)}
-    total = sum(p["correct"] for p in predictions)
-    return {"accuracy": total / len(items), "records": len(items), "tasks": tasks,
-            "predictions": predictions,
-            "non_finite": sum(task["non_finite"] for task in tasks.values())}
+            predictions.append((i, {"record": i + 1, "task": "arithmetic",
+                                    "answer": item.answer, "prediction": number,
+                                    "correct": right, "non_finite": flagged,
+                                    "response": response}))
+    return predictions
 
 
 # ---------------------------------------------------------------------------------------
@@ -644,39 +664,48 @@ def format_table(tasks: dict[str, dict], accuracy: float, records: int) -> str:
     return "\n".join(lines)
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def run_evaluate(options: EvaluateOptions, log: Callable[[str], None] = print,
                  progress: bool = True) -> EvaluationResult:
     """`moa evaluate` (see the module docstring). Before any model is loaded: --out
     (check_output_file), the data (bad records fail here) and the backend; then the model,
-    the adapter and the tokenizer. The table is printed before the results are written."""
+    the adapter and the tokenizer. The table is printed before the results are written.
+
+    Launched as several processes (moa/distributed.py): each scores its share of the
+    records (evaluate_items) on its own device (with --device auto or cuda, the GPU of its
+    local rank), rank 0 alone checks and writes --out and prints, an error on any process
+    is raised on all, and every process returns the same result (files only on rank 0)."""
     from moa.loading import load_tokenizer, model_description
 
     started = time.perf_counter()
     out = Path(options.out)
-    adapter_dir = resolve_adapter_dir(options.adapter) if options.adapter else None
-    destination = check_output_file(out, _protected_inputs(options, adapter_dir),
-                                    options.overwrite)
-    items = load_evaluation_items(options.data, warn=lambda line: log(f"warning: {line}"))
-    if options.limit is not None:
-        items = items[:options.limit]
-    if not items:
-        raise ValueError(f"{options.data}: no usable record (--limit {options.limit})")
-    target = _pick_device(options.device)
-    check_backend(adapter_dir, options.backend, target, log)
-    tokenizer = load_tokenizer(options.model)
-    model = load_adapted_model(options.model, options.adapter, log, options.backend)
+    world = join_world(cpu=_pick_device(options.device).type == "cpu")
+    say = log if world.is_main else _quiet
+    target = world.device(options.device)
+
+    def checks():
+        adapter_dir = resolve_adapter_dir(options.adapter) if options.adapter else None
+        destination = check_output_file(out, _protected_inputs(options, adapter_dir),
+                                        options.overwrite) if world.is_main else None
+        items = load_evaluation_items(options.data, warn=lambda line: say(f"warning: {line}"))
+        if options.limit is not None:
+            items = items[:options.limit]
+        if not items:
+            raise ValueError(f"{options.data}: no usable record (--limit {options.limit})")
+        check_backend(adapter_dir, options.backend, target, say)
+        return destination, items
+
+    destination, items = world.agree(checks)
+    tokenizer, model = world.agree(lambda: (
+        load_tokenizer(options.model),
+        load_adapted_model(options.model, options.adapter, say, options.backend)))
     model.to(target).eval()
-    log(f"model {model_description(options.model)}"
+    say(f"model {model_description(options.model)}"
         + (f" with the adapter {options.adapter}" if options.adapter else " (no adapter)")
-        + f"; data {options.data}: {len(items)} records")
+        + f"; data {options.data}: {len(items)} records"
+        + (f", {world.size} processes scoring a share each" if world.size > 1 else ""))
     results = evaluate_items(model, tokenizer, items, options.batch_size,
-                             options.max_new_tokens, options.max_length, target, progress)
+                             options.max_new_tokens, options.max_length, target, progress,
+                             world=world)
     result = EvaluationResult(results["accuracy"], results["records"], results["tasks"],
                               results["predictions"], time.perf_counter() - started,
                               non_finite=results["non_finite"])
@@ -685,15 +714,31 @@ def run_evaluate(options: EvaluateOptions, log: Callable[[str], None] = print,
                "adapter": options.adapter, "backend": options.backend, "data": options.data,
                "tasks": result.tasks, "seconds": result.seconds,
                "predictions": result.predictions}
-    log(format_table(result.tasks, result.accuracy, result.records))
+    say(format_table(result.tasks, result.accuracy, result.records))
     if result.non_finite:
-        log(f"warning: {result.non_finite} of {result.records} records had scores that are "
+        say(f"warning: {result.non_finite} of {result.records} records had scores that are "
             "not finite (NaN or infinite log-likelihoods or logits): counted as wrong, "
             "'non_finite' in the results; the model or the adapter computes NaN or inf")
-    write_results(destination, payload, options.overwrite)
-    result.files.append(out)
-    log(f"results written to {out} ({result.seconds:.1f} s)")
+
+    def write() -> None:
+        if world.is_main:
+            write_results(destination, payload, options.overwrite)
+
+    world.agree(write)  # the other processes return once rank 0 has written
+    if world.is_main:
+        result.files.append(out)
+    say(f"results written to {out} ({result.seconds:.1f} s)")
     return result
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _quiet(_: str) -> None:
+    """What the processes other than rank 0 print: nothing."""
 
 
 __all__ = ["EVALUATE_OPTIONS", "EvaluateOptions", "EvaluationResult", "add_options",

@@ -363,7 +363,8 @@ def gather_adapter_state(moa: MoAModel) -> tuple[dict[str, torch.Tensor], bool]:
     collective. When any tensor is sharded (FSDP1, FSDP2, ZeRO-3) every rank of the process
     group must call this, as users call save_pretrained; each FSDP1 unit is unsharded on
     its own (the peak is one unit, not the model), ZeRO-3 and FSDP2 gather the MoA tensors
-    only, never the frozen base.
+    only, never the frozen base. Under DeepSpeed's bf16 or fp16 training the tensors are
+    the optimizer's float32 master copies, as without DeepSpeed.
 
     Raises RuntimeError naming a tensor that is still not whole, e.g. one that an FSDP1 unit
     wrapping the MoAModel from outside shards (wrap the decoder layers with an
@@ -394,6 +395,13 @@ def gather_adapter_state(moa: MoAModel) -> tuple[dict[str, torch.Tensor], bool]:
         with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
             for slot in mine:
                 state[slot.name] = _whole_copy(getattr(slot.module, slot.attribute))
+    masters = False
+    for slot in slots:
+        if slot.name not in state:
+            master = _deepspeed_master(getattr(slot.module, slot.attribute))
+            if master is not None:
+                state[slot.name] = _whole_copy(master)
+                masters = True
     rest = [slot for slot in slots if slot.name not in state]
     zero3 = [slot for slot in rest if hasattr(getattr(slot.module, slot.attribute), "ds_id")]
     if zero3:
@@ -403,7 +411,7 @@ def gather_adapter_state(moa: MoAModel) -> tuple[dict[str, torch.Tensor], bool]:
                 [getattr(slot.module, slot.attribute) for slot in zero3], modifier_rank=None):
             for slot in zero3:
                 state[slot.name] = _whole_copy(getattr(slot.module, slot.attribute))
-    collective = bool(units) or bool(zero3)
+    collective = bool(units) or bool(zero3) or masters
     for slot in slots:
         if slot.name in state:
             continue
@@ -417,6 +425,20 @@ def gather_adapter_state(moa: MoAModel) -> tuple[dict[str, torch.Tensor], bool]:
         state[slot.name] = _whole_copy(tensor)
     _check_whole(state, slots, "the model")
     return state, collective
+
+
+def _deepspeed_master(param) -> torch.Tensor | None:
+    """The float32 master copy, whole, that a DeepSpeed ZeRO optimizer keeps of `param` when
+    the module's own copy is bfloat16 or float16 (DeepSpeed's mixed precision: the module
+    computes in half precision, the optimizer updates float32 partitions); None for any other
+    tensor. A collective: every rank calls it, in the same order."""
+    if param.dtype == torch.float32 or "deepspeed" not in sys.modules:
+        return None
+    if not (hasattr(param, "_z3_optimizer") or hasattr(param, "_hp_mapping")):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(param)
 
 
 def _is_dtensor(tensor) -> bool:
@@ -566,7 +588,8 @@ def check_module_experts(metadata: dict[str, str], moa: MoAModel, weights_path: 
 
 def load_state_into(moa: MoAModel, state: dict[str, torch.Tensor]) -> None:
     """What MoAModel.load_moa_state_dict does: copy `state` into moa's MoA tensors, each
-    present with its shape and nothing else; otherwise ValueError names the keys."""
+    present with its shape and nothing else; otherwise ValueError names the keys. Under
+    FSDP2 (DTensor parameters) each rank keeps its shard of the whole tensors given."""
     expected = dict(moa.moa_named_parameters())
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -589,7 +612,14 @@ def load_state_into(moa: MoAModel, state: dict[str, torch.Tensor]) -> None:
                          + ", ".join(not_float[:_SHOWN]))
     with torch.no_grad():
         for name, param in expected.items():
-            param.copy_(state[name])  # a float dtype other than the model's is cast
+            value = state[name]
+            if _is_dtensor(param):  # FSDP2: this rank's shard of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(param.device_mesh.device_type),
+                                          param.device_mesh, param.placements,
+                                          src_data_rank=None)  # every rank has it whole
+            param.copy_(value)  # a float dtype other than the model's is cast
 
 
 def _last_part(name_or_path: str) -> str:

@@ -15,13 +15,22 @@ not at all); `--resume last` (the newest whole one) or `--resume DIR` continues 
 Before the model loads: OUT is none of the inputs and holds none of them; an OUT holding
 another run (moa/outputs.py) is refused unless --resume continues it or --overwrite replaces
 it; OUT is probed for writing; the Trainer's arguments are built (so --bf16 without a GPU
-that has bfloat16 is settled: on the CPU it trains in bf16 autocast). Ctrl-C during the
-training raises TrainingInterrupted, which says where the newest checkpoint is.
+that has bfloat16 is settled: on the CPU it trains in bf16 autocast; --fsdp and --deepspeed
+where they cannot run, and a --resume checkpoint of another strategy, are refused). Ctrl-C
+during the training raises TrainingInterrupted, which says where the newest checkpoint is.
+
+Launched as several processes (torchrun, accelerate launch; moa/distributed.py), each one
+runs all of this: data-parallel by default (the Trainer's DDP: each process its share of
+every global batch of processes x batch x accumulation), the model also sharded under
+--fsdp (moa.distributed.shard_with_fsdp2) or --deepspeed CONFIG.json (the Trainer's
+DeepSpeed integration); rank 0 alone checks and writes OUT and prints, and the other
+processes learn its verdicts (World.agree, World.share).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,6 +52,7 @@ from moa.data import (
     load_training_examples,
     tokenize_examples,
 )
+from moa.distributed import World, join_world, shard_with_fsdp2
 from moa.outputs import (
     CHECKPOINTS,
     RUN_ENTRIES,
@@ -341,7 +351,13 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("log_interval", positive_int, None, "steps between printed losses (none: a tenth "
            "of the run)", "N"),
     Option("device", device, "auto", "auto (a CUDA GPU when there is one), cpu, cuda or "
-           "cuda:N"),
+           "cuda:N; launched as several processes, auto and cuda mean one GPU per process"),
+    Option("fsdp", flag, False, "shard the model over the launched processes with FSDP2 "
+           "(fully_shard per decoder layer, the frozen base sharded too; needs 2 or more "
+           "processes)"),
+    Option("deepspeed", text, None, "train under DeepSpeed with this config (DeepSpeed's own "
+           "JSON, e.g. ZeRO-2 or ZeRO-3; 'auto' values are filled in from these options)",
+           "CONFIG.json"),
 )
 
 
@@ -373,9 +389,14 @@ class TrainOptions:
     resume: str | None = None
     log_interval: int | None = None
     device: str = "auto"
+    fsdp: bool = False
+    deepspeed: str | None = None
     config: str | None = None  # the --config file these came from (an input, not an option)
 
     def __post_init__(self) -> None:
+        if self.fsdp and self.deepspeed is not None:
+            raise ValueError(f"--fsdp and --deepspeed {self.deepspeed} conflict: both shard "
+                             "the model, each its own way; give one")
         if self.preset is not None and self.moa_config is not None:
             raise ValueError(f"preset {self.preset!r} and moa_config {self.moa_config!r} "
                              "conflict (a preset or a whole MoAConfig file); give one")
@@ -630,9 +651,11 @@ def _checkpointing_arguments(arguments_class, enabled: bool) -> dict:
             f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
-def _steps_per_epoch(examples: int, options: TrainOptions) -> int:
-    return max(1, math.ceil(math.ceil(examples / options.batch_size)
-                            / options.gradient_accumulation))
+def _steps_per_epoch(examples: int, options: TrainOptions, processes: int = 1) -> int:
+    """Optimizer steps per pass over `examples`, as the Trainer counts them: each process
+    takes every processes-th batch (the last ones padded by repeating examples)."""
+    batches = math.ceil(math.ceil(examples / options.batch_size) / processes)
+    return max(1, math.ceil(batches / options.gradient_accumulation))
 
 
 def _uses_cpu(options: TrainOptions) -> bool:
@@ -676,43 +699,118 @@ def _pin_gpu(arguments, index: int) -> None:
                          f"CUDA_VISIBLE_DEVICES={index}")
 
 
-def run_train(options: TrainOptions, log: Callable[[str], None] = print,
-              progress: bool = True, *, base_model: torch.nn.Module | None = None,
-              adapt: Callable[[torch.nn.Module], torch.nn.Module] | None = None
-              ) -> TrainResult:
-    """`moa train` (see the module docstring); `log` receives the printed lines, progress
-    shows a tqdm bar. Raises ValueError or OSError (FileNotFoundError, DataError) for bad
-    input, before the model is loaded where it can: the output folder's checks (see
-    check_outputs; then a probe file written and removed), the data, the Trainer's
-    arguments. Ctrl-C during the training raises TrainingInterrupted. base_model:
-    options.model already loaded (it is adapted in place) instead of loading it; adapt:
-    builds the model to train from the base instead of get_moa_model with the preset or
-    --moa-config (e.g. a PEFT model, which the Trainer checkpoints and save_pretrained
-    writes as PEFT does)."""
-    from transformers import PrinterCallback, ProgressCallback, TrainingArguments, set_seed
+@dataclass
+class _Prepared:
+    """What run_train settles before the model loads (see run_train)."""
 
-    from moa.loading import load_base_model, load_tokenizer, model_description
-    from moa.model import get_moa_model
-    from moa.trainer import last_whole_checkpoint
+    config: object
+    tokenizer: object
+    train: object
+    evaluation: object
+    total: int
+    arguments: object
+    resume: str | None
+    replaced: list[str]
 
-    started = time.perf_counter()
+
+def _strategy(options: TrainOptions) -> str:
+    """How the model is spread over the processes: deepspeed, fsdp or ddp (a plain replica
+    per process; in a world of one, no wrapper at all)."""
+    return "deepspeed" if options.deepspeed else "fsdp" if options.fsdp else "ddp"
+
+
+def _check_strategy(options: TrainOptions, world: World) -> None:
+    """--fsdp and --deepspeed where they can run, in one line each, before anything loads."""
+    if options.fsdp and world.size == 1:
+        raise ValueError("--fsdp shards the model over several processes, but this is one "
+                         "process: launch it with torchrun --nproc-per-node N (N >= 2) or "
+                         "accelerate launch --num-processes N, or leave out --fsdp")
+    if options.deepspeed is None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"--deepspeed {options.deepspeed}: the deepspeed package is not "
+                         "installed (pip install deepspeed), or leave out --deepspeed")
+    if world.size == 1 and "LOCAL_RANK" not in os.environ:
+        raise ValueError("--deepspeed needs a launcher that gives each process its rank, even "
+                         "for one process: run it under torchrun --nproc-per-node N or "
+                         "accelerate launch --num-processes N")
+    path = Path(options.deepspeed)
+    if not path.is_file():
+        raise FileNotFoundError(f"--deepspeed: no such DeepSpeed config file: "
+                                f"{options.deepspeed!r}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--deepspeed {options.deepspeed} is not a JSON DeepSpeed config: "
+                         f"{error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--deepspeed {options.deepspeed} must hold a JSON object (DeepSpeed's "
+                         f"config), not a {type(config).__name__}")
+
+
+def _check_resume_fits(resume: str, options: TrainOptions, world: World) -> None:
+    """A checkpoint's optimizer state is its strategy's own (moa.trainer.checkpoint_strategy):
+    resuming needs the same strategy, and under DeepSpeed the same number of processes (its
+    ZeRO partitions are per process); ValueError in one line otherwise."""
+    from moa.trainer import checkpoint_strategy, checkpoint_world_size
+
+    written_by = checkpoint_strategy(resume)
+    wanted = _strategy(options)
+    how = {"deepspeed": "with --deepspeed", "fsdp": "with --fsdp",
+           "ddp": "without --fsdp or --deepspeed"}
+    if written_by != wanted:
+        raise ValueError(f"--resume {resume}: this checkpoint was written {how[written_by]} "
+                         f"and this run is {how[wanted]}: resume it {how[written_by]} (the "
+                         "optimizer state in a checkpoint is its strategy's own)")
+    processes = checkpoint_world_size(resume)
+    if written_by == "deepspeed" and processes != world.size:
+        raise ValueError(f"--resume {resume}: this DeepSpeed checkpoint was written by "
+                         f"{processes} process(es), this run has {world.size}; DeepSpeed "
+                         f"resumes its ZeRO partitions only with the same number: launch "
+                         f"{processes}")
+
+
+def _prepare(options: TrainOptions, world: World, log: Callable[[str], None]) -> _Prepared:
+    """run_train's checks and settings before the model loads, on every rank; those of the
+    output folder (and what a --resume or an --overwrite finds there) on rank 0 only."""
+    from transformers import TrainingArguments
+
+    from moa.loading import load_tokenizer
+
     out = Path(options.out)
-    _check_output_dir(out)
+    if world.is_main:
+        _check_output_dir(out)
     for path in (options.data, options.eval_data):
         if path is not None:
             check_data_file(path)  # a missing path, a directory, a FIFO: one line each
-    resume = resolve_resume(options, log)
-    replaced = check_outputs(options, resume)
+    resume, replaced = None, []
+    if world.is_main:
+        resume = resolve_resume(options, log)
+        replaced = check_outputs(options, resume)
+        if resume is not None:
+            _check_resume_fits(resume, options, world)
     config = load_moa_config(options)
     _check_precision(options)
+    _check_strategy(options, world)
     tokenizer = load_tokenizer(options.model)
     examples, train = _tokenized(tokenizer, options.data, options.max_length)
     evaluation = _tokenized(tokenizer, options.eval_data, options.max_length)[1] \
         if options.eval_data else None
 
-    total = options.steps or math.ceil(options.epochs
-                                       * _steps_per_epoch(len(train.features), options))
+    total = options.steps or math.ceil(
+        options.epochs * _steps_per_epoch(len(train.features), options, world.size))
     use_cpu = _uses_cpu(options)
+    strategy = {}
+    if options.fsdp:
+        # run_train shards the model itself (shard_with_fsdp2: accelerate's FSDP plugin runs
+        # on GPUs only) and the Trainer takes it as a model sharded when it loaded, which it
+        # accepts only with save_only_model; MoATrainer saves the optimizer, scheduler and
+        # RNG states of such a model all the same.
+        strategy = {"save_only_model": True}
+    elif options.deepspeed:
+        strategy = {"deepspeed": options.deepspeed}
     arguments = TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         max_steps=options.steps or -1, num_train_epochs=options.epochs,
@@ -728,72 +826,163 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
         eval_steps=(options.eval_interval or max(1, total // 5)) if evaluation else None,
         report_to=[], remove_unused_columns=False, use_cpu=use_cpu,
         disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=not use_cpu,
+        **strategy,
         **_checkpointing_arguments(TrainingArguments, options.gradient_checkpointing))
     if _gpu_index(options) is not None:
         _pin_gpu(arguments, _gpu_index(options))
-    check_writable(out, RUN_ENTRIES)
+    if world.is_main:
+        check_writable(out, RUN_ENTRIES)
+    return _Prepared(config, tokenizer, train, evaluation, total, arguments, resume, replaced)
 
-    set_seed(options.seed)
-    base = base_model if base_model is not None else \
-        load_base_model(options.model, torch.bfloat16 if options.bf16 else None)
-    positions = getattr(base.config, "max_position_embeddings", None)
-    if positions is not None and options.max_length > positions:
-        raise ValueError(f"--max-length {options.max_length} is longer than the model's "
-                         f"{positions} positions")
-    model = adapt(base) if adapt is not None else get_moa_model(base, config)
+
+def _quiet(_: str) -> None:
+    """What the ranks other than 0 print: nothing."""
+
+
+# accelerate's Accelerator sets these in os.environ for good once given a DeepSpeed (FSDP)
+# plugin, and every later Accelerator of the process reads them: a later run_train in the
+# same process (moa compare's runs, a notebook) would train under DeepSpeed unasked.
+ACCELERATE_SWITCHES = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
+
+
+@contextlib.contextmanager
+def _environment_kept(names: tuple[str, ...]):
+    """The environment variables `names` as they were before the block, after it."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_train(options: TrainOptions, log: Callable[[str], None] = print,
+              progress: bool = True, *, base_model: torch.nn.Module | None = None,
+              adapt: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+              ) -> TrainResult:
+    """`moa train` (see the module docstring); `log` receives the printed lines, progress
+    shows a tqdm bar. Raises ValueError or OSError (FileNotFoundError, DataError) for bad
+    input, before the model is loaded where it can: the output folder's checks (see
+    check_outputs; then a probe file written and removed), the data, the Trainer's
+    arguments. Ctrl-C during the training raises TrainingInterrupted. base_model:
+    options.model already loaded (it is adapted in place) instead of loading it; adapt:
+    builds the model to train from the base instead of get_moa_model with the preset or
+    --moa-config (e.g. a PEFT model, which the Trainer checkpoints and save_pretrained
+    writes as PEFT does).
+
+    Launched as several processes (torchrun, accelerate launch: see moa/distributed.py),
+    every process calls this; it trains data-parallel (each process its share of every
+    global batch of processes x batch x accumulation examples; under --fsdp or --deepspeed
+    the model sharded too), rank 0 alone checks and writes OUT and prints (log and the bar),
+    and an error on any rank before the training, or in writing OUT after it, is raised on
+    every rank. Every process returns the same losses; files lists what rank 0 wrote (empty
+    on the others)."""
+    from transformers import PrinterCallback, ProgressCallback, set_seed
+
+    from moa.loading import load_base_model, model_description
+    from moa.model import get_moa_model
+    from moa.trainer import last_whole_checkpoint
+
+    started = time.perf_counter()
+    out = Path(options.out)
+    world = join_world(cpu=_uses_cpu(options))
+    say = log if world.is_main else _quiet
+    prepared = world.agree(lambda: _prepare(options, world, say))
+    resume, replaced = world.share((prepared.resume, prepared.replaced))
+    train, evaluation, arguments = prepared.train, prepared.evaluation, prepared.arguments
+
+    def load_model() -> torch.nn.Module:
+        set_seed(options.seed)
+        base = base_model if base_model is not None else \
+            load_base_model(options.model, torch.bfloat16 if options.bf16 else None)
+        positions = getattr(base.config, "max_position_embeddings", None)
+        if positions is not None and options.max_length > positions:
+            raise ValueError(f"--max-length {options.max_length} is longer than the model's "
+                             f"{positions} positions")
+        return adapt(base) if adapt is not None else get_moa_model(base, prepared.config)
+
+    model = world.agree(load_model)
+    if options.fsdp:
+        world.agree(lambda: shard_with_fsdp2(model, world, world.device(options.device)))
     skipped = train.empty_response + train.no_room
     method = f"MoA config {options.moa_config}" if options.moa_config else \
         f"preset {options.preset}"
     if adapt is not None:
         method = f"adapted as {type(model).__name__}"
-    log(f"model {model_description(options.model)}; {method}")
-    log(f"data {options.data}: {len(train.features)} examples"
+    say(f"model {model_description(options.model)}; {method}")
+    say(f"data {options.data}: {len(train.features)} examples"
         + (f" ({skipped} left out: empty or no room)" if skipped else ""))
-    model.print_trainable_parameters()
+    if world.size > 1:
+        how = {"ddp": "data-parallel", "fsdp": "data-parallel, the model sharded by FSDP2",
+               "deepspeed": f"DeepSpeed {options.deepspeed}"}[_strategy(options)]
+        say(f"{world.size} processes ({world.backend}; {how}): a global batch of "
+            f"{world.size} x {options.batch_size} x {options.gradient_accumulation} "
+            f"(processes x batch x accumulation) = "
+            f"{world.size * options.batch_size * options.gradient_accumulation} examples "
+            f"per step, {prepared.total} steps")
+    if world.is_main:
+        model.print_trainable_parameters()
 
-    progress_callback = _progress_callback_class()(log, progress, options.log_interval)
-    trainer = checkpoint_trainer_class()(
-        model=model, args=arguments, train_dataset=SupervisedDataset(train.features),
-        eval_dataset=SupervisedDataset(evaluation.features) if evaluation else None,
-        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[progress_callback])
-    for callback in (ProgressCallback, PrinterCallback):
-        trainer.remove_callback(callback)
-    if replaced:
-        log(f"--overwrite: replacing the run in {out} (removing "
-            f"{describe_entries(out, replaced)})")
-        remove_previous_run(out)
-    if resume:
-        log(f"resuming from {resume}")
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(last_whole_checkpoint(out / CHECKPOINTS)[0],
-                                  options.save_interval, options.overwrite) from None
-    finally:
-        progress_callback.close()
+    progress_callback = _progress_callback_class()(say, progress and world.is_main,
+                                                   options.log_interval)
+    with _environment_kept(ACCELERATE_SWITCHES):
+        trainer = checkpoint_trainer_class()(
+            model=model, args=arguments, train_dataset=SupervisedDataset(train.features),
+            eval_dataset=SupervisedDataset(evaluation.features) if evaluation else None,
+            data_collator=PadCollator(prepared.tokenizer.pad_token_id),
+            callbacks=[progress_callback])
+        for callback in (ProgressCallback, PrinterCallback):
+            trainer.remove_callback(callback)
+
+        def replace_previous_run() -> None:
+            if replaced and world.is_main:
+                say(f"--overwrite: replacing the run in {out} (removing "
+                    f"{describe_entries(out, replaced)})")
+                remove_previous_run(out)
+
+        world.agree(replace_previous_run)
+        if resume:
+            say(f"resuming from {resume}")
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(last_whole_checkpoint(out / CHECKPOINTS)[0],
+                                      options.save_interval, options.overwrite) from None
+        finally:
+            progress_callback.close()
     model.eval()
 
     adapter_dir = out / "adapter"
-    try:
-        model.save_pretrained(adapter_dir)
-    except Exception as error:
-        if type(error).__name__ != "SafetensorError":  # not an OSError, even when it is one
-            raise
-        raise OSError(f"cannot save the adapter into {adapter_dir}: {error}") from error
     history = trainer.state.log_history
     losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
     eval_losses = [(entry["step"], entry["eval_loss"]) for entry in history
                    if "eval_loss" in entry]
-    files = [adapter_dir, _write_json(out / "log_history.json", history),
-             _write_json(out / "train_options.json", asdict(options))]
-    if losses:
-        from moa import plots
 
-        curves = {"training loss": losses}
-        if eval_losses:
-            curves[f"eval loss ({Path(options.eval_data).name})"] = eval_losses
-        files.append(plots.plot_loss_curves(curves, out / "loss.png",
-                                            title=f"moa train: {_title(options)}"))
+    def write_outputs() -> list[Path]:
+        try:
+            model.save_pretrained(adapter_dir)  # every rank: a sharded model is gathered
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # not an OSError, even when it is
+                raise
+            raise OSError(f"cannot save the adapter into {adapter_dir}: {error}") from error
+        if not world.is_main:
+            return []
+        files = [adapter_dir, _write_json(out / "log_history.json", history),
+                 _write_json(out / "train_options.json", asdict(options))]
+        if losses:
+            from moa import plots
+
+            curves = {"training loss": losses}
+            if eval_losses:
+                curves[f"eval loss ({Path(options.eval_data).name})"] = eval_losses
+            files.append(plots.plot_loss_curves(curves, out / "loss.png",
+                                                title=f"moa train: {_title(options)}"))
+        return files
+
+    files = world.agree(write_outputs)  # the other ranks return once rank 0 has written
     seconds_per_step = statistics.median(progress_callback.step_seconds) \
         if progress_callback.step_seconds else float("nan")
     result = TrainResult(losses, eval_losses, model, adapter_dir, len(train.features),
@@ -801,9 +990,9 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
                          seconds_per_step,
                          time.perf_counter() - started, files)
     if losses:
-        log(f"loss {losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} (step "
+        say(f"loss {losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} (step "
             f"{losses[-1][0]}); {seconds_per_step:.3f} s per step (median)")
-    log(f"adapter saved to {adapter_dir}; loss curve {out / 'loss.png'}")
+    say(f"adapter saved to {adapter_dir}; loss curve {out / 'loss.png'}")
     return result
 
 

@@ -19,9 +19,16 @@ checkpoint rotation, the Hub):
 - `_load_from_checkpoint` (resume_from_checkpoint) and `_load_best_model`
   (load_best_model_at_end): MoAModel.load_adapter on the checkpoint's adapter files.
 
-Under DeepSpeed and FSDP the Trainer's own resume files (a DeepSpeed checkpoint, FSDP's
-model and optimizer states) are still written beside the adapter, and resuming reads those,
-as the Trainer does for PEFT models.
+Sharded training (`_save_optimizer_and_scheduler`): under DeepSpeed the engine's checkpoint
+(global_stepN/, latest) leaves the frozen parameters out (exclude_frozen_parameters; its ZeRO
+partitions hold the trainable ones) and resuming reads it non-strict about the module's
+keys, as for PEFT models. A model sharded with FSDP2 before training
+(moa.distributed.shard_with_fsdp2, what `moa train --fsdp` does; the Trainer's route for
+models sharded when they load) gets its optimizer state whole in optimizer.bin (FSDP's full
+state dict: it fits any number of processes), its scheduler, scaler and RNG states, and on
+resuming the adapter files loaded into its shards. (Under accelerate's own FSDP plugin, on
+GPUs, the Trainer writes and reads its FSDP files as for any model, the base included.)
+`checkpoint_strategy` tells the kinds of checkpoint apart by their optimizer files.
 
 Two more things the mixin adds to the Trainer's checkpoints:
 
@@ -30,7 +37,10 @@ Two more things the mixin adds to the Trainer's checkpoints:
   Trainer's Hub uploads, and no checkpoint search matches it) that is renamed to
   `checkpoint-N` once every file is in it; a failed save (a full disk, Ctrl-C) removes the
   staging folder, so a `checkpoint-N` folder is always whole. A write failure is an OSError
-  whose one-line message names the checkpoint.
+  whose one-line message names the checkpoint. With several processes, each writes its
+  part (RNG state, engine partitions) into the same staging folder, the main one renames
+  it once every process has written, and a failure on any process fails the save on all
+  of them (none is left waiting).
 - Resuming from a damaged checkpoint fails with a ValueError that names the file
   (trainer_state.json that is not a Trainer state, a truncated or overwritten optimizer.pt,
   scheduler.pt, scaler.pt or rng_state.pth) instead of a parser's traceback.
@@ -57,22 +67,59 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from moa.config import CONFIG_NAME
+from moa.distributed import current_world
 from moa.model import MoAModel
 from moa.serialization import WEIGHTS_NAME
 
 STAGING_PREFIX = "_partial-"
 RNG_STATE_NAME = "rng_state.pth"
+FSDP_OPTIMIZER_NAME = "optimizer.bin"  # accelerate's name for FSDP's full optimizer state
+DEEPSPEED_LATEST = "latest"  # DeepSpeed's file naming its newest global_stepN folder
 # What a checkpoint of `moa train` (one MoA adapter, the Trainer's optimizer and scheduler)
-# holds when whole; the Trainer writes trainer_state.json last.
+# holds when whole, without sharding (one process, or DDP); the Trainer writes
+# trainer_state.json last. Under FSDP optimizer.bin takes optimizer.pt's place; DeepSpeed's
+# checkpoint holds the optimizer (and its own scheduler, if its config has one).
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME,
                     TRAINER_STATE_NAME)
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+_RNG_STATE_OF_RANK = re.compile(r"^rng_state_(\d+)\.pth$")
+
+
+def checkpoint_strategy(directory: str | os.PathLike) -> str:
+    """Which strategy wrote the checkpoint `directory`, by its optimizer files: "deepspeed"
+    (DeepSpeed's `latest` file), "fsdp" (optimizer.bin) or "ddp" (optimizer.pt: one process
+    or DDP)."""
+    if os.path.isfile(os.path.join(directory, DEEPSPEED_LATEST)):
+        return "deepspeed"
+    if os.path.isfile(os.path.join(directory, FSDP_OPTIMIZER_NAME)):
+        return "fsdp"
+    return "ddp"
+
+
+def checkpoint_world_size(directory: str | os.PathLike) -> int:
+    """How many processes wrote the checkpoint `directory`: the Trainer saves one RNG state
+    per process (rng_state_K.pth) when there are several, rng_state.pth when there is one."""
+    ranks = [name for name in os.listdir(directory) if _RNG_STATE_OF_RANK.match(name)]
+    return len(ranks) or 1
 
 
 def missing_checkpoint_files(directory: str | os.PathLike) -> list[str]:
-    """The CHECKPOINT_FILES that `directory` lacks (none for a whole checkpoint)."""
-    return [name for name in CHECKPOINT_FILES
-            if not os.path.isfile(os.path.join(directory, name))]
+    """What the checkpoint `directory` lacks of what its strategy writes (CHECKPOINT_FILES,
+    with FSDP's and DeepSpeed's optimizer files in place of optimizer.pt): none for a whole
+    checkpoint."""
+    names = [CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE_NAME]
+    strategy = checkpoint_strategy(directory)
+    if strategy == "deepspeed":
+        latest = os.path.join(directory, DEEPSPEED_LATEST)
+        with open(latest, encoding="utf-8") as handle:
+            tag = handle.read().strip()
+        missing = [name for name in names if not os.path.isfile(os.path.join(directory, name))]
+        if not tag or not os.path.isdir(os.path.join(directory, tag)):
+            missing.append(f"{tag or 'the folder'}/ (that {DEEPSPEED_LATEST} names)")
+        return missing
+    names[2:2] = [FSDP_OPTIMIZER_NAME if strategy == "fsdp" else OPTIMIZER_NAME,
+                  SCHEDULER_NAME]
+    return [name for name in names if not os.path.isfile(os.path.join(directory, name))]
 
 
 def checkpoints_newest_first(folder: str | os.PathLike) -> list[str]:
@@ -211,11 +258,85 @@ class MoATrainerMixin:
                    for name in (CONFIG_NAME, WEIGHTS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # A model sharded by shard_with_fsdp2 (no accelerate FSDP plugin) comes here too:
+        # load_adapter fills its sharded MoA tensors from the whole ones.
         moa = self._moa_model()
         if moa is None or self.is_fsdp_enabled or self.is_deepspeed_enabled \
                 or not self._adapter_in(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         moa.load_adapter(resume_from_checkpoint, is_trainable=True)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The Trainer's, but a MoA model's checkpoint holds no base weights: under
+        DeepSpeed its checkpoint leaves the frozen parameters out, and a model sharded with
+        FSDP2 before training (moa.distributed.shard_with_fsdp2) gets its optimizer state
+        whole in optimizer.bin (see the module docstring)."""
+        if self._moa_model() is None:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self._moa_fsdp2():
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_optimizer_state_dict,
+            )
+
+            state = get_optimizer_state_dict(  # a collective: gathered whole on every rank
+                self.model, _torch_optimizer(self.optimizer),
+                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.args.should_save:
+                torch.save(state, os.path.join(output_dir, FSDP_OPTIMIZER_NAME))
+            own_scheduler = True
+        elif self.is_deepspeed_enabled:
+            from accelerate.utils import DeepSpeedSchedulerWrapper
+
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            own_scheduler = not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper)
+        else:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save and own_scheduler:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _moa_fsdp2(self) -> bool:
+        """Whether the model is a MoA model that moa.distributed.shard_with_fsdp2 sharded
+        before training (the Trainer's route for models sharded when they load)."""
+        return bool(getattr(self, "is_distributed_loading_by_transformers", False)) and \
+            self._moa_model() is not None
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        # The Trainer's reads the model's transformers DistributedConfig, which a model
+        # sharded by shard_with_fsdp2 has not: plain FSDP2, no replica groups.
+        if not self._moa_fsdp2():
+            with super()._defer_fsdp_gradient_reduction():
+                yield
+            return
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    @contextlib.contextmanager
+    def _deepspeed_resumes_without_the_base(self):
+        """Under DeepSpeed the Trainer resumes through transformers.trainer's
+        deepspeed_load_checkpoint, strict about the module's keys except for PEFT models; a
+        MoA checkpoint leaves the frozen base out, so for a MoA model it is called
+        non-strict, as for a PEFT model (the trainable tensors come back from the ZeRO
+        partitions either way)."""
+        import transformers.trainer as trainer_module
+
+        if self._moa_model() is None or not self.is_deepspeed_enabled:
+            yield
+            return
+        original = trainer_module.deepspeed_load_checkpoint
+
+        def load_without_the_base(engine, checkpoint, load_module_strict=True):
+            return original(engine, checkpoint, load_module_strict=False)
+
+        trainer_module.deepspeed_load_checkpoint = load_without_the_base
+        try:
+            yield
+        finally:
+            trainer_module.deepspeed_load_checkpoint = original
 
     def _load_best_model(self) -> None:
         moa = self._moa_model()
@@ -238,12 +359,27 @@ class MoATrainerMixin:
                                  "from")
         if resume_from_checkpoint not in (None, False):
             check_trainer_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        with self._deepspeed_resumes_without_the_base():
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        with _reading(checkpoint, (OPTIMIZER_NAME, SCHEDULER_NAME),
+        if checkpoint is None or not self._moa_fsdp2():
+            with _reading(checkpoint, (OPTIMIZER_NAME, SCHEDULER_NAME),
+                          "optimizer and scheduler states"):
+                return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        with _reading(checkpoint, (FSDP_OPTIMIZER_NAME, SCHEDULER_NAME),
                       "optimizer and scheduler states"):
-            return super()._load_optimizer_and_scheduler(checkpoint)
+            state = torch.load(os.path.join(checkpoint, FSDP_OPTIMIZER_NAME),
+                               map_location="cpu", weights_only=True)
+            set_optimizer_state_dict(self.model, _torch_optimizer(self.optimizer), state,
+                                     options=StateDictOptions(full_state_dict=True))
+            self.lr_scheduler.load_state_dict(
+                torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def _load_scaler(self, checkpoint: str | None) -> None:
         with _reading(checkpoint, (SCALER_NAME,), "gradient scaler state"):
@@ -286,8 +422,20 @@ class MoATrainerMixin:
         self.accelerator.wait_for_everyone()
         self._moa_staging, self._moa_push_deferred = staging, False
         try:
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()
+            failure = None
+            try:
+                super()._save_checkpoint(model, trial)
+                if self._moa_fsdp2() and self.args.save_only_model:
+                    # What save_only_model (which the Trainer requires of a model sharded
+                    # when it loads) leaves out, and resuming needs.
+                    self._save_optimizer_and_scheduler(staged)
+                    self._save_scaler(staged)
+                    self._save_rng_state(staged)
+            except Exception as error:
+                failure = error
+            if not current_world().all_succeeded(failure is None):
+                raise failure or _OtherProcessFailed(
+                    "another process failed to write its part of it")
             if writer:
                 if self.state.best_model_checkpoint == staged:
                     self.state.best_model_checkpoint = final
@@ -323,6 +471,15 @@ class MoATrainerMixin:
         rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=self.state.best_model_checkpoint,
                            use_mtime=True)
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (or `optimizer`)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class _OtherProcessFailed(OSError):
+    """This process saved its part of a checkpoint; another one failed to."""
 
 
 class _PreviousNotPutBack(OSError):
@@ -362,4 +519,5 @@ class MoATrainer(MoATrainerMixin, Trainer):
 
 
 __all__ = ["CHECKPOINT_FILES", "MoATrainer", "MoATrainerMixin", "check_trainer_state",
-           "checkpoints_newest_first", "last_whole_checkpoint", "missing_checkpoint_files"]
+           "checkpoint_strategy", "checkpoint_world_size", "checkpoints_newest_first",
+           "last_whole_checkpoint", "missing_checkpoint_files"]
