@@ -627,8 +627,8 @@ def check_outputs(options: TrainOptions, resume: str | None) -> list[str]:
                      "--out")
 
 
-def _tokenized(tokenizer, path: str, max_length: int):
-    examples = load_training_examples(path)
+def _tokenized(tokenizer, path: str, max_length: int, log: Callable[[str], None]):
+    examples = load_training_examples(path, warn=lambda line: log(f"warning: {line}"))
     tokenized = tokenize_examples(tokenizer, examples, max_length)
     if not tokenized.features:
         reasons = []
@@ -795,8 +795,8 @@ def _prepare(options: TrainOptions, world: World, log: Callable[[str], None]) ->
     _check_precision(options)
     _check_strategy(options, world)
     tokenizer = load_tokenizer(options.model)
-    examples, train = _tokenized(tokenizer, options.data, options.max_length)
-    evaluation = _tokenized(tokenizer, options.eval_data, options.max_length)[1] \
+    examples, train = _tokenized(tokenizer, options.data, options.max_length, log)
+    evaluation = _tokenized(tokenizer, options.eval_data, options.max_length, log)[1] \
         if options.eval_data else None
 
     total = options.steps or math.ceil(

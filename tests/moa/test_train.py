@@ -100,6 +100,20 @@ def test_the_loss_covers_the_response_tokens_only():
     assert ids[:8 - len(response)] == prompt[-(8 - len(response)):]
 
 
+def test_pre_templated_training_records_are_a_warning_line_not_a_python_warning(tmp_path,
+                                                                             recwarn):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "Question: Which is a metal?\nAnswer:",
+                                "answer": "iron"}) + "\n")
+    lines = []
+    run_train(quiet(data=str(data), out=str(tmp_path / "out"), steps=1), log=lines.append,
+              progress=False)
+    warned = [line for line in lines if line.startswith("warning: ")]
+    assert len(warned) == 1 and "Question:" in warned[0], lines
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)
+                and "Question:" in str(w.message)]
+
+
 def test_config_file_keys_are_the_flags_and_flags_given_override_it(tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text("data: a.jsonl\nsteps: 7\nbatch-size: 3\nlr: 0.001\nbf16: true\n")
