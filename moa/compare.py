@@ -781,7 +781,8 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
 
     world = join_world(cpu=_device_of(options.device).type == "cpu")
     plan = world.share(world.agree(lambda: plan_compare(options) if world.is_main else None))
-    runs = [(variant, seed) for variant in plan.variants for seed in range(options.seeds)]
+    # Seed-major: a comparison cut short has every variant at its first seeds.
+    runs = [(variant, seed) for seed in range(options.seeds) for variant in plan.variants]
     done, base_done = world.share(
         ([(v.name, s) for v, s in runs if plan.run_path(v.name, s).is_file()],
          plan.base_path().is_file()))

@@ -344,6 +344,16 @@ def test_an_interrupted_comparison_continues_with_the_runs_not_finished(data, tm
     assert calls == []
 
 
+def test_runs_go_seed_by_seed_so_a_cut_comparison_has_every_variant(data, tmp_path,
+                                                                    monkeypatch):
+    calls = counting_run_train(monkeypatch)
+    assert main(["compare", "--data", data[0], "--eval-data", data[1], "--variants",
+                 "lora,hydralora", "--seeds", "2", "--steps", "1", "--batch-size", "4",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert [(c.preset, c.seed) for c in calls] == [("lora", 0), ("hydralora", 0),
+                                                   ("lora", 1), ("hydralora", 1)]
+
+
 def test_a_failed_run_is_reported_the_others_finish_and_a_rerun_retries_it(
         data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
