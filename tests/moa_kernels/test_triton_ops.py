@@ -389,3 +389,28 @@ def test_second_derivative_is_refused(device, dtype, mode):
     (grad_x,) = torch.autograd.grad(layer(x).float().square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         grad_x.float().square().sum().backward()
+
+
+def test_fp32_output_gemm_falls_back_per_call_not_per_device(monkeypatch):
+    # one GEMM the fp32-output cuBLAS call refuses (a shape or layout) takes the fallback
+    # for that call; the next GEMM on the device tries the fast call again (the CPU stands
+    # in for a device that has it)
+    from moa_kernels.triton import kernel_utils
+
+    calls = []
+
+    def refuses_first(a, b):
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+        return torch.mm(a.float(), b.float())
+
+    monkeypatch.setattr(kernel_utils, "out_dtype_available", lambda device: True)
+    monkeypatch.setattr(kernel_utils, "mm_out_fp32", refuses_first)
+    a, b = torch.randn(5, 7).bfloat16(), torch.randn(7, 3).bfloat16()
+    bias = torch.randn(3)
+    expected = torch.mm(a.float(), b.float()) + bias
+    for _ in range(3):
+        out = kernel_utils.mm_fp32(a, b, bias)
+        assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert calls == [0, 1, 2]
