@@ -406,6 +406,24 @@ class MoALinear(nn.Module):
         self.gate_source: Callable[[torch.Tensor], tuple | None] | None = None
         if device.type != "meta":
             self.reset_expert_parameters()
+        self._place_index_tensors()
+
+    def _apply(self, fn, recurse: bool = True):
+        """nn.Module._apply (.to, .cuda, .half, to_empty, ...), then the layout's index
+        tensors made on the device the layer's tensors moved to (`_place_index_tensors`)."""
+        module = super()._apply(fn, recurse)
+        self._place_index_tensors()
+        return module
+
+    def _place_index_tensors(self) -> None:
+        """The layout's index tensors (ExpertLayout.index_tensors) on the device of this
+        layer's tensors, made here, at construction and after every move, outside any
+        graph: a model compiled straight away on that device (no eager call first) then
+        reads them as graph inputs instead of copying the CPU ones inside the graph at
+        every step."""
+        device = self.shrink_weight.device
+        if device.type != "meta":
+            self.layout.index_tensors(device)
 
     def _adapter_dtype(self, adapter_dtype: torch.dtype | str | None) -> torch.dtype:
         compute = base_compute_dtype(self.base)
