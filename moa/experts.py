@@ -52,7 +52,7 @@ from moa.layers import (
 )
 from moa_kernels.layer_experts import gated_adapter, prompt_attention, prompt_attention_recipe
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
-from moa_kernels.torch_ops import InputRecipe
+from moa_kernels.torch_ops import InputRecipe, host_reads_are_free
 
 
 class GateCollector:
@@ -61,7 +61,9 @@ class GateCollector:
     attention mask of the call), a router call over those same B x S tokens (as [B, S, E]
     or flattened to [B * S, E]) keeps only the tokens the mask marks: padding does not count
     towards the balance. Calls over other tokens (an encoder-decoder's decoder, say) count
-    every token."""
+    every token. The masked tokens are left out on the CPU; elsewhere (where selecting rows
+    by a mask would synchronise the host with the device) their gates are zeroed instead,
+    which `load_balancing_loss` counts exactly as no token."""
 
     def __init__(self) -> None:
         self.active = False
@@ -75,7 +77,11 @@ class GateCollector:
         mask = self.token_mask
         if mask is not None and (tuple(gates.shape[:-1]) == tuple(mask.shape)
                                  or (gates.dim() == 2 and flat.shape[0] == mask.numel())):
-            flat = flat[mask.reshape(-1).bool()]
+            keep = mask.reshape(-1).bool()
+            if host_reads_are_free(flat.device):
+                flat = flat[keep]
+            else:  # a boolean selection syncs: zero gates, which the loss counts as no token
+                flat = torch.where(keep[:, None], flat, 0.0)
         self.gates.append(flat)
 
 
@@ -96,7 +102,10 @@ def load_balancing_loss(gates: torch.Tensor) -> torch.Tensor:
     shares = gates / torch.where(total > 0, total, torch.ones_like(total))
     count = routed.sum().clamp_min(1)
     mean_share = shares.sum(dim=0) / count
-    top = F.one_hot(gates.argmax(dim=-1), num_experts).float() * routed[:, None]
+    # one-hot of the largest gate by a comparison: F.one_hot reads its input's range on the
+    # host (a sync) on some devices
+    experts = torch.arange(num_experts, device=gates.device)
+    top = (gates.argmax(dim=-1, keepdim=True) == experts).float() * routed[:, None]
     fraction = (top.sum(dim=0) / count).detach()
     return num_experts * (fraction * mean_share).sum()
 
@@ -762,22 +771,33 @@ def saved_tensor_hooks_active() -> bool:
 # How many autograd nodes back from the attention output its attention node is looked for
 # (view, copy, transpose: the reshapes between an attention kernel and o_proj).
 ATTENTION_NODE_DEPTH = 4
+# How many autograd nodes back from the attention's query the captured pre-rotary query is
+# looked for (the rotary's add and multiply, the head transpose and view: 4 for Llama).
+ROTARY_NODE_DEPTH = 6
 
 
-def attention_saved_query(attention_output: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """The query the attention kernel saved for its own backward, when it holds the values
-    of `query` (the prompt expert's rebuilt post-rotary query), else `query`.
+def attention_saved_query(attention_output: torch.Tensor, captured_query: torch.Tensor,
+                          shape: torch.Size) -> torch.Tensor | None:
+    """The post-rotary query [B, H, S, D] (`shape`) the attention kernel saved for its own
+    backward, where its metadata show it is the query the prompt expert would rebuild from
+    `captured_query` (the q_proj or q_norm output before the rotary): else None.
 
-    Saving that tensor rather than an equal copy costs the prompt expert's backward nothing
-    (the kernel keeps it until its own backward, which runs later). Looked for only in grad
-    mode, eagerly, with no saved-tensor hooks active (reading a saved tensor under
-    checkpointing or offloading hooks would unpack it), a few nodes up the graph of the
-    attention output (o_proj's input): a node that saved a `query` (the fused attention
-    kernels do; eager attention saves none under that name). Used only when it is equal to
-    `query` in dtype, shape, strides and value (one comparison pass over [B, H, S, D])."""
+    Saving that tensor rather than a rebuilt copy costs the prompt expert's backward nothing
+    (the kernel keeps it until its own backward, which runs later), and the expert need not
+    rebuild the query at all. Looked for only in grad mode, eagerly, with no saved-tensor
+    hooks active (reading a saved tensor under checkpointing or offloading hooks would
+    unpack it), a few nodes up the graph of the attention output (o_proj's input): a node
+    that saved a `query` (the fused attention kernels do; eager attention saves none under
+    that name). It is taken when it is the output of an add (the rotary's last op, q cos +
+    rotate_half(q) sin) computed, within ROTARY_NODE_DEPTH autograd nodes, from this very
+    captured query, with the expected shape: the family's rotary on the captured query,
+    which is what the expert rebuilds. Nothing is read of its values (a comparison would
+    synchronise the host with an accelerator at every layer); a query changed between the
+    rotary and the kernel (scaled, cast, copied) has another last op and is not taken."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or \
-            attention_output.grad_fn is None or saved_tensor_hooks_active():
-        return query
+            attention_output.grad_fn is None or captured_query.grad_fn is None or \
+            saved_tensor_hooks_active():
+        return None
     nodes, seen = [attention_output.grad_fn], set()
     for _ in range(ATTENTION_NODE_DEPTH):
         following = []
@@ -787,13 +807,30 @@ def attention_saved_query(attention_output: torch.Tensor, query: torch.Tensor) -
             seen.add(id(node))
             if hasattr(node, "_saved_query"):
                 saved = node._saved_query
-                if saved.dtype == query.dtype and saved.shape == query.shape and \
-                        saved.stride() == query.stride() and torch.equal(saved, query):
+                if saved.shape == shape and type(saved.grad_fn).__name__ == "AddBackward0" \
+                        and _reaches(saved.grad_fn, captured_query.grad_fn, ROTARY_NODE_DEPTH):
                     return saved
-                return query
+                return None
             following += [next_node for next_node, _ in node.next_functions]
         nodes = following
-    return query
+    return None
+
+
+def _reaches(start, target, depth: int) -> bool:
+    """Whether autograd node `target` is `start` or among its inputs' nodes within `depth`
+    steps back."""
+    nodes, seen = [start], set()
+    for _ in range(depth + 1):
+        following = []
+        for node in nodes:
+            if node is target:
+                return True
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            following += [next_node for next_node, _ in node.next_functions]
+        nodes = following
+    return False
 
 
 def rotate_half_query(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -814,7 +851,7 @@ def rotary_operands(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor,
     rotate_half_query."""
     head_dim = sin.shape[-1]
     signs = torch.ones(head_dim, dtype=sin.dtype, device=sin.device)
-    signs[:head_dim // 2] = -1.0
+    signs[:head_dim // 2].fill_(-1.0)  # (a fill: an item assignment copies a host scalar)
     return cos.unsqueeze(1), sin.unsqueeze(1) * signs
 
 
@@ -852,13 +889,14 @@ class PromptOutputHook(_Hook):
         key = None if args else list(kwargs)[0]  # o_proj's input, by any keyword name
         x = args[0] if args else kwargs[key]
         batch, tokens = x.shape[:2]
-        query = query.reshape(batch, tokens, -1, prompt.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        if self.family.rotate_half:
-            query = rotate_half_query(query, cos, sin, self._rotary_operands(cos, sin))
-        else:  # the family's rotary rotates a key too: give it none (zero heads, discarded)
-            query, _ = self.rotary(query, query[:, :0], cos, sin)
-        query = attention_saved_query(x, query)
+        pre_rotary = query.reshape(batch, tokens, -1, prompt.head_dim).transpose(1, 2)
+        query = attention_saved_query(x, query, pre_rotary.shape)
+        if query is None:  # rebuilt: the family's rotary on the captured query
+            cos, sin = position_embeddings
+            if self.family.rotate_half:
+                query = rotate_half_query(pre_rotary, cos, sin, self._rotary_operands(cos, sin))
+            else:  # the family's rotary rotates a key too: give it none (zero heads)
+                query, _ = self.rotary(pre_rotary, pre_rotary[:, :0], cos, sin)
         gate = self.router.gates_for(self.index, self.index + 1, x, self.who)
         # o_proj's shrink needs its input for d A: it recomputes it (module.next_input_recipe)
         # from what the attention and this expert save anyway.

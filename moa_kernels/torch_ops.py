@@ -31,7 +31,9 @@ Sparse (threshold, adaptive, topk):
   When more than DENSE_ABOVE_ACTIVE_FRACTION of the pairs are active, step 3 is the dense
   `_GatedExpand` with the skipped pairs' hidden zeroed and their gates masked instead (the
   same math, cheaper on CPU); on fewer than SPARSE_PLAN_MIN_TOKENS tokens (decoding) so is
-  the whole call, with the shrink fused as in soft mode.
+  the whole call, with the shrink fused as in soft mode, and on any device but the CPU
+  (`host_reads_are_free`): there the plan's host reads would synchronise the host with the
+  device at every call, so an accelerator always takes the masked dense path.
 torch.compile: every step traces with fullgraph=True. Each autograd Function has a
 `traced` twin, the same math in plain differentiable ops (gathers as GEMMs with the
 layout's maps), which `_apply` runs under compile: AOTAutograd derives the backward and
@@ -43,7 +45,8 @@ Without grad mode the autograd Functions' forwards run directly (`_apply`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +68,32 @@ DENSE_ABOVE_ACTIVE_FRACTION = 0.5
 # gathering rows costs more than the low-rank work it would skip. Measured crossover in
 # benchmarks/RESULTS.md ("Sparse modes on few tokens").
 SPARSE_PLAN_MIN_TOKENS = 256
+
+
+# Set (by `accelerator_decisions`) to make the CPU take the decisions made for an
+# accelerator, so that tests on the CPU run the paths a GPU runs.
+_ACCELERATOR_DECISIONS_ON_CPU = False
+
+
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether reading data of `device` on the host (a routing plan's `nonzero` and counts,
+    a boolean mask's selection) costs nothing beyond its own work: on the CPU only. On an
+    accelerator such a read waits for every kernel queued before it (a host-device
+    synchronisation) and stalls the queue behind it, so the paths that read data on the
+    host are CPU decisions; an accelerator takes their sync-free twins (the same math)."""
+    return device.type == "cpu" and not _ACCELERATOR_DECISIONS_ON_CPU
+
+
+@contextmanager
+def accelerator_decisions() -> Iterator[None]:
+    """Inside, `host_reads_are_free` is False on the CPU too: the CPU takes the paths an
+    accelerator takes (tests check on the CPU that they hold no host-device sync)."""
+    global _ACCELERATOR_DECISIONS_ON_CPU
+    previous, _ACCELERATOR_DECISIONS_ON_CPU = _ACCELERATOR_DECISIONS_ON_CPU, True
+    try:
+        yield
+    finally:
+        _ACCELERATOR_DECISIONS_ON_CPU = previous
 
 
 @dataclass(frozen=True)
@@ -122,9 +151,10 @@ def moa_linear(
                          "plain linear base)")
     # Under torch.compile the sparse modes run the dense path with the skipped pairs masked
     # (the same math, static shapes): a routing plan's sizes depend on the data. So do they
-    # on few tokens (SPARSE_PLAN_MIN_TOKENS).
+    # on few tokens (SPARSE_PLAN_MIN_TOKENS), and off the CPU, where building the plan
+    # (nonzero, counts read on the host) would synchronise the host with the device.
     planned = sparse and not torch.compiler.is_compiling() and \
-        x.shape[0] >= SPARSE_PLAN_MIN_TOKENS
+        x.shape[0] >= SPARSE_PLAN_MIN_TOKENS and host_reads_are_free(x.device)
     if shrink_output is not None and (router is not None or adapter_input is not None or
                                       sparse or base_output is not None):
         raise ValueError("shrink_output is for dense mixtures with gates given, no dropout "
@@ -220,6 +250,9 @@ class _NoGradContext:
     """Stands in for an autograd ctx when nothing will be differentiated."""
 
     def save_for_backward(self, *tensors) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors) -> None:
         pass
 
 
