@@ -50,7 +50,12 @@ from moa.layers import (
     is_plain_linear,
     resolve_backend,
 )
-from moa_kernels.layer_experts import gated_adapter, prompt_attention, prompt_attention_recipe
+from moa_kernels.layer_experts import (
+    gated_adapter,
+    prompt_attention,
+    prompt_attention_recipe,
+    prompt_expert,
+)
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
 from moa_kernels.torch_ops import InputRecipe, host_reads_are_free
 
@@ -676,12 +681,21 @@ class PromptExpert(nn.Module):
         that recomputes it)."""
         dtype = compute_dtype(query)
         with autocast_off(query):
-            keys, gated_values = self.keys_and_gated_values(k_proj, v_proj, dtype)
-            if not torch.is_grad_enabled():
-                keys, gated_values = self._batched_keys_values(keys, gated_values,
-                                                               query.shape[0])
-            operands = (x, query.to(dtype), keys, gated_values, gate.to(dtype))
-            y = prompt_attention(*operands)
+            if torch.is_grad_enabled() and is_plain_linear(k_proj) and is_plain_linear(v_proj):
+                # training: one op for the keys, values and the attention (their graph
+                # would be a dozen small ops and their gradients as many)
+                query, gate = query.to(dtype), gate.to(dtype)
+                y, keys, gated_values = prompt_expert(
+                    x, query, gate, self.prompt, self.gate, k_proj.weight, k_proj.bias,
+                    v_proj.weight, v_proj.bias, self.num_kv_heads)
+                operands = (x, query, keys, gated_values, gate)
+            else:
+                keys, gated_values = self.keys_and_gated_values(k_proj, v_proj, dtype)
+                if not torch.is_grad_enabled():
+                    keys, gated_values = self._batched_keys_values(keys, gated_values,
+                                                                   query.shape[0])
+                operands = (x, query.to(dtype), keys, gated_values, gate.to(dtype))
+                y = prompt_attention(*operands)
             return (y, prompt_attention_recipe(*operands)) if with_recipe else y
 
     def output(self, query: torch.Tensor, k_proj: nn.Module, v_proj: nn.Module) -> torch.Tensor:

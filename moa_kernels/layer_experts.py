@@ -80,6 +80,31 @@ def prompt_attention(x: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
     return _apply(_PromptAttention, x, query, keys, values, gate)
 
 
+def prompt_expert(x: torch.Tensor, query: torch.Tensor, gate: torch.Tensor,
+                  prompt: torch.Tensor, head_gate: torch.Tensor, k_weight: torch.Tensor,
+                  k_bias: torch.Tensor | None, v_weight: torch.Tensor,
+                  v_bias: torch.Tensor | None, kv_heads: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x + g * prompt attention, the prompt's keys and values made inside: one op for the
+    whole prompt expert of a training step (`prompt_attention` takes keys and values made
+    outside, as decoding keeps them over a generate call).
+
+    Args:
+        x: [B, S, H * D] the o_proj input; query: [B, H, S, D] the post-rotary query, in the
+            compute dtype; gate: [B, S, 1] the router's prompt gate, in the compute dtype.
+        prompt: [L, hidden] the prompt vectors; head_gate: [H] the per-head gate; k_weight,
+            v_weight: [KV * D, hidden] and k_bias, v_bias: [KV * D] or None, the frozen key
+            and value projections (any float dtype: cast to the query's).
+        kv_heads: KV (query head h reads KV head h // (H / KV)).
+    Returns:
+        (y [B, S, H * D] in x's dtype, keys [H, L, D] times D^-0.5, values [H, L, D] times
+        the head gate): keys and values carry no gradient; with x, query and gate they
+        recompute y bitwise (`prompt_attention_recipe`).
+    """
+    return _apply(_PromptExpert, x, query, gate, prompt, head_gate, k_weight, k_bias,
+                  v_weight, v_bias, kv_heads)
+
+
 def prompt_attention_recipe(x: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
                             values: torch.Tensor, gate: torch.Tensor) -> InputRecipe:
     """How `prompt_attention(x, query, keys, values, gate)`'s output is recomputed bitwise
@@ -166,6 +191,45 @@ class _GatedAdapter(torch.autograd.Function):
 # the prompt attention
 # ---------------------------------------------------------------------------------------
 
+# The head-group scale tensors [1, G, 1, 1] of the prompt keys (D^-0.5 repeated over the G
+# query heads that read a KV head: multiplying by it repeats and scales in one op), kept
+# per (G, D, dtype, device): constants, never written.
+_KEY_SCALES: dict[tuple, torch.Tensor] = {}
+
+
+def _key_scale(groups: int, head_dim: int, like: torch.Tensor) -> torch.Tensor:
+    key = (groups, head_dim, like.dtype, like.device)
+    scale = None if torch.compiler.is_compiling() else _KEY_SCALES.get(key)
+    if scale is None:
+        scale = torch.full((1, groups, 1, 1), head_dim ** -0.5, dtype=like.dtype,
+                           device=like.device)
+        if not torch.compiler.is_compiling():
+            _KEY_SCALES[key] = scale
+    return scale
+
+
+def prompt_keys_values(prompt: torch.Tensor, head_gate: torch.Tensor, k_weight: torch.Tensor,
+                       k_bias: torch.Tensor | None, v_weight: torch.Tensor,
+                       v_bias: torch.Tensor | None, kv_heads: int, heads: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys [H, L, D] times D^-0.5, values [H, L, D] times the head gate, the values
+    [L, KV * D] before it) for prompt [L, hidden], all in one dtype: four ops (two GEMMs,
+    two broadcasting products that also repeat the KV heads)."""
+    length, groups = prompt.shape[0], heads // kv_heads
+    keys = F.linear(prompt, k_weight, k_bias)
+    values = F.linear(prompt, v_weight, v_bias)
+    head_dim = keys.shape[1] // kv_heads
+
+    def per_kv_head(t):  # [L, KV * D] -> [KV, 1, L, D] (a view)
+        return t.view(length, kv_heads, head_dim).transpose(0, 1).unsqueeze(1)
+
+    gate = head_gate.view(kv_heads, groups, 1, 1)
+    keys = (_key_scale(groups, head_dim, keys) * per_kv_head(keys)).reshape(heads, length,
+                                                                             head_dim)
+    gated = (gate * per_kv_head(values)).reshape(heads, length, head_dim)
+    return keys, gated, values
+
+
 def _batched(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     return tensor if tensor.dim() == 4 else tensor.expand(batch, -1, -1, -1)
 
@@ -208,4 +272,105 @@ class _PromptAttention(torch.autograd.Function):
         return grad_y, grad_query, grad_keys, grad_values, grad_gate
 
 
-__all__ = ["gated_adapter", "prompt_attention", "prompt_attention_recipe"]
+class _PromptExpert(torch.autograd.Function):
+    """(x, query, gate, prompt, head_gate, k_weight, k_bias, v_weight, v_bias, kv_heads) ->
+    (x + g * prompt attention output, keys, gated values); see `prompt_expert`.
+
+    Saves the query (the attention kernel's own, shared), the gate, the prompt and the
+    projections, and the [H, L, D] keys and values. The backward works per head over all
+    B * S query rows at once ([H, B * S, D], a view of the query's [B, S, H, D] memory):
+    P = softmax(q keys^T) and o = P values recomputed, dg = <dy, o>, do = g dy,
+    d values = P^T do, dS = softmax'(do values^T), dq = dS keys, d keys = dS^T q; then the
+    head gate's and the prompt's gradients through the repeat and the two projections."""
+
+    @staticmethod
+    def traced(x, query, gate, prompt, head_gate, k_weight, k_bias, v_weight, v_bias,
+               kv_heads):
+        dtype = query.dtype
+        keys, values, _ = prompt_keys_values(
+            prompt.to(dtype), head_gate.to(dtype), k_weight.to(dtype),
+            None if k_bias is None else k_bias.to(dtype), v_weight.to(dtype),
+            None if v_bias is None else v_bias.to(dtype), kv_heads, query.shape[1])
+        y = _PromptAttention.traced(x, query, keys, values, gate)
+        return y, keys.detach(), values.detach()
+
+    @staticmethod
+    def forward(ctx, x, query, gate, prompt, head_gate, k_weight, k_bias, v_weight, v_bias,
+                kv_heads):
+        dtype = query.dtype
+        cast = [t if t is None or t.dtype == dtype else t.to(dtype)
+                for t in (prompt, head_gate, k_weight, k_bias, v_weight, v_bias)]
+        keys, values, ungated = prompt_keys_values(*cast, kv_heads, query.shape[1])
+        y = _prompt_output(x, query, keys, values, gate)
+        prompt_c, head_gate_c, k_weight_c, _, v_weight_c, _ = cast
+        ctx.save_for_backward(query, gate, prompt_c, head_gate_c, k_weight_c, v_weight_c,
+                              keys, values, ungated)
+        ctx.kv_heads = kv_heads
+        ctx.dtypes = (prompt.dtype, head_gate.dtype, k_weight.dtype,
+                      None if k_bias is None else k_bias.dtype, v_weight.dtype,
+                      None if v_bias is None else v_bias.dtype)
+        ctx.mark_non_differentiable(keys, values)
+        return y, keys, values
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, _grad_keys, _grad_values):
+        query, gate, prompt, head_gate, k_weight, v_weight, keys, values, ungated = \
+            ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        batch, heads, tokens, head_dim = query.shape
+        kv_heads, length = ctx.kv_heads, keys.shape[1]
+        groups, rows = heads // kv_heads, batch * tokens
+        # per head over every query row: [H, B * S, D] (views of [B, S, H, D] memory)
+        q = query.permute(1, 0, 2, 3).reshape(heads, rows, head_dim)
+        dy = grad_y.to(query.dtype).reshape(batch, tokens, heads, head_dim)
+        dy = dy.permute(2, 0, 1, 3).reshape(heads, rows, head_dim)
+        probs = torch.softmax(torch.bmm(q, keys.transpose(1, 2)), dim=-1)  # [H, BS, L]
+        out = torch.bmm(probs, values)
+        grad_gate = (dy * out).sum(dim=(0, 2)).reshape(batch, tokens, 1)
+        grad_out = dy * gate.reshape(1, rows, 1)
+        grad_values = torch.bmm(probs.transpose(1, 2), grad_out)  # [H, L, D]
+        grad_scores = torch._softmax_backward_data(
+            torch.bmm(grad_out, values.transpose(1, 2)), probs, -1, probs.dtype)
+        grad_query = None
+        if needs[1]:
+            grad_query = torch.bmm(grad_scores, keys).reshape(heads, batch, tokens, head_dim)
+            grad_query = grad_query.permute(1, 0, 2, 3)
+        grads = [None] * 6  # prompt, head gate, k weight, k bias, v weight, v bias
+        if any(needs[3:9]):
+            grads = _prompt_parameter_grads(
+                needs[3:9], torch.bmm(grad_scores.transpose(1, 2), q), grad_values, prompt,
+                head_gate, k_weight, v_weight, ungated, kv_heads, groups, length, head_dim)
+            grads = [None if g is None else g.to(dtype)
+                     for g, dtype in zip(grads, ctx.dtypes)]
+        return (grad_y, grad_query, grad_gate if needs[2] else None, *grads, None)
+
+
+def _prompt_parameter_grads(needs, grad_keys, grad_values, prompt, head_gate, k_weight,
+                            v_weight, ungated, kv_heads, groups, length, head_dim):
+    """Gradients of (prompt, head gate, k weight, k bias, v weight, v bias) from those of
+    the repeated keys and gated values [H, L, D] (None where not needed)."""
+    per_group = (kv_heads, groups, length, head_dim)
+    grad_values = grad_values.view(per_group)
+    grad_head_gate = None
+    if needs[1]:
+        values4 = ungated.view(length, kv_heads, head_dim).transpose(0, 1).unsqueeze(1)
+        grad_head_gate = (grad_values * values4).sum(dim=(2, 3)).reshape(-1)
+    # summed over each KV head's query heads, laid out [L, KV, D] = [L, KV * D]
+    gated = grad_values * head_gate.view(kv_heads, groups, 1, 1)
+    grad_v = gated.permute(2, 0, 1, 3).sum(2).reshape(length, -1)
+    grad_k = grad_keys.view(per_group).permute(2, 0, 1, 3).sum(2).reshape(length, -1)
+    scale = head_dim ** -0.5  # the keys' scale, folded into the GEMMs
+    grad_prompt = None
+    if needs[0]:
+        grad_prompt = torch.mm(grad_v, v_weight).addmm_(grad_k, k_weight, alpha=scale)
+    grad_k_weight = torch.mm(grad_k.t(), prompt).mul_(scale) if needs[2] else None
+    grad_k_bias = grad_k.sum(0).mul_(scale) if needs[3] else None
+    grad_v_weight = torch.mm(grad_v.t(), prompt) if needs[4] else None
+    grad_v_bias = grad_v.sum(0) if needs[5] else None
+    return [grad_prompt, grad_head_gate, grad_k_weight, grad_k_bias, grad_v_weight,
+            grad_v_bias]
+
+
+__all__ = ["gated_adapter", "prompt_attention", "prompt_attention_recipe", "prompt_expert",
+           "prompt_keys_values"]
