@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from moa_kernels.decode import fusable_addmm, fusable_attention, fusable_linear
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
-from moa_kernels.torch_ops import ACTIVATION_DERIVATIVES, InputRecipe, _apply
+from moa_kernels.torch_ops import InputRecipe, _apply, activation_backward, row_dot
 
 
 def gated_adapter(out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
@@ -168,13 +168,12 @@ class _GatedAdapter(torch.autograd.Function):
         grad = grad_y.to(hidden.dtype)
         activated = ACTIVATION_FUNCTIONS[activation](hidden)
         grad_activated_gated = grad @ up_weight  # G = dy W_up [T, K]
-        grad_gate = (grad_activated_gated * activated).sum(1, keepdim=True) + \
-            grad @ up_bias[:, None]
+        # dg = <G, act(h)> + dy . b_up per token: a batched dot, then dy b_up added
+        grad_gate = torch.addmv(row_dot(grad_activated_gated, activated), grad, up_bias)
+        grad_gate = grad_gate[:, None]
         grad_up_weight = grad.t() @ (activated * gate)
-        grad_up_bias = (grad.t() @ gate)[:, 0]
-        grad_hidden = grad_activated_gated * gate
-        if activation != "identity":
-            grad_hidden = grad_hidden * ACTIVATION_DERIVATIVES[activation](hidden)
+        grad_up_bias = grad.t() @ gate[:, 0]
+        grad_hidden = activation_backward(grad_activated_gated * gate, hidden, activation)
         needs = ctx.needs_input_grad
         grad_x = grad_hidden @ down_weight if needs[1] else None
         grad_down_weight = None

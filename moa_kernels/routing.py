@@ -111,9 +111,8 @@ class _SwiGLUHead(torch.autograd.Function):
         grad_first = grad_w2 = grad_b2 = None
         if needs[0]:
             grad_hidden = grad_logits @ w2_weight  # [T, H]
-            sigmoid = torch.sigmoid(up)
-            # d silu(u) / du = sigmoid(u) (1 + u (1 - sigmoid(u))), autograd's own formula
-            grad_up = grad_hidden * gate_half * (sigmoid * (1 + up * (1 - sigmoid)))
+            # d silu(u) / du by autograd's own kernel (one op)
+            grad_up = torch.ops.aten.silu_backward.default(grad_hidden * gate_half, up)
             grad_first = torch.cat([grad_up, grad_hidden * activated], dim=-1)
         if needs[1]:
             grad_w2 = grad_logits.t() @ (activated * gate_half)

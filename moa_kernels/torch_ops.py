@@ -15,10 +15,10 @@ Dense (soft mode, or gates given):
   3. `_GatedExpand`: u = act(h[:, :R]) * g * scaling per column, then one GEMM
      y + [u, g_adapters] @ [B_stack, up_biases]^T with y as its addend (out of place: no
      tensor another op returned is modified, so autograd, torch.compile and tensor
-     subclasses see plain functional ops). Backward recomputes the
-     activations (and their derivatives, written out: no nested autograd call) from the
-     saved h ([T, R]), so nothing of size [T, out] or [T, E, out] is stored; the per-expert
-     gate gradients are one small GEMM with the layout's gate map (no scatter).
+     subclasses see plain functional ops). Backward recomputes the activations (their
+     derivatives by autograd's own backward kernels, one op each: no nested autograd call)
+     from the saved h ([T, R]), so nothing of size [T, out] or [T, E, out] is stored; the
+     per-expert gate gradients are one small GEMM with the layout's gate map (no scatter).
 Sparse (threshold, adaptive, topk):
   1. as above, with the router rows only.
   2. the gates give a `RoutingPlan` (pairs sorted by expert; one host sync, here only).
@@ -288,25 +288,22 @@ def _activate(hidden: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
-def _silu_derivative(hidden: torch.Tensor) -> torch.Tensor:
-    sigmoid = torch.sigmoid(hidden)
-    return sigmoid * (1 + hidden * (1 - sigmoid))
+# d loss / d hidden from d loss / d act(hidden) and hidden, as one op each: autograd's own
+# backward kernels of the activations (the exact erf GELU; relu's derivative 0 at 0).
+_ACTIVATION_BACKWARD = {
+    "silu": torch.ops.aten.silu_backward.default,
+    "gelu": lambda grad, hidden: torch.ops.aten.gelu_backward.default(grad, hidden),
+    "relu": lambda grad, hidden: torch.ops.aten.threshold_backward.default(grad, hidden, 0),
+}
 
 
-def _gelu_derivative(hidden: torch.Tensor) -> torch.Tensor:  # the exact (erf) GELU
-    return 0.5 * (1 + torch.erf(hidden * 0.5 ** 0.5)) + \
-        hidden * torch.exp(-0.5 * hidden * hidden) * (2 * torch.pi) ** -0.5
-
-
-def _relu_derivative(hidden: torch.Tensor) -> torch.Tensor:
-    return (hidden > 0).to(hidden.dtype)
-
-
-# d act / d hidden, written out (what autograd's own backward of each function computes),
-# so the backward of the autograd Functions needs no nested autograd call and traces under
-# torch.compile.
-ACTIVATION_DERIVATIVES = {"silu": _silu_derivative, "gelu": _gelu_derivative,
-                          "relu": _relu_derivative}
+def activation_backward(grad: torch.Tensor, hidden: torch.Tensor,
+                        activation: str) -> torch.Tensor:
+    """d loss / d hidden from grad = d loss / d act(hidden), for one activation: one op
+    (autograd's own backward kernel); grad itself for the identity."""
+    if activation == "identity":
+        return grad
+    return _ACTIVATION_BACKWARD[activation](grad, hidden)
 
 
 def _activation_backward(hidden: torch.Tensor, grad: torch.Tensor,
@@ -315,8 +312,15 @@ def _activation_backward(hidden: torch.Tensor, grad: torch.Tensor,
     activations' derivatives recomputed from hidden."""
     for segment in layout.activation_segments:
         rows = slice(segment.start, segment.stop)
-        grad[:, rows] *= ACTIVATION_DERIVATIVES[segment.activation](hidden[:, rows])
+        grad[:, rows] = activation_backward(grad[:, rows], hidden[:, rows],
+                                            segment.activation)
     return grad
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a[t, j] b[t, j] per row t, [T], for a, b [T, K]: one batched GEMM of T
+    [1, K] x [K, 1] products (a product and a sum would be two passes)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _activation_of(slot) -> object:
@@ -567,9 +571,8 @@ class _SparseExperts(torch.autograd.Function):
                 grad_gate += grad_out @ up_bias
                 grad_expand_bias[slot.adapter_index] += grad_out.t() @ gate[:, 0]
             sorted_grad_gates[start:stop] = grad_gate
-            grad_hidden = grad_activated_scaled * (gate * slot.scaling)
-            if slot.activation != "identity":
-                grad_hidden *= ACTIVATION_DERIVATIVES[slot.activation](hidden)
+            grad_hidden = activation_backward(grad_activated_scaled * (gate * slot.scaling),
+                                              hidden, slot.activation)
             x_slice = torch.index_select(x, 0, tokens, out=x_rows[:count])
             grad_shrink_weight[rows].addmm_(grad_hidden.t(), x_slice)
             if slot.adapter_index is not None:
