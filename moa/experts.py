@@ -50,6 +50,7 @@ from moa.layers import (
     is_plain_linear,
     resolve_backend,
 )
+from moa_kernels import torch_ops
 from moa_kernels.layer_experts import (
     gated_adapter,
     prompt_attention,
@@ -259,59 +260,83 @@ class LayerRouter(nn.Module):
     def share_shrinks_with(self, sharers: list[tuple[int, MoALinear]]) -> None:
         """Declare the layer's MoALinears that read exactly what the router reads (the
         attention's query, key and value projections, beside a router on the input norm's
-        output), each with the start of its gate slice. While decoding inside
-        MoAModel.generate (no grad mode), one GEMM then computes the router's first layer
-        and their shrinks, which they take through their gate source (`LayerGates`)."""
+        output), each with the start of its gate slice. One GEMM then computes the
+        router's first layer and their shrinks (eagerly in grad mode, and inside
+        MoAModel.generate), which they take through their gate source (`LayerGates`)."""
         self.shrink_sharers = tuple(sharers)
         self.shares_shrinks = bool(sharers)
 
     def _gates_sharing_shrinks(self, normed: torch.Tensor) -> torch.Tensor | None:
         """The gates, with the sharers' shrink outputs kept in `state`, from one GEMM; None
-        where that does not apply (then none are kept)."""
+        where that does not apply (then none are kept).
+
+        Inside generate (no grad mode) the stacked weight is made once per call (kept in
+        generate_cache); in grad mode `stacked_linear` stacks the blocks once per call and
+        returns the router's and each sharer's columns as separate tensors, so their
+        gradients need no slicing back into one (its backward: one dx and one dW GEMM for
+        the router and the three shrinks). Not under torch.compile in grad mode (the
+        outputs kept in `state` would leave the graph), nor without grad mode outside
+        generate."""
         state = self.state
         plan = False
+        dtype = compute_dtype(normed)
         if self.generate_cache is not None and not torch.is_grad_enabled():
-            dtype = compute_dtype(normed)
             plan = generate_cached(self, ("shared shrinks", dtype),
-                                   lambda: self._sharing_plan(normed.device, dtype))
+                                   lambda: self._stacked_plan(normed.device, dtype))
+        elif torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            plan = self._sharing_plan(normed.device, dtype)
         if plan is False:
             if state.shrink_input is not None:
                 state.shrink_input = state.shrink_outputs = None
             return None
-        weight, bias, ops, columns = plan
         with autocast_off(normed):
-            flat = normed.reshape(-1, self.hidden_size).to(weight.dtype)
-            first = F.linear(flat, weight, bias)
-            gates, _ = ops.finish(first[:, :ops.first_weight.shape[0]])
+            flat = normed.reshape(-1, self.hidden_size).to(dtype)
+            if isinstance(plan[0], torch.Tensor):  # generate: the weight stacked once
+                weight, bias, ops, starts, splits = plan
+                outputs = F.linear(flat, weight, bias).split(splits, dim=1)
+            else:
+                weights, bias_pieces, ops, starts, splits = plan
+                outputs = torch_ops.stacked_linear(flat, weights, bias_pieces, splits)
+            gates, _ = ops.finish(outputs[0])
         state.shrink_input = normed
-        state.shrink_outputs = {start: first[:, begin:end] for start, begin, end in columns}
-        return gates.to(weight.dtype).reshape(*normed.shape[:-1], self.num_experts)
+        state.shrink_outputs = dict(zip(starts, outputs[1:]))
+        return gates.to(dtype).reshape(*normed.shape[:-1], self.num_experts)
 
     def _sharing_plan(self, device: torch.device, dtype: torch.dtype):
-        """(weight, bias, router ops, [(gate start, first column, end column)]) of the
-        shared GEMM, or False where a sharer cannot take its shrink from outside (another
-        backend, a base the backends do not fuse, dropout, a sparse router)."""
+        """(weight blocks, bias pieces, router ops, the sharers' gate starts, the column
+        counts of the router's first layer and of each sharer's shrink) of the shared GEMM,
+        or False where a sharer cannot take its shrink from outside (another backend, a
+        base the backends do not fuse, dropout, a sparse router)."""
         if not isinstance(self.router, MoARouter) or self.sparse:
             return False
         ops = self.router.ops(dtype)
-        weights, biases, columns = [ops.first_weight], [ops.first_bias], []
-        column = ops.first_weight.shape[0]
+        weights = list(ops.weight_parts)
+        bias_pieces = [b if b is not None else w.shape[0]
+                       for w, b in zip(ops.weight_parts, ops.bias_parts)]
+        starts, splits = [], [ops.rows]
         for start, layer in self.shrink_sharers:
             if not layer.active or not is_plain_linear(layer.base) or \
                     resolve_backend(layer.backend, device) != "torch" or \
                     (layer.training and isinstance(layer.dropout, nn.Dropout)):
                 return False
-            shrink_weight, shrink_bias, _, _ = layer._stacked(dtype)
-            weights.append(shrink_weight)
-            biases.append(layer.layout.full_shrink_bias(shrink_bias)
-                          if shrink_bias.numel() else None)
-            columns.append((start, column, column + shrink_weight.shape[0]))
-            column += shrink_weight.shape[0]
+            layout = layer.layout
+            weights.append(layer.shrink_weight)
+            bias_pieces += [layout.bias_start, layer.shrink_bias] \
+                if layer.shrink_bias is not None else [layout.shrink_rows]
+            starts.append(start)
+            splits.append(layout.shrink_rows)
+        return weights, bias_pieces, ops, starts, splits
+
+    def _stacked_plan(self, device: torch.device, dtype: torch.dtype):
+        """`_sharing_plan` with the blocks stacked (for generate, which keeps it)."""
+        plan = self._sharing_plan(device, dtype)
+        if plan is False:
+            return False
+        weights, bias_pieces, ops, starts, splits = plan
         bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
-                              for w, b in zip(weights, biases)])
-        return torch.cat(weights), bias, ops, columns
+        if any(isinstance(p, torch.Tensor) for p in bias_pieces):
+            bias = torch_ops.stack_rows(bias_pieces, dtype)
+        return torch_ops.stack_rows(weights, dtype), bias, ops, starts, splits
 
     def route(self, normed: torch.Tensor) -> torch.Tensor:
         """Gates for what the router reads, normed [..., hidden]: [..., E] per token, or

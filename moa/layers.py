@@ -251,7 +251,7 @@ class MoARouter(nn.Module):
         return {name: getattr(self, name) for name in names}
 
     def ops(self, dtype: torch.dtype) -> RouterOps:
-        """First layer (to fuse into a shrink GEMM) and finisher, in `dtype`."""
+        """First layer (its blocks, to fuse into a shrink GEMM) and finisher, in `dtype`."""
         config = self.config
         if config.kind == "linear":
             weights, biases = [self.weight], [self.bias]
@@ -263,11 +263,6 @@ class MoARouter(nn.Module):
             detach = config.mode == "threshold" and not config.learn_threshold
             weights.append(self.threshold_weight.detach() if detach else self.threshold_weight)
             biases.append(self.threshold_bias.detach() if detach else self.threshold_bias)
-        first_weight = torch.cat(weights).to(dtype)
-        first_bias = None
-        if any(b is not None for b in biases):
-            first_bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
-                                    for w, b in zip(weights, biases)]).to(dtype)
         w2_weight = getattr(self, "w2_weight", None)
         w2_bias = getattr(self, "w2_bias", None)
 
@@ -286,7 +281,7 @@ class MoARouter(nn.Module):
                     gates, first_layer[:, -1:].to(head_dtype), config.max_threshold)
             return gates, active
 
-        return RouterOps(first_weight, first_bias, finish, self.reference_gates)
+        return RouterOps(weights, biases, finish, self.reference_gates, dtype)
 
     def reference_gates(self, x: torch.Tensor) -> torch.Tensor:
         """Gates by the reference router, in x's dtype."""
@@ -310,7 +305,14 @@ class MoARouter(nn.Module):
         ops = generate_cached(self, ("ops", dtype), lambda: self.ops(dtype))
         with autocast_off(x):
             flat = x.reshape(-1, self.in_features).to(dtype)
-            gates, _ = ops.finish(F.linear(flat, ops.first_weight, ops.first_bias))
+            if getattr(self, "generate_cache", None) is not None and \
+                    not torch.is_grad_enabled():  # inside generate: stacked once per call
+                first = F.linear(flat, ops.first_weight, ops.first_bias)
+            else:  # one GEMM over the blocks, stacked once per parameter version
+                first, = torch_ops.stacked_linear(flat, ops.weight_parts, [
+                    b if b is not None else w.shape[0]
+                    for w, b in zip(ops.weight_parts, ops.bias_parts)], [ops.rows])
+            gates, _ = ops.finish(first)
         return gates.to(dtype).reshape(*x.shape[:-1], self.num_experts)
 
     def extra_repr(self) -> str:

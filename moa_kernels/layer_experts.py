@@ -77,7 +77,7 @@ def prompt_attention(x: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
     Returns:
         [B, S, H * D] in x's dtype.
     """
-    return _apply(_PromptAttention, x, query, keys, values, gate)
+    return _apply(_PromptAttentionOverKeys, x, query, keys, values, gate)
 
 
 def prompt_expert(x: torch.Tensor, query: torch.Tensor, gate: torch.Tensor,
@@ -101,7 +101,7 @@ def prompt_expert(x: torch.Tensor, query: torch.Tensor, gate: torch.Tensor,
         the head gate): keys and values carry no gradient; with x, query and gate they
         recompute y bitwise (`prompt_attention_recipe`).
     """
-    return _apply(_PromptExpert, x, query, gate, prompt, head_gate, k_weight, k_bias,
+    return _apply(_PromptAttention, x, query, gate, prompt, head_gate, k_weight, k_bias,
                   v_weight, v_bias, kv_heads)
 
 
@@ -190,17 +190,18 @@ class _GatedAdapter(torch.autograd.Function):
 # the prompt attention
 # ---------------------------------------------------------------------------------------
 
-# The head-group scale tensors [1, G, 1, 1] of the prompt keys (D^-0.5 repeated over the G
-# query heads that read a KV head: multiplying by it repeats and scales in one op), kept
-# per (G, D, dtype, device): constants, never written.
+# The scale tensors [KV, G, 1, 1] of the prompt keys (D^-0.5 for each of the G query heads
+# that read a KV head: multiplying by it repeats and scales in one op, its strides making
+# the product's layout [H, L, D]), kept per (KV, G, D, dtype, device): constants, never
+# written.
 _KEY_SCALES: dict[tuple, torch.Tensor] = {}
 
 
-def _key_scale(groups: int, head_dim: int, like: torch.Tensor) -> torch.Tensor:
-    key = (groups, head_dim, like.dtype, like.device)
+def _key_scale(kv_heads: int, groups: int, head_dim: int, like: torch.Tensor) -> torch.Tensor:
+    key = (kv_heads, groups, head_dim, like.dtype, like.device)
     scale = None if torch.compiler.is_compiling() else _KEY_SCALES.get(key)
     if scale is None:
-        scale = torch.full((1, groups, 1, 1), head_dim ** -0.5, dtype=like.dtype,
+        scale = torch.full((kv_heads, groups, 1, 1), head_dim ** -0.5, dtype=like.dtype,
                            device=like.device)
         if not torch.compiler.is_compiling():
             _KEY_SCALES[key] = scale
@@ -223,8 +224,8 @@ def prompt_keys_values(prompt: torch.Tensor, head_gate: torch.Tensor, k_weight: 
         return t.view(length, kv_heads, head_dim).transpose(0, 1).unsqueeze(1)
 
     gate = head_gate.view(kv_heads, groups, 1, 1)
-    keys = (_key_scale(groups, head_dim, keys) * per_kv_head(keys)).reshape(heads, length,
-                                                                             head_dim)
+    keys = (_key_scale(kv_heads, groups, head_dim, keys) * per_kv_head(keys)).reshape(
+        heads, length, head_dim)
     gated = (gate * per_kv_head(values)).reshape(heads, length, head_dim)
     return keys, gated, values
 
@@ -233,7 +234,7 @@ def _batched(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     return tensor if tensor.dim() == 4 else tensor.expand(batch, -1, -1, -1)
 
 
-class _PromptAttention(torch.autograd.Function):
+class _PromptAttentionOverKeys(torch.autograd.Function):
     """(x [B, S, H * D], q [B, H, S, D], keys, values [H, L, D] or [B, H, L, D], gate
     [B, S, 1]) -> x + g * prompt attention output, laid out as x."""
 
@@ -253,9 +254,10 @@ class _PromptAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         query, keys, values, gate = ctx.saved_tensors
-        batch, heads, tokens, head_dim = query.shape
-        shared = keys.dim() == 3  # [H, L, D]: their gradients are summed over the batch
-        keys, values = _batched(keys, batch), _batched(values, batch)
+        if keys.dim() == 3:  # [H, L, D], shared by the batch
+            return (grad_y, *_attention_grads(grad_y, query, keys, values, gate,
+                                              ctx.needs_input_grad[1]))
+        batch, heads, tokens, head_dim = query.shape  # keys and values [B, H, L, D]
         probs = torch.softmax(query @ keys.transpose(2, 3), dim=-1)  # [B, H, S, L]
         grad_out = grad_y.to(query.dtype).reshape(batch, tokens, heads, head_dim)
         grad_out = grad_out.transpose(1, 2)  # [B, H, S, D]
@@ -266,12 +268,10 @@ class _PromptAttention(torch.autograd.Function):
         grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
         grad_query = grad_scores @ keys
         grad_keys = grad_scores.transpose(2, 3) @ query
-        if shared:
-            grad_keys, grad_values = grad_keys.sum(0), grad_values.sum(0)
         return grad_y, grad_query, grad_keys, grad_values, grad_gate
 
 
-class _PromptExpert(torch.autograd.Function):
+class _PromptAttention(torch.autograd.Function):
     """(x, query, gate, prompt, head_gate, k_weight, k_bias, v_weight, v_bias, kv_heads) ->
     (x + g * prompt attention output, keys, gated values); see `prompt_expert`.
 
@@ -290,7 +290,7 @@ class _PromptExpert(torch.autograd.Function):
             prompt.to(dtype), head_gate.to(dtype), k_weight.to(dtype),
             None if k_bias is None else k_bias.to(dtype), v_weight.to(dtype),
             None if v_bias is None else v_bias.to(dtype), kv_heads, query.shape[1])
-        y = _PromptAttention.traced(x, query, keys, values, gate)
+        y = _PromptAttentionOverKeys.traced(x, query, keys, values, gate)
         return y, keys.detach(), values.detach()
 
     @staticmethod
@@ -309,40 +309,56 @@ class _PromptExpert(torch.autograd.Function):
                       None if k_bias is None else k_bias.dtype, v_weight.dtype,
                       None if v_bias is None else v_bias.dtype)
         ctx.mark_non_differentiable(keys, values)
+        ctx.set_materialize_grads(False)  # (no zeros made for the keys' and values' grads)
         return y, keys, values
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_keys, _grad_values):
+        if grad_y is None:  # (grads are not materialised: y unused)
+            return (None,) * 10
         query, gate, prompt, head_gate, k_weight, v_weight, keys, values, ungated = \
             ctx.saved_tensors
         needs = ctx.needs_input_grad
-        batch, heads, tokens, head_dim = query.shape
-        kv_heads, length = ctx.kv_heads, keys.shape[1]
-        groups, rows = heads // kv_heads, batch * tokens
-        # per head over every query row: [H, B * S, D] (views of [B, S, H, D] memory)
-        q = query.permute(1, 0, 2, 3).reshape(heads, rows, head_dim)
-        dy = grad_y.to(query.dtype).reshape(batch, tokens, heads, head_dim)
-        dy = dy.permute(2, 0, 1, 3).reshape(heads, rows, head_dim)
-        probs = torch.softmax(torch.bmm(q, keys.transpose(1, 2)), dim=-1)  # [H, BS, L]
-        out = torch.bmm(probs, values)
-        grad_gate = (dy * out).sum(dim=(0, 2)).reshape(batch, tokens, 1)
-        grad_out = dy * gate.reshape(1, rows, 1)
-        grad_values = torch.bmm(probs.transpose(1, 2), grad_out)  # [H, L, D]
-        grad_scores = torch._softmax_backward_data(
-            torch.bmm(grad_out, values.transpose(1, 2)), probs, -1, probs.dtype)
-        grad_query = None
-        if needs[1]:
-            grad_query = torch.bmm(grad_scores, keys).reshape(heads, batch, tokens, head_dim)
-            grad_query = grad_query.permute(1, 0, 2, 3)
+        heads, length, head_dim = keys.shape
+        kv_heads = ctx.kv_heads
+        grad_query, grad_keys, grad_values, grad_gate = _attention_grads(
+            grad_y, query, keys, values, gate, needs[1])
         grads = [None] * 6  # prompt, head gate, k weight, k bias, v weight, v bias
         if any(needs[3:9]):
             grads = _prompt_parameter_grads(
-                needs[3:9], torch.bmm(grad_scores.transpose(1, 2), q), grad_values, prompt,
-                head_gate, k_weight, v_weight, ungated, kv_heads, groups, length, head_dim)
+                needs[3:9], grad_keys, grad_values, prompt, head_gate, k_weight, v_weight,
+                ungated, kv_heads, heads // kv_heads, length, head_dim)
             grads = [None if g is None else g.to(dtype)
                      for g, dtype in zip(grads, ctx.dtypes)]
         return (grad_y, grad_query, grad_gate if needs[2] else None, *grads, None)
+
+
+def _attention_grads(grad_y, query, keys, values, gate, need_query: bool):
+    """(d query or None, d keys, d values, d gate) of y = x + g * softmax(q keys^T) values
+    laid out as x [B, S, H * D], for keys and values [H, L, D] shared by the batch. Per
+    head over every query row at once ([H, B * S, D]: views of the [B, S, H, D] memory of
+    the rotary's query and of dy): P and o = P values recomputed (L-long dot products),
+    dg = <dy, o>, do = g dy, d values = P^T do, dS = softmax'(do values^T),
+    dq = dS keys, d keys = dS^T q."""
+    batch, heads, tokens, head_dim = query.shape
+    rows = batch * tokens
+    q = query.permute(1, 0, 2, 3).reshape(heads, rows, head_dim)
+    dy = grad_y.to(query.dtype).reshape(batch, tokens, heads, head_dim)
+    dy = dy.permute(2, 0, 1, 3).reshape(heads, rows, head_dim)
+    probs = torch.softmax(torch.bmm(q, keys.transpose(1, 2)), dim=-1)  # [H, BS, L]
+    out = torch.bmm(probs, values)
+    grad_gate = (dy * out).sum(dim=(0, 2)).reshape(batch, tokens, 1)
+    grad_out = dy * gate.reshape(1, rows, 1)
+    grad_values = torch.bmm(probs.transpose(1, 2), grad_out)  # [H, L, D]
+    grad_scores = torch._softmax_backward_data(
+        torch.bmm(grad_out, values.transpose(1, 2)), probs, -1, probs.dtype)
+    grad_query = None
+    if need_query:
+        grad_query = torch.bmm(grad_scores, keys).reshape(heads, batch, tokens, head_dim)
+        grad_query = grad_query.permute(1, 0, 2, 3)
+    grad_keys = torch.bmm(grad_scores.transpose(1, 2), q)
+    return grad_query, grad_keys, grad_values, grad_gate
 
 
 def _prompt_parameter_grads(needs, grad_keys, grad_values, prompt, head_gate, k_weight,

@@ -151,18 +151,47 @@ class RoutingPlan:
                    counts.tolist())
 
 
-@dataclass
 class RouterOps:
     """What a fused backend needs from a router: its first layer, to fold into the shrink
     GEMM, and a function that finishes the gates from that layer's output.
 
-    first_weight [F, in], first_bias [F] or None; finish(first_layer [T, F]) returns
-    (gates [T, E], active [T, E] bool or None: every pair), as `gates_from_first_layer` does;
-    reference_gates(x [T, in]) gives the same gates by the reference router (the oracle
-    backend's way), or is None.
+    weight_parts: the first layer's row blocks [F_i, in] (W1 and W3 of a SwiGLU router, the
+    threshold row), as the router holds them (any float dtype): a backend stacks them with
+    its own rows once (`torch_ops.stack_rows`, cached per parameter version);
+    bias_parts: the matching biases [F_i] or None; dtype: the compute dtype.
+    first_weight [F, in] and first_bias [F] or None: the same stacked in dtype (made on
+    first use, with the graph of the concatenation). finish(first_layer [T, F]) returns
+    (gates [T, E], active [T, E] bool or None: every pair), as `gates_from_first_layer`
+    does; reference_gates(x [T, in]) gives the same gates by the reference router (the
+    oracle backend's way), or is None.
     """
 
-    first_weight: torch.Tensor
-    first_bias: torch.Tensor | None
-    finish: object  # Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    reference_gates: object = None  # Callable[[torch.Tensor], torch.Tensor] | None
+    def __init__(self, weight_parts, bias_parts, finish, reference_gates=None,
+                 dtype: torch.dtype | None = None) -> None:
+        self.weight_parts = tuple(weight_parts)
+        self.bias_parts = tuple(bias_parts)
+        self.finish = finish
+        self.reference_gates = reference_gates
+        self.dtype = dtype if dtype is not None else self.weight_parts[0].dtype
+        self.rows = sum(w.shape[0] for w in self.weight_parts)
+        self._first: tuple | None = None
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._first is None:
+            weights, biases = self.weight_parts, self.bias_parts
+            weight = torch.cat(weights).to(self.dtype) if len(weights) > 1 else \
+                weights[0].to(self.dtype)
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
+                                  for w, b in zip(weights, biases)]).to(self.dtype)
+            self._first = (weight, bias)
+        return self._first
+
+    @property
+    def first_weight(self) -> torch.Tensor:
+        return self._stacked()[0]
+
+    @property
+    def first_bias(self) -> torch.Tensor | None:
+        return self._stacked()[1]

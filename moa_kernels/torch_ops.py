@@ -161,49 +161,48 @@ def moa_linear(
                          "and a plain linear base")
     expert_rows = 0 if planned or shrink_output is not None else layout.shrink_rows
     fused_input = adapter_input is None
-    weights, biases = [], []  # a None bias: that block of rows has none
+    # One GEMM over x for the expert rows and the router's first layer, stacked once
+    # (cached per parameter version, `stack_rows`), its output split back into the two.
+    weights, bias_pieces, splits = [], [], []
     if fused_input and expert_rows:
         weights.append(shrink_weight)
-        biases.append(layout.full_shrink_bias(shrink_bias) if shrink_bias.numel() else None)
+        bias_pieces += [layout.bias_start, shrink_bias] if shrink_bias.numel() else \
+            [layout.shrink_rows]
+        splits.append(layout.shrink_rows)
     if router is not None:
-        weights.append(router.first_weight)
-        biases.append(router.first_bias)
+        weights += router.weight_parts
+        bias_pieces += [b if b is not None else w.shape[0]
+                        for w, b in zip(router.weight_parts, router.bias_parts)]
+        splits.append(router.rows)
     fused_base = base_output is None
     # Sparse experts hand their share of dx to _BaseAndShrink, which adds it into the dx it
     # allocates anyway (saves a [T, in] buffer and an add pass). Not with dropout: then
     # the experts' dx must flow back through the dropout.
     link = _InputGradLink() if planned and fused_input and router is not None and fused_base \
         else None
-    weight = bias = None
-    if weights:
-        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-        if len(biases) == 1:
-            bias = biases[0]
-        elif any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
-                              for w, b in zip(weights, biases)])
+    outputs = ()
     if not fused_base:
         y = base_output
-        h = F.linear(x, weight, bias) if weight is not None else x.new_empty(x.shape[0], 0)
-    elif weight is not None:
-        y, h = _apply(_BaseAndShrink, x, base_weight, base_bias, weight, bias, link,
-                      input_recipe)
-    elif shrink_output is not None:
-        y, h = F.linear(x, base_weight, base_bias), shrink_output
+        if weights:
+            outputs = stacked_linear(x, weights, bias_pieces, splits)
+    elif weights:
+        y, *outputs = _apply(_BaseAndShrink, x, base_weight, base_bias, link, input_recipe,
+                             tuple(splits), len(weights), *weights, *bias_pieces)
     else:
-        y, h = F.linear(x, base_weight, base_bias), x.new_empty(x.shape[0], 0)
+        y = F.linear(x, base_weight, base_bias)
+    router_h = outputs[-1] if router is not None else None
 
     hidden = None
     if not planned:
-        if fused_input and router is None:
-            hidden = h  # the shrink rows only
+        if shrink_output is not None:
+            hidden = shrink_output
         elif fused_input:
-            hidden, h = h[:, :expert_rows], h[:, expert_rows:]
+            hidden = outputs[0]  # the shrink rows
         else:
             hidden = F.linear(adapter_input, shrink_weight, layout.full_shrink_bias(shrink_bias))
     active = None
     if router is not None:
-        gates, active = router.finish(h)
+        gates, active = router.finish(router_h)
     if gates is None or gates.shape != (x.shape[0], layout.num_experts):
         shape = None if gates is None else tuple(gates.shape)
         raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "
@@ -253,6 +252,9 @@ class _NoGradContext:
         pass
 
     def mark_non_differentiable(self, *tensors) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
         pass
 
 
@@ -331,6 +333,132 @@ def _activation_of(slot) -> object:
 # dense path
 # ---------------------------------------------------------------------------------------
 
+# Blocks of zeros standing in for absent biases in a stacked bias, per (rows, dtype,
+# device): constants, never written (a cat copies them).
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeros(rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (rows, dtype, device)
+    zeros = None if torch.compiler.is_compiling() else _ZEROS.get(key)
+    if zeros is None:
+        zeros = torch.zeros(rows, dtype=dtype, device=device)
+        if not torch.compiler.is_compiling():
+            _ZEROS[key] = zeros
+    return zeros
+
+
+def stack_rows(pieces, dtype: torch.dtype) -> torch.Tensor:
+    """The pieces stacked along rows in `dtype` (one cat; a single piece already in dtype
+    as it is): tensors [r_i, ...] (cast) and, for a 1-D stack, counts of zero rows (absent
+    biases). No graph: for autograd Functions' forwards, whose backward splits the gradient
+    (`split_rows`) and reuses the stack saved by the forward, and for no-grad calls.
+
+    Made once per call, not kept across calls by parameter version: the version counter
+    does not see every change of a parameter (`tensor.data` writes, as DeepSpeed's
+    optimizers make them; FSDP2's all-gather into the unsharded parameters preserves their
+    versions), and a stale stack would train silently wrong."""
+    tensors = [p for p in pieces if isinstance(p, torch.Tensor)]
+    if len(pieces) == 1 and tensors and tensors[0].dtype == dtype:
+        return tensors[0]
+    device = tensors[0].device
+    return torch.cat([p.to(dtype) if isinstance(p, torch.Tensor) else _zeros(p, dtype, device)
+                      for p in pieces])
+
+
+def _piece_layout(pieces) -> tuple[tuple[int, torch.dtype | None], ...]:
+    """(rows, dtype) of each piece, dtype None for a count of zero rows."""
+    return tuple((p.shape[0], p.dtype) if isinstance(p, torch.Tensor) else (p, None)
+                 for p in pieces)
+
+
+def split_rows(grad: torch.Tensor, layout, needs) -> list[torch.Tensor | None]:
+    """The rows of grad [S, ...] of each piece (`_piece_layout`) that is a tensor whose
+    `needs` entry is true, in its dtype (views where the dtype matches); None elsewhere."""
+    result, start = [], 0
+    for (rows, dtype), wanted in zip(layout, needs):
+        result.append(grad[start:start + rows].to(dtype) if dtype is not None and wanted
+                      else None)
+        start += rows
+    return result
+
+
+def _has_bias(pieces) -> bool:
+    return any(isinstance(p, torch.Tensor) for p in pieces)
+
+
+def _grad_of_outputs(grads, splits, tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """The gradient [T, S] of the whole GEMM output from its split outputs' (zeros, like
+    `like`, for None)."""
+    if len(grads) == 1 and grads[0] is not None:
+        return grads[0]
+    return torch.cat([g if g is not None else like.new_zeros(tokens, size)
+                      for g, size in zip(grads, splits)], dim=1)
+
+
+def stacked_linear(x: torch.Tensor, weights, bias_pieces, splits) -> tuple[torch.Tensor, ...]:
+    """x @ [W_1; ...; W_n]^T + b as one GEMM over the stacked blocks, its output [T, S]
+    returned as separate tensors of `splits` columns each (so their gradients need no
+    slicing back into one).
+
+    Args:
+        x: [T, in]; weights: the blocks W_i [r_i, in] (parameters, any float dtype: stacked
+            in x's dtype, `stack_rows`); bias_pieces: the bias over the same S rows, as
+            tensors and counts of zero rows; splits: column counts summing to S.
+    Returns:
+        a tuple of [T, split] tensors in x's dtype.
+    """
+    return _apply(_StackedLinear, x, tuple(splits), len(weights), *weights, *bias_pieces)
+
+
+class _StackedLinear(torch.autograd.Function):
+    """(x [T, in], splits, n, W_1 .. W_n, bias pieces) -> the splits of x W^T + b; saves x
+    and the stacked W (backward: dx = dh W, dW = dh^T x split into the blocks, db = the
+    column sums of dh)."""
+
+    @staticmethod
+    def traced(x, splits, count, *pieces):
+        weights, bias_pieces = pieces[:count], pieces[count:]
+        weight = torch.cat([w.to(x.dtype) for w in weights])
+        bias = None
+        if _has_bias(bias_pieces):
+            bias = torch.cat([p.to(x.dtype) if isinstance(p, torch.Tensor) else
+                              x.new_zeros(p) for p in bias_pieces])
+        return F.linear(x, weight, bias).split(list(splits), dim=1)
+
+    @staticmethod
+    def forward(ctx, x, splits, count, *pieces):
+        weights, bias_pieces = pieces[:count], pieces[count:]
+        weight = stack_rows(weights, x.dtype)
+        bias = stack_rows(bias_pieces, x.dtype) if _has_bias(bias_pieces) else None
+        ctx.save_for_backward(x, weight)
+        ctx.splits, ctx.count, ctx.piece_layout = splits, count, _piece_layout(pieces)
+        ctx.set_materialize_grads(False)  # an unused split's gradient: zeros only if needed
+        return F.linear(x, weight, bias).split(list(splits), dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        if all(g is None for g in grads):  # (grads are not materialised: nothing used)
+            return (None,) * (3 + len(ctx.piece_layout))
+        x, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_h = _grad_of_outputs(grads, ctx.splits, x.shape[0], x)
+        grad_x = grad_h @ weight if needs[0] else None
+        return (grad_x, None, None, *_piece_grads(ctx, grad_h, x, needs[3:]))
+
+
+def _piece_grads(ctx, grad_h, x, needs) -> list:
+    """The gradients of the weight blocks, then of the bias pieces, from dh [T, S]."""
+    count, layout = ctx.count, ctx.piece_layout
+    grads = [None] * len(layout)
+    if x is not None and any(needs[:count]):
+        grads[:count] = split_rows(grad_h.t() @ x, layout[:count], needs[:count])
+    if any(needs[count:]):
+        grads[count:] = split_rows(grad_h.sum(0), layout[count:], needs[count:])
+    return grads
+
+
 class _InputGradLink:
     """Carries the sparse experts' input-gradient pieces from `_SparseExperts.backward` to
     `_BaseAndShrink.backward` (which autograd always runs later: its outputs feed the
@@ -351,64 +479,69 @@ class _InputGradLink:
 
 
 class _BaseAndShrink(torch.autograd.Function):
-    """(x [T, in]) -> (base(x) [T, out], x @ shrink_weight^T + shrink_bias [T, S]).
+    """(x [T, in]) -> (base(x) [T, out], the splits of x @ W^T + b [T, S]), W and b the
+    stacked blocks (`stacked_linear`'s arguments: splits, count, weight blocks, bias pieces).
 
     Saves x, or with an `InputRecipe` its tensors (x is then recomputed in the backward, and
-    only where a weight gradient needs it: dx needs no x)."""
+    only where a weight gradient needs it: dx needs no x), and the stacked W."""
 
     @staticmethod
-    def traced(x, base_weight, base_bias, shrink_weight, shrink_bias, link=None, recipe=None):
-        return F.linear(x, base_weight, base_bias), F.linear(x, shrink_weight, shrink_bias)
+    def traced(x, base_weight, base_bias, link, recipe, splits, count, *pieces):
+        return (F.linear(x, base_weight, base_bias),
+                *_StackedLinear.traced(x, splits, count, *pieces))
 
     @staticmethod
-    def forward(ctx, x, base_weight, base_bias, shrink_weight, shrink_bias, link=None,
-                recipe=None):
+    def forward(ctx, x, base_weight, base_bias, link, recipe, splits, count, *pieces):
+        weights, bias_pieces = pieces[:count], pieces[count:]
+        weight = stack_rows(weights, x.dtype)
+        bias = stack_rows(bias_pieces, x.dtype) if _has_bias(bias_pieces) else None
         if recipe is None:
-            ctx.save_for_backward(x, base_weight, shrink_weight)
+            ctx.save_for_backward(x, base_weight, weight)
         else:
-            ctx.save_for_backward(None, base_weight, shrink_weight, *recipe.tensors)
+            ctx.save_for_backward(None, base_weight, weight, *recipe.tensors)
             ctx.recompute, ctx.x_shape = recipe.function, x.shape
-        ctx.link = link
+        ctx.link, ctx.splits, ctx.count = link, splits, count
+        ctx.piece_layout = _piece_layout(pieces)
+        ctx.set_materialize_grads(False)
         ctx.has_base_bias = base_bias is not None
-        return F.linear(x, base_weight, base_bias), F.linear(x, shrink_weight, shrink_bias)
+        return (F.linear(x, base_weight, base_bias),
+                *F.linear(x, weight, bias).split(list(splits), dim=1))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, grad_h):
-        x, base_weight, shrink_weight, *recipe_tensors = ctx.saved_tensors
+    def backward(ctx, grad_y, *grads_h):
+        if grad_y is None and all(g is None for g in grads_h):
+            return (None,) * (7 + len(ctx.piece_layout))
+        x, base_weight, weight, *recipe_tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        if x is None and (needs[1] or needs[3]):
+        if x is None and (needs[1] or any(needs[7:7 + ctx.count])):
             x = ctx.recompute(*recipe_tensors).reshape(ctx.x_shape)
-        grad_x = grad_base_weight = grad_base_bias = grad_shrink_weight = None
-        grad_shrink_bias = None
-        if grad_h is None:
-            grad_h = shrink_weight.new_zeros(grad_y.shape[0], shrink_weight.shape[0])
+        grad_x = grad_base_weight = grad_base_bias = None
+        tokens = grad_y.shape[0] if grad_y is not None else \
+            next(g.shape[0] for g in grads_h if g is not None)
+        grad_h = _grad_of_outputs(grads_h, ctx.splits, tokens, weight)
         if needs[0]:
             # The big GEMM allocates dx; the skinny one accumulates into it in place.
             if grad_y is not None:
                 grad_x = grad_y @ base_weight
-                grad_x.addmm_(grad_h, shrink_weight)
+                grad_x.addmm_(grad_h, weight)
             else:
-                grad_x = grad_h @ shrink_weight
+                grad_x = grad_h @ weight
             if ctx.link is not None:
                 ctx.link.add_into(grad_x)
         if grad_y is not None and needs[1]:
             grad_base_weight = grad_y.t() @ x
         if grad_y is not None and needs[2] and ctx.has_base_bias:
             grad_base_bias = grad_y.sum(0)
-        if needs[3]:
-            grad_shrink_weight = grad_h.t() @ x
-        if needs[4]:
-            grad_shrink_bias = grad_h.sum(0)
-        return (grad_x, grad_base_weight, grad_base_bias, grad_shrink_weight, grad_shrink_bias,
-                None, None)
+        return (grad_x, grad_base_weight, grad_base_bias, None, None, None, None,
+                *_piece_grads(ctx, grad_h, x, needs[7:]))
 
 
-def _expand_operands(hidden, gates, expand_weight, expand_bias, layout, traced=False):
-    """u [T, C + N_ad] (gated, scaled expert activations, then the adapters' gates) and
-    the matching weight [out, C + N_ad], plus the parts the backward needs. traced: the
-    gathers as small GEMMs with the layout's maps (their autograd backward is a GEMM, not a
-    scatter)."""
+def _expand_operands(hidden, gates, layout, traced=False):
+    """u [T, C] (the gated, scaled expert activations), the adapters' gates [T, N_ad] (None
+    without adapters: they multiply the up-biases), and the parts the backward needs.
+    traced: the gathers as small GEMMs with the layout's maps (their autograd backward is a
+    GEMM, not a scatter)."""
     index = layout.index_tensors(hidden.device)
     activated = _activate(hidden, layout)
     columns = activated
@@ -425,30 +558,35 @@ def _expand_operands(hidden, gates, expand_weight, expand_bias, layout, traced=F
         if not layout.unit_scaling:
             column_gates = column_gates * index["column_scale"].to(gates.dtype)
     u = columns * column_gates
-    weight = expand_weight
+    adapter_gates = None
     if layout.num_adapters:
         adapter_gates = gates @ index["gate_map"][columns_count:].to(gates.dtype).t() \
             if traced else gates.index_select(1, index["adapter_experts"])
-        u = torch.cat([u, adapter_gates], dim=1)
-        weight = torch.cat([expand_weight, expand_bias.t()], dim=1)
-    return u, weight, columns, column_gates, index
+    return u, adapter_gates, columns, column_gates, index
 
 
 class _GatedExpand(torch.autograd.Function):
     """y [T, out] + gated expand of hidden [T, R] (pre-activation), as a new tensor (the
-    GEMM reads y as its addend: no pass of its own, and y is never modified)."""
+    GEMM reads y as its addend: no pass of its own, and y is never modified). The adapters'
+    gated up-biases are a second GEMM accumulated into that output (no concatenation of
+    u with the adapters' gates, nor of B with the up-biases, forward or backward)."""
 
     @staticmethod
     def traced(y, hidden, gates, expand_weight, expand_bias, layout):
-        u, weight, *_ = _expand_operands(hidden, gates, expand_weight, expand_bias, layout,
-                                         traced=True)
+        u, adapter_gates, *_ = _expand_operands(hidden, gates, layout, traced=True)
+        weight = expand_weight
+        if adapter_gates is not None:  # one GEMM (decoding: one reduction) for both
+            u = torch.cat([u, adapter_gates], dim=1)
+            weight = torch.cat([expand_weight, expand_bias.t()], dim=1)
         # decoding: a reduction fused with the gating before and the op reading y after
         return fusable_addmm(y, u, weight)
 
     @staticmethod
     def forward(ctx, y, hidden, gates, expand_weight, expand_bias, layout):
-        u, weight, *_ = _expand_operands(hidden, gates, expand_weight, expand_bias, layout)
-        y = torch.addmm(y, u, weight.t())
+        u, adapter_gates, *_ = _expand_operands(hidden, gates, layout)
+        y = torch.addmm(y, u, expand_weight.t())
+        if adapter_gates is not None:
+            y.addmm_(adapter_gates, expand_bias)
         ctx.layout = layout
         ctx.save_for_backward(hidden, gates, expand_weight, expand_bias)
         return y
@@ -458,24 +596,28 @@ class _GatedExpand(torch.autograd.Function):
     def backward(ctx, grad_y):
         hidden, gates, expand_weight, expand_bias = ctx.saved_tensors
         layout = ctx.layout
-        u, weight, columns, column_gates, index = _expand_operands(
-            hidden, gates, expand_weight, expand_bias, layout)
-        grad_u = grad_y @ weight
-        grad_weight = grad_y.t() @ u
-        columns_count = layout.expand_columns
-        grad_columns_u = grad_u[:, :columns_count]
-
-        # Per-expert sums over its columns as one small GEMM with the layout's gate map.
-        grad_gated = grad_columns_u * columns
-        if layout.num_adapters:
-            grad_gated = torch.cat([grad_gated, grad_u[:, columns_count:]], dim=1)
-        grad_gates = grad_gated @ index["gate_map"].to(gates.dtype)
-        grad_activated = grad_columns_u * column_gates
+        u, adapter_gates, columns, column_gates, index = _expand_operands(hidden, gates,
+                                                                          layout)
+        grad_u = grad_y @ expand_weight
+        grad_expand_weight = grad_y.t() @ u
+        grad_expand_bias = None
+        if layout.num_experts == 1 and adapter_gates is None:
+            # one expert: its gate's gradient is a row dot (one batched GEMM)
+            grad_gates = row_dot(grad_u, columns).unsqueeze(1)
+            if not layout.unit_scaling:
+                grad_gates = grad_gates * layout.slots[0].scaling
+        else:
+            # Per-expert sums over its columns as one small GEMM with the layout's gate map.
+            gate_map = index["gate_map"].to(gates.dtype)
+            grad_gates = (grad_u * columns) @ gate_map[:layout.expand_columns]
+            if adapter_gates is not None:
+                grad_gates.addmm_(grad_y @ expand_bias.t(), gate_map[layout.expand_columns:])
+        if adapter_gates is not None:
+            grad_expand_bias = adapter_gates.t() @ grad_y
+        grad_activated = grad_u * column_gates
         if layout.has_shared_shrink:  # hydra heads: sum the columns that read a row
             grad_activated = grad_activated @ index["source_map"].to(hidden.dtype)
         grad_hidden = _activation_backward(hidden, grad_activated, layout)
-        grad_expand_weight = grad_weight[:, :columns_count]
-        grad_expand_bias = grad_weight[:, columns_count:].t() if layout.num_adapters else None
         return grad_y, grad_hidden, grad_gates, grad_expand_weight, grad_expand_bias, None
 
 
