@@ -210,14 +210,13 @@ def moa_linear(
     gates = gates.to(x.dtype)
 
     if not sparse:
-        y = _apply(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout)
+        y = _apply(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout, None)
         return y, gates
     if active is None:
         active = gates != 0
-    masked = gates if router is not None else gates * active
     if not planned:
-        y = _apply(_GatedExpand, y, _masked_hidden(hidden, active, layout), masked,
-                   expand_weight, expand_bias, layout)
+        y = _masked_expand(y, hidden, gates, active, router is not None, expand_weight,
+                           expand_bias, layout)
         return y, gates
     plan = RoutingPlan.from_active(active)
     expert_input = x if adapter_input is None else adapter_input
@@ -225,12 +224,26 @@ def moa_linear(
         # Mostly active: the dense path with the skipped pairs masked out is the same math
         # and cheaper.
         hidden = F.linear(expert_input, shrink_weight, layout.full_shrink_bias(shrink_bias))
-        y = _apply(_GatedExpand, y, _masked_hidden(hidden, active, layout), masked,
-                   expand_weight, expand_bias, layout)
+        y = _masked_expand(y, hidden, gates, active, router is not None, expand_weight,
+                           expand_bias, layout)
         return y, gates
     y = _apply(_SparseExperts, y, expert_input, shrink_weight, shrink_bias, expand_weight,
                expand_bias, gates, plan, layout, link)
     return y, gates
+
+
+def _masked_expand(y, hidden, gates, active, own_router: bool, expand_weight, expand_bias,
+                   layout: ExpertLayout) -> torch.Tensor:
+    """The dense expand of a sparse mode, the skipped pairs masked: eagerly inside
+    `_GatedExpand` (u and every gradient of a skipped pair selected to exactly 0: no mask
+    of hidden, no product of the gates with the mask); under torch.compile with the hidden
+    rows of skipped pairs zeroed and outside gates multiplied by the mask (plain ops whose
+    autograd backward gives those pairs no gradient)."""
+    if torch.compiler.is_compiling():
+        masked = gates if own_router else gates * active
+        return _apply(_GatedExpand, y, _masked_hidden(hidden, active, layout), masked,
+                      expand_weight, expand_bias, layout, None)
+    return _apply(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout, active)
 
 
 def _masked_hidden(hidden: torch.Tensor, active: torch.Tensor,
@@ -537,11 +550,30 @@ class _BaseAndShrink(torch.autograd.Function):
                 *_piece_grads(ctx, grad_h, x, needs[7:]))
 
 
-def _expand_operands(hidden, gates, layout, traced=False):
-    """u [T, C] (the gated, scaled expert activations), the adapters' gates [T, N_ad] (None
-    without adapters: they multiply the up-biases), and the parts the backward needs.
-    traced: the gathers as small GEMMs with the layout's maps (their autograd backward is a
-    GEMM, not a scatter)."""
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A cached 0-dim zero of like's dtype and device (never written), for torch.where."""
+    key = ((), like.dtype, like.device)
+    zero = None if torch.compiler.is_compiling() else _ZEROS.get(key)
+    if zero is None:
+        zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        if not torch.compiler.is_compiling():
+            _ZEROS[key] = zero
+    return zero
+
+
+def _active_columns(active: torch.Tensor, layout: ExpertLayout, index) -> torch.Tensor:
+    """Which expand columns run, [T, C] bool ([T, 1] for one expert: it broadcasts), from
+    active [T, E]."""
+    return active if layout.num_experts == 1 else \
+        active.index_select(1, index["column_expert"])
+
+
+def _expand_operands(hidden, gates, layout, traced=False, active=None):
+    """u [T, C] (the gated, scaled expert activations; exactly 0 on the columns of pairs
+    that `active` [T, E] skips, when given), the adapters' gates [T, N_ad] (None without
+    adapters: they multiply the up-biases), and the parts the backward needs. traced: the
+    gathers as small GEMMs with the layout's maps (their autograd backward is a GEMM, not a
+    scatter)."""
     index = layout.index_tensors(hidden.device)
     activated = _activate(hidden, layout)
     columns = activated
@@ -558,8 +590,10 @@ def _expand_operands(hidden, gates, layout, traced=False):
         if not layout.unit_scaling:
             column_gates = column_gates * index["column_scale"].to(gates.dtype)
     u = columns * column_gates
+    if active is not None:  # selected, not multiplied: 0 * inf would reach the output
+        u = torch.where(_active_columns(active, layout, index), u, _zero(u))
     adapter_gates = None
-    if layout.num_adapters:
+    if layout.num_adapters:  # (0 on skipped pairs already: the gates are)
         adapter_gates = gates @ index["gate_map"][columns_count:].to(gates.dtype).t() \
             if traced else gates.index_select(1, index["adapter_experts"])
     return u, adapter_gates, columns, column_gates, index
@@ -569,11 +603,16 @@ class _GatedExpand(torch.autograd.Function):
     """y [T, out] + gated expand of hidden [T, R] (pre-activation), as a new tensor (the
     GEMM reads y as its addend: no pass of its own, and y is never modified). The adapters'
     gated up-biases are a second GEMM accumulated into that output (no concatenation of
-    u with the adapters' gates, nor of B with the up-biases, forward or backward)."""
+    u with the adapters' gates, nor of B with the up-biases, forward or backward).
+
+    active [T, E] bool (sparse modes, eagerly): the skipped pairs' u is selected to exactly
+    0, and so is every gradient they would get (their gates', their hidden rows'), also for
+    a non-finite expert: a skipped pair adds nothing and learns nothing."""
 
     @staticmethod
-    def traced(y, hidden, gates, expand_weight, expand_bias, layout):
-        u, adapter_gates, *_ = _expand_operands(hidden, gates, layout, traced=True)
+    def traced(y, hidden, gates, expand_weight, expand_bias, layout, active=None):
+        u, adapter_gates, *_ = _expand_operands(hidden, gates, layout, traced=True,
+                                                active=active)
         weight = expand_weight
         if adapter_gates is not None:  # one GEMM (decoding: one reduction) for both
             u = torch.cat([u, adapter_gates], dim=1)
@@ -582,25 +621,29 @@ class _GatedExpand(torch.autograd.Function):
         return fusable_addmm(y, u, weight)
 
     @staticmethod
-    def forward(ctx, y, hidden, gates, expand_weight, expand_bias, layout):
-        u, adapter_gates, *_ = _expand_operands(hidden, gates, layout)
+    def forward(ctx, y, hidden, gates, expand_weight, expand_bias, layout, active=None):
+        u, adapter_gates, *_ = _expand_operands(hidden, gates, layout, active=active)
         y = torch.addmm(y, u, expand_weight.t())
         if adapter_gates is not None:
             y.addmm_(adapter_gates, expand_bias)
         ctx.layout = layout
-        ctx.save_for_backward(hidden, gates, expand_weight, expand_bias)
+        ctx.save_for_backward(hidden, gates, expand_weight, expand_bias, active)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        hidden, gates, expand_weight, expand_bias = ctx.saved_tensors
+        hidden, gates, expand_weight, expand_bias, active = ctx.saved_tensors
         layout = ctx.layout
-        u, adapter_gates, columns, column_gates, index = _expand_operands(hidden, gates,
-                                                                          layout)
+        u, adapter_gates, columns, column_gates, index = _expand_operands(
+            hidden, gates, layout, active=active)
         grad_u = grad_y @ expand_weight
         grad_expand_weight = grad_y.t() @ u
         grad_expand_bias = None
+        running = None
+        if active is not None:  # a skipped pair's columns give its gate nothing
+            running = _active_columns(active, layout, index)
+            columns = torch.where(running, columns, _zero(columns))
         if layout.num_experts == 1 and adapter_gates is None:
             # one expert: its gate's gradient is a row dot (one batched GEMM)
             grad_gates = row_dot(grad_u, columns).unsqueeze(1)
@@ -611,14 +654,27 @@ class _GatedExpand(torch.autograd.Function):
             gate_map = index["gate_map"].to(gates.dtype)
             grad_gates = (grad_u * columns) @ gate_map[:layout.expand_columns]
             if adapter_gates is not None:
-                grad_gates.addmm_(grad_y @ expand_bias.t(), gate_map[layout.expand_columns:])
+                grad_adapter_gates = grad_y @ expand_bias.t()
+                if active is not None:
+                    grad_adapter_gates = torch.where(
+                        active.index_select(1, index["adapter_experts"]), grad_adapter_gates,
+                        _zero(grad_adapter_gates))
+                grad_gates.addmm_(grad_adapter_gates, gate_map[layout.expand_columns:])
         if adapter_gates is not None:
             grad_expand_bias = adapter_gates.t() @ grad_y
         grad_activated = grad_u * column_gates
+        if running is not None:
+            grad_activated = torch.where(running, grad_activated, _zero(grad_activated))
         if layout.has_shared_shrink:  # hydra heads: sum the columns that read a row
             grad_activated = grad_activated @ index["source_map"].to(hidden.dtype)
         grad_hidden = _activation_backward(hidden, grad_activated, layout)
-        return grad_y, grad_hidden, grad_gates, grad_expand_weight, grad_expand_bias, None
+        if active is not None and layout.activation_segments:
+            # act'(h) of a skipped pair's h (perhaps non-finite) must not reach its rows
+            rows = running if not layout.has_shared_shrink else \
+                (active.to(torch.float32) @ index["row_owner"]) > 0
+            grad_hidden = torch.where(rows, grad_hidden, _zero(grad_hidden))
+        return (grad_y, grad_hidden, grad_gates, grad_expand_weight, grad_expand_bias, None,
+                None)
 
 
 # ---------------------------------------------------------------------------------------
