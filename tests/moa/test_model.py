@@ -827,6 +827,45 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(preset):
         assert relative_error(checkpointed_grads[name][1], grad) < 1e-6, name
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_training_through_the_shared_router_gemm_matches_separate_gemms(checkpointing):
+    # In grad mode one GEMM computes a layer router's first layer and the q, k and v
+    # shrinks (stacked once per call). Against the same model with that sharing off (every
+    # projection its own shrink GEMM): the losses and every gradient over two AdamW steps,
+    # the second accumulated over two micro-batches, with and without checkpointing.
+    results = {}
+    for shared in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            if not shared:
+                patch.setattr(experts.LayerRouter, "_sharing_plan", lambda *args: False)
+            moa = get_moa_model(tiny_llama(), MoAConfig.preset("soft_moa"))
+            perturb(moa)
+            moa.train()
+            if checkpointing:
+                moa.activation_checkpointing_enable()
+            optimizer = torch.optim.AdamW([p for _, p in moa.moa_named_parameters()], lr=1e-2)
+            losses, grads = [], []
+            for micro_batches in ((1,), (2, 3)):
+                for seed in micro_batches:
+                    ids = token_batch(2, 8, seed=seed)
+                    loss = moa(ids, labels=ids).loss / len(micro_batches)
+                    loss.backward()
+                    losses.append(loss.detach())
+                    assert (moa.model.model.layers[0].moa_router.state.shrink_input
+                            is not None) == shared
+                grads.append({n: g.clone() for n, (_, g) in moa_tensors_and_grads(moa).items()})
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            results[shared] = (losses, grads)
+    (losses, grads), (separate_losses, separate_grads) = results[True], results[False]
+    for loss, separate in zip(losses, separate_losses):
+        assert relative_error(loss, separate) < 1e-6
+    for step, separate in zip(grads, separate_grads):
+        assert step.keys() == separate.keys() and len(step) > 0
+        for name, grad in step.items():
+            assert relative_error(grad, separate[name]) < 1e-5, name
+
+
 def autograd_nodes(tensor: torch.Tensor) -> list:
     """Every node of tensor's autograd graph."""
     seen, stack, nodes = set(), [tensor.grad_fn], []
