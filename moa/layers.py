@@ -630,9 +630,12 @@ class MoALinear(nn.Module):
                     adapter_input is None and not sparse and shrink_output.dtype == dtype:
                 torch_only["shrink_output"] = shrink_output
             # Casts are kept over a generate call; tensors already in dtype are used as they
-            # are (nothing to cache: under torch.compile no cache lookup to guard on).
+            # are (nothing to cache: under torch.compile no cache lookup to guard on). The
+            # triton backend takes the parameters themselves: its ops cast while packing,
+            # and the packed weights are cached per version of the parameters (a cast made
+            # here would be a new tensor at every call, and miss that cache).
             stacked = self._stacked()
-            if stacked[0].dtype != dtype:
+            if stacked[0].dtype != dtype and backend != "triton":
                 stacked = generate_cached(self, ("stacked", dtype), lambda: self._stacked(dtype))
             shrink_weight, shrink_bias, expand_weight, expand_bias = stacked
             if plain and base_weight.dtype == dtype and \
