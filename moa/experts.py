@@ -297,14 +297,16 @@ class LayerRouter(nn.Module):
             else:
                 weights, bias_pieces, ops, starts, splits = plan
                 outputs = torch_ops.stacked_linear(flat, weights, bias_pieces, splits)
-            gates, _ = ops.finish(outputs[0])
+            blocks = len(ops.weight_parts)
+            gates, _ = ops.finish(outputs[:blocks])
         state.shrink_input = normed
-        state.shrink_outputs = dict(zip(starts, outputs[1:]))
+        state.shrink_outputs = dict(zip(starts, outputs[blocks:]))
         return gates.to(dtype).reshape(*normed.shape[:-1], self.num_experts)
 
     def _sharing_plan(self, device: torch.device, dtype: torch.dtype):
         """(weight blocks, bias pieces, router ops, the sharers' gate starts, the column
-        counts of the router's first layer and of each sharer's shrink) of the shared GEMM,
+        counts of the router's first-layer blocks and of each sharer's shrink) of the
+        shared GEMM,
         or False where a sharer cannot take its shrink from outside (another backend, a
         base the backends do not fuse, dropout, a sparse router)."""
         if not isinstance(self.router, MoARouter) or self.sparse:
@@ -313,7 +315,7 @@ class LayerRouter(nn.Module):
         weights = list(ops.weight_parts)
         bias_pieces = [b if b is not None else w.shape[0]
                        for w, b in zip(ops.weight_parts, ops.bias_parts)]
-        starts, splits = [], [ops.rows]
+        starts, splits = [], [w.shape[0] for w in ops.weight_parts]
         for start, layer in self.shrink_sharers:
             if not layer.active or not is_plain_linear(layer.base) or \
                     resolve_backend(layer.backend, device) != "torch" or \

@@ -266,19 +266,24 @@ class MoARouter(nn.Module):
         w2_weight = getattr(self, "w2_weight", None)
         w2_bias = getattr(self, "w2_bias", None)
 
-        def finish(first_layer: torch.Tensor):
+        def finish(first_layer):
+            """first_layer: [T, F], or its blocks (one per weight block) apart."""
+            blocks = [first_layer] if isinstance(first_layer, torch.Tensor) else \
+                list(first_layer)
             # The head is tiny ([T, F]): run it in at least fp32 (fp64 stays fp64).
-            head_dtype = torch.float64 if first_layer.dtype == torch.float64 else torch.float32
+            head_dtype = torch.float64 if blocks[0].dtype == torch.float64 else torch.float32
+            blocks = [block.to(head_dtype) for block in blocks]
             gates, active = gates_from_first_layer(
-                first_layer.to(head_dtype), kind=config.kind, gate=config.gate,
+                blocks[0] if isinstance(first_layer, torch.Tensor) else blocks,
+                kind=config.kind, gate=config.gate,
                 mode=config.mode, num_experts=self.num_experts,
                 w2_weight=None if w2_weight is None else w2_weight.to(head_dtype),
                 w2_bias=None if w2_bias is None else w2_bias.to(head_dtype),
                 max_threshold=config.max_threshold, top_k=config.top_k,
                 normalize_topk=config.normalize_topk)
             if config.learn_threshold:  # the threshold logit is the last column
-                gates = threshold_straight_through(
-                    gates, first_layer[:, -1:].to(head_dtype), config.max_threshold)
+                gates = threshold_straight_through(gates, blocks[-1][:, -1:],
+                                                   config.max_threshold)
             return gates, active
 
         return RouterOps(weights, biases, finish, self.reference_gates, dtype)
@@ -308,10 +313,11 @@ class MoARouter(nn.Module):
             if getattr(self, "generate_cache", None) is not None and \
                     not torch.is_grad_enabled():  # inside generate: stacked once per call
                 first = F.linear(flat, ops.first_weight, ops.first_bias)
-            else:  # one GEMM over the blocks, stacked once per parameter version
-                first, = torch_ops.stacked_linear(flat, ops.weight_parts, [
+            else:  # one GEMM over the blocks, stacked once per call inside the op
+                first = torch_ops.stacked_linear(flat, ops.weight_parts, [
                     b if b is not None else w.shape[0]
-                    for w, b in zip(ops.weight_parts, ops.bias_parts)], [ops.rows])
+                    for w, b in zip(ops.weight_parts, ops.bias_parts)],
+                    [w.shape[0] for w in ops.weight_parts])
             gates, _ = ops.finish(first)
         return gates.to(dtype).reshape(*x.shape[:-1], self.num_experts)
 

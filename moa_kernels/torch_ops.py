@@ -169,11 +169,11 @@ def moa_linear(
         bias_pieces += [layout.bias_start, shrink_bias] if shrink_bias.numel() else \
             [layout.shrink_rows]
         splits.append(layout.shrink_rows)
-    if router is not None:
+    if router is not None:  # each router block's columns apart (`RouterOps.finish`)
         weights += router.weight_parts
         bias_pieces += [b if b is not None else w.shape[0]
                         for w, b in zip(router.weight_parts, router.bias_parts)]
-        splits.append(router.rows)
+        splits += [w.shape[0] for w in router.weight_parts]
     fused_base = base_output is None
     # Sparse experts hand their share of dx to _BaseAndShrink, which adds it into the dx it
     # allocates anyway (saves a [T, in] buffer and an add pass). Not with dropout: then
@@ -190,7 +190,7 @@ def moa_linear(
                              tuple(splits), len(weights), *weights, *bias_pieces)
     else:
         y = F.linear(x, base_weight, base_bias)
-    router_h = outputs[-1] if router is not None else None
+    router_h = outputs[-len(router.weight_parts):] if router is not None else None
 
     hidden = None
     if not planned:
