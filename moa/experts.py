@@ -42,6 +42,7 @@ from torch.nn.modules import module as module_globals
 from moa.config import RouterConfig
 from moa.families import GENERIC, ModelFamily, rotary_function
 from moa.layers import (
+    ORDINARY_TENSOR_TYPES,
     MoALinear,
     MoARouter,
     autocast_off,
@@ -312,6 +313,8 @@ class LayerRouter(nn.Module):
         if not isinstance(self.router, MoARouter) or self.sparse:
             return False
         ops = self.router.ops(dtype)
+        if not all(_materialized(w, self.hidden_size) for w in ops.weight_parts):
+            return False
         weights = list(ops.weight_parts)
         bias_pieces = [b if b is not None else w.shape[0]
                        for w, b in zip(ops.weight_parts, ops.bias_parts)]
@@ -319,7 +322,8 @@ class LayerRouter(nn.Module):
         for start, layer in self.shrink_sharers:
             if not layer.active or not is_plain_linear(layer.base) or \
                     resolve_backend(layer.backend, device) != "torch" or \
-                    (layer.training and isinstance(layer.dropout, nn.Dropout)):
+                    (layer.training and isinstance(layer.dropout, nn.Dropout)) or \
+                    not _materialized(layer.shrink_weight, self.hidden_size):
                 return False
             layout = layer.layout
             weights.append(layer.shrink_weight)
@@ -448,6 +452,15 @@ class LayerRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, scope={self.scope}, experts={self.expert_names}"
+
+
+def _materialized(weight: torch.Tensor, in_features: int) -> bool:
+    """Whether weight is an ordinary tensor holding its rows of in_features values: the
+    router reads its sharers' shrink weights without calling them, so a weight whose
+    module would first gather it (DeepSpeed ZeRO-3 keeps a partitioned parameter as an
+    empty tensor until its module runs) or a sharded one is not shared."""
+    return type(weight) in ORDINARY_TENSOR_TYPES and weight.dim() == 2 and \
+        weight.shape[1] == in_features
 
 
 @contextmanager

@@ -866,6 +866,29 @@ def test_training_through_the_shared_router_gemm_matches_separate_gemms(checkpoi
             assert relative_error(grad, separate[name]) < 1e-5, name
 
 
+def test_a_partitioned_sharer_weight_is_not_shared():
+    # The router reads its sharers' shrink weights without calling their modules: a
+    # weight not yet gathered (DeepSpeed ZeRO-3 keeps a partitioned parameter as an empty
+    # tensor until its module runs) must make the router compute its own GEMM alone.
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset("soft_moa"))
+    router = moa.model.model.layers[0].moa_router
+    assert router._sharing_plan(torch.device("cpu"), torch.float32) is not False
+    k_proj = moa.model.model.layers[0].self_attn.k_proj
+    full = k_proj.shrink_weight.data
+    k_proj.shrink_weight.data = torch.empty(0)
+    try:
+        assert router._sharing_plan(torch.device("cpu"), torch.float32) is False
+    finally:
+        k_proj.shrink_weight.data = full
+    gate = router.router.w1_weight
+    full = gate.data
+    gate.data = torch.empty(0)
+    try:
+        assert router._sharing_plan(torch.device("cpu"), torch.float32) is False
+    finally:
+        gate.data = full
+
+
 def autograd_nodes(tensor: torch.Tensor) -> list:
     """Every node of tensor's autograd graph."""
     seen, stack, nodes = set(), [tensor.grad_fn], []
