@@ -42,6 +42,7 @@ from torch.nn.modules import module as module_globals
 from moa.config import RouterConfig
 from moa.families import GENERIC, ModelFamily, rotary_function
 from moa.layers import (
+    ORDINARY_TENSOR_TYPES,
     MoALinear,
     MoARouter,
     autocast_off,
@@ -50,9 +51,15 @@ from moa.layers import (
     is_plain_linear,
     resolve_backend,
 )
-from moa_kernels.layer_experts import gated_adapter, prompt_attention, prompt_attention_recipe
+from moa_kernels import torch_ops
+from moa_kernels.layer_experts import (
+    gated_adapter,
+    prompt_attention,
+    prompt_attention_recipe,
+    prompt_expert,
+)
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
-from moa_kernels.torch_ops import InputRecipe
+from moa_kernels.torch_ops import InputRecipe, host_reads_are_free
 
 
 class GateCollector:
@@ -61,7 +68,9 @@ class GateCollector:
     attention mask of the call), a router call over those same B x S tokens (as [B, S, E]
     or flattened to [B * S, E]) keeps only the tokens the mask marks: padding does not count
     towards the balance. Calls over other tokens (an encoder-decoder's decoder, say) count
-    every token."""
+    every token. The masked tokens are left out on the CPU; elsewhere (where selecting rows
+    by a mask would synchronise the host with the device) their gates are zeroed instead,
+    which `load_balancing_loss` counts exactly as no token."""
 
     def __init__(self) -> None:
         self.active = False
@@ -75,7 +84,11 @@ class GateCollector:
         mask = self.token_mask
         if mask is not None and (tuple(gates.shape[:-1]) == tuple(mask.shape)
                                  or (gates.dim() == 2 and flat.shape[0] == mask.numel())):
-            flat = flat[mask.reshape(-1).bool()]
+            keep = mask.reshape(-1).bool()
+            if host_reads_are_free(flat.device):
+                flat = flat[keep]
+            else:  # a boolean selection syncs: zero gates, which the loss counts as no token
+                flat = torch.where(keep[:, None], flat, 0.0)
         self.gates.append(flat)
 
 
@@ -96,7 +109,10 @@ def load_balancing_loss(gates: torch.Tensor) -> torch.Tensor:
     shares = gates / torch.where(total > 0, total, torch.ones_like(total))
     count = routed.sum().clamp_min(1)
     mean_share = shares.sum(dim=0) / count
-    top = F.one_hot(gates.argmax(dim=-1), num_experts).float() * routed[:, None]
+    # one-hot of the largest gate by a comparison: F.one_hot reads its input's range on the
+    # host (a sync) on some devices
+    experts = torch.arange(num_experts, device=gates.device)
+    top = (gates.argmax(dim=-1, keepdim=True) == experts).float() * routed[:, None]
     fraction = (top.sum(dim=0) / count).detach()
     return num_experts * (fraction * mean_share).sum()
 
@@ -245,59 +261,88 @@ class LayerRouter(nn.Module):
     def share_shrinks_with(self, sharers: list[tuple[int, MoALinear]]) -> None:
         """Declare the layer's MoALinears that read exactly what the router reads (the
         attention's query, key and value projections, beside a router on the input norm's
-        output), each with the start of its gate slice. While decoding inside
-        MoAModel.generate (no grad mode), one GEMM then computes the router's first layer
-        and their shrinks, which they take through their gate source (`LayerGates`)."""
+        output), each with the start of its gate slice. One GEMM then computes the
+        router's first layer and their shrinks (eagerly in grad mode, and inside
+        MoAModel.generate), which they take through their gate source (`LayerGates`)."""
         self.shrink_sharers = tuple(sharers)
         self.shares_shrinks = bool(sharers)
 
     def _gates_sharing_shrinks(self, normed: torch.Tensor) -> torch.Tensor | None:
         """The gates, with the sharers' shrink outputs kept in `state`, from one GEMM; None
-        where that does not apply (then none are kept)."""
+        where that does not apply (then none are kept).
+
+        Inside generate (no grad mode) the stacked weight is made once per call (kept in
+        generate_cache); in grad mode `stacked_linear` stacks the blocks once per call and
+        returns the router's and each sharer's columns as separate tensors, so their
+        gradients need no slicing back into one (its backward: one dx and one dW GEMM for
+        the router and the three shrinks). Not under torch.compile in grad mode (the
+        outputs kept in `state` would leave the graph), nor without grad mode outside
+        generate."""
         state = self.state
         plan = False
+        dtype = compute_dtype(normed)
         if self.generate_cache is not None and not torch.is_grad_enabled():
-            dtype = compute_dtype(normed)
             plan = generate_cached(self, ("shared shrinks", dtype),
-                                   lambda: self._sharing_plan(normed.device, dtype))
+                                   lambda: self._stacked_plan(normed.device, dtype))
+        elif torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            plan = self._sharing_plan(normed.device, dtype)
         if plan is False:
             if state.shrink_input is not None:
                 state.shrink_input = state.shrink_outputs = None
             return None
-        weight, bias, ops, columns = plan
         with autocast_off(normed):
-            flat = normed.reshape(-1, self.hidden_size).to(weight.dtype)
-            first = F.linear(flat, weight, bias)
-            gates, _ = ops.finish(first[:, :ops.first_weight.shape[0]])
+            flat = normed.reshape(-1, self.hidden_size).to(dtype)
+            if isinstance(plan[0], torch.Tensor):  # generate: the weight stacked once
+                weight, bias, ops, starts, splits = plan
+                outputs = F.linear(flat, weight, bias).split(splits, dim=1)
+            else:
+                weights, bias_pieces, ops, starts, splits = plan
+                outputs = torch_ops.stacked_linear(flat, weights, bias_pieces, splits)
+            blocks = len(ops.weight_parts)
+            gates, _ = ops.finish(outputs[:blocks])
         state.shrink_input = normed
-        state.shrink_outputs = {start: first[:, begin:end] for start, begin, end in columns}
-        return gates.to(weight.dtype).reshape(*normed.shape[:-1], self.num_experts)
+        state.shrink_outputs = dict(zip(starts, outputs[blocks:]))
+        return gates.to(dtype).reshape(*normed.shape[:-1], self.num_experts)
 
     def _sharing_plan(self, device: torch.device, dtype: torch.dtype):
-        """(weight, bias, router ops, [(gate start, first column, end column)]) of the
-        shared GEMM, or False where a sharer cannot take its shrink from outside (another
-        backend, a base the backends do not fuse, dropout, a sparse router)."""
+        """(weight blocks, bias pieces, router ops, the sharers' gate starts, the column
+        counts of the router's first-layer blocks and of each sharer's shrink) of the
+        shared GEMM,
+        or False where a sharer cannot take its shrink from outside (another backend, a
+        base the backends do not fuse, dropout, a sparse router)."""
         if not isinstance(self.router, MoARouter) or self.sparse:
             return False
         ops = self.router.ops(dtype)
-        weights, biases, columns = [ops.first_weight], [ops.first_bias], []
-        column = ops.first_weight.shape[0]
+        if not all(_materialized(w, self.hidden_size) for w in ops.weight_parts):
+            return False
+        weights = list(ops.weight_parts)
+        bias_pieces = [b if b is not None else w.shape[0]
+                       for w, b in zip(ops.weight_parts, ops.bias_parts)]
+        starts, splits = [], [w.shape[0] for w in ops.weight_parts]
         for start, layer in self.shrink_sharers:
             if not layer.active or not is_plain_linear(layer.base) or \
                     resolve_backend(layer.backend, device) != "torch" or \
-                    (layer.training and isinstance(layer.dropout, nn.Dropout)):
+                    (layer.training and isinstance(layer.dropout, nn.Dropout)) or \
+                    not _materialized(layer.shrink_weight, self.hidden_size):
                 return False
-            shrink_weight, shrink_bias, _, _ = layer._stacked(dtype)
-            weights.append(shrink_weight)
-            biases.append(layer.layout.full_shrink_bias(shrink_bias)
-                          if shrink_bias.numel() else None)
-            columns.append((start, column, column + shrink_weight.shape[0]))
-            column += shrink_weight.shape[0]
+            layout = layer.layout
+            weights.append(layer.shrink_weight)
+            bias_pieces += [layout.bias_start, layer.shrink_bias] \
+                if layer.shrink_bias is not None else [layout.shrink_rows]
+            starts.append(start)
+            splits.append(layout.shrink_rows)
+        return weights, bias_pieces, ops, starts, splits
+
+    def _stacked_plan(self, device: torch.device, dtype: torch.dtype):
+        """`_sharing_plan` with the blocks stacked (for generate, which keeps it)."""
+        plan = self._sharing_plan(device, dtype)
+        if plan is False:
+            return False
+        weights, bias_pieces, ops, starts, splits = plan
         bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
-                              for w, b in zip(weights, biases)])
-        return torch.cat(weights), bias, ops, columns
+        if any(isinstance(p, torch.Tensor) for p in bias_pieces):
+            bias = torch_ops.stack_rows(bias_pieces, dtype)
+        return torch_ops.stack_rows(weights, dtype), bias, ops, starts, splits
 
     def route(self, normed: torch.Tensor) -> torch.Tensor:
         """Gates for what the router reads, normed [..., hidden]: [..., E] per token, or
@@ -407,6 +452,15 @@ class LayerRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, scope={self.scope}, experts={self.expert_names}"
+
+
+def _materialized(weight: torch.Tensor, in_features: int) -> bool:
+    """Whether weight is an ordinary tensor holding its rows of in_features values: the
+    router reads its sharers' shrink weights without calling them, so a weight whose
+    module would first gather it (DeepSpeed ZeRO-3 keeps a partitioned parameter as an
+    empty tensor until its module runs) or a sharded one is not shared."""
+    return type(weight) in ORDINARY_TENSOR_TYPES and weight.dim() == 2 and \
+        weight.shape[1] == in_features
 
 
 @contextmanager
@@ -667,12 +721,21 @@ class PromptExpert(nn.Module):
         that recomputes it)."""
         dtype = compute_dtype(query)
         with autocast_off(query):
-            keys, gated_values = self.keys_and_gated_values(k_proj, v_proj, dtype)
-            if not torch.is_grad_enabled():
-                keys, gated_values = self._batched_keys_values(keys, gated_values,
-                                                               query.shape[0])
-            operands = (x, query.to(dtype), keys, gated_values, gate.to(dtype))
-            y = prompt_attention(*operands)
+            if torch.is_grad_enabled() and is_plain_linear(k_proj) and is_plain_linear(v_proj):
+                # training: one op for the keys, values and the attention (their graph
+                # would be a dozen small ops and their gradients as many)
+                query, gate = query.to(dtype), gate.to(dtype)
+                y, keys, gated_values = prompt_expert(
+                    x, query, gate, self.prompt, self.gate, k_proj.weight, k_proj.bias,
+                    v_proj.weight, v_proj.bias, self.num_kv_heads)
+                operands = (x, query, keys, gated_values, gate)
+            else:
+                keys, gated_values = self.keys_and_gated_values(k_proj, v_proj, dtype)
+                if not torch.is_grad_enabled():
+                    keys, gated_values = self._batched_keys_values(keys, gated_values,
+                                                                   query.shape[0])
+                operands = (x, query.to(dtype), keys, gated_values, gate.to(dtype))
+                y = prompt_attention(*operands)
             return (y, prompt_attention_recipe(*operands)) if with_recipe else y
 
     def output(self, query: torch.Tensor, k_proj: nn.Module, v_proj: nn.Module) -> torch.Tensor:
@@ -762,22 +825,33 @@ def saved_tensor_hooks_active() -> bool:
 # How many autograd nodes back from the attention output its attention node is looked for
 # (view, copy, transpose: the reshapes between an attention kernel and o_proj).
 ATTENTION_NODE_DEPTH = 4
+# How many autograd nodes back from the attention's query the captured pre-rotary query is
+# looked for (the rotary's add and multiply, the head transpose and view: 4 for Llama).
+ROTARY_NODE_DEPTH = 6
 
 
-def attention_saved_query(attention_output: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """The query the attention kernel saved for its own backward, when it holds the values
-    of `query` (the prompt expert's rebuilt post-rotary query), else `query`.
+def attention_saved_query(attention_output: torch.Tensor, captured_query: torch.Tensor,
+                          shape: torch.Size) -> torch.Tensor | None:
+    """The post-rotary query [B, H, S, D] (`shape`) the attention kernel saved for its own
+    backward, where its metadata show it is the query the prompt expert would rebuild from
+    `captured_query` (the q_proj or q_norm output before the rotary): else None.
 
-    Saving that tensor rather than an equal copy costs the prompt expert's backward nothing
-    (the kernel keeps it until its own backward, which runs later). Looked for only in grad
-    mode, eagerly, with no saved-tensor hooks active (reading a saved tensor under
-    checkpointing or offloading hooks would unpack it), a few nodes up the graph of the
-    attention output (o_proj's input): a node that saved a `query` (the fused attention
-    kernels do; eager attention saves none under that name). Used only when it is equal to
-    `query` in dtype, shape, strides and value (one comparison pass over [B, H, S, D])."""
+    Saving that tensor rather than a rebuilt copy costs the prompt expert's backward nothing
+    (the kernel keeps it until its own backward, which runs later), and the expert need not
+    rebuild the query at all. Looked for only in grad mode, eagerly, with no saved-tensor
+    hooks active (reading a saved tensor under checkpointing or offloading hooks would
+    unpack it), a few nodes up the graph of the attention output (o_proj's input): a node
+    that saved a `query` (the fused attention kernels do; eager attention saves none under
+    that name). It is taken when it is the output of an add (the rotary's last op, q cos +
+    rotate_half(q) sin) computed, within ROTARY_NODE_DEPTH autograd nodes, from this very
+    captured query, with the expected shape: the family's rotary on the captured query,
+    which is what the expert rebuilds. Nothing is read of its values (a comparison would
+    synchronise the host with an accelerator at every layer); a query changed between the
+    rotary and the kernel (scaled, cast, copied) has another last op and is not taken."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or \
-            attention_output.grad_fn is None or saved_tensor_hooks_active():
-        return query
+            attention_output.grad_fn is None or captured_query.grad_fn is None or \
+            saved_tensor_hooks_active():
+        return None
     nodes, seen = [attention_output.grad_fn], set()
     for _ in range(ATTENTION_NODE_DEPTH):
         following = []
@@ -787,13 +861,30 @@ def attention_saved_query(attention_output: torch.Tensor, query: torch.Tensor) -
             seen.add(id(node))
             if hasattr(node, "_saved_query"):
                 saved = node._saved_query
-                if saved.dtype == query.dtype and saved.shape == query.shape and \
-                        saved.stride() == query.stride() and torch.equal(saved, query):
+                if saved.shape == shape and type(saved.grad_fn).__name__ == "AddBackward0" \
+                        and _reaches(saved.grad_fn, captured_query.grad_fn, ROTARY_NODE_DEPTH):
                     return saved
-                return query
+                return None
             following += [next_node for next_node, _ in node.next_functions]
         nodes = following
-    return query
+    return None
+
+
+def _reaches(start, target, depth: int) -> bool:
+    """Whether autograd node `target` is `start` or among its inputs' nodes within `depth`
+    steps back."""
+    nodes, seen = [start], set()
+    for _ in range(depth + 1):
+        following = []
+        for node in nodes:
+            if node is target:
+                return True
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            following += [next_node for next_node, _ in node.next_functions]
+        nodes = following
+    return False
 
 
 def rotate_half_query(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -814,7 +905,7 @@ def rotary_operands(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor,
     rotate_half_query."""
     head_dim = sin.shape[-1]
     signs = torch.ones(head_dim, dtype=sin.dtype, device=sin.device)
-    signs[:head_dim // 2] = -1.0
+    signs[:head_dim // 2].fill_(-1.0)  # (a fill: an item assignment copies a host scalar)
     return cos.unsqueeze(1), sin.unsqueeze(1) * signs
 
 
@@ -852,13 +943,14 @@ class PromptOutputHook(_Hook):
         key = None if args else list(kwargs)[0]  # o_proj's input, by any keyword name
         x = args[0] if args else kwargs[key]
         batch, tokens = x.shape[:2]
-        query = query.reshape(batch, tokens, -1, prompt.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        if self.family.rotate_half:
-            query = rotate_half_query(query, cos, sin, self._rotary_operands(cos, sin))
-        else:  # the family's rotary rotates a key too: give it none (zero heads, discarded)
-            query, _ = self.rotary(query, query[:, :0], cos, sin)
-        query = attention_saved_query(x, query)
+        pre_rotary = query.reshape(batch, tokens, -1, prompt.head_dim).transpose(1, 2)
+        query = attention_saved_query(x, query, pre_rotary.shape)
+        if query is None:  # rebuilt: the family's rotary on the captured query
+            cos, sin = position_embeddings
+            if self.family.rotate_half:
+                query = rotate_half_query(pre_rotary, cos, sin, self._rotary_operands(cos, sin))
+            else:  # the family's rotary rotates a key too: give it none (zero heads)
+                query, _ = self.rotary(pre_rotary, pre_rotary[:, :0], cos, sin)
         gate = self.router.gates_for(self.index, self.index + 1, x, self.who)
         # o_proj's shrink needs its input for d A: it recomputes it (module.next_input_recipe)
         # from what the attention and this expert save anyway.

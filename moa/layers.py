@@ -251,7 +251,7 @@ class MoARouter(nn.Module):
         return {name: getattr(self, name) for name in names}
 
     def ops(self, dtype: torch.dtype) -> RouterOps:
-        """First layer (to fuse into a shrink GEMM) and finisher, in `dtype`."""
+        """First layer (its blocks, to fuse into a shrink GEMM) and finisher, in `dtype`."""
         config = self.config
         if config.kind == "linear":
             weights, biases = [self.weight], [self.bias]
@@ -263,30 +263,30 @@ class MoARouter(nn.Module):
             detach = config.mode == "threshold" and not config.learn_threshold
             weights.append(self.threshold_weight.detach() if detach else self.threshold_weight)
             biases.append(self.threshold_bias.detach() if detach else self.threshold_bias)
-        first_weight = torch.cat(weights).to(dtype)
-        first_bias = None
-        if any(b is not None for b in biases):
-            first_bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
-                                    for w, b in zip(weights, biases)]).to(dtype)
         w2_weight = getattr(self, "w2_weight", None)
         w2_bias = getattr(self, "w2_bias", None)
 
-        def finish(first_layer: torch.Tensor):
+        def finish(first_layer):
+            """first_layer: [T, F], or its blocks (one per weight block) apart."""
+            blocks = [first_layer] if isinstance(first_layer, torch.Tensor) else \
+                list(first_layer)
             # The head is tiny ([T, F]): run it in at least fp32 (fp64 stays fp64).
-            head_dtype = torch.float64 if first_layer.dtype == torch.float64 else torch.float32
+            head_dtype = torch.float64 if blocks[0].dtype == torch.float64 else torch.float32
+            blocks = [block.to(head_dtype) for block in blocks]
             gates, active = gates_from_first_layer(
-                first_layer.to(head_dtype), kind=config.kind, gate=config.gate,
+                blocks[0] if isinstance(first_layer, torch.Tensor) else blocks,
+                kind=config.kind, gate=config.gate,
                 mode=config.mode, num_experts=self.num_experts,
                 w2_weight=None if w2_weight is None else w2_weight.to(head_dtype),
                 w2_bias=None if w2_bias is None else w2_bias.to(head_dtype),
                 max_threshold=config.max_threshold, top_k=config.top_k,
                 normalize_topk=config.normalize_topk)
             if config.learn_threshold:  # the threshold logit is the last column
-                gates = threshold_straight_through(
-                    gates, first_layer[:, -1:].to(head_dtype), config.max_threshold)
+                gates = threshold_straight_through(gates, blocks[-1][:, -1:],
+                                                   config.max_threshold)
             return gates, active
 
-        return RouterOps(first_weight, first_bias, finish, self.reference_gates)
+        return RouterOps(weights, biases, finish, self.reference_gates, dtype)
 
     def reference_gates(self, x: torch.Tensor) -> torch.Tensor:
         """Gates by the reference router, in x's dtype."""
@@ -310,7 +310,15 @@ class MoARouter(nn.Module):
         ops = generate_cached(self, ("ops", dtype), lambda: self.ops(dtype))
         with autocast_off(x):
             flat = x.reshape(-1, self.in_features).to(dtype)
-            gates, _ = ops.finish(F.linear(flat, ops.first_weight, ops.first_bias))
+            if getattr(self, "generate_cache", None) is not None and \
+                    not torch.is_grad_enabled():  # inside generate: stacked once per call
+                first = F.linear(flat, ops.first_weight, ops.first_bias)
+            else:  # one GEMM over the blocks, stacked once per call inside the op
+                first = torch_ops.stacked_linear(flat, ops.weight_parts, [
+                    b if b is not None else w.shape[0]
+                    for w, b in zip(ops.weight_parts, ops.bias_parts)],
+                    [w.shape[0] for w in ops.weight_parts])
+            gates, _ = ops.finish(first)
         return gates.to(dtype).reshape(*x.shape[:-1], self.num_experts)
 
     def extra_repr(self) -> str:
@@ -406,6 +414,24 @@ class MoALinear(nn.Module):
         self.gate_source: Callable[[torch.Tensor], tuple | None] | None = None
         if device.type != "meta":
             self.reset_expert_parameters()
+        self._place_index_tensors()
+
+    def _apply(self, fn, recurse: bool = True):
+        """nn.Module._apply (.to, .cuda, .half, to_empty, ...), then the layout's index
+        tensors made on the device the layer's tensors moved to (`_place_index_tensors`)."""
+        module = super()._apply(fn, recurse)
+        self._place_index_tensors()
+        return module
+
+    def _place_index_tensors(self) -> None:
+        """The layout's index tensors (ExpertLayout.index_tensors) on the device of this
+        layer's tensors, made here, at construction and after every move, outside any
+        graph: a model compiled straight away on that device (no eager call first) then
+        reads them as graph inputs instead of copying the CPU ones inside the graph at
+        every step."""
+        device = self.shrink_weight.device
+        if device.type != "meta":
+            self.layout.index_tensors(device)
 
     def _adapter_dtype(self, adapter_dtype: torch.dtype | str | None) -> torch.dtype:
         compute = base_compute_dtype(self.base)
@@ -610,9 +636,12 @@ class MoALinear(nn.Module):
                     adapter_input is None and not sparse and shrink_output.dtype == dtype:
                 torch_only["shrink_output"] = shrink_output
             # Casts are kept over a generate call; tensors already in dtype are used as they
-            # are (nothing to cache: under torch.compile no cache lookup to guard on).
+            # are (nothing to cache: under torch.compile no cache lookup to guard on). The
+            # triton backend takes the parameters themselves: its ops cast while packing,
+            # and the packed weights are cached per version of the parameters (a cast made
+            # here would be a new tensor at every call, and miss that cache).
             stacked = self._stacked()
-            if stacked[0].dtype != dtype:
+            if stacked[0].dtype != dtype and backend != "triton":
                 stacked = generate_cached(self, ("stacked", dtype), lambda: self._stacked(dtype))
             shrink_weight, shrink_bias, expand_weight, expand_bias = stacked
             if plain and base_weight.dtype == dtype and \

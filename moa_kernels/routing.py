@@ -12,6 +12,7 @@ Shapes: T tokens, E experts, H router hidden width.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from moa_kernels.decode import fusable_linear
 
 
 def gates_from_first_layer(
-    first_layer: torch.Tensor,
+    first_layer: torch.Tensor | Sequence[torch.Tensor],
     *,
     kind: str,
     gate: str,
@@ -38,14 +39,22 @@ def gates_from_first_layer(
     Args:
         first_layer: [T, F] the router's first-layer output: the logits [T, E] (linear)
             or [T, 2H] = [W1 x + b1, W3 x + b3] (swiglu), then one threshold logit column
-            in the threshold and adaptive modes.
+            in the threshold and adaptive modes; or those blocks as separate tensors (the
+            logits, or W1 x + b1 and W3 x + b3; then the threshold logit [T, 1]), as a
+            fused GEMM returns them (no slicing, and no gradient gathered back into one).
     Returns:
         gates [T, E] (the applied gates g, dtype of first_layer) and active [T, E] bool
         (which pairs must run), None in soft mode (every pair runs).
     """
+    blocks = None if isinstance(first_layer, torch.Tensor) else list(first_layer)
     body = first_layer
     if mode in ("threshold", "adaptive"):
-        body, threshold_logit = first_layer[:, :-1], first_layer[:, -1:]
+        if blocks is None:
+            body, threshold_logit = first_layer[:, :-1], first_layer[:, -1:]
+        else:
+            blocks, threshold_logit = blocks[:-1], blocks[-1]
+    if blocks is not None:
+        body = blocks[0] if kind != "swiglu" else tuple(blocks)
     if kind == "swiglu":
         logits = swiglu_head(body, w2_weight, w2_bias)
     else:
@@ -76,50 +85,53 @@ def gates_from_first_layer(
     return kept, active
 
 
-def swiglu_head(first_layer: torch.Tensor, w2_weight: torch.Tensor,
+def swiglu_head(first_layer: torch.Tensor | Sequence[torch.Tensor], w2_weight: torch.Tensor,
                 w2_bias: torch.Tensor | None) -> torch.Tensor:
-    """The SwiGLU router's logits W2 (silu(u) * v) + b2 from its first layer [T, 2H] = [u, v].
+    """The SwiGLU router's logits W2 (silu(u) * v) + b2 from its first layer [T, 2H] =
+    [u, v], or from the pair (u, v) of [T, H] tensors.
 
     Saves only the first layer (and W2) for the backward, which recomputes silu(u) and the
     product ([T, H] each): under plain autograd they would be saved too. The first layer is
-    often saved anyway (a view of the fused shrink output h, whose storage the gated expand
-    keeps), then the head saves nothing of its own. Plain ops under torch.compile (the
+    often saved anyway (views of the fused shrink output h, whose storage step 3 keeps
+    anyway), then the head saves nothing of its own. Plain ops under torch.compile (the
     compiler picks what to save) and without grad mode."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+    if isinstance(first_layer, torch.Tensor):
         up, gate_half = first_layer.chunk(2, dim=-1)
+    else:
+        up, gate_half = first_layer
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return fusable_linear(F.silu(up) * gate_half, w2_weight, w2_bias)
-    return _SwiGLUHead.apply(first_layer, w2_weight, w2_bias)
+    return _SwiGLUHead.apply(up, gate_half, w2_weight, w2_bias)
 
 
 class _SwiGLUHead(torch.autograd.Function):
-    """(first_layer [T, 2H], W2 [E, H], b2 [E] or None) -> logits [T, E]."""
+    """(u [T, H], v [T, H], W2 [E, H], b2 [E] or None) -> logits [T, E]; the gradients of
+    u and v are returned apart (no concatenation)."""
 
     @staticmethod
-    def forward(ctx, first_layer, w2_weight, w2_bias):
-        up, gate_half = first_layer.chunk(2, dim=-1)
-        ctx.save_for_backward(first_layer, w2_weight)
+    def forward(ctx, up, gate_half, w2_weight, w2_bias):
+        ctx.save_for_backward(up, gate_half, w2_weight)
         ctx.has_bias = w2_bias is not None
         return F.linear(F.silu(up) * gate_half, w2_weight, w2_bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logits):
-        first_layer, w2_weight = ctx.saved_tensors
-        up, gate_half = first_layer.chunk(2, dim=-1)
+        up, gate_half, w2_weight = ctx.saved_tensors
         activated = F.silu(up)
         needs = ctx.needs_input_grad
-        grad_first = grad_w2 = grad_b2 = None
-        if needs[0]:
+        grad_up = grad_gate_half = grad_w2 = grad_b2 = None
+        if needs[0] or needs[1]:
             grad_hidden = grad_logits @ w2_weight  # [T, H]
-            sigmoid = torch.sigmoid(up)
-            # d silu(u) / du = sigmoid(u) (1 + u (1 - sigmoid(u))), autograd's own formula
-            grad_up = grad_hidden * gate_half * (sigmoid * (1 + up * (1 - sigmoid)))
-            grad_first = torch.cat([grad_up, grad_hidden * activated], dim=-1)
-        if needs[1]:
+            if needs[0]:  # d silu(u) / du by autograd's own kernel (one op)
+                grad_up = torch.ops.aten.silu_backward.default(grad_hidden * gate_half, up)
+            if needs[1]:
+                grad_gate_half = grad_hidden * activated
+        if needs[2]:
             grad_w2 = grad_logits.t() @ (activated * gate_half)
-        if needs[2] and ctx.has_bias:
+        if needs[3] and ctx.has_bias:
             grad_b2 = grad_logits.sum(0)
-        return grad_first, grad_w2, grad_b2
+        return grad_up, grad_gate_half, grad_w2, grad_b2
 
 
 @dataclass
@@ -152,18 +164,47 @@ class RoutingPlan:
                    counts.tolist())
 
 
-@dataclass
 class RouterOps:
     """What a fused backend needs from a router: its first layer, to fold into the shrink
     GEMM, and a function that finishes the gates from that layer's output.
 
-    first_weight [F, in], first_bias [F] or None; finish(first_layer [T, F]) returns
-    (gates [T, E], active [T, E] bool or None: every pair), as `gates_from_first_layer` does;
-    reference_gates(x [T, in]) gives the same gates by the reference router (the oracle
-    backend's way), or is None.
+    weight_parts: the first layer's row blocks [F_i, in] (W1 and W3 of a SwiGLU router, the
+    threshold row), as the router holds them (any float dtype): a backend stacks them with
+    its own rows once (`torch_ops.stack_rows`, cached per parameter version);
+    bias_parts: the matching biases [F_i] or None; dtype: the compute dtype.
+    first_weight [F, in] and first_bias [F] or None: the same stacked in dtype (made on
+    first use, with the graph of the concatenation). finish(first_layer [T, F], or its
+    blocks [T, F_i] as separate tensors) returns (gates [T, E], active [T, E] bool or None:
+    every pair), as `gates_from_first_layer` does; reference_gates(x [T, in]) gives the
+    same gates by the reference router (the oracle backend's way), or is None.
     """
 
-    first_weight: torch.Tensor
-    first_bias: torch.Tensor | None
-    finish: object  # Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    reference_gates: object = None  # Callable[[torch.Tensor], torch.Tensor] | None
+    def __init__(self, weight_parts, bias_parts, finish, reference_gates=None,
+                 dtype: torch.dtype | None = None) -> None:
+        self.weight_parts = tuple(weight_parts)
+        self.bias_parts = tuple(bias_parts)
+        self.finish = finish
+        self.reference_gates = reference_gates
+        self.dtype = dtype if dtype is not None else self.weight_parts[0].dtype
+        self.rows = sum(w.shape[0] for w in self.weight_parts)
+        self._first: tuple | None = None
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._first is None:
+            weights, biases = self.weight_parts, self.bias_parts
+            weight = torch.cat(weights).to(self.dtype) if len(weights) > 1 else \
+                weights[0].to(self.dtype)
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
+                                  for w, b in zip(weights, biases)]).to(self.dtype)
+            self._first = (weight, bias)
+        return self._first
+
+    @property
+    def first_weight(self) -> torch.Tensor:
+        return self._stacked()[0]
+
+    @property
+    def first_bias(self) -> torch.Tensor | None:
+        return self._stacked()[1]

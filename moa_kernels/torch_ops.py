@@ -15,10 +15,10 @@ Dense (soft mode, or gates given):
   3. `_GatedExpand`: u = act(h[:, :R]) * g * scaling per column, then one GEMM
      y + [u, g_adapters] @ [B_stack, up_biases]^T with y as its addend (out of place: no
      tensor another op returned is modified, so autograd, torch.compile and tensor
-     subclasses see plain functional ops). Backward recomputes the
-     activations (and their derivatives, written out: no nested autograd call) from the
-     saved h ([T, R]), so nothing of size [T, out] or [T, E, out] is stored; the per-expert
-     gate gradients are one small GEMM with the layout's gate map (no scatter).
+     subclasses see plain functional ops). Backward recomputes the activations (their
+     derivatives by autograd's own backward kernels, one op each: no nested autograd call)
+     from the saved h ([T, R]), so nothing of size [T, out] or [T, E, out] is stored; the
+     per-expert gate gradients are one small GEMM with the layout's gate map (no scatter).
 Sparse (threshold, adaptive, topk):
   1. as above, with the router rows only.
   2. the gates give a `RoutingPlan` (pairs sorted by expert; one host sync, here only).
@@ -31,7 +31,9 @@ Sparse (threshold, adaptive, topk):
   When more than DENSE_ABOVE_ACTIVE_FRACTION of the pairs are active, step 3 is the dense
   `_GatedExpand` with the skipped pairs' hidden zeroed and their gates masked instead (the
   same math, cheaper on CPU); on fewer than SPARSE_PLAN_MIN_TOKENS tokens (decoding) so is
-  the whole call, with the shrink fused as in soft mode.
+  the whole call, with the shrink fused as in soft mode, and on any device but the CPU
+  (`host_reads_are_free`): there the plan's host reads would synchronise the host with the
+  device at every call, so an accelerator always takes the masked dense path.
 torch.compile: every step traces with fullgraph=True. Each autograd Function has a
 `traced` twin, the same math in plain differentiable ops (gathers as GEMMs with the
 layout's maps, or slices), which `_apply` runs under compile: AOTAutograd derives the
@@ -43,7 +45,8 @@ Without grad mode the autograd Functions' forwards run directly (`_apply`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +68,32 @@ DENSE_ABOVE_ACTIVE_FRACTION = 0.5
 # gathering rows costs more than the low-rank work it would skip. Measured crossover in
 # benchmarks/RESULTS.md ("Sparse modes on few tokens").
 SPARSE_PLAN_MIN_TOKENS = 256
+
+
+# Set (by `accelerator_decisions`) to make the CPU take the decisions made for an
+# accelerator, so that tests on the CPU run the paths a GPU runs.
+_ACCELERATOR_DECISIONS_ON_CPU = False
+
+
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether reading data of `device` on the host (a routing plan's `nonzero` and counts,
+    a boolean mask's selection) costs nothing beyond its own work: on the CPU only. On an
+    accelerator such a read waits for every kernel queued before it (a host-device
+    synchronisation) and stalls the queue behind it, so the paths that read data on the
+    host are CPU decisions; an accelerator takes their sync-free twins (the same math)."""
+    return device.type == "cpu" and not _ACCELERATOR_DECISIONS_ON_CPU
+
+
+@contextmanager
+def accelerator_decisions() -> Iterator[None]:
+    """Inside, `host_reads_are_free` is False on the CPU too: the CPU takes the paths an
+    accelerator takes (tests check on the CPU that they hold no host-device sync)."""
+    global _ACCELERATOR_DECISIONS_ON_CPU
+    previous, _ACCELERATOR_DECISIONS_ON_CPU = _ACCELERATOR_DECISIONS_ON_CPU, True
+    try:
+        yield
+    finally:
+        _ACCELERATOR_DECISIONS_ON_CPU = previous
 
 
 @dataclass(frozen=True)
@@ -122,58 +151,58 @@ def moa_linear(
                          "plain linear base)")
     # Under torch.compile the sparse modes run the dense path with the skipped pairs masked
     # (the same math, static shapes): a routing plan's sizes depend on the data. So do they
-    # on few tokens (SPARSE_PLAN_MIN_TOKENS).
+    # on few tokens (SPARSE_PLAN_MIN_TOKENS), and off the CPU, where building the plan
+    # (nonzero, counts read on the host) would synchronise the host with the device.
     planned = sparse and not torch.compiler.is_compiling() and \
-        x.shape[0] >= SPARSE_PLAN_MIN_TOKENS
+        x.shape[0] >= SPARSE_PLAN_MIN_TOKENS and host_reads_are_free(x.device)
     if shrink_output is not None and (router is not None or adapter_input is not None or
                                       sparse or base_output is not None):
         raise ValueError("shrink_output is for dense mixtures with gates given, no dropout "
                          "and a plain linear base")
     expert_rows = 0 if planned or shrink_output is not None else layout.shrink_rows
     fused_input = adapter_input is None
-    weights, biases = [], []  # a None bias: that block of rows has none
+    # One GEMM over x for the expert rows and the router's first layer, stacked once
+    # (cached per parameter version, `stack_rows`), its output split back into the two.
+    weights, bias_pieces, splits = [], [], []
     if fused_input and expert_rows:
         weights.append(shrink_weight)
-        biases.append(layout.full_shrink_bias(shrink_bias) if shrink_bias.numel() else None)
-    if router is not None:
-        weights.append(router.first_weight)
-        biases.append(router.first_bias)
+        bias_pieces += [layout.bias_start, shrink_bias] if shrink_bias.numel() else \
+            [layout.shrink_rows]
+        splits.append(layout.shrink_rows)
+    if router is not None:  # each router block's columns apart (`RouterOps.finish`)
+        weights += router.weight_parts
+        bias_pieces += [b if b is not None else w.shape[0]
+                        for w, b in zip(router.weight_parts, router.bias_parts)]
+        splits += [w.shape[0] for w in router.weight_parts]
     fused_base = base_output is None
     # Sparse experts hand their share of dx to _BaseAndShrink, which adds it into the dx it
     # allocates anyway (saves a [T, in] buffer and an add pass). Not with dropout: then
     # the experts' dx must flow back through the dropout.
     link = _InputGradLink() if planned and fused_input and router is not None and fused_base \
         else None
-    weight = bias = None
-    if weights:
-        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-        if len(biases) == 1:
-            bias = biases[0]
-        elif any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
-                              for w, b in zip(weights, biases)])
+    outputs = ()
     if not fused_base:
         y = base_output
-        h = F.linear(x, weight, bias) if weight is not None else x.new_empty(x.shape[0], 0)
-    elif weight is not None:
-        y, h = _apply(_BaseAndShrink, x, base_weight, base_bias, weight, bias, link,
-                      input_recipe)
-    elif shrink_output is not None:
-        y, h = F.linear(x, base_weight, base_bias), shrink_output
+        if weights:
+            outputs = stacked_linear(x, weights, bias_pieces, splits)
+    elif weights:
+        y, *outputs = _apply(_BaseAndShrink, x, base_weight, base_bias, link, input_recipe,
+                             tuple(splits), len(weights), *weights, *bias_pieces)
     else:
-        y, h = F.linear(x, base_weight, base_bias), x.new_empty(x.shape[0], 0)
+        y = F.linear(x, base_weight, base_bias)
+    router_h = outputs[-len(router.weight_parts):] if router is not None else None
 
     hidden = None
     if not planned:
-        if fused_input and router is None:
-            hidden = h  # the shrink rows only
+        if shrink_output is not None:
+            hidden = shrink_output
         elif fused_input:
-            hidden, h = h[:, :expert_rows], h[:, expert_rows:]
+            hidden = outputs[0]  # the shrink rows
         else:
             hidden = F.linear(adapter_input, shrink_weight, layout.full_shrink_bias(shrink_bias))
     active = None
     if router is not None:
-        gates, active = router.finish(h)
+        gates, active = router.finish(router_h)
     if gates is None or gates.shape != (x.shape[0], layout.num_experts):
         shape = None if gates is None else tuple(gates.shape)
         raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "
@@ -181,14 +210,13 @@ def moa_linear(
     gates = gates.to(x.dtype)
 
     if not sparse:
-        y = _apply(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout)
+        y = _apply(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout, None)
         return y, gates
     if active is None:
         active = gates != 0
-    masked = gates if router is not None else gates * active
     if not planned:
-        y = _apply(_GatedExpand, y, _masked_hidden(hidden, active, layout), masked,
-                   expand_weight, expand_bias, layout)
+        y = _masked_expand(y, hidden, gates, active, router is not None, expand_weight,
+                           expand_bias, layout)
         return y, gates
     plan = RoutingPlan.from_active(active)
     expert_input = x if adapter_input is None else adapter_input
@@ -196,12 +224,26 @@ def moa_linear(
         # Mostly active: the dense path with the skipped pairs masked out is the same math
         # and cheaper.
         hidden = F.linear(expert_input, shrink_weight, layout.full_shrink_bias(shrink_bias))
-        y = _apply(_GatedExpand, y, _masked_hidden(hidden, active, layout), masked,
-                   expand_weight, expand_bias, layout)
+        y = _masked_expand(y, hidden, gates, active, router is not None, expand_weight,
+                           expand_bias, layout)
         return y, gates
     y = _apply(_SparseExperts, y, expert_input, shrink_weight, shrink_bias, expand_weight,
                expand_bias, gates, plan, layout, link)
     return y, gates
+
+
+def _masked_expand(y, hidden, gates, active, own_router: bool, expand_weight, expand_bias,
+                   layout: ExpertLayout) -> torch.Tensor:
+    """The dense expand of a sparse mode, the skipped pairs masked: eagerly inside
+    `_GatedExpand` (u and every gradient of a skipped pair selected to exactly 0: no mask
+    of hidden, no product of the gates with the mask); under torch.compile with the hidden
+    rows of skipped pairs zeroed and outside gates multiplied by the mask (plain ops whose
+    autograd backward gives those pairs no gradient)."""
+    if torch.compiler.is_compiling():
+        masked = gates if own_router else gates * active
+        return _apply(_GatedExpand, y, _masked_hidden(hidden, active, layout), masked,
+                      expand_weight, expand_bias, layout, None)
+    return _apply(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout, active)
 
 
 def _masked_hidden(hidden: torch.Tensor, active: torch.Tensor,
@@ -220,6 +262,12 @@ class _NoGradContext:
     """Stands in for an autograd ctx when nothing will be differentiated."""
 
     def save_for_backward(self, *tensors) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
         pass
 
 
@@ -255,25 +303,22 @@ def _activate(hidden: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
-def _silu_derivative(hidden: torch.Tensor) -> torch.Tensor:
-    sigmoid = torch.sigmoid(hidden)
-    return sigmoid * (1 + hidden * (1 - sigmoid))
+# d loss / d hidden from d loss / d act(hidden) and hidden, as one op each: autograd's own
+# backward kernels of the activations (the exact erf GELU; relu's derivative 0 at 0).
+_ACTIVATION_BACKWARD = {
+    "silu": torch.ops.aten.silu_backward.default,
+    "gelu": lambda grad, hidden: torch.ops.aten.gelu_backward.default(grad, hidden),
+    "relu": lambda grad, hidden: torch.ops.aten.threshold_backward.default(grad, hidden, 0),
+}
 
 
-def _gelu_derivative(hidden: torch.Tensor) -> torch.Tensor:  # the exact (erf) GELU
-    return 0.5 * (1 + torch.erf(hidden * 0.5 ** 0.5)) + \
-        hidden * torch.exp(-0.5 * hidden * hidden) * (2 * torch.pi) ** -0.5
-
-
-def _relu_derivative(hidden: torch.Tensor) -> torch.Tensor:
-    return (hidden > 0).to(hidden.dtype)
-
-
-# d act / d hidden, written out (what autograd's own backward of each function computes),
-# so the backward of the autograd Functions needs no nested autograd call and traces under
-# torch.compile.
-ACTIVATION_DERIVATIVES = {"silu": _silu_derivative, "gelu": _gelu_derivative,
-                          "relu": _relu_derivative}
+def activation_backward(grad: torch.Tensor, hidden: torch.Tensor,
+                        activation: str) -> torch.Tensor:
+    """d loss / d hidden from grad = d loss / d act(hidden), for one activation: one op
+    (autograd's own backward kernel); grad itself for the identity."""
+    if activation == "identity":
+        return grad
+    return _ACTIVATION_BACKWARD[activation](grad, hidden)
 
 
 def _activation_backward(hidden: torch.Tensor, grad: torch.Tensor,
@@ -282,8 +327,15 @@ def _activation_backward(hidden: torch.Tensor, grad: torch.Tensor,
     activations' derivatives recomputed from hidden."""
     for segment in layout.activation_segments:
         rows = slice(segment.start, segment.stop)
-        grad[:, rows] *= ACTIVATION_DERIVATIVES[segment.activation](hidden[:, rows])
+        grad[:, rows] = activation_backward(grad[:, rows], hidden[:, rows],
+                                            segment.activation)
     return grad
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a[t, j] b[t, j] per row t, [T], for a, b [T, K]: one batched GEMM of T
+    [1, K] x [K, 1] products (a product and a sum would be two passes)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _activation_of(slot) -> object:
@@ -293,6 +345,132 @@ def _activation_of(slot) -> object:
 # ---------------------------------------------------------------------------------------
 # dense path
 # ---------------------------------------------------------------------------------------
+
+# Blocks of zeros standing in for absent biases in a stacked bias, per (rows, dtype,
+# device): constants, never written (a cat copies them).
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeros(rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (rows, dtype, device)
+    zeros = None if torch.compiler.is_compiling() else _ZEROS.get(key)
+    if zeros is None:
+        zeros = torch.zeros(rows, dtype=dtype, device=device)
+        if not torch.compiler.is_compiling():
+            _ZEROS[key] = zeros
+    return zeros
+
+
+def stack_rows(pieces, dtype: torch.dtype) -> torch.Tensor:
+    """The pieces stacked along rows in `dtype` (one cat; a single piece already in dtype
+    as it is): tensors [r_i, ...] (cast) and, for a 1-D stack, counts of zero rows (absent
+    biases). No graph: for autograd Functions' forwards, whose backward splits the gradient
+    (`split_rows`) and reuses the stack saved by the forward, and for no-grad calls.
+
+    Made once per call, not kept across calls by parameter version: the version counter
+    does not see every change of a parameter (`tensor.data` writes, as DeepSpeed's
+    optimizers make them; FSDP2's all-gather into the unsharded parameters preserves their
+    versions), and a stale stack would train silently wrong."""
+    tensors = [p for p in pieces if isinstance(p, torch.Tensor)]
+    if len(pieces) == 1 and tensors and tensors[0].dtype == dtype:
+        return tensors[0]
+    device = tensors[0].device
+    return torch.cat([p.to(dtype) if isinstance(p, torch.Tensor) else _zeros(p, dtype, device)
+                      for p in pieces])
+
+
+def _piece_layout(pieces) -> tuple[tuple[int, torch.dtype | None], ...]:
+    """(rows, dtype) of each piece, dtype None for a count of zero rows."""
+    return tuple((p.shape[0], p.dtype) if isinstance(p, torch.Tensor) else (p, None)
+                 for p in pieces)
+
+
+def split_rows(grad: torch.Tensor, layout, needs) -> list[torch.Tensor | None]:
+    """The rows of grad [S, ...] of each piece (`_piece_layout`) that is a tensor whose
+    `needs` entry is true, in its dtype (views where the dtype matches); None elsewhere."""
+    result, start = [], 0
+    for (rows, dtype), wanted in zip(layout, needs):
+        result.append(grad[start:start + rows].to(dtype) if dtype is not None and wanted
+                      else None)
+        start += rows
+    return result
+
+
+def _has_bias(pieces) -> bool:
+    return any(isinstance(p, torch.Tensor) for p in pieces)
+
+
+def _grad_of_outputs(grads, splits, tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """The gradient [T, S] of the whole GEMM output from its split outputs' (zeros, like
+    `like`, for None)."""
+    if len(grads) == 1 and grads[0] is not None:
+        return grads[0]
+    return torch.cat([g if g is not None else like.new_zeros(tokens, size)
+                      for g, size in zip(grads, splits)], dim=1)
+
+
+def stacked_linear(x: torch.Tensor, weights, bias_pieces, splits) -> tuple[torch.Tensor, ...]:
+    """x @ [W_1; ...; W_n]^T + b as one GEMM over the stacked blocks, its output [T, S]
+    returned as separate tensors of `splits` columns each (so their gradients need no
+    slicing back into one).
+
+    Args:
+        x: [T, in]; weights: the blocks W_i [r_i, in] (parameters, any float dtype: stacked
+            in x's dtype, `stack_rows`); bias_pieces: the bias over the same S rows, as
+            tensors and counts of zero rows; splits: column counts summing to S.
+    Returns:
+        a tuple of [T, split] tensors in x's dtype.
+    """
+    return _apply(_StackedLinear, x, tuple(splits), len(weights), *weights, *bias_pieces)
+
+
+class _StackedLinear(torch.autograd.Function):
+    """(x [T, in], splits, n, W_1 .. W_n, bias pieces) -> the splits of x W^T + b; saves x
+    and the stacked W (backward: dx = dh W, dW = dh^T x split into the blocks, db = the
+    column sums of dh)."""
+
+    @staticmethod
+    def traced(x, splits, count, *pieces):
+        weights, bias_pieces = pieces[:count], pieces[count:]
+        weight = torch.cat([w.to(x.dtype) for w in weights])
+        bias = None
+        if _has_bias(bias_pieces):
+            bias = torch.cat([p.to(x.dtype) if isinstance(p, torch.Tensor) else
+                              x.new_zeros(p) for p in bias_pieces])
+        return F.linear(x, weight, bias).split(list(splits), dim=1)
+
+    @staticmethod
+    def forward(ctx, x, splits, count, *pieces):
+        weights, bias_pieces = pieces[:count], pieces[count:]
+        weight = stack_rows(weights, x.dtype)
+        bias = stack_rows(bias_pieces, x.dtype) if _has_bias(bias_pieces) else None
+        ctx.save_for_backward(x, weight)
+        ctx.splits, ctx.count, ctx.piece_layout = splits, count, _piece_layout(pieces)
+        ctx.set_materialize_grads(False)  # an unused split's gradient: zeros only if needed
+        return F.linear(x, weight, bias).split(list(splits), dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        if all(g is None for g in grads):  # (grads are not materialised: nothing used)
+            return (None,) * (3 + len(ctx.piece_layout))
+        x, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_h = _grad_of_outputs(grads, ctx.splits, x.shape[0], x)
+        grad_x = grad_h @ weight if needs[0] else None
+        return (grad_x, None, None, *_piece_grads(ctx, grad_h, x, needs[3:]))
+
+
+def _piece_grads(ctx, grad_h, x, needs) -> list:
+    """The gradients of the weight blocks, then of the bias pieces, from dh [T, S]."""
+    count, layout = ctx.count, ctx.piece_layout
+    grads = [None] * len(layout)
+    if x is not None and any(needs[:count]):
+        grads[:count] = split_rows(grad_h.t() @ x, layout[:count], needs[:count])
+    if any(needs[count:]):
+        grads[count:] = split_rows(grad_h.sum(0), layout[count:], needs[count:])
+    return grads
+
 
 class _InputGradLink:
     """Carries the sparse experts' input-gradient pieces from `_SparseExperts.backward` to
@@ -314,57 +492,62 @@ class _InputGradLink:
 
 
 class _BaseAndShrink(torch.autograd.Function):
-    """(x [T, in]) -> (base(x) [T, out], x @ shrink_weight^T + shrink_bias [T, S]).
+    """(x [T, in]) -> (base(x) [T, out], the splits of x @ W^T + b [T, S]), W and b the
+    stacked blocks (`stacked_linear`'s arguments: splits, count, weight blocks, bias pieces).
 
     Saves x, or with an `InputRecipe` its tensors (x is then recomputed in the backward, and
-    only where a weight gradient needs it: dx needs no x)."""
+    only where a weight gradient needs it: dx needs no x), and the stacked W."""
 
     @staticmethod
-    def traced(x, base_weight, base_bias, shrink_weight, shrink_bias, link=None, recipe=None):
-        return F.linear(x, base_weight, base_bias), F.linear(x, shrink_weight, shrink_bias)
+    def traced(x, base_weight, base_bias, link, recipe, splits, count, *pieces):
+        return (F.linear(x, base_weight, base_bias),
+                *_StackedLinear.traced(x, splits, count, *pieces))
 
     @staticmethod
-    def forward(ctx, x, base_weight, base_bias, shrink_weight, shrink_bias, link=None,
-                recipe=None):
+    def forward(ctx, x, base_weight, base_bias, link, recipe, splits, count, *pieces):
+        weights, bias_pieces = pieces[:count], pieces[count:]
+        weight = stack_rows(weights, x.dtype)
+        bias = stack_rows(bias_pieces, x.dtype) if _has_bias(bias_pieces) else None
         if recipe is None:
-            ctx.save_for_backward(x, base_weight, shrink_weight)
+            ctx.save_for_backward(x, base_weight, weight)
         else:
-            ctx.save_for_backward(None, base_weight, shrink_weight, *recipe.tensors)
+            ctx.save_for_backward(None, base_weight, weight, *recipe.tensors)
             ctx.recompute, ctx.x_shape = recipe.function, x.shape
-        ctx.link = link
+        ctx.link, ctx.splits, ctx.count = link, splits, count
+        ctx.piece_layout = _piece_layout(pieces)
+        ctx.set_materialize_grads(False)
         ctx.has_base_bias = base_bias is not None
-        return F.linear(x, base_weight, base_bias), F.linear(x, shrink_weight, shrink_bias)
+        return (F.linear(x, base_weight, base_bias),
+                *F.linear(x, weight, bias).split(list(splits), dim=1))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, grad_h):
-        x, base_weight, shrink_weight, *recipe_tensors = ctx.saved_tensors
+    def backward(ctx, grad_y, *grads_h):
+        if grad_y is None and all(g is None for g in grads_h):
+            return (None,) * (7 + len(ctx.piece_layout))
+        x, base_weight, weight, *recipe_tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        if x is None and (needs[1] or needs[3]):
+        if x is None and (needs[1] or any(needs[7:7 + ctx.count])):
             x = ctx.recompute(*recipe_tensors).reshape(ctx.x_shape)
-        grad_x = grad_base_weight = grad_base_bias = grad_shrink_weight = None
-        grad_shrink_bias = None
-        if grad_h is None:
-            grad_h = shrink_weight.new_zeros(grad_y.shape[0], shrink_weight.shape[0])
+        grad_x = grad_base_weight = grad_base_bias = None
+        tokens = grad_y.shape[0] if grad_y is not None else \
+            next(g.shape[0] for g in grads_h if g is not None)
+        grad_h = _grad_of_outputs(grads_h, ctx.splits, tokens, weight)
         if needs[0]:
             # The big GEMM allocates dx; the skinny one accumulates into it in place.
             if grad_y is not None:
                 grad_x = grad_y @ base_weight
-                grad_x.addmm_(grad_h, shrink_weight)
+                grad_x.addmm_(grad_h, weight)
             else:
-                grad_x = grad_h @ shrink_weight
+                grad_x = grad_h @ weight
             if ctx.link is not None:
                 ctx.link.add_into(grad_x)
         if grad_y is not None and needs[1]:
             grad_base_weight = grad_y.t() @ x
         if grad_y is not None and needs[2] and ctx.has_base_bias:
             grad_base_bias = grad_y.sum(0)
-        if needs[3]:
-            grad_shrink_weight = grad_h.t() @ x
-        if needs[4]:
-            grad_shrink_bias = grad_h.sum(0)
-        return (grad_x, grad_base_weight, grad_base_bias, grad_shrink_weight, grad_shrink_bias,
-                None, None)
+        return (grad_x, grad_base_weight, grad_base_bias, None, None, None, None,
+                *_piece_grads(ctx, grad_h, x, needs[7:]))
 
 
 def _columns_of(activated: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
@@ -389,11 +572,30 @@ def _rows_of(grad_columns: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
-def _expand_operands(hidden, gates, expand_weight, expand_bias, layout, traced=False):
-    """u [T, C + N_ad] (gated, scaled expert activations, then the adapters' gates) and
-    the matching weight [out, C + N_ad], plus the parts the backward needs. traced: the
-    gathers as small GEMMs with the layout's gate map and as slices and repeats of the
-    shared rows (their autograd backward is a GEMM or a sum, not a scatter)."""
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A cached 0-dim zero of like's dtype and device (never written), for torch.where."""
+    key = ((), like.dtype, like.device)
+    zero = None if torch.compiler.is_compiling() else _ZEROS.get(key)
+    if zero is None:
+        zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        if not torch.compiler.is_compiling():
+            _ZEROS[key] = zero
+    return zero
+
+
+def _active_columns(active: torch.Tensor, layout: ExpertLayout, index) -> torch.Tensor:
+    """Which expand columns run, [T, C] bool ([T, 1] for one expert: it broadcasts), from
+    active [T, E]."""
+    return active if layout.num_experts == 1 else \
+        active.index_select(1, index["column_expert"])
+
+
+def _expand_operands(hidden, gates, layout, traced=False, active=None):
+    """u [T, C] (the gated, scaled expert activations; exactly 0 on the columns of pairs
+    that `active` [T, E] skips, when given), the adapters' gates [T, N_ad] (None without
+    adapters: they multiply the up-biases), and the parts the backward needs. traced: the
+    gathers as small GEMMs with the layout's maps and as slices and repeats of the shared
+    rows (their autograd backward is a GEMM or a sum, not a scatter)."""
     index = layout.index_tensors(hidden.device)
     activated = _activate(hidden, layout)
     columns = activated
@@ -410,58 +612,91 @@ def _expand_operands(hidden, gates, expand_weight, expand_bias, layout, traced=F
         if not layout.unit_scaling:
             column_gates = column_gates * index["column_scale"].to(gates.dtype)
     u = columns * column_gates
-    weight = expand_weight
-    if layout.num_adapters:
+    if active is not None:  # selected, not multiplied: 0 * inf would reach the output
+        u = torch.where(_active_columns(active, layout, index), u, _zero(u))
+    adapter_gates = None
+    if layout.num_adapters:  # (0 on skipped pairs already: the gates are)
         adapter_gates = gates @ index["gate_map"][columns_count:].to(gates.dtype).t() \
             if traced else gates.index_select(1, index["adapter_experts"])
-        u = torch.cat([u, adapter_gates], dim=1)
-        weight = torch.cat([expand_weight, expand_bias.t()], dim=1)
-    return u, weight, columns, column_gates, index
+    return u, adapter_gates, columns, column_gates, index
 
 
 class _GatedExpand(torch.autograd.Function):
     """y [T, out] + gated expand of hidden [T, R] (pre-activation), as a new tensor (the
-    GEMM reads y as its addend: no pass of its own, and y is never modified)."""
+    GEMM reads y as its addend: no pass of its own, and y is never modified). The adapters'
+    gated up-biases are a second GEMM accumulated into that output (no concatenation of
+    u with the adapters' gates, nor of B with the up-biases, forward or backward).
+
+    active [T, E] bool (sparse modes, eagerly): the skipped pairs' u is selected to exactly
+    0, and so is every gradient they would get (their gates', their hidden rows'), also for
+    a non-finite expert: a skipped pair adds nothing and learns nothing."""
 
     @staticmethod
-    def traced(y, hidden, gates, expand_weight, expand_bias, layout):
-        u, weight, *_ = _expand_operands(hidden, gates, expand_weight, expand_bias, layout,
-                                         traced=True)
+    def traced(y, hidden, gates, expand_weight, expand_bias, layout, active=None):
+        u, adapter_gates, *_ = _expand_operands(hidden, gates, layout, traced=True,
+                                                active=active)
+        weight = expand_weight
+        if adapter_gates is not None:  # one GEMM (decoding: one reduction) for both
+            u = torch.cat([u, adapter_gates], dim=1)
+            weight = torch.cat([expand_weight, expand_bias.t()], dim=1)
         # decoding: a reduction fused with the gating before and the op reading y after
         return fusable_addmm(y, u, weight)
 
     @staticmethod
-    def forward(ctx, y, hidden, gates, expand_weight, expand_bias, layout):
-        u, weight, *_ = _expand_operands(hidden, gates, expand_weight, expand_bias, layout)
-        y = torch.addmm(y, u, weight.t())
+    def forward(ctx, y, hidden, gates, expand_weight, expand_bias, layout, active=None):
+        u, adapter_gates, *_ = _expand_operands(hidden, gates, layout, active=active)
+        y = torch.addmm(y, u, expand_weight.t())
+        if adapter_gates is not None:
+            y.addmm_(adapter_gates, expand_bias)
         ctx.layout = layout
-        ctx.save_for_backward(hidden, gates, expand_weight, expand_bias)
+        ctx.save_for_backward(hidden, gates, expand_weight, expand_bias, active)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        hidden, gates, expand_weight, expand_bias = ctx.saved_tensors
+        hidden, gates, expand_weight, expand_bias, active = ctx.saved_tensors
         layout = ctx.layout
-        u, weight, columns, column_gates, index = _expand_operands(
-            hidden, gates, expand_weight, expand_bias, layout)
-        grad_u = grad_y @ weight
-        grad_weight = grad_y.t() @ u
-        columns_count = layout.expand_columns
-        grad_columns_u = grad_u[:, :columns_count]
-
-        # Per-expert sums over its columns as one small GEMM with the layout's gate map.
-        grad_gated = grad_columns_u * columns
-        if layout.num_adapters:
-            grad_gated = torch.cat([grad_gated, grad_u[:, columns_count:]], dim=1)
-        grad_gates = grad_gated @ index["gate_map"].to(gates.dtype)
-        grad_activated = grad_columns_u * column_gates
+        u, adapter_gates, columns, column_gates, index = _expand_operands(
+            hidden, gates, layout, active=active)
+        grad_u = grad_y @ expand_weight
+        grad_expand_weight = grad_y.t() @ u
+        grad_expand_bias = None
+        running = None
+        if active is not None:  # a skipped pair's columns give its gate nothing
+            running = _active_columns(active, layout, index)
+            columns = torch.where(running, columns, _zero(columns))
+        if layout.num_experts == 1 and adapter_gates is None:
+            # one expert: its gate's gradient is a row dot (one batched GEMM)
+            grad_gates = row_dot(grad_u, columns).unsqueeze(1)
+            if not layout.unit_scaling:
+                grad_gates = grad_gates * layout.slots[0].scaling
+        else:
+            # Per-expert sums over its columns as one small GEMM with the layout's gate map.
+            gate_map = index["gate_map"].to(gates.dtype)
+            grad_gates = (grad_u * columns) @ gate_map[:layout.expand_columns]
+            if adapter_gates is not None:
+                grad_adapter_gates = grad_y @ expand_bias.t()
+                if active is not None:
+                    grad_adapter_gates = torch.where(
+                        active.index_select(1, index["adapter_experts"]), grad_adapter_gates,
+                        _zero(grad_adapter_gates))
+                grad_gates.addmm_(grad_adapter_gates, gate_map[layout.expand_columns:])
+        if adapter_gates is not None:
+            grad_expand_bias = adapter_gates.t() @ grad_y
+        grad_activated = grad_u * column_gates
+        if running is not None:
+            grad_activated = torch.where(running, grad_activated, _zero(grad_activated))
         if layout.has_shared_shrink:  # hydra heads: sum the columns that read a row
             grad_activated = _rows_of(grad_activated, layout)
         grad_hidden = _activation_backward(hidden, grad_activated, layout)
-        grad_expand_weight = grad_weight[:, :columns_count]
-        grad_expand_bias = grad_weight[:, columns_count:].t() if layout.num_adapters else None
-        return grad_y, grad_hidden, grad_gates, grad_expand_weight, grad_expand_bias, None
+        if active is not None and layout.activation_segments:
+            # act'(h) of a skipped pair's h (perhaps non-finite) must not reach its rows
+            rows = running if not layout.has_shared_shrink else \
+                (active.to(torch.float32) @ index["row_owner"]) > 0
+            grad_hidden = torch.where(rows, grad_hidden, _zero(grad_hidden))
+        return (grad_y, grad_hidden, grad_gates, grad_expand_weight, grad_expand_bias, None,
+                None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -556,9 +791,8 @@ class _SparseExperts(torch.autograd.Function):
                 grad_gate += grad_out @ up_bias
                 grad_expand_bias[slot.adapter_index] += grad_out.t() @ gate[:, 0]
             sorted_grad_gates[start:stop] = grad_gate
-            grad_hidden = grad_activated_scaled * (gate * slot.scaling)
-            if slot.activation != "identity":
-                grad_hidden *= ACTIVATION_DERIVATIVES[slot.activation](hidden)
+            grad_hidden = activation_backward(grad_activated_scaled * (gate * slot.scaling),
+                                              hidden, slot.activation)
             x_slice = torch.index_select(x, 0, tokens, out=x_rows[:count])
             grad_shrink_weight[rows].addmm_(grad_hidden.t(), x_slice)
             if slot.adapter_index is not None:

@@ -71,7 +71,9 @@ def moa_linear(
         base_output: [T, out] the base module's output for x (any base); or base_weight
             [out, in] and base_bias [out] of a plain linear (cuBLAS computes x W^T + b).
         shrink_weight [R, in], shrink_bias [R - layout.bias_start], expand_weight [out, C],
-        expand_bias [N_ad, out]: the stacked expert tensors (fp32, fp16 or bf16).
+        expand_bias [N_ad, out]: the stacked expert tensors (fp32, fp16 or bf16, x's dtype
+            or another: the ops cast them while packing, and the packed weights are cached
+            per version of these very tensors, so pass the parameters, not casts of them).
         router: the router's first layer and finisher; or None with `gates` [T, E] given.
         sparse: skip inactive (token, expert) pairs (the router's `active` mask), by the
             kernel plan MOA_TRITON_SPARSE names ("masked" or "grouped"; module docstring).
@@ -89,27 +91,25 @@ def moa_linear(
         base_output = resolve_base_output(x, base_output, base_weight, base_bias)
     full_bias = layout.full_shrink_bias(shrink_bias) \
         if layout.bias_start < layout.shrink_rows else None
-    first_weight = router.first_weight if router is not None else None
-    first_bias = router.first_bias if router is not None else None
+    blocks = _router_blocks(router)
     if adapter_input is None:  # one GEMM over x for the experts, the router and the base
-        y, h = shrink_op(x, shrink_weight, full_bias, first_weight, first_bias, base_weight,
-                         base_bias, code, scales)
+        y, h, _ = shrink_op(x, shrink_weight, full_bias, *blocks, base_weight, base_bias,
+                            code, scales)
         hidden, router_h = h[:, :width], h[:, width:]
     else:  # the experts read adapter_input (x after dropout); router and base read x
         y = x.new_empty(0)
         router_h = None
         if router is not None:
-            y, router_h = shrink_op(x, None, None, first_weight, first_bias, base_weight,
-                                    base_bias, [], [])
+            y, router_h, _ = shrink_op(x, None, None, *blocks, base_weight, base_bias, [], [])
         elif base_weight is not None:
             y = torch.nn.functional.linear(x, base_weight, base_bias)
-        hidden = shrink_op(adapter_input, shrink_weight, full_bias, None, None, None, None,
+        hidden = shrink_op(adapter_input, shrink_weight, full_bias, [], [], 0, None, None,
                            code, scales)[1][:, :width]
     if base_output is not None:
         y = base_output
     active = None
     if router is not None:
-        gates, active = router.finish(router_h[:, :first_weight.shape[0]])
+        gates, active = router.finish(router_h[:, :router.rows])
     if gates is None or gates.shape != (x.shape[0], layout.num_experts):
         shape = None if gates is None else tuple(gates.shape)
         raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "
@@ -134,10 +134,9 @@ def _grouped_linear(x, base_output, base_weight, base_bias, layout, shrink_weigh
         base_output = resolve_base_output(x, base_output, base_weight, base_bias)
     y = base_output
     if router is not None:
-        first_weight = router.first_weight
-        base_y, router_h = shrink_op(x, None, None, first_weight, router.first_bias,
-                                     base_weight, base_bias, [], [])
-        gates, active = router.finish(router_h[:, :first_weight.shape[0]])
+        base_y, router_h, _ = shrink_op(x, None, None, *_router_blocks(router), base_weight,
+                                        base_bias, [], [])
+        gates, active = router.finish(router_h[:, :router.rows])
         if y is None:
             y = base_y
     else:
@@ -158,6 +157,17 @@ def _grouped_linear(x, base_output, base_weight, base_bias, layout, shrink_weigh
                              active.contiguous(), shrink_weight, full_bias, expand_weight,
                              expand_bias, code, scales)[0]
     return out, gates
+
+
+def _router_blocks(router: RouterOps | None) -> tuple[list, list, int]:
+    """moa::shrink's router arguments: the first layer's blocks as the router holds them
+    (stacked with the packed A in one concatenation inside the op), the biases present,
+    and a bit mask of the blocks that have one."""
+    if router is None:
+        return [], [], 0
+    biases = router.bias_parts
+    return (list(router.weight_parts), [b for b in biases if b is not None],
+            sum(1 << i for i, b in enumerate(biases) if b is not None))
 
 
 def _code(layout: ExpertLayout) -> tuple[list[int], list[float]]:

@@ -37,7 +37,8 @@ with input_precision="ieee"):
                              sums rounded once (dx: no y). A skipped pair is in no pos row:
                              it adds exactly nothing, also for a non-finite expert.
   `_pair_weight_grad_kernel` grid (E, S, cdiv(D, BLOCK_N)): split s of expert e's pairs
-                             (S fixed per call from N, chunks of whole tiles) writes
+                             (S a constexpr fixed by T and E, not by the data-dependent
+                             N: no new build when N changes; chunks of whole tiles) writes
                              partial[s, o_e + j, :] = sum_p rows_p[j] data[t_p, :] (dA: dh
                              and x; dB: u and dy) and, for dA, the column sums of dh (the
                              down-bias gradient); a split without pairs writes zeros. The
@@ -350,6 +351,15 @@ def _splits(pairs: int, experts: int) -> int:
     return max(1, min(MAX_SPLITS, triton.cdiv(pairs, experts * PAIRS_PER_SPLIT)))
 
 
+def _weight_grad_splits(tokens: int, experts: int) -> int:
+    """The splits per expert of the weight gradients (the SPLITS constexpr): those of the
+    largest pair count T x E, a fixed function of the call's static sizes. Taken from the
+    active pair count, it would change with the routing and compile a new kernel at each
+    new value during training; an expert has at most T pairs, so chunks of about
+    PAIRS_PER_SPLIT pairs each are what the busiest expert can need."""
+    return _splits(tokens * experts, experts)
+
+
 def _block_r(meta: GroupedLayout) -> int:
     return max(16, min(MAX_BLOCK_R, triton.next_power_of_2(meta.w_max)))
 
@@ -494,8 +504,8 @@ def _weight_grad(meta, plan, rows, data, *, with_bias: bool
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sum over each expert's pairs of rows_p^T data[t_p] [W, D] fp32, and with_bias the
     column sums of rows [W] fp32): split partials, then a fixed-order sum."""
-    pairs, columns = rows.shape[0], data.shape[1]
-    splits = _splits(pairs, meta.num_experts)
+    columns = data.shape[1]
+    splits = _weight_grad_splits(data.shape[0], meta.num_experts)
     partial = _empty(splits, meta.width, columns, device=rows.device,
                           dtype=torch.float32)
     partial_bias = _empty(splits, meta.width, device=rows.device, dtype=torch.float32) \

@@ -27,7 +27,7 @@ BLOCK_T = 32
 MAX_BLOCK_COLUMNS = 64
 
 
-_OUT_DTYPE_WORKS: dict[torch.device, bool] = {}
+_OUT_DTYPE_AVAILABLE: dict[torch.device, bool] = {}
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
@@ -35,29 +35,42 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
     """a @ b (+ bias) [M, N] in fp32 from fp16 / bf16 (or fp32) operands, accumulated in
     fp32 and never rounded to the operands' dtype: cuBLAS's fp32-output GEMM
     (`out_dtype`, CUDA) where this torch has it, else the operands cast to fp32 (the CPU
-    and the interpreter; on a GPU a fallback that copies the operands)."""
+    and the interpreter; on a GPU a fallback that copies the operands).
+
+    Whether the device has the fp32-output GEMM at all is probed once per device; a call
+    it refuses (a shape or layout cuBLAS does not take) falls back for that call only, so
+    one odd GEMM does not send every later one on the device to the slow path."""
     if a.dtype == torch.float32:
         return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
-    if a.device.type == "cuda" and _out_dtype_works(a.device):
+    if out_dtype_available(a.device):
         try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
+            out = mm_out_fp32(a, b)
             return out if bias is None else out.add_(bias)
         except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_WORKS[a.device] = False  # this shape or layout: the fallback below
+            pass  # this call's shape or layout: the fallback below
     out = torch.mm(a.float(), b.float())
     return out if bias is None else out.add_(bias)
 
 
-def _out_dtype_works(device: torch.device) -> bool:
-    """Whether torch.mm(..., out_dtype=torch.float32) runs here (probed once per device)."""
-    if device not in _OUT_DTYPE_WORKS:
+def mm_out_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.mm with an fp32 output from fp16 / bf16 operands (raises where the device or
+    this call's shape or layout does not have it)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def out_dtype_available(device: torch.device) -> bool:
+    """Whether torch.mm(..., out_dtype=torch.float32) runs on device (CUDA only; probed
+    once per device on a 16 x 16 bf16 GEMM)."""
+    if device.type != "cuda":
+        return False
+    if device not in _OUT_DTYPE_AVAILABLE:
         try:
             probe = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
-            works = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+            works = mm_out_fp32(probe, probe).dtype == torch.float32
         except (TypeError, RuntimeError, NotImplementedError):
             works = False
-        _OUT_DTYPE_WORKS[device] = works
-    return _OUT_DTYPE_WORKS[device]
+        _OUT_DTYPE_AVAILABLE[device] = works
+    return _OUT_DTYPE_AVAILABLE[device]
 
 
 def align16(n: int) -> int:

@@ -27,51 +27,62 @@ def _meta(code, scales, device) -> KernelLayout | None:
     return KernelLayout.of(code, scales, device) if code else None
 
 
+def _flags(mask: int, count: int) -> list[int]:
+    """The bits of mask as count 0 / 1 flags (bit i: block i)."""
+    return [(mask >> i) & 1 for i in range(count)]
+
+
 # ---------------------------------------------------------------------------------------
 # shrink (with the base GEMM beside it)
 # ---------------------------------------------------------------------------------------
 
 @torch.library.custom_op("moa::shrink", mutates_args=())
 def shrink_op(x: Tensor, shrink_weight: Optional[Tensor], full_bias: Optional[Tensor],  # noqa: UP045
-              router_weight: Optional[Tensor], router_bias: Optional[Tensor],  # noqa: UP045
-              base_weight: Optional[Tensor], base_bias: Optional[Tensor],  # noqa: UP045
-              code: list[int], scales: list[float]) -> tuple[Tensor, Tensor]:
-    y, h, _ = shrink.shrink_forward(x, _meta(code, scales, x.device), shrink_weight,
-                                    full_bias, router_weight, router_bias, base_weight,
-                                    base_bias)
-    return y, h
+              router_weights: list[Tensor], router_biases: list[Tensor],
+              router_bias_mask: int, base_weight: Optional[Tensor],  # noqa: UP045
+              base_bias: Optional[Tensor], code: list[int],  # noqa: UP045
+              scales: list[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, h, W): W the stacked weight the backward reuses where it is made here (router
+    blocks present), else an empty tensor (the backward takes the cached packed A).
+    router_bias_mask: bit i set where router block i has a bias (in router_biases)."""
+    y, h, weight = shrink.shrink_forward(
+        x, _meta(code, scales, x.device), shrink_weight, full_bias, router_weights,
+        router_biases, _flags(router_bias_mask, len(router_weights)), base_weight, base_bias)
+    return y, h, weight if router_weights else x.new_empty(0)
 
 
 @shrink_op.register_fake
-def _(x, shrink_weight, full_bias, router_weight, router_bias, base_weight, base_bias, code,
-      scales):
+def _(x, shrink_weight, full_bias, router_weights, router_biases, router_bias_mask,
+      base_weight, base_bias, code, scales):
     width = code_widths(code)["h_width"] if code else 0
-    rows = router_weight.shape[0] if router_weight is not None else 0
+    rows = sum(w.shape[0] for w in router_weights)
     y = x.new_empty(x.shape[0], base_weight.shape[0]) if base_weight is not None else \
         x.new_empty(0)
-    return y, x.new_empty(x.shape[0], shrink.align16(width + rows), dtype=torch.float32)
+    weight = x.new_empty(shrink.align16(width + rows), x.shape[1]) if router_weights else \
+        x.new_empty(0)
+    return y, x.new_empty(x.shape[0], shrink.align16(width + rows), dtype=torch.float32), \
+        weight
 
 
 @torch.library.custom_op("moa::shrink_backward", mutates_args=())
 def shrink_backward_op(grad_h: Tensor, grad_y: Optional[Tensor], x: Tensor,  # noqa: UP045
-                       shrink_weight: Optional[Tensor],  # noqa: UP045
-                       router_weight: Optional[Tensor],  # noqa: UP045
+                       shrink_weight: Optional[Tensor], weight: Tensor,  # noqa: UP045
                        base_weight: Optional[Tensor],  # noqa: UP045
-                       code: list[int], scales: list[float], need: list[bool]
+                       code: list[int], scales: list[float], router_rows: int,
+                       need: list[bool]
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     meta = _meta(code, scales, x.device)
-    weight = shrink.stacked_weight(x, meta, shrink_weight, router_weight)
-    rows = router_weight.shape[0] if router_weight is not None else 0
-    grads = shrink.shrink_backward(grad_h, grad_y, x, weight, meta, rows, base_weight, need)
+    if not weight.numel():  # no router blocks: the packed A (cached) is the whole W
+        weight = shrink.stacked_weight(x, meta, shrink_weight, [])
+    grads = shrink.shrink_backward(grad_h, grad_y, x, weight, meta, router_rows, base_weight,
+                                   need)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @shrink_backward_op.register_fake
-def _(grad_h, grad_y, x, shrink_weight, router_weight, base_weight, code, scales, need):
-    shapes = [x.shape, None if shrink_weight is None else shrink_weight.shape,
-              None if shrink_weight is None else shrink_weight.shape[:1],
-              None if router_weight is None else router_weight.shape,
-              None if router_weight is None else router_weight.shape[:1],
+def _(grad_h, grad_y, x, shrink_weight, weight, base_weight, code, scales, router_rows, need):
+    rows = code_widths(code)["rows"] if code else 0
+    shapes = [x.shape, (rows, x.shape[1]), (rows,), (router_rows, x.shape[1]), (router_rows,),
               None if base_weight is None else base_weight.shape,
               None if base_weight is None else base_weight.shape[:1]]
     dtypes = [x.dtype, x.dtype, torch.float32, x.dtype, torch.float32, x.dtype, torch.float32]
@@ -79,29 +90,57 @@ def _(grad_h, grad_y, x, shrink_weight, router_weight, base_weight, code, scales
                  x.new_empty(0) for shape, dtype, wanted in zip(shapes, dtypes, need))
 
 
-_SHRINK_INPUTS = 7  # tensor inputs of moa::shrink, in order
-
-
 def _shrink_setup(ctx, inputs, output):
-    x, shrink_weight, full_bias, router_weight, router_bias, base_weight, base_bias, code, \
-        scales = inputs
-    ctx.save_for_backward(x, shrink_weight, router_weight, base_weight)
+    x, shrink_weight, full_bias, router_weights, router_biases, router_bias_mask, \
+        base_weight, base_bias, code, scales = inputs
+    ctx.save_for_backward(x, shrink_weight, output[2], base_weight)
     ctx.code, ctx.scales = code, scales
-    ctx.dtypes = [None if t is None else t.dtype for t in inputs[:_SHRINK_INPUTS]]
+    ctx.dtypes = [None if t is None else t.dtype
+                  for t in (x, shrink_weight, full_bias, base_weight, base_bias)]
+    ctx.router = [(w.shape[0], w.dtype) for w in router_weights]
+    ctx.router_bias_dtypes = [b.dtype for b in router_biases]
+    ctx.router_bias_flags = _flags(router_bias_mask, len(router_weights))
     ctx.has_base = base_weight is not None
 
 
-def _shrink_backward(ctx, grad_y, grad_h):
-    x, shrink_weight, router_weight, base_weight = ctx.saved_tensors
-    need = [bool(n) and d is not None for n, d in
-            zip(ctx.needs_input_grad[:_SHRINK_INPUTS], ctx.dtypes)]
-    grads = shrink_backward_op(grad_h.contiguous(),
-                               grad_y.contiguous() if ctx.has_base else None, x,
-                               shrink_weight, router_weight, base_weight, ctx.code,
-                               ctx.scales, need)
-    result = [g.to(dtype) if wanted else None
-              for g, dtype, wanted in zip(grads, ctx.dtypes, need)]
-    return (*result, None, None)
+def _shrink_backward(ctx, grad_y, grad_h, _grad_weight):
+    x, shrink_weight, weight, base_weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad  # x, shrink_weight, full_bias, [router W], [router b], ...
+    need_router = any(needs[3]) if isinstance(needs[3], (list, tuple)) else bool(needs[3])
+    need_router_bias = any(needs[4]) if isinstance(needs[4], (list, tuple)) else \
+        bool(needs[4])
+    need = [bool(needs[0]), bool(needs[1]) and ctx.dtypes[1] is not None,
+            bool(needs[2]) and ctx.dtypes[2] is not None, need_router and bool(ctx.router),
+            need_router_bias and bool(ctx.router_bias_dtypes),
+            bool(needs[6]) and ctx.dtypes[3] is not None,
+            bool(needs[7]) and ctx.dtypes[4] is not None]
+    rows = sum(r for r, _ in ctx.router)
+    d_x, d_shrink, d_bias, d_router, d_router_bias, d_base, d_base_bias = shrink_backward_op(
+        grad_h.contiguous(), grad_y.contiguous() if ctx.has_base else None, x,
+        shrink_weight, weight, base_weight, ctx.code, ctx.scales, rows, need)
+    router_grads = [None] * len(ctx.router)
+    if need[3]:
+        router_grads = [g.to(dtype) for g, (_, dtype) in
+                        zip(d_router.split([r for r, _ in ctx.router]), ctx.router)]
+    router_bias_grads = [None] * len(ctx.router_bias_dtypes)
+    if need[4]:
+        pieces = d_router_bias.split([r for r, _ in ctx.router])
+        present = [g for g, flag in zip(pieces, ctx.router_bias_flags) if flag]
+        router_bias_grads = [g.to(dtype) for g, dtype in
+                             zip(present, ctx.router_bias_dtypes)]
+    return (d_x.to(ctx.dtypes[0]) if need[0] else None,
+            d_shrink.to(ctx.dtypes[1]) if need[1] else None,
+            d_bias.to(ctx.dtypes[2]) if need[2] else None, router_grads, router_bias_grads,
+            None, d_base.to(ctx.dtypes[3]) if need[5] else None,
+            d_base_bias.to(ctx.dtypes[4]) if need[6] else None, _no_grad(ctx.code),
+            _no_grad(ctx.scales))
+
+
+def _no_grad(argument):
+    """The gradient of a non-tensor argument in the structure register_autograd compares
+    with the inputs' (with tensor-list inputs it flattens them: an empty list is a node,
+    a list of numbers a leaf)."""
+    return [] if isinstance(argument, list) and not argument else None
 
 
 shrink_op.register_autograd(_shrink_backward, setup_context=_shrink_setup)

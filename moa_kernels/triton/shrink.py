@@ -4,9 +4,10 @@ it, and the backward. All plain GEMMs, so all cuBLAS (torch.mm / addmm).
 W [S, in] = [A packed (h_width rows, plan.py); router first layer (F rows, when fused);
 zero rows to a multiple of 16], so x is read once for every expert and the router and h
 [T, S] has 16-aligned rows for the gate kernels. The packed A is cached per version of
-shrink_weight; the router's first layer arrives as a new tensor per call (MoARouter.ops
-concatenates it), so W costs one concatenation per call when a router is fused (none in
-the paper layout, whose MoALinears take their gates from a layer router).
+shrink_weight; the router's first layer arrives as its blocks (W1, W3, the threshold row:
+parameters), so W costs one concatenation per call when a router is fused (none in the
+paper layout, whose MoALinears take their gates from a layer router), made in the forward
+op and kept for the backward op (which otherwise takes the cached packed A).
 
 With a plain linear base (base_weight given) the op also computes y = x Wb^T + bb, so that
 its backward can add the experts' dx into the base's dx in the same GEMM (addmm_, beta = 1)
@@ -45,11 +46,15 @@ from moa_kernels.triton.plan import (
 _ZEROS: dict[tuple, torch.Tensor] = {}
 
 
-def _zeros(rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
-    """A cached block of zeros (never written) for padding W."""
-    key = (rows, columns, like.dtype, like.device)
+def _zeros(rows: int, columns: int | None, like: torch.Tensor,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A cached block of zeros [rows, columns] ([rows] for columns None), like's dtype or
+    `dtype`, never written: padding of W and b, absent router biases."""
+    dtype = like.dtype if dtype is None else dtype
+    key = (rows, columns, dtype, like.device)
     if key not in _ZEROS:
-        _ZEROS[key] = like.new_zeros(rows, columns)
+        shape = (rows,) if columns is None else (rows, columns)
+        _ZEROS[key] = like.new_zeros(shape, dtype=dtype)
     return _ZEROS[key]
 
 
@@ -58,41 +63,43 @@ def shrink_width(meta: KernelLayout | None, router_rows: int) -> int:
     return align16((meta.h_width if meta is not None else 0) + router_rows)
 
 
-def stacked_weight(x: torch.Tensor, meta: KernelLayout | None, shrink_weight, router_weight
-                   ) -> torch.Tensor:
-    """W [S, in] in x's dtype (see the module docstring)."""
+def stacked_weight(x: torch.Tensor, meta: KernelLayout | None, shrink_weight,
+                   router_weights) -> torch.Tensor:
+    """W [S, in] in x's dtype (see the module docstring): the packed A (cached per
+    version), the router's first-layer blocks (cast), zero rows to 16: one concatenation."""
     parts = []
     if meta is not None:
         parts.append(pack_shrink(meta, shrink_weight, x.dtype))
-    if router_weight is not None:
-        parts.append(router_weight.to(x.dtype))
+    parts += [w.to(x.dtype) for w in router_weights]
     rows = sum(p.shape[0] for p in parts)
     if rows % 16:
         parts.append(_zeros(align16(rows) - rows, x.shape[1], parts[0]))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def stacked_bias(x: torch.Tensor, meta: KernelLayout | None, full_bias, router_weight,
-                 router_bias) -> torch.Tensor | None:
-    """b [S] in fp32, or None when every row's bias is zero."""
+def stacked_bias(x: torch.Tensor, meta: KernelLayout | None, full_bias, router_weights,
+                 router_biases, router_bias_flags) -> torch.Tensor | None:
+    """b [S] in fp32, or None when every row's bias is zero. router_biases: the biases of
+    the router blocks whose flag is 1, in order."""
     expert_bias = full_bias is not None and meta is not None
-    if not expert_bias and router_bias is None:
+    if not expert_bias and not router_biases:
         return None
     parts = []
     if meta is not None:
         parts.append(pack_shrink_bias(meta, full_bias, torch.float32) if expert_bias else
-                     x.new_zeros(meta.h_width, dtype=torch.float32))
-    if router_weight is not None:
-        parts.append(router_bias.float() if router_bias is not None else
-                     x.new_zeros(router_weight.shape[0], dtype=torch.float32))
+                     _zeros(meta.h_width, None, x, torch.float32))
+    biases = iter(router_biases)
+    for weight, flag in zip(router_weights, router_bias_flags):
+        parts.append(next(biases).float() if flag else
+                     _zeros(weight.shape[0], None, x, torch.float32))
     rows = sum(p.shape[0] for p in parts)
     if rows % 16:
-        parts.append(x.new_zeros(align16(rows) - rows, dtype=torch.float32))
+        parts.append(_zeros(align16(rows) - rows, None, x, torch.float32))
     return torch.cat(parts)
 
 
 def shrink_forward(x: torch.Tensor, meta: KernelLayout | None, shrink_weight, full_bias,
-                   router_weight, router_bias, base_weight, base_bias
+                   router_weights, router_biases, router_bias_flags, base_weight, base_bias
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, W): y = x Wb^T + bb [T, out] (an empty tensor without base_weight), h [T, S]
     in fp32 (accumulated in fp32 and kept so: the adapters' pre-activations and the router
@@ -100,11 +107,13 @@ def shrink_forward(x: torch.Tensor, meta: KernelLayout | None, shrink_weight, fu
 
     Args:
         x: [T, in]; meta: the packed space, or None (no expert rows: a router alone);
-        shrink_weight [R, in] and full_bias [R] or None; router_weight [F, in] or None,
-        router_bias [F] or None; base_weight [out, in] or None, base_bias [out] or None.
+        shrink_weight [R, in] and full_bias [R] or None; router_weights: the router's
+        first-layer blocks [F_i, in] (any float dtype), router_biases: the biases of the
+        blocks flagged 1 in router_bias_flags; base_weight [out, in] or None, base_bias
+        [out] or None.
     """
-    weight = stacked_weight(x, meta, shrink_weight, router_weight)
-    bias = stacked_bias(x, meta, full_bias, router_weight, router_bias)
+    weight = stacked_weight(x, meta, shrink_weight, router_weights)
+    bias = stacked_bias(x, meta, full_bias, router_weights, router_biases, router_bias_flags)
     h = mm_fp32(x, weight.t(), bias)
     y = F.linear(x, base_weight, base_bias) if base_weight is not None else x.new_empty(0)
     return y, h, weight

@@ -692,3 +692,25 @@ def test_experts_of_the_wrong_type_are_rejected(experts):
 def test_router_flags_must_be_bools(field):
     with pytest.raises(ValueError, match=f"{field} must be True or False"):
         RouterConfig(**{field: "false"})
+
+
+def test_index_tensors_are_made_on_the_device_the_layer_moves_to(monkeypatch):
+    # compiled straight away on an accelerator, the torch backend reads the layout's index
+    # tensors inside the graph: they must exist on that device before any call (made at
+    # construction and at every move), or the graph copies the CPU ones at every step. No
+    # second device here: the moves to the CPU and to_empty from the meta device are
+    # recorded instead.
+    from moa_kernels.layout import ExpertLayout
+
+    made = []
+    original = ExpertLayout.index_tensors
+    monkeypatch.setattr(ExpertLayout, "index_tensors", lambda self, device: (
+        made.append(torch.device(device)), original(self, device))[1])
+    layer = MoALinear(nn.Linear(6, 5), ["lora:2", "adapter:3:gelu"])
+    assert made == [torch.device("cpu")]
+    layer.to(torch.float64)
+    assert made == [torch.device("cpu")] * 2
+    lazy = MoALinear(nn.Linear(6, 5, device="meta"), ["lora:2"])
+    assert len(made) == 2  # nothing made for the meta device
+    lazy.to_empty(device="cpu")
+    assert made[2:] == [torch.device("cpu")]

@@ -626,6 +626,23 @@ def test_gate_collector_masks_the_calls_over_the_masked_tokens():
     assert collector.gates[2].shape == (10, 4)
 
 
+def test_gate_collector_zeroes_the_masked_tokens_on_accelerators():
+    # on an accelerator a boolean selection syncs: the masked tokens' gates are zeroed
+    # instead, which the load-balancing loss counts exactly as no token
+    collector = GateCollector()
+    collector.active = True
+    collector.token_mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    gates = torch.rand(2, 3, 4)
+    with torch_ops.accelerator_decisions():
+        collector.add(gates)
+    keep = collector.token_mask.bool()
+    assert collector.gates[0].shape == (6, 4)
+    assert torch.equal(collector.gates[0][keep.reshape(-1)], gates[keep])
+    assert torch.all(collector.gates[0][~keep.reshape(-1)] == 0)
+    assert load_balancing_loss(collector.gates[0]).item() == \
+        pytest.approx(load_balancing_loss(gates[keep]).item(), rel=1e-6)
+
+
 def test_aux_loss_leaves_padding_out():
     moa = get_moa_model(tiny_llama(), MoAConfig.preset("soft_moa", aux_loss_coef=0.1))
     perturb(moa, scale=0.5)
@@ -850,6 +867,68 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(preset):
         assert relative_error(checkpointed_grads[name][1], grad) < 1e-6, name
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_training_through_the_shared_router_gemm_matches_separate_gemms(checkpointing):
+    # In grad mode one GEMM computes a layer router's first layer and the q, k and v
+    # shrinks (stacked once per call). Against the same model with that sharing off (every
+    # projection its own shrink GEMM): the losses and every gradient over two AdamW steps,
+    # the second accumulated over two micro-batches, with and without checkpointing.
+    results = {}
+    for shared in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            if not shared:
+                patch.setattr(experts.LayerRouter, "_sharing_plan", lambda *args: False)
+            moa = get_moa_model(tiny_llama(), MoAConfig.preset("soft_moa"))
+            perturb(moa)
+            moa.train()
+            if checkpointing:
+                moa.activation_checkpointing_enable()
+            optimizer = torch.optim.AdamW([p for _, p in moa.moa_named_parameters()], lr=1e-2)
+            losses, grads = [], []
+            for micro_batches in ((1,), (2, 3)):
+                for seed in micro_batches:
+                    ids = token_batch(2, 8, seed=seed)
+                    loss = moa(ids, labels=ids).loss / len(micro_batches)
+                    loss.backward()
+                    losses.append(loss.detach())
+                    assert (moa.model.model.layers[0].moa_router.state.shrink_input
+                            is not None) == shared
+                grads.append({n: g.clone() for n, (_, g) in moa_tensors_and_grads(moa).items()})
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            results[shared] = (losses, grads)
+    (losses, grads), (separate_losses, separate_grads) = results[True], results[False]
+    for loss, separate in zip(losses, separate_losses):
+        assert relative_error(loss, separate) < 1e-6
+    for step, separate in zip(grads, separate_grads):
+        assert step.keys() == separate.keys() and len(step) > 0
+        for name, grad in step.items():
+            assert relative_error(grad, separate[name]) < 1e-5, name
+
+
+def test_a_partitioned_sharer_weight_is_not_shared():
+    # The router reads its sharers' shrink weights without calling their modules: a
+    # weight not yet gathered (DeepSpeed ZeRO-3 keeps a partitioned parameter as an empty
+    # tensor until its module runs) must make the router compute its own GEMM alone.
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset("soft_moa"))
+    router = moa.model.model.layers[0].moa_router
+    assert router._sharing_plan(torch.device("cpu"), torch.float32) is not False
+    k_proj = moa.model.model.layers[0].self_attn.k_proj
+    full = k_proj.shrink_weight.data
+    k_proj.shrink_weight.data = torch.empty(0)
+    try:
+        assert router._sharing_plan(torch.device("cpu"), torch.float32) is False
+    finally:
+        k_proj.shrink_weight.data = full
+    gate = router.router.w1_weight
+    full = gate.data
+    gate.data = torch.empty(0)
+    try:
+        assert router._sharing_plan(torch.device("cpu"), torch.float32) is False
+    finally:
+        gate.data = full
+
+
 def autograd_nodes(tensor: torch.Tensor) -> list:
     """Every node of tensor's autograd graph."""
     seen, stack, nodes = set(), [tensor.grad_fn], []
@@ -886,6 +965,40 @@ def check_saved_tensors(nodes: list, layers: int, attention: str) -> None:
     assert len(recomputed) == layers  # o_proj's, one per layer
 
 
+def test_the_attention_query_is_shared_only_where_it_is_the_rotary_of_the_captured_one():
+    # by metadata, not values (a comparison would sync an accelerator at every layer): the
+    # attention's saved query is the prompt expert's query where it is the output of the
+    # rotary's add, computed from the captured query, of the expected shape
+    torch.manual_seed(0)
+    weight = torch.randn(8, 8, requires_grad=True)
+    captured = torch.randn(2, 5, 8) @ weight  # what the q_proj hook captures
+    pre_rotary = captured.view(2, 5, 2, 4).transpose(1, 2)
+    cos, sin = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    keys, values = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+
+    def attention_output(query):
+        out = F.scaled_dot_product_attention(query, keys, values)
+        return out.transpose(1, 2).reshape(2, 5, 8)
+
+    rotated = experts.rotate_half_query(pre_rotary, cos, sin)
+    shared = experts.attention_saved_query(attention_output(rotated), captured, rotated.shape)
+    assert shared is not None and torch.equal(shared, rotated)
+    assert shared.untyped_storage().data_ptr() == rotated.untyped_storage().data_ptr()
+    # changed between the rotary and the kernel (scaled, copied): not the expert's query
+    for changed in (rotated * 1.5, rotated.contiguous(), rotated.float().double()):
+        assert experts.attention_saved_query(attention_output(changed.float()), captured,
+                                             rotated.shape) is None
+    # the rotary of another query, or another shape: not taken either
+    other = torch.randn(2, 5, 8) @ weight
+    assert experts.attention_saved_query(attention_output(rotated), other, rotated.shape) \
+        is None
+    assert experts.attention_saved_query(attention_output(rotated), captured,
+                                         torch.Size((2, 5, 2, 4))) is None
+    with torch.no_grad():  # nothing saved without grad mode
+        assert experts.attention_saved_query(attention_output(rotated), captured,
+                                             rotated.shape) is None
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
 def test_soft_moa_saves_no_copy_of_what_the_attention_and_the_norms_keep(family, monkeypatch):
     # docs/DESIGN.md "Saved tensors": the prompt expert saves the attention kernel's own
@@ -897,7 +1010,7 @@ def test_soft_moa_saves_no_copy_of_what_the_attention_and_the_norms_keep(family,
     for lean in (True, False):
         with monkeypatch.context() as patch:
             if not lean:
-                patch.setattr(experts, "attention_saved_query", lambda output, query: query)
+                patch.setattr(experts, "attention_saved_query", lambda *arguments: None)
                 patch.setattr(experts, "prompt_attention_recipe", lambda *operands: None)
                 patch.setattr(experts.NormRecordHook, "__call__", lambda self, *args: None)
             moa = get_moa_model(tiny_family(family), MoAConfig.preset("soft_moa"))

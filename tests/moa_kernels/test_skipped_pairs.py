@@ -4,6 +4,8 @@ and gate normalisations must not turn underflowed gates into 0 / 0."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -127,3 +129,49 @@ def test_topk_sigmoid_normalisation_of_underflowed_gates_is_finite(backend):
     params = {"weight": layer.router.weight, "bias": layer.router.bias}
     oracle = reference_router(x, params, kind="linear", gate="sigmoid", mode="topk", top_k=2)
     assert torch.equal(oracle, torch.zeros_like(oracle))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # (the reference loop's
+# gradients are not finite there: it multiplies the skipped pairs' deltas by zero)
+def test_a_skipped_non_finite_expert_gives_no_gradient(backend):
+    # The dense path of a sparse mode (the accelerators' path, and the CPU's on few
+    # tokens): an adapter whose bottleneck is infinite (its down bias: silu(inf), and
+    # silu' there, are not finite) is skipped on every token but two, whose output the
+    # loss leaves out. On the other tokens nothing of it may reach a gradient: of x, of
+    # the gates (its own gate's is exactly 0), of the other experts (hydra heads sharing
+    # rows, a LoRA). Oracle: the reference loop on the same layer with that bias finite.
+    torch.manual_seed(0)
+    layer = MoALinear(nn.Linear(16, 12), ["lora:4", "adapter:3:silu", "hydra:2:2"],
+                      router=None)
+    with torch.no_grad():
+        for params in layer.expert_parameters():
+            for name, tensor in params.items():
+                if name in ("lora_B", "up_weight", "up_bias", "down_bias"):
+                    tensor.normal_()
+    fixed = copy.deepcopy(layer)
+    with torch.no_grad():
+        layer.expert_parameters()[1]["down_bias"].fill_(float("inf"))
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 16, generator=generator)
+    gates = torch.rand(10, 4, generator=generator) + 0.1
+    gates[:, 1] = 0.0
+    gates[[0, 3], 1] = 0.7
+    gates[5, 2] = 0.0  # a skipped hydra head beside an active one (they share A rows)
+    others = [t for t in range(10) if t not in (0, 3)]
+    cotangent = torch.randn(len(others), 12, generator=generator)
+    results = {}
+    for name, model, model_backend in (("expected", fixed, "reference"),
+                                       ("actual", layer, backend)):
+        model.backend = model_backend
+        leaf_x, leaf_gates = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
+        y = model(leaf_x, leaf_gates, sparse=True)
+        (y[others] * cotangent).sum().backward()
+        results[name] = [y[others].detach(), leaf_x.grad[others],
+                         leaf_gates.grad[others][:, [0, 2, 3]],
+                         model.shrink_weight.grad[:6],  # the LoRA's and the hydra's rows
+                         model.expand_weight.grad[:, :8]]  # their columns
+        if name == "actual":
+            assert torch.equal(leaf_gates.grad[others, 1], torch.zeros(len(others)))
+    for actual, expected in zip(results["actual"], results["expected"]):
+        assert torch.isfinite(expected).all() and torch.isfinite(actual).all(), backend
+        assert relative_error(actual, expected) < 1e-5, backend

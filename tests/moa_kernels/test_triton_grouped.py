@@ -389,3 +389,36 @@ def test_the_pair_plan_sorts_by_expert_then_token():
     assert plan.offsets.tolist() == [0, 2, 3, 5]
     assert plan.pair_flat.tolist() == [0, 6, 7, 2, 5]
     assert plan.pos.tolist() == [[0, 3], [4, -1], [1, 2], [-1, -1]]  # expert order per token
+
+
+def test_weight_gradient_splits_do_not_follow_the_pair_count(monkeypatch, grouped):
+    # SPLITS is a constexpr: taken from the active pair count, every new count during
+    # training would be a new kernel build. Two routings of the same 40 tokens with
+    # different pair counts launch the weight gradients with the same SPLITS.
+    from moa_kernels.triton import grouped as module
+
+    monkeypatch.setattr(module, "PAIRS_PER_SPLIT", 16)
+    kernel = module._pair_weight_grad_kernel
+    launched = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["SPLITS"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, "_pair_weight_grad_kernel", Recording())
+    layer = _make_layer(["lora:4", "adapter:3:silu", "lora:2"], None, 13, 11, torch.float32)
+    x = torch.randn(40, 13, device=DEVICE)
+    pairs = []
+    for keep in (0.2, 0.9):
+        gates = torch.rand(40, 3, device=DEVICE)
+        gates = gates * (torch.rand(40, 3, device=DEVICE) < keep)
+        pairs.append(int((gates != 0).sum()))
+        results = {backend: sparse_run_with_outside_gates(layer, x, gates, backend)
+                   for backend in ("reference", "triton")}
+        assert_results_match(results["triton"], results["reference"], TOLERANCE[torch.float32],
+                             dtype=torch.float32)
+    assert pairs[0] != pairs[1] and len(launched) >= 4
+    assert set(launched) == {module._weight_grad_splits(40, 3)}

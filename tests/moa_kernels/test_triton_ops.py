@@ -389,3 +389,57 @@ def test_second_derivative_is_refused(device, dtype, mode):
     (grad_x,) = torch.autograd.grad(layer(x).float().square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         grad_x.float().square().sum().backward()
+
+
+def test_fp32_output_gemm_falls_back_per_call_not_per_device(monkeypatch):
+    # one GEMM the fp32-output cuBLAS call refuses (a shape or layout) takes the fallback
+    # for that call; the next GEMM on the device tries the fast call again (the CPU stands
+    # in for a device that has it)
+    from moa_kernels.triton import kernel_utils
+
+    calls = []
+
+    def refuses_first(a, b):
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+        return torch.mm(a.float(), b.float())
+
+    monkeypatch.setattr(kernel_utils, "out_dtype_available", lambda device: True)
+    monkeypatch.setattr(kernel_utils, "mm_out_fp32", refuses_first)
+    a, b = torch.randn(5, 7).bfloat16(), torch.randn(7, 3).bfloat16()
+    bias = torch.randn(3)
+    expected = torch.mm(a.float(), b.float()) + bias
+    for _ in range(3):
+        out = kernel_utils.mm_fp32(a, b, bias)
+        assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert calls == [0, 1, 2]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")
+def test_packed_weights_are_cached_under_autocast_and_router_blocks_stacked_once(monkeypatch):
+    # fp32 adapters beside an fp16 input (autocast's case): the layer hands the triton ops
+    # its parameters, not casts made per call, so the packed weights (cast while packing)
+    # are built once for a steady loop; the router's blocks are stacked with the packed A
+    # once per call (in the forward op; its backward reuses that stack)
+    from moa_kernels.triton import plan, shrink
+
+    built, stacked = [], []
+    original_packed, original_stacked = plan.packed, shrink.stacked_weight
+    monkeypatch.setattr(plan, "packed", lambda kind, sources, extra, build: original_packed(
+        kind, sources, extra, lambda: built.append(kind) or build()))
+    monkeypatch.setattr(shrink, "stacked_weight", lambda *args: stacked.append(1) or
+                        original_stacked(*args))
+    layer = _make_layer(["lora:4", "adapter:3:silu"], RouterConfig(), 13, 11, "cpu",
+                        torch.float32)
+    layer.base.half()
+    x = torch.randn(5, 13).half()
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = layer(x)
+        assert y.dtype == torch.float16
+        y.float().sum().backward()
+    assert sorted(built) == ["expand", "shrink"]
+    assert len(stacked) == 3  # one per forward, none in the backwards
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in layer.parameters() if p.requires_grad)

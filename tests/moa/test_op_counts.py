@@ -1,0 +1,61 @@
+"""The aten ops a decoder layer runs in a training step stay pinned (on a GPU each is a
+kernel launch): measured as benchmarks/op_counts.py measures them (forward and backward
+of the tiny Llama, views excluded, the 2-layer model's ops minus the 1-layer model's,
+after an optimizer step), against PEFT LoRA r=16 on the same modules where peft is
+installed, else against the counts pinned here. A change that adds ops per layer fails
+here; one that removes some lowers the pins (benchmarks/RESULTS.md has the history)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Ops per decoder layer in a training step, as pinned on 2026-12-06 (PEFT LoRA r16: 144,
+# the frozen model: 94): each MoA preset's count, and its excess over PEFT's.
+PINNED = {"soft_moa": 208, "sparse_moa": 221}
+PEFT_OPS = 144
+
+
+def _op_counts():
+    spec = importlib.util.spec_from_file_location("op_counts", ROOT / "benchmarks" /
+                                                  "op_counts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def op_counts():
+    return _op_counts()
+
+
+@pytest.fixture(scope="module")
+def peft_ops(op_counts):
+    """PEFT LoRA r16's ops per layer, measured here, or the pinned count without peft."""
+    if importlib.util.find_spec("peft") is None:
+        return PEFT_OPS
+    return sum(op_counts.per_layer(op_counts.training_step_ops, "peft_lora").values())
+
+
+@pytest.mark.parametrize("preset", sorted(PINNED))  # the paper's two presets
+def test_ops_per_decoder_layer_in_a_training_step_stay_pinned(preset, op_counts, peft_ops):
+    ops = sum(op_counts.per_layer(op_counts.training_step_ops, preset).values())
+    assert ops - peft_ops <= PINNED[preset] - PEFT_OPS, \
+        f"{preset}: {ops} aten ops per decoder layer, PEFT LoRA r16 {peft_ops}"
+
+
+def test_the_count_sees_a_layers_ops(op_counts, monkeypatch):
+    # the measurement must move when a layer does more: one more op in every MoALinear
+    # call (an extra copy of its output) shows as five per soft_moa decoder layer
+    from moa.layers import MoALinear
+
+    before = sum(op_counts.per_layer(op_counts.training_step_ops, "soft_moa").values())
+    forward = MoALinear.forward
+    monkeypatch.setattr(MoALinear, "forward", lambda self, *args, **kwargs:
+                        forward(self, *args, **kwargs).clone())
+    after = sum(op_counts.per_layer(op_counts.training_step_ops, "soft_moa").values())
+    assert after == before + 5
