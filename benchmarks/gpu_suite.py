@@ -672,7 +672,7 @@ class EightBLayer:
         import torch
 
         from moa import MoALinear, RouterConfig
-        from moa.layers import MoARouter
+        from moa.modules.router import MoARouter
 
         self.variant, self.bases = variant, bases
         self.router = None

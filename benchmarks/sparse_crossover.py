@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from moa import bench
-from moa.layers import MoALinear
+from moa.modules.linear import MoALinear
 from moa_kernels import torch_ops
 
 

@@ -9,7 +9,7 @@ way the published MoA code does, and autograd provides the backward.
                          adapter_input=None)                      -> y [..., out]
     moa_linear(x [T, in], *, base_output | base_weight, ...)      -> (y [T, out], g [T, E])
 
-`moa_linear` is this backend's side of the backend contract (moa_kernels/backends.py): the
+`moa_linear` is this backend's side of the backend contract (moa_kernels/contract.py): the
 same entry point, with the same arguments, as torch_ops.moa_linear and
 moa_kernels.triton.moa_linear.
 """
@@ -156,7 +156,7 @@ def moa_linear(
     adapter_input: torch.Tensor | None = None,
     sparse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backend contract (moa_kernels/backends.py) by the per-expert loop.
+    """The backend contract (moa_kernels/contract.py) by the per-expert loop.
 
     y = base + sum_e g_e delta_e(adapter_input) for 2-D x, base being `base_output` (the
     base module's output, any base) or x W^T + b from `base_weight`/`base_bias` (a plain

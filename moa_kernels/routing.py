@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moa_kernels.decode import fusable_linear
+from moa_kernels.fusable import fusable_linear
 
 
 def gates_from_first_layer(

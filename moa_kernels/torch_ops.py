@@ -36,11 +36,11 @@ Sparse (threshold, adaptive, topk):
   device at every call, so an accelerator always takes the masked dense path.
 torch.compile: every step traces with fullgraph=True. Each autograd Function has a
 `traced` twin, the same math in plain differentiable ops (gathers as GEMMs with the
-layout's maps, or slices), which `_apply` runs under compile: AOTAutograd derives the
+layout's maps, or slices), which `apply_function` runs under compile: AOTAutograd derives the
 backward and inductor fuses across it and picks what to save. The sparse modes take the
 dense, masked step 3 under compile: the routing plan's sizes depend on the data (nonzero,
 counts read on the host), the masked dense path has static shapes and is the same math.
-Without grad mode the autograd Functions' forwards run directly (`_apply`).
+Without grad mode the autograd Functions' forwards run directly (`apply_function`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from moa_kernels.decode import fusable_addmm
+from moa_kernels.fusable import fusable_addmm
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
 from moa_kernels.routing import RouterOps, RoutingPlan
@@ -126,7 +126,7 @@ def moa_linear(
     shrink_output: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = base + sum_e g_e delta_e(adapter_input) for 2-D x (the backend contract of
-    moa_kernels/backends.py).
+    moa_kernels/contract.py).
 
     Args:
         x: [T, in]. adapter_input: [T, in] what the experts read (x after dropout), or None.
@@ -140,9 +140,9 @@ def moa_linear(
         input_recipe: how x is recomputed (x's shape or any of the same numel), so that
             `_BaseAndShrink` saves the recipe's tensors instead of x (this backend only).
         shrink_output: [T, R] x @ shrink_weight^T + the full shrink bias, computed outside
-            (a layer router's GEMM over the same input, moa.experts.LayerRouter), for gates
-            given, dense, without dropout: the shrink GEMM is then skipped (this backend
-            only).
+            (a layer router's GEMM over the same input, moa.modules.layer_router's
+            LayerRouter), for gates given, dense, without dropout: the shrink GEMM is then
+            skipped (this backend only).
     Returns:
         y [T, out] and the applied gates [T, E].
     """
@@ -186,8 +186,9 @@ def moa_linear(
         if weights:
             outputs = stacked_linear(x, weights, bias_pieces, splits)
     elif weights:
-        y, *outputs = _apply(_BaseAndShrink, x, base_weight, base_bias, link, input_recipe,
-                             tuple(splits), len(weights), *weights, *bias_pieces)
+        y, *outputs = apply_function(_BaseAndShrink, x, base_weight, base_bias, link,
+                                     input_recipe, tuple(splits), len(weights), *weights,
+                                     *bias_pieces)
     else:
         y = F.linear(x, base_weight, base_bias)
     router_h = outputs[-len(router.weight_parts):] if router is not None else None
@@ -210,7 +211,7 @@ def moa_linear(
     gates = gates.to(x.dtype)
 
     if not sparse:
-        y = _apply(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout, None)
+        y = apply_function(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout, None)
         return y, gates
     if active is None:
         active = gates != 0
@@ -227,8 +228,8 @@ def moa_linear(
         y = _masked_expand(y, hidden, gates, active, router is not None, expand_weight,
                            expand_bias, layout)
         return y, gates
-    y = _apply(_SparseExperts, y, expert_input, shrink_weight, shrink_bias, expand_weight,
-               expand_bias, gates, plan, layout, link)
+    y = apply_function(_SparseExperts, y, expert_input, shrink_weight, shrink_bias,
+                       expand_weight, expand_bias, gates, plan, layout, link)
     return y, gates
 
 
@@ -241,9 +242,10 @@ def _masked_expand(y, hidden, gates, active, own_router: bool, expand_weight, ex
     autograd backward gives those pairs no gradient)."""
     if torch.compiler.is_compiling():
         masked = gates if own_router else gates * active
-        return _apply(_GatedExpand, y, _masked_hidden(hidden, active, layout), masked,
-                      expand_weight, expand_bias, layout, None)
-    return _apply(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout, active)
+        return apply_function(_GatedExpand, y, _masked_hidden(hidden, active, layout), masked,
+                              expand_weight, expand_bias, layout, None)
+    return apply_function(_GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout,
+                          active)
 
 
 def _masked_hidden(hidden: torch.Tensor, active: torch.Tensor,
@@ -271,7 +273,7 @@ class _NoGradContext:
         pass
 
 
-def _apply(function: type[torch.autograd.Function], *args):
+def apply_function(function: type[torch.autograd.Function], *args):
     """function.apply(*args), or its forward alone when grad mode is off: decoding runs a
     handful of tokens per call, where autograd's per-call bookkeeping is a real cost.
     Under torch.compile, the Function's `traced` twin: the same math in plain differentiable
@@ -421,7 +423,7 @@ def stacked_linear(x: torch.Tensor, weights, bias_pieces, splits) -> tuple[torch
     Returns:
         a tuple of [T, split] tensors in x's dtype.
     """
-    return _apply(_StackedLinear, x, tuple(splits), len(weights), *weights, *bias_pieces)
+    return apply_function(_StackedLinear, x, tuple(splits), len(weights), *weights, *bias_pieces)
 
 
 class _StackedLinear(torch.autograd.Function):

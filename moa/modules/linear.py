@@ -1,158 +1,45 @@
-"""Modules: the router and `MoALinear`, a drop-in replacement for a frozen nn.Linear.
+"""`MoALinear`, a drop-in replacement for a frozen nn.Linear: y = base(x) + the gated
+mixture of its experts.
 
 A MoALinear keeps its experts stacked raggedly (see moa_kernels/layout.py):
 
     shrink_weight [R, in], shrink_bias [R_ad], expand_weight [out, C], expand_bias [N_ad, out]
 
-and its optional router in `self.router` (a `MoARouter`). The base is any frozen module
-mapping [..., in] to [..., out] linearly: a plain nn.Linear (whose GEMM the backends may
-fuse with the experts' shrink GEMM), or anything else (bitsandbytes 4/8-bit layers, torchao
-quantized weights, hooked or FSDP-managed layers), which is called as a module, `base(x)`,
-so its quantization, hooks and unsharding run as their authors meant. The math runs in one
-of three backends with one contract (moa_kernels/backends.py): "reference" (per-expert
-loop, the oracle), "torch" (fused PyTorch), "triton" (fused Triton kernels, CUDA or the
-Triton interpreter).
+and its optional router in `self.router` (a `MoARouter`, router.py). The base is any frozen
+module mapping [..., in] to [..., out] linearly: a plain nn.Linear (whose GEMM the backends
+may fuse with the experts' shrink GEMM), or anything else (bitsandbytes 4/8-bit layers,
+torchao quantized weights, hooked or FSDP-managed layers), which is called as a module,
+`base(x)`, so its quantization, hooks and unsharding run as their authors meant. The math
+runs in one of the backends of moa_kernels/contract.py: "reference" (per-expert loop, the
+oracle), "torch" (fused PyTorch), "triton" (fused Triton kernels, CUDA or the Triton
+interpreter). `expert_signature` is what a saved layer's experts were, checked on loading.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import os
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as module_globals
 
 from moa.config import BACKENDS, ExpertSpec, RouterConfig, parse_experts
-from moa_kernels import reference, torch_ops
-from moa_kernels.backends import check_triton_input, get_backend
+from moa.modules.dispatch import (
+    autocast_off,
+    backend_function,
+    base_compute_dtype,
+    compute_dtype,
+    default_adapter_dtype,
+    generate_cached,
+    is_plain_linear,
+    resolve_backend,
+)
+from moa.modules.router import MoARouter
+from moa_kernels import torch_ops
 from moa_kernels.layout import ExpertLayout
-from moa_kernels.routing import RouterOps, gates_from_first_layer
 
 DEFAULT_ROUTER = RouterConfig()  # frozen, so one shared instance is safe
-
-
-# auto picks triton on CUDA only once benchmarks/gpu_suite.sh has passed on real hardware
-# with its figures in benchmarks/RESULTS.md; until then the triton backend has never run on
-# a GPU (only the interpreter and sm_90 builds have checked it), so auto takes torch.
-TRITON_AUTO_ON_CUDA = False
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend to run: an explicit choice wins, then MOA_BACKEND, then auto: torch
-    (triton on CUDA once TRITON_AUTO_ON_CUDA is set, see there)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = os.environ.get("MOA_BACKEND", "auto") or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown MOA_BACKEND {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "triton" if TRITON_AUTO_ON_CUDA and device.type == "cuda" \
-            and triton_available() else "torch"
-    return backend
-
-
-# The backends' modules, imported once: torch.compile traces an attribute lookup on them
-# (get_backend's importlib call would break the graph). Triton is imported on first use,
-# after its input check (triton picks compiled or interpreted kernels at import).
-_BACKEND_MODULES = {"reference": reference, "torch": torch_ops}
-
-
-def backend_function(name: str, x: torch.Tensor) -> Callable:
-    """The `moa_linear` entry point of backend `name` (resolved) for the input x."""
-    if name == "triton":
-        check_triton_input(x)
-        import moa_kernels.triton as triton_backend  # an import statement compiles
-
-        return triton_backend.moa_linear
-    module = _BACKEND_MODULES.get(name)
-    return get_backend(name) if module is None else module.moa_linear
-
-
-def generate_cached(module: nn.Module, key, make: Callable):
-    """make(), kept under `key` in module.generate_cache while that cache is on and grad mode
-    is off (prompt_key_cache in moa/experts.py turns it on for one MoAModel.generate): what
-    is derived from the weights (casts, concatenations) is fixed over a generate call, so
-    decoding computes it once, not once per token. Under torch.compile a cached value is read
-    (a graph input) but none is written (no side effect inside the graph)."""
-    cache = getattr(module, "generate_cache", None)
-    if cache is None or torch.is_grad_enabled():
-        return make()
-    value = cache.get(key)
-    if value is None:
-        value = make()
-        if not torch.compiler.is_compiling():
-            cache[key] = value
-    return value
-
-
-def triton_available() -> bool:
-    """True when the triton backend can be imported (triton installed)."""
-    try:
-        import moa_kernels.triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the layer computes in: autocast's, when autocast is on for x's device
-    (autocast lowers float32 only; float64 stays float64)."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64 \
-            and x.is_floating_point():
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
-def autocast_off(x: torch.Tensor):
-    """A context that switches autocast off for x's device (a no-op when it is off)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """Adapter and router tensors stay float32 beside a half-precision (or non-float) base."""
-    if not base_dtype.is_floating_point or base_dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return base_dtype
-
-
-ORDINARY_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
-
-
-def is_plain_linear(base: nn.Module) -> bool:
-    """True for an nn.Linear whose forward is nn.Linear's, with no forward hooks and
-    ordinary (not quantized, not sharded) tensors: its output is exactly
-    F.linear(x, weight, bias), so the backends may compute it in their own GEMM."""
-    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
-        return False
-    if base._forward_hooks or base._forward_pre_hooks:
-        return False
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
-        return False
-    return type(base.weight) in ORDINARY_TENSOR_TYPES and \
-        (base.bias is None or type(base.bias) in ORDINARY_TENSOR_TYPES)
-
-
-def base_compute_dtype(base: nn.Module) -> torch.dtype | None:
-    """The floating dtype the base computes in, where it says: bitsandbytes' 4-bit
-    `compute_dtype`, else a floating weight's dtype (torchao's quantized tensors report the
-    original one); None when it cannot be told (bitsandbytes int8)."""
-    compute = getattr(base, "compute_dtype", None)
-    if isinstance(compute, torch.dtype) and compute.is_floating_point:
-        return compute
-    weight = getattr(base, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point and \
-            not getattr(weight, "bnb_quantized", False):
-        return weight.dtype
-    return None
 
 
 def _base_features(base: nn.Module) -> tuple[int, int]:
@@ -179,152 +66,6 @@ def _base_device(base: nn.Module) -> torch.device:
 
 def _new_parameter(shape, device, dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
-
-
-def threshold_straight_through(gates: torch.Tensor, threshold_logit: torch.Tensor,
-                               max_threshold: float) -> torch.Tensor:
-    """Sparse MoA gates g = p * [p >= G] with a straight-through gradient for G.
-
-    Args:
-        gates: [T, E] the applied gates p * m; threshold_logit: [T, 1] w_G . x + b_G.
-    Returns:
-        [T, E] equal to `gates` in value (G - G is exactly 0), with d g_e / d G = -g_e: on a
-        pair that runs, raising the threshold acts as lowering its gate by p_e; a skipped
-        pair (g_e = 0) adds nothing, so every backend (the sparse ones never compute a
-        skipped expert's output) gives the reference's gradient. d g / d p is unchanged.
-    """
-    threshold = max_threshold * torch.sigmoid(threshold_logit)
-    return gates * (1 + (threshold.detach() - threshold))
-
-
-class MoARouter(nn.Module):
-    """Per-token gates g [..., E] over E experts (docs/DESIGN.md section 2).
-
-    Parameters are named as `router_parameters()` reports them: weight, bias (linear) or
-    w1_weight, w1_bias, w3_weight, w3_bias, w2_weight, w2_bias (swiglu); threshold_weight
-    [1, in] and threshold_bias [1] in the threshold and adaptive modes. Biases start at zero,
-    weights as nn.Linear's. In mode "threshold" the threshold tensors are frozen
-    (requires_grad False: the published method never updates them) unless
-    config.learn_threshold, which trains them through `threshold_straight_through`.
-    """
-
-    def __init__(self, in_features: int, num_experts: int, config: RouterConfig | None = None,
-                 *, device=None, dtype=None) -> None:
-        super().__init__()
-        config = RouterConfig() if config is None else config
-        if not isinstance(config, RouterConfig):
-            raise TypeError(f"router must be a RouterConfig or None, got {type(config).__name__}")
-        config.check_num_experts(num_experts)
-        if config.kind == "group":
-            raise ValueError("a 'group' router gates the adapter groups of a decoder layer "
-                             "(MoAConfig with router_scope 'layer' or 'instance'); a "
-                             "MoALinear's own router is 'linear' or 'swiglu'")
-        self.config, self.in_features, self.num_experts = config, in_features, num_experts
-        factory = {"device": device, "dtype": dtype}
-        if config.kind == "linear":
-            self._linear("weight", "bias", num_experts, in_features, config.bias, factory)
-        else:
-            hidden = config.hidden_factor * num_experts
-            self._linear("w1_weight", "w1_bias", hidden, in_features, config.bias, factory)
-            self._linear("w3_weight", "w3_bias", hidden, in_features, config.bias, factory)
-            self._linear("w2_weight", "w2_bias", num_experts, hidden, config.bias, factory)
-        if config.uses_threshold:
-            self._linear("threshold_weight", "threshold_bias", 1, in_features, True, factory)
-            if config.mode == "threshold" and not config.learn_threshold:
-                self.threshold_weight.requires_grad_(False)
-                self.threshold_bias.requires_grad_(False)
-
-    def _linear(self, weight_name, bias_name, rows, columns, bias, factory) -> None:
-        weight = _new_parameter((rows, columns), **factory)
-        if weight.device.type != "meta":
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        self.register_parameter(weight_name, weight)
-        self.register_parameter(bias_name, nn.Parameter(torch.zeros(rows, **factory))
-                                if bias else None)
-
-    def tensors(self) -> dict[str, torch.Tensor | None]:
-        """The live parameters by name (None for an absent bias)."""
-        names = ["weight", "bias"] if self.config.kind == "linear" else \
-            ["w1_weight", "w1_bias", "w3_weight", "w3_bias", "w2_weight", "w2_bias"]
-        if self.config.uses_threshold:
-            names += ["threshold_weight", "threshold_bias"]
-        return {name: getattr(self, name) for name in names}
-
-    def ops(self, dtype: torch.dtype) -> RouterOps:
-        """First layer (its blocks, to fuse into a shrink GEMM) and finisher, in `dtype`."""
-        config = self.config
-        if config.kind == "linear":
-            weights, biases = [self.weight], [self.bias]
-        else:
-            weights, biases = [self.w1_weight, self.w3_weight], [self.w1_bias, self.w3_bias]
-        if config.uses_threshold:
-            # In threshold mode G only enters through a comparison, so it gets no gradient;
-            # detaching keeps its .grad None exactly as in the reference.
-            detach = config.mode == "threshold" and not config.learn_threshold
-            weights.append(self.threshold_weight.detach() if detach else self.threshold_weight)
-            biases.append(self.threshold_bias.detach() if detach else self.threshold_bias)
-        w2_weight = getattr(self, "w2_weight", None)
-        w2_bias = getattr(self, "w2_bias", None)
-
-        def finish(first_layer):
-            """first_layer: [T, F], or its blocks (one per weight block) apart."""
-            blocks = [first_layer] if isinstance(first_layer, torch.Tensor) else \
-                list(first_layer)
-            # The head is tiny ([T, F]): run it in at least fp32 (fp64 stays fp64).
-            head_dtype = torch.float64 if blocks[0].dtype == torch.float64 else torch.float32
-            blocks = [block.to(head_dtype) for block in blocks]
-            gates, active = gates_from_first_layer(
-                blocks[0] if isinstance(first_layer, torch.Tensor) else blocks,
-                kind=config.kind, gate=config.gate,
-                mode=config.mode, num_experts=self.num_experts,
-                w2_weight=None if w2_weight is None else w2_weight.to(head_dtype),
-                w2_bias=None if w2_bias is None else w2_bias.to(head_dtype),
-                max_threshold=config.max_threshold, top_k=config.top_k,
-                normalize_topk=config.normalize_topk)
-            if config.learn_threshold:  # the threshold logit is the last column
-                gates = threshold_straight_through(gates, blocks[-1][:, -1:],
-                                                   config.max_threshold)
-            return gates, active
-
-        return RouterOps(weights, biases, finish, self.reference_gates, dtype)
-
-    def reference_gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Gates by the reference router, in x's dtype."""
-        params = {k: None if v is None else v.to(x.dtype) for k, v in self.tensors().items()}
-        c = self.config
-        gates = reference.reference_router(
-            x, params, kind=c.kind, gate=c.gate, mode=c.mode, max_threshold=c.max_threshold,
-            top_k=c.top_k, normalize_topk=c.normalize_topk)
-        if c.learn_threshold:
-            gates = threshold_straight_through(
-                gates, F.linear(x, params["threshold_weight"], params["threshold_bias"]),
-                c.max_threshold)
-        return gates
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Applied gates g [..., E] for x [..., in] (fused: one matmul for the first layer)."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"router input has last dimension {x.shape[-1]}, "
-                             f"expected in_features={self.in_features}")
-        dtype = compute_dtype(x)
-        ops = generate_cached(self, ("ops", dtype), lambda: self.ops(dtype))
-        with autocast_off(x):
-            flat = x.reshape(-1, self.in_features).to(dtype)
-            if getattr(self, "generate_cache", None) is not None and \
-                    not torch.is_grad_enabled():  # inside generate: stacked once per call
-                first = F.linear(flat, ops.first_weight, ops.first_bias)
-            else:  # one GEMM over the blocks, stacked once per call inside the op
-                first = torch_ops.stacked_linear(flat, ops.weight_parts, [
-                    b if b is not None else w.shape[0]
-                    for w, b in zip(ops.weight_parts, ops.bias_parts)],
-                    [w.shape[0] for w in ops.weight_parts])
-            gates, _ = ops.finish(first)
-        return gates.to(dtype).reshape(*x.shape[:-1], self.num_experts)
-
-    def extra_repr(self) -> str:
-        c = self.config
-        return (f"in_features={self.in_features}, experts={self.num_experts}, kind={c.kind}, "
-                f"gate={c.gate}, mode={c.mode}")
 
 
 class MoALinear(nn.Module):
@@ -409,8 +150,8 @@ class MoALinear(nn.Module):
         # Where a router-less layer takes its gates when forward is given none: a callable
         # x -> (gates, sparse, x's shrink output computed outside or None), or None while it
         # has no gates, whose last_gates() are the gates it last handed out
-        # (moa.experts.LayerGates: its slice of a layer router's gates). A plain attribute,
-        # not a hook, so a call of the layer runs no hook machinery.
+        # (moa.modules.layer_router.LayerGates: its slice of a layer router's gates). A
+        # plain attribute, not a hook, so a call of the layer runs no hook machinery.
         self.gate_source: Callable[[torch.Tensor], tuple | None] | None = None
         if device.type != "meta":
             self.reset_expert_parameters()
@@ -709,3 +450,24 @@ def describe_signature(signature: torch.Tensor) -> str:
         return "[" + ", ".join(parts) + "]"
     except (KeyError, ValueError, TypeError):
         return f"an unreadable signature of shape {tuple(signature.shape)}"
+
+
+def expert_names(layer: MoALinear) -> list[str]:
+    """A distinct name per gated expert of a MoALinear: its spec ("lora:8"), numbered where
+    specs repeat ("lora:8#0", "lora:8#1", ...); hydra heads always numbered ("hydra:8:8#0"
+    ..., a repeated hydra spec continuing the count)."""
+    texts = [str(spec) for spec in layer.specs]
+    numbered: dict[str, int] = {}  # next number per spec text
+    names = []
+    for text, spec in zip(texts, layer.specs):
+        if spec.kind == "hydra" or texts.count(text) > 1:
+            first = numbered.get(text, 0)
+            numbered[text] = first + spec.num_experts
+            names += [f"{text}#{n}" for n in range(first, first + spec.num_experts)]
+        else:
+            names.append(text)
+    return names
+
+
+__all__ = ["DEFAULT_ROUTER", "MoALinear", "describe_signature", "expert_names",
+           "expert_signature"]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from moa_kernels.backends import check_triton_input
+from moa_kernels.contract import check_triton_input
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.reference import resolve_base_output
 from moa_kernels.routing import RouterOps
@@ -64,7 +64,7 @@ def moa_linear(
     sparse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = base + sum_e g_e delta_e(adapter_input) for 2-D x (the backend contract of
-    moa_kernels/backends.py).
+    moa_kernels/contract.py).
 
     Args:
         x: [T, in]. adapter_input: [T, in] what the experts read (x after dropout), or None.

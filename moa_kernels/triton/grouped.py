@@ -80,7 +80,7 @@ K step of the weight gradients. fp32 accumulators of at most [64, 64] (32 regist
 thread at 4 warps). The smaller K and R steps keep the unaligned builds (odd in / out:
 scalar gathered loads, one 64-bit address per element) within the budget: BLOCK_K = 64 and
 BLOCK_R = 64 made 237-255 registers there, and fp32 (IEEE dots on the FMA units) takes
-32-pair, 32-column tiles. The sm_90 builds (builds.py, as the JIT specialises them): M8
+32-pair, 32-column tiles. The sm_90 builds (tools/triton_builds.py, as the JIT specialises them): M8
 top-2 and L1's experts under top-2 at T = 2048, 39-127 registers in bf16 / fp16 / fp32;
 the odd tiny shapes up to 168 (the pair-rows kernel, at the limit); no spills; bf16 / fp16
 dots on wgmma (the weight gradients' transposed operand: mma).

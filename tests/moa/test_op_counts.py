@@ -51,7 +51,7 @@ def test_ops_per_decoder_layer_in_a_training_step_stay_pinned(preset, op_counts,
 def test_the_count_sees_a_layers_ops(op_counts, monkeypatch):
     # the measurement must move when a layer does more: one more op in every MoALinear
     # call (an extra copy of its output) shows as five per soft_moa decoder layer
-    from moa.layers import MoALinear
+    from moa.modules.linear import MoALinear
 
     before = sum(op_counts.per_layer(op_counts.training_step_ops, "soft_moa").values())
     forward = MoALinear.forward

@@ -1,4 +1,4 @@
-"""moa_kernels/decode.py: the decoding forms of the small linears and the prompt attention.
+"""moa_kernels/fusable.py: the decoding forms of the small linears and the prompt attention.
 
 Each function is compiled (fullgraph, "aot_eager": dynamo's trace without inductor's code
 generation) without grad mode and compared, in float64, with the op it stands for, on fresh
@@ -11,7 +11,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from moa_kernels.decode import (
+from moa_kernels.fusable import (
     COMPILED_REDUCTION_MAX_FEATURES,
     COMPILED_REDUCTION_MAX_TOKENS,
     fusable_addmm,

@@ -48,7 +48,7 @@ def recorded_steps(monkeypatch) -> list[str]:
     """What the torch backend runs in a call, in order: its autograd Functions by name, and
     "plan" where it builds a routing plan."""
     steps = []
-    real_apply, real_plan = torch_ops._apply, torch_ops.RoutingPlan
+    real_apply, real_plan = torch_ops.apply_function, torch_ops.RoutingPlan
 
     def apply(function, *args):
         steps.append(function.__name__)
@@ -60,7 +60,7 @@ def recorded_steps(monkeypatch) -> list[str]:
             steps.append("plan")
             return real_plan.from_active(active)
 
-    monkeypatch.setattr(torch_ops, "_apply", apply)
+    monkeypatch.setattr(torch_ops, "apply_function", apply)
     monkeypatch.setattr(torch_ops, "RoutingPlan", RecordedPlan)
     return steps
 

@@ -615,8 +615,8 @@ def test_second_derivative_is_refused_by_the_torch_backend(mode):
 
 def record_applied_functions(monkeypatch) -> list:
     """The autograd Functions torch_ops runs (through `_apply`), in order, from now on."""
-    ran, apply = [], torch_ops._apply
-    monkeypatch.setattr(torch_ops, "_apply",
+    ran, apply = [], torch_ops.apply_function
+    monkeypatch.setattr(torch_ops, "apply_function",
                         lambda function, *args: ran.append(function) or apply(function, *args))
     return ran
 
@@ -698,7 +698,7 @@ def test_sparse_path_saves_its_expert_hiddens_through_saved_tensor_hooks():
 
 
 # ---------------------------------------------------------------------------------------
-# inputs recomputed, not saved (InputRecipe; moa_kernels/layer_experts.py)
+# inputs recomputed, not saved (InputRecipe; moa_kernels/gated_adapter.py, prompt_attention.py)
 # ---------------------------------------------------------------------------------------
 
 def saved_storages(function):
@@ -745,7 +745,7 @@ def test_an_input_recipe_is_saved_instead_of_the_input_with_the_same_gradients(o
 def test_gated_adapter_with_an_input_recipe_matches_plain_autograd(activation):
     # The parallel adapter's case: x = norm(z) recomputed from z in the backward (here
     # x = tanh(z)); output and every gradient equal plain autograd's, and x is not saved.
-    from moa_kernels.layer_experts import gated_adapter
+    from moa_kernels.gated_adapter import gated_adapter
     from moa_kernels.reference import ACTIVATION_FUNCTIONS
     from moa_kernels.torch_ops import InputRecipe
 
@@ -806,7 +806,7 @@ def test_the_prompt_attention_recipe_recomputes_its_output_bitwise(compute_dtype
     """The recipe gives the forward's output bit for bit, and both are the prompt attention
     written out here (the recipe and the forward share their code: compared with each other
     alone, a wrong attention would agree with itself)."""
-    from moa_kernels.layer_experts import prompt_attention, prompt_attention_recipe
+    from moa_kernels.prompt_attention import prompt_attention, prompt_attention_recipe
 
     generator = torch.Generator().manual_seed(41)
     batch, heads, tokens, head_dim, length = 2, 3, 7, 4, 5
@@ -919,7 +919,7 @@ def test_prompt_expert_matches_plain_autograd(batch, heads, kv_heads, permuted, 
     # the fused prompt expert of a training step (keys, values and attention in one op):
     # output and the gradients of every input, the frozen projections' included, against
     # the plain formula on fresh random data; its keys and values recompute y bitwise
-    from moa_kernels.layer_experts import prompt_attention_recipe, prompt_expert
+    from moa_kernels.prompt_attention import prompt_attention_recipe, prompt_expert
 
     generator = torch.Generator().manual_seed(43)
     tokens, head_dim, length, hidden = 7, 4, 5, 9
@@ -955,7 +955,7 @@ def test_prompt_expert_matches_plain_autograd(batch, heads, kv_heads, permuted, 
 
 
 def test_prompt_expert_gradcheck():
-    from moa_kernels.layer_experts import prompt_expert
+    from moa_kernels.prompt_attention import prompt_expert
 
     generator = torch.Generator().manual_seed(47)
     double = {"dtype": torch.float64}

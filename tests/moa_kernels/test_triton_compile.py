@@ -1,6 +1,6 @@
 """Compilation checks that need no GPU.
 
-1. sm_90 builds made as a GPU run makes them (moa_kernels/triton/builds.py): every kernel
+1. sm_90 builds made as a GPU run makes them (tools/triton_builds.py): every kernel
    launch of a forward and backward is intercepted, specialised by triton's own JIT binder
    (integers equal to 1 become constants; pointers and integers divisible by 16 are
    marked), compiled ahead of time for an H100 (sm_90) and checked against the issue-13
@@ -55,7 +55,7 @@ def _without_interpreter(code: str, *args: str) -> subprocess.CompletedProcess:
 def _builds(tmp_path, selection: str, dtypes: str) -> list[dict]:
     out = tmp_path / "builds.json"
     result = _without_interpreter(
-        "import sys; from moa_kernels.triton.builds import main; sys.exit(main(sys.argv[1:]))",
+        "import sys; from tools.triton_builds import main; sys.exit(main(sys.argv[1:]))",
         "--set", selection, "--dtypes", dtypes, "--json", str(out), "--check")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(out.read_text())
@@ -96,7 +96,7 @@ def test_sm90_builds_as_a_gpu_run_makes_them_are_within_budget(tmp_path, selecti
 
 SPECIALISATION = r"""
 import json, torch
-from moa_kernels.triton import builds
+from tools import triton_builds as builds
 from moa_kernels.triton.expand import _gate_kernel
 
 with builds.recording() as launches:

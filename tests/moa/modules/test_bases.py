@@ -15,7 +15,7 @@ from torch import nn
 
 from moa import MoAConfig, MoALinear, MoAModel, RouterConfig, get_moa_model
 from moa.config import PRESETS
-from moa.layers import is_plain_linear
+from moa.modules.dispatch import is_plain_linear
 from tests.conftest import relative_error
 from tests.moa.tiny import perturb, tiny_llama, token_batch
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa import ExpertSpec, MoALinear, RouterConfig, parse_experts
-from moa.layers import resolve_backend
+from moa.modules.dispatch import resolve_backend
 from moa_kernels import reference, torch_ops
 from moa_kernels.layout import ExpertLayout
 from tests.conftest import relative_error, rounding_floor
@@ -659,11 +659,11 @@ def test_backend_selection(monkeypatch, backend, env, ran):
     if backend == "auto" and not env:
         # auto takes torch on CUDA too until the GPU suite has passed on real hardware
         # (TRITON_AUTO_ON_CUDA); the switch then picks triton there, never on the CPU
-        from moa import layers
+        from moa.modules import dispatch
 
         assert resolve_backend("auto", torch.device("cuda")) == "torch"
-        monkeypatch.setattr(layers, "TRITON_AUTO_ON_CUDA", True)
-        on_cuda = "triton" if layers.triton_available() else "torch"
+        monkeypatch.setattr(dispatch, "TRITON_AUTO_ON_CUDA", True)
+        on_cuda = "triton" if dispatch.triton_available() else "torch"
         assert resolve_backend("auto", torch.device("cuda")) == on_cuda
         assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
