@@ -62,7 +62,7 @@ def _seed(text: str) -> int:
 
 
 def _device(text: str) -> str:
-    from moa.train import torch_device  # one convention for every command's --device
+    from moa.cli.train import torch_device  # one convention for every command's --device
 
     return torch_device(text)
 
@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     demo.add_argument("--seed", type=_seed, default=0, help="seed of the model and the data")
 
-    from moa.evaluate import EVALUATE_OPTIONS
-    from moa.train import TRAIN_OPTIONS, add_options
+    from moa.cli.evaluate import EVALUATE_OPTIONS
+    from moa.cli.train import TRAIN_OPTIONS, add_options
 
     train = commands.add_parser("train", help="fine-tune MoA adapters on a JSON/JSONL file "
                                 "with the transformers Trainer")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="JSON or YAML file of options, keyed as the flags; flags given "
                                "override it")
     add_options(evaluate, EVALUATE_OPTIONS)
-    from moa.compare import COMPARE_OPTIONS
+    from moa.cli.compare import COMPARE_OPTIONS
 
     compare = commands.add_parser("compare", help="train and score several variants over "
                                   "several seeds; a table with 95%% intervals")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args) -> int:
-    from moa.demo import run_demo
+    from moa.cli.demo import run_demo
 
     result = run_demo(args.preset, args.steps, args.model, args.out, args.device, args.seed,
                       overwrite=args.overwrite)
@@ -159,8 +159,8 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
+    from moa.cli.train import TrainOptions, run_train
     from moa.distributed import current_world
-    from moa.train import TrainOptions, run_train
 
     result = run_train(TrainOptions.from_args(args))
     if current_world().is_main:  # launched as several processes, rank 0 speaks for all
@@ -169,14 +169,14 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from moa.evaluate import EvaluateOptions, run_evaluate
+    from moa.cli.evaluate import EvaluateOptions, run_evaluate
 
     run_evaluate(EvaluateOptions.from_args(args))
     return 0
 
 
 def _compare(args) -> int:
-    from moa.compare import CompareOptions, run_compare
+    from moa.cli.compare import CompareOptions, run_compare
 
     return 1 if run_compare(CompareOptions.from_args(args)).failed else 0
 
@@ -187,7 +187,7 @@ def _bench(args) -> int:
     except ImportError:
         raise CommandError("moa bench compares with PEFT LoRA and needs peft: "
                            "pip install 'moa[bench]'") from None
-    from moa.bench import run_bench
+    from moa.cli.bench import run_bench
 
     run_bench(quick=args.quick, out_dir=args.out, device=args.device, rounds=args.rounds)
     return 0
@@ -198,7 +198,7 @@ def _check(args) -> int:
 
     import torch
 
-    from moa.check import available_backends, check_backends
+    from moa.cli.check import available_backends, check_backends
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     print(f"seed {seed} (repeat with --seed {seed})")
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as error:
         print("moa: interrupted", file=sys.stderr)
-        from moa.train import TrainingInterrupted
+        from moa.cli.train import TrainingInterrupted
 
         if isinstance(error, TrainingInterrupted):
             print(_interrupted_training(error, argv), file=sys.stderr)

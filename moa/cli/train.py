@@ -1,8 +1,8 @@
 """`moa train`: fine-tune a model's MoA adapters on a data file with the transformers Trainer.
 
 Plan: options (defaults, then a --config file, then the flags given) -> data records ->
-tokens with the loss on the response only (moa/data.py) -> base model and tokenizer
-(moa/loading.py: the embedded text model, a checkpoint directory or a .gguf file) ->
+tokens with the loss on the response only (moa/cli/data.py) -> base model and tokenizer
+(moa/cli/loading.py: the embedded text model, a checkpoint directory or a .gguf file) ->
 get_moa_model with a preset or a --moa-config file -> Trainer (a progress bar, the loss
 every step, an eval file's loss at intervals, checkpoints at intervals) -> the adapter saved
 with MoAModel.save_pretrained into OUT/adapter, the loss curve as OUT/loss.png, the log as
@@ -13,7 +13,7 @@ Trainer's optimizer, scheduler, RNG and state files, not the base model, each sa
 not at all); `--resume last` (the newest whole one) or `--resume DIR` continues one exactly.
 
 Before the model loads: OUT is none of the inputs and holds none of them; an OUT holding
-another run (moa/outputs.py) is refused unless --resume continues it or --overwrite replaces
+another run (moa/cli/outputs.py) is refused unless --resume continues it or --overwrite replaces
 it; OUT is probed for writing; the Trainer's arguments are built (so --bf16 without a GPU
 that has bfloat16 is settled: on the CPU it trains in bf16 autocast; --fsdp and --deepspeed
 where they cannot run, and a --resume checkpoint of another strategy, are refused). Ctrl-C
@@ -43,8 +43,7 @@ from pathlib import Path
 
 import torch
 
-from moa.config import PRESETS
-from moa.data import (
+from moa.cli.data import (
     DataError,
     PadCollator,
     SupervisedDataset,
@@ -52,8 +51,7 @@ from moa.data import (
     load_training_examples,
     tokenize_examples,
 )
-from moa.distributed import World, join_world, shard_with_fsdp2
-from moa.outputs import (
+from moa.cli.outputs import (
     CHECKPOINTS,
     RUN_ENTRIES,
     check_not_an_input,
@@ -62,6 +60,8 @@ from moa.outputs import (
     previous_run,
     remove_previous_run,
 )
+from moa.config import PRESETS
+from moa.distributed import World, join_world, shard_with_fsdp2
 
 DEFAULT_PRESET = "soft_moa"
 
@@ -777,7 +777,7 @@ def _prepare(options: TrainOptions, world: World, log: Callable[[str], None]) ->
     output folder (and what a --resume or an --overwrite finds there) on rank 0 only."""
     from transformers import TrainingArguments
 
-    from moa.loading import load_tokenizer
+    from moa.cli.loading import load_tokenizer
 
     out = Path(options.out)
     if world.is_main:
@@ -882,7 +882,7 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
     on the others)."""
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
-    from moa.loading import load_base_model, model_description
+    from moa.cli.loading import load_base_model, model_description
     from moa.model import get_moa_model
     from moa.trainer import last_whole_checkpoint
 
@@ -973,7 +973,7 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
         files = [adapter_dir, _write_json(out / "log_history.json", history),
                  _write_json(out / "train_options.json", asdict(options))]
         if losses:
-            from moa import plots
+            from moa.cli import plots
 
             curves = {"training loss": losses}
             if eval_losses:

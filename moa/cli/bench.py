@@ -411,7 +411,7 @@ def measure_step_memory(name: str, shape: ModelShape, device: torch.device,
 
     CUDA: max_memory_allocated over the step. CPU: the rise of the process's peak resident
     set (its high-water mark is reset after the model is built, Linux /proc/self/clear_refs),
-    so run this in a fresh process per variant (`python -m moa.bench --memory-worker NAME`,
+    so run this in a fresh process per variant (`python -m moa.cli.bench --memory-worker NAME`,
     which `_memory_in_subprocess` starts with glibc's mmap threshold fixed: see the module
     docstring).
     """
@@ -446,7 +446,7 @@ def _memory_in_subprocess(name: str, quick: bool, device: torch.device,
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "moa.bench", "--memory-worker", name,
+    command = [sys.executable, "-m", "moa.cli.bench", "--memory-worker", name,
                "--device", str(device)] + (["--quick"] if quick else []) + \
         (["--compile", backend] if compiled else [])
     try:
@@ -675,7 +675,7 @@ def run_bench(quick: bool = False, out_dir: str | Path = "bench-out",
     import platform
     from dataclasses import asdict
 
-    from moa import plots
+    from moa.cli import plots
     from moa.layers import triton_available
 
     device = torch.device(device)

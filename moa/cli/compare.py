@@ -49,10 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moa.config import PRESETS
-from moa.distributed import World, join_world
-from moa.evaluate import EVALUATE_OPTIONS, evaluate_items
-from moa.train import (
+from moa.cli.evaluate import EVALUATE_OPTIONS, evaluate_items
+from moa.cli.train import (
     TRAIN_OPTIONS,
     Option,
     TrainOptions,
@@ -63,6 +61,8 @@ from moa.train import (
     run_train,
     text,
 )
+from moa.config import PRESETS
+from moa.distributed import World, join_world
 
 PEFT_LORA = "peft_lora"
 BASE = "base"
@@ -108,7 +108,7 @@ def variant_list(value) -> list[str]:
 def learning_rates(value) -> dict[str, float]:
     """The --lr value as {variant: lr}, the key "*" for the variants not named: from "3e-4",
     "soft_moa=1e-3,peft_lora=3e-4", "3e-4,soft_moa=1e-3", a number or a mapping."""
-    from moa.train import positive_float
+    from moa.cli.train import positive_float
 
     if isinstance(value, dict):
         entries = [(str(k), v) for k, v in value.items()]
@@ -452,8 +452,8 @@ def _differences(stored: dict, defining: dict, variants: dict, finished: set[str
 def plan_compare(options: CompareOptions) -> Plan:
     """The checked plan, and DIR/compare_options.json written (or matched): one ValueError or
     OSError line for bad input, before any model loads."""
-    from moa.data import load_evaluation_items, load_training_examples
-    from moa.loading import check_gguf, check_model_path, is_gguf
+    from moa.cli.data import load_evaluation_items, load_training_examples
+    from moa.cli.loading import check_gguf, check_model_path, is_gguf
 
     out = Path(options.out)
     stored = _check_out(out)
@@ -776,8 +776,8 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
     only on rank 0)."""
     from tqdm import tqdm
 
-    from moa.data import load_evaluation_items
-    from moa.loading import load_base_model, load_tokenizer, model_description
+    from moa.cli.data import load_evaluation_items
+    from moa.cli.loading import load_base_model, load_tokenizer, model_description
 
     world = join_world(cpu=_device_of(options.device).type == "cpu")
     plan = world.share(world.agree(lambda: plan_compare(options) if world.is_main else None))
@@ -1039,7 +1039,7 @@ def format_table(summary: dict) -> str:
 
 def write_summary(plan: Plan, summary: dict) -> list[Path]:
     """DIR/compare.json, DIR/compare.md and DIR/compare.png (when a run finished)."""
-    from moa import plots
+    from moa.cli import plots
 
     training = summary["training"]
     budget = f"{training['steps']} steps" if training["steps"] else \

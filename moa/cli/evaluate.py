@@ -1,6 +1,6 @@
 """`moa evaluate`: accuracy of a model, with or without a MoA adapter, on a data file.
 
-Multiple choice (moa/data.py's formats): every choice is scored by the sum of its tokens'
+Multiple choice (moa/cli/data.py's formats): every choice is scored by the sum of its tokens'
 log-probabilities after the prompt, the prompt run once per record (a KV cache shared by
 its choices, passed under the name the model's forward takes: cache_keyword), records
 batched by prompt length; the prediction is the best choice ("accuracy"), and the best
@@ -40,8 +40,7 @@ from pathlib import Path
 
 import torch
 
-from moa.config import BACKENDS
-from moa.data import (
+from moa.cli.data import (
     ArithmeticItem,
     MultipleChoiceItem,
     extract_number,
@@ -51,8 +50,7 @@ from moa.data import (
     tokenize_head,
     tokenize_tail,
 )
-from moa.distributed import World, join_world
-from moa.train import (
+from moa.cli.train import (
     Option,
     add_options,
     count,
@@ -62,8 +60,10 @@ from moa.train import (
     positive_int,
     text,
 )
+from moa.config import BACKENDS
+from moa.distributed import World, join_world
 
-# Where a response stops: the start of a new prompt of moa/data.py's templates.
+# Where a response stops: the start of a new prompt of moa/cli/data.py's templates.
 STOP_TEXTS = ("\nQuestion:", "### Instruction", "### Input", "### Response")
 TOLERANCE = 1e-3
 
@@ -382,7 +382,7 @@ def evaluate_items(model, tokenizer, items: list, batch_size: int = 16,
                    max_new_tokens: int = 128, max_length: int = 1024,
                    device: torch.device | str = "cpu", progress: bool = True,
                    world: World | None = None) -> dict:
-    """Accuracy of `model` on evaluation items (moa/data.py); the dict of
+    """Accuracy of `model` on evaluation items (moa/cli/data.py); the dict of
     EvaluationResult's fields but the time and the files. A record whose scores are not all
     finite counts as wrong, with no prediction, and in "non_finite".
 
@@ -493,7 +493,7 @@ def load_adapted_model(model_path: str | None, adapter: str | None, log=print,
     """The base model at model_path with the adapter (if any) loaded for inference, its
     MoA layers on `backend` (None: the one saved with it); a ValueError naming both when
     the adapter was trained on a base it does not fit."""
-    from moa.loading import load_base_model, model_description
+    from moa.cli.loading import load_base_model, model_description
     from moa.model import MoAModel
 
     adapter_dir = resolve_adapter_dir(adapter) if adapter is not None else None
@@ -674,7 +674,7 @@ def run_evaluate(options: EvaluateOptions, log: Callable[[str], None] = print,
     records (evaluate_items) on its own device (with --device auto or cuda, the GPU of its
     local rank), rank 0 alone checks and writes --out and prints, an error on any process
     is raised on all, and every process returns the same result (files only on rank 0)."""
-    from moa.loading import load_tokenizer, model_description
+    from moa.cli.loading import load_tokenizer, model_description
 
     started = time.perf_counter()
     out = Path(options.out)

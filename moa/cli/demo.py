@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from moa import plots
+from moa.cli import plots
 from moa.stats import format_router_stats, short_router_name
 
 DEMO_VOCAB = 16
@@ -68,10 +68,10 @@ def build_demo_model(seed: int = 0):
 
 def load_model(path: str | None, seed: int):
     """A fresh base model: the embedded default (path None), a local checkpoint or a .gguf
-    file (moa.loading checks that it holds a model)."""
+    file (moa.cli.loading checks that it holds a model)."""
     if path is None:
         return build_demo_model(seed)
-    from moa.loading import is_gguf, load_base_model
+    from moa.cli.loading import is_gguf, load_base_model
 
     if is_gguf(path):
         return load_base_model(path)
@@ -106,9 +106,9 @@ def check_output_dir(out_dir: str | Path) -> None:
 def check_no_other_run(out_dir: str | Path, model_path: str | None, overwrite: bool
                        ) -> list[str]:
     """The checks on out_dir that need nothing loaded: it is not the --model checkpoint nor
-    holds it, and it holds no other run (see moa.outputs) unless `overwrite`; the entries of
+    holds it, and it holds no other run (see moa.cli.outputs) unless `overwrite`; the entries of
     the run to replace (empty unless overwrite)."""
-    from moa.outputs import check_not_an_input, describe_entries, previous_run
+    from moa.cli.outputs import check_not_an_input, describe_entries, previous_run
 
     check_not_an_input(out_dir, {"--model": model_path})
     found = previous_run(out_dir)
@@ -151,9 +151,9 @@ def run_demo(preset: str = "soft_moa", steps: int = 200, model_path: str | None 
     into out_dir. progress: show a tqdm bar. An out_dir holding another run (moa demo's or
     moa train's) is refused before anything loads, unless `overwrite`: then that run's
     entries are removed once the model has loaded."""
+    from moa.cli.outputs import check_writable, describe_entries, remove_previous_run
     from moa.config import MoAConfig
     from moa.model import MoAModel, get_moa_model
-    from moa.outputs import check_writable, describe_entries, remove_previous_run
 
     started = time.perf_counter()
     out_dir = Path(out_dir)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import moa.compare as compare
-import moa.loading
+import moa.cli.compare as compare
+import moa.cli.loading
 from moa import MoAConfig, get_moa_model
 from moa.cli import build_parser, main
-from moa.compare import (
+from moa.cli.compare import (
     CompareOptions,
     PeakMemory,
     accuracy_interval,
@@ -26,9 +26,9 @@ from moa.compare import (
     router_statistics,
     run_compare,
 )
-from moa.evaluate import EvaluateOptions, run_evaluate
-from moa.loading import build_text_model, byte_tokenizer
-from moa.train import TrainOptions, run_train
+from moa.cli.evaluate import EvaluateOptions, run_evaluate
+from moa.cli.loading import build_text_model, byte_tokenizer
+from moa.cli.train import TrainOptions, run_train
 from tests.moa.tiny import perturb
 
 
@@ -480,8 +480,8 @@ def test_bad_input_is_one_line_before_any_model_loads(extra, status, message, da
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(moa.loading, "load_base_model", no_model)
-    monkeypatch.setattr(moa.loading, "load_tokenizer", no_model)
+    monkeypatch.setattr(moa.cli.loading, "load_base_model", no_model)
+    monkeypatch.setattr(moa.cli.loading, "load_tokenizer", no_model)
     argv = ["compare", "--data", data[0], "--eval-data", data[1], "--out",
             str(tmp_path / "out"), *extra]
     assert main(argv) == status
@@ -503,7 +503,7 @@ def test_bad_paths_are_one_line_before_any_model_loads(case, data, tmp_path, mon
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(moa.loading, "load_base_model", no_model)
+    monkeypatch.setattr(moa.cli.loading, "load_base_model", no_model)
     train, test, out = data[0], data[1], tmp_path / "out"
     variants, message = "lora", ""
     if case == "no_eval_data":
