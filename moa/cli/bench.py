@@ -43,8 +43,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moa.cli.options import Option, flag, options_dataclass, positive_int, text, torch_device
 from moa.config import RouterConfig
 from moa.layers import MoALinear
+
+BENCH_OPTIONS: tuple[Option, ...] = (
+    Option("quick", flag, False, "small shapes, no compiled memory workers: 1.5-4 minutes on 2 "
+           "CPU cores (less with a warm inductor cache)"),
+    Option("out", text, "bench-out", "directory for CSV and PNG"),
+    Option("device", torch_device, "cpu", "cpu, cuda or cuda:N"),
+    Option("rounds", positive_int, None, "timing rounds per benchmark (default: 7 for layers, "
+           "5 for the model and decode benchmarks; 3 each with --quick)"),
+)
+
+
+@options_dataclass(BENCH_OPTIONS)
+class BenchOptions:
+    """What `moa bench` runs with: a keyword field per BENCH_OPTIONS entry."""
 
 
 @dataclass(frozen=True)

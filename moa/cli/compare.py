@@ -43,24 +43,24 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from moa.cli.evaluate import EVALUATE_OPTIONS, evaluate_items
-from moa.cli.train import (
-    TRAIN_OPTIONS,
+from moa.cli.options import (
     Option,
-    TrainOptions,
     flag,
-    load_moa_config,
     merge_options,
+    options_dataclass,
+    positive_float,
     positive_int,
-    run_train,
+    resolve_device,
     text,
 )
+from moa.cli.train import TRAIN_OPTIONS, TrainOptions, load_moa_config, run_train
 from moa.config import PRESETS
 from moa.distributed import World, join_world
 
@@ -108,8 +108,6 @@ def variant_list(value) -> list[str]:
 def learning_rates(value) -> dict[str, float]:
     """The --lr value as {variant: lr}, the key "*" for the variants not named: from "3e-4",
     "soft_moa=1e-3,peft_lora=3e-4", "3e-4,soft_moa=1e-3", a number or a mapping."""
-    from moa.cli.train import positive_float
-
     if isinstance(value, dict):
         entries = [(str(k), v) for k, v in value.items()]
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -185,34 +183,10 @@ DEFINING = ("model", "data_sha256", "eval_data_sha256", "steps", "epochs", "batc
             "gradient_checkpointing", "eval_max_length", "max_new_tokens")
 
 
-@dataclass
+@options_dataclass(COMPARE_OPTIONS)
 class CompareOptions:
-    """What `moa compare` runs with; the fields are COMPARE_OPTIONS' names and defaults (lr
-    as learning_rates() gives it)."""
-
-    data: str | None = None
-    eval_data: str | None = None
-    variants: list[str] = field(default_factory=list)
-    model: str | None = None
-    seeds: int = 3
-    lr: dict[str, float] = field(default_factory=lambda: {"*": 3e-4})
-    reference: str | None = None
-    out: str = "moa-compare"
-    steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 8
-    gradient_accumulation: int = 1
-    max_length: int = 512
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    eval_batch_size: int = 16
-    eval_max_length: int = 1024
-    max_new_tokens: int = 128
-    keep_adapters: bool = False
-    log_interval: int | None = None
-    device: str = "auto"
+    """What `moa compare` runs with: a keyword field per COMPARE_OPTIONS entry (its name and
+    default; lr as learning_rates() gives it)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.lr, dict):
@@ -661,12 +635,6 @@ class CompareResult:
     files: list[Path]
 
 
-def _device_of(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _write_failure(path: Path, error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     reason = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
@@ -779,7 +747,7 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
     from moa.cli.data import load_evaluation_items
     from moa.cli.loading import load_base_model, load_tokenizer, model_description
 
-    world = join_world(cpu=_device_of(options.device).type == "cpu")
+    world = join_world(cpu=resolve_device(options.device).type == "cpu")
     plan = world.share(world.agree(lambda: plan_compare(options) if world.is_main else None))
     # Seed-major: a comparison cut short has every variant at its first seeds.
     runs = [(variant, seed) for seed in range(options.seeds) for variant in plan.variants]

@@ -20,12 +20,41 @@ import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from moa.cli import plots
+from moa.cli.options import (
+    Option,
+    checkpoint_path,
+    flag,
+    options_dataclass,
+    positive_int,
+    seed,
+    text,
+    torch_device,
+)
+from moa.config import PRESETS
 from moa.stats import format_router_stats, short_router_name
 
 DEMO_VOCAB = 16
 DEMO_STRIDES = (1, 2, 3)
 DEMO_HEAD_SCALE = 5.0
+
+DEMO_OPTIONS: tuple[Option, ...] = (
+    Option("preset", text, "soft_moa", "MoAConfig preset to inject", choices=tuple(PRESETS)),
+    Option("steps", positive_int, 200, "training steps"),
+    Option("model", checkpoint_path, None, "a local transformers causal-LM checkpoint "
+           "directory or a .gguf file (default: an embedded 4-layer Llama built from a "
+           "config)"),
+    Option("out", text, "moa-demo", "output directory; one that holds another run is "
+           "refused unless --overwrite is given"),
+    Option("overwrite", flag, False, "replace the run already in --out (its adapter/ and "
+           "plots are removed)"),
+    Option("device", torch_device, "cpu", "cpu, cuda or cuda:N"),
+    Option("seed", seed, 0, "seed of the model and the data"),
+)
+
+
+@options_dataclass(DEMO_OPTIONS)
+class DemoOptions:
+    """What `moa demo` runs with: a keyword field per DEMO_OPTIONS entry."""
 
 
 def loss_references(length: int, vocab: int) -> dict[str, float]:
@@ -151,6 +180,7 @@ def run_demo(preset: str = "soft_moa", steps: int = 200, model_path: str | None 
     into out_dir. progress: show a tqdm bar. An out_dir holding another run (moa demo's or
     moa train's) is refused before anything loads, unless `overwrite`: then that run's
     entries are removed once the model has loaded."""
+    from moa.cli import plots
     from moa.cli.outputs import check_writable, describe_entries, remove_previous_run
     from moa.config import MoAConfig
     from moa.model import MoAModel, get_moa_model
