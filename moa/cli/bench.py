@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from moa.cli.options import Option, flag, options_dataclass, positive_int, text, torch_device
+from moa.cli.tiny_models import TinyLlama, build_tiny_llama
 from moa.config import RouterConfig
 from moa.layers import MoALinear
 
@@ -246,15 +247,12 @@ def _triton_variants(device: torch.device) -> tuple[str, ...]:
 
 
 def build_llama(shape: ModelShape, device: torch.device, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                         intermediate_size=shape.intermediate,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.kv_heads,
-                         max_position_embeddings=max(512, shape.sequence))
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(device)
+    """The benchmark's Llama of `shape` (random weights from `seed`, LlamaConfig's special
+    tokens) on `device`, in training mode; the global RNG is left seeded."""
+    spec = TinyLlama(vocab=shape.vocab, hidden=shape.hidden, intermediate=shape.intermediate,
+                     layers=shape.layers, heads=shape.heads, kv_heads=shape.kv_heads,
+                     max_positions=max(512, shape.sequence))
+    return build_tiny_llama(spec, seed).to(device).train()
 
 
 NF4 = "+nf4"  # the suffix of a variant on a bitsandbytes nf4 base

@@ -30,12 +30,15 @@ from moa.cli.options import (
     text,
     torch_device,
 )
+from moa.cli.tiny_models import TinyLlama, build_tiny_llama
 from moa.config import PRESETS
 from moa.stats import format_router_stats, short_router_name
 
 DEMO_VOCAB = 16
 DEMO_STRIDES = (1, 2, 3)
 DEMO_HEAD_SCALE = 5.0
+DEMO_MODEL = TinyLlama(vocab=DEMO_VOCAB, hidden=64, intermediate=172, layers=4, heads=4,
+                       kv_heads=2, max_positions=128, head_scale=DEMO_HEAD_SCALE)
 
 DEMO_OPTIONS: tuple[Option, ...] = (
     Option("preset", text, "soft_moa", "MoAConfig preset to inject", choices=tuple(PRESETS)),
@@ -79,20 +82,9 @@ class DemoResult:
 
 
 def build_demo_model(seed: int = 0):
-    """The embedded default: a 4-layer Llama (hidden 64, 4 heads, 2 KV heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=DEMO_VOCAB, hidden_size=64, intermediate_size=172,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    # At the initializer's std 0.02 the frozen head caps every logit near +-1.3 (the final
-    # RMSNorm output has norm sqrt(hidden)), so no adapter could make a confident
-    # prediction: the loss would stall near 1.6. A trained model's head is larger.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(DEMO_HEAD_SCALE)
-    return model
+    """The embedded default: DEMO_MODEL (a 4-layer Llama, hidden 64, 4 heads, 2 KV heads)
+    from seed `seed` (the global RNG is left seeded: the adapters' initialisation follows)."""
+    return build_tiny_llama(DEMO_MODEL, seed)
 
 
 def load_model(path: str | None, seed: int):
