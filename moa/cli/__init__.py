@@ -6,7 +6,8 @@ options.py     one options system: Option tables, validators, --config files, da
 demo.py        `moa demo`: a preset trained end to end on an embedded tiny model
 train.py       `moa train`: the transformers Trainer on a data file
 evaluate.py    `moa evaluate`: accuracy on multiple-choice and arithmetic records
-compare.py     `moa compare`: variants x seeds, resumable
+compare.py     `moa compare`: variants x seeds, resumable; beside it compare_options.py,
+               compare_variants.py, compare_runs.py, compare_summary.py, statistics.py
 bench.py       `moa bench`: layer, training-step and decoding benchmarks
 check.py       `moa check`: every backend against the reference
 data.py        reading and tokenising the data files

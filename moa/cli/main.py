@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from moa.cli.bench import BENCH_OPTIONS
     from moa.cli.check import CHECK_OPTIONS
-    from moa.cli.compare import COMPARE_OPTIONS
+    from moa.cli.compare_options import COMPARE_OPTIONS
     from moa.cli.demo import DEMO_OPTIONS
     from moa.cli.evaluate import EVALUATE_OPTIONS
     from moa.cli.options import add_options
@@ -98,7 +98,8 @@ def _evaluate(args) -> int:
 
 
 def _compare(args) -> int:
-    from moa.cli.compare import CompareOptions, run_compare
+    from moa.cli.compare import run_compare
+    from moa.cli.compare_options import CompareOptions
 
     return 1 if run_compare(CompareOptions.from_args(args)).failed else 0
 

@@ -8,7 +8,7 @@ import pytest
 
 from moa.cli.bench import BENCH_OPTIONS, BenchOptions
 from moa.cli.check import CHECK_OPTIONS, CheckOptions
-from moa.cli.compare import COMPARE_OPTIONS, CompareOptions
+from moa.cli.compare_options import COMPARE_OPTIONS, CompareOptions
 from moa.cli.demo import DEMO_OPTIONS, DemoOptions
 from moa.cli.evaluate import EVALUATE_OPTIONS, EvaluateOptions
 from moa.cli.main import build_parser, main
