@@ -199,7 +199,7 @@ def count_tests(selection: list[str], keyword: str | None) -> dict:
 def count_check() -> dict:
     """The builds of the check step (`moa check --device cuda --cases 3 --seed 0`)."""
     recorder = _interpreted_recorder()
-    from moa.check import check_backends
+    from moa.cli.check import check_backends
 
     recorder.origin = "moa check --cases 3 --seed 0"
     results = check_backends("cpu", cases_per_mode=3, seed=0, small=False)
@@ -209,7 +209,7 @@ def count_check() -> dict:
 
 def count_bench() -> dict:
     """The builds of the bench step: a forward and backward of each layer shape, bf16."""
-    from moa.bench import LAYER_CASES
+    from moa.cli.bench import LAYER_CASES
     from moa.config import RouterConfig
     from tools import triton_builds as builds
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from moa.bench import L1, M8_SOFT, M8_TOPK
+from moa.cli.bench import L1, M8_SOFT, M8_TOPK
 from moa.modules.linear import MoALinear
 
 TOKENS = FEATURES = 2048

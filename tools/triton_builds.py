@@ -381,7 +381,7 @@ def layer_configs() -> list[LayerConfig]:
     """L1, M8 soft and top-2 (the bench's layer cases at T = 2048, 2048 x 2048) and a
     Llama-3.1-8B decoder layer at T = 8192: LoRA r=8 on q, k, v, o (hidden 4096, 8 KV heads
     of 128) and down (intermediate 14336), gated by one layer router outside."""
-    from moa.bench import LAYER_CASES
+    from moa.cli.bench import LAYER_CASES
     from moa.config import RouterConfig
 
     configs = [LayerConfig(case.name, 2048, 2048, 2048, tuple(case.experts), case.router)

@@ -16,9 +16,9 @@ import torch
 
 from moa import MoAConfig, MoAModel, get_moa_model
 from moa.cli import build_parser, main
-from moa.data import Example, tokenize_examples
-from moa.loading import build_text_model, byte_tokenizer, load_base_model, load_tokenizer
-from moa.train import TrainOptions, run_train
+from moa.cli.data import Example, tokenize_examples
+from moa.cli.loading import build_text_model, byte_tokenizer, load_base_model, load_tokenizer
+from moa.cli.train import TrainOptions, run_train
 
 
 @pytest.fixture(autouse=True)
@@ -333,14 +333,14 @@ def test_smollm2_gguf_injects_trains_a_step_saves_and_reloads_exactly(tmp_path):
 
 def forbid_model_load(monkeypatch) -> None:
     """Fail the test if a command loads a base model (a refusal must come before)."""
-    import moa.demo
-    import moa.loading
+    import moa.cli.demo
+    import moa.cli.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr(moa.loading, "load_base_model", refuse)
-    monkeypatch.setattr(moa.demo, "load_model", refuse)
+    monkeypatch.setattr(moa.cli.loading, "load_base_model", refuse)
+    monkeypatch.setattr(moa.cli.demo, "load_model", refuse)
 
 
 @pytest.fixture
@@ -449,12 +449,12 @@ def test_an_out_that_cannot_be_written_fails_before_the_model_loads(tmp_path, ca
     if Path("/proc/self").is_dir():  # Linux: nothing can be created in /proc, root or not
         assert "cannot create the output folder /proc/self/moa-out: " in one_line_error(
             capsys, ["train", "--data", data, "--out", "/proc/self/moa-out"])
-    import moa.outputs
+    import moa.cli.outputs
 
     def denied(*args, **kwargs):  # a folder without write permission (tests may run as root)
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(moa.outputs.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(moa.cli.outputs.tempfile, "mkstemp", denied)
     out = tmp_path / "out"
     err = one_line_error(capsys, ["train", "--data", data, "--out", str(out)])
     assert err == f"moa: error: cannot write into {out}: Permission denied; choose another --out"
@@ -554,9 +554,9 @@ def test_a_config_file_giving_an_option_twice_is_refused(name, text, message, tm
 
 def interrupt_at(monkeypatch, step: int) -> None:
     """Ctrl-C as the Trainer finishes optimizer step `step` (before that step's checkpoint)."""
-    import moa.train
+    import moa.cli.train
 
-    progress_class = moa.train._progress_callback_class
+    progress_class = moa.cli.train._progress_callback_class
 
     def interrupting_class():
         class Interrupting(progress_class()):
@@ -567,7 +567,7 @@ def interrupt_at(monkeypatch, step: int) -> None:
 
         return Interrupting
 
-    monkeypatch.setattr(moa.train, "_progress_callback_class", interrupting_class)
+    monkeypatch.setattr(moa.cli.train, "_progress_callback_class", interrupting_class)
 
 
 def test_ctrl_c_says_where_the_newest_checkpoint_is_and_how_to_continue(tmp_path, capsys,
@@ -617,7 +617,7 @@ def test_device_cuda_n_makes_the_trainer_train_on_that_gpu_alone(tmp_path, monke
     # A CPU machine checks the arguments; a GPU machine's run is the real check.
     from transformers import TrainingArguments
 
-    from moa.train import _pin_gpu
+    from moa.cli.train import _pin_gpu
 
     current = []
     monkeypatch.setattr(torch.cuda, "set_device", current.append)

@@ -12,74 +12,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-from moa.config import PRESETS
 
 
 class CommandError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-class _DefaultsFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" to a flag's help unless the help already speaks of it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default is None or action.default is False \
-                or action.default == argparse.SUPPRESS:
-            return text
-        return f"{text} (default: {action.default})"
-
-
 class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", _DefaultsFormatter)
-        super().__init__(*args, **kwargs)
+    """Every subcommand's flags come from its Option table (moa/cli/options.py), whose help
+    states each default."""
 
     def error(self, message: str) -> None:  # one line instead of usage + message
         raise CommandError(f"{message} (see `{self.prog} --help`)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {text!r}")
-    return value
-
-
-def _device(text: str) -> str:
-    from moa.train import torch_device  # one convention for every command's --device
-
-    return torch_device(text)
-
-
-def _checkpoint_dir(text: str) -> str:
-    path = Path(text)
-    if text.lower().endswith(".gguf"):
-        if not path.is_file():
-            raise argparse.ArgumentTypeError(f"--model {text!r}: no such GGUF file")
-        return text
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"--model {text!r} is not a directory (nor a .gguf "
-                                         "file)")
-    if not (path / "config.json").is_file():
-        raise argparse.ArgumentTypeError(
-            f"--model {text!r} is not a transformers checkpoint (no config.json in it)")
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,25 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     commands.required = True
 
+    from moa.cli.bench import BENCH_OPTIONS
+    from moa.cli.check import CHECK_OPTIONS
+    from moa.cli.compare_options import COMPARE_OPTIONS
+    from moa.cli.demo import DEMO_OPTIONS
+    from moa.cli.evaluate import EVALUATE_OPTIONS
+    from moa.cli.options import add_options
+    from moa.cli.train import TRAIN_OPTIONS
+
     demo = commands.add_parser("demo", help="train a preset on a small model end to end")
-    demo.add_argument("--preset", choices=tuple(PRESETS), default="soft_moa",
-                      help="MoAConfig preset to inject")
-    demo.add_argument("--steps", type=_positive_int, default=200, help="training steps")
-    demo.add_argument("--model", type=_checkpoint_dir, default=None,
-                      help="a local transformers causal-LM checkpoint directory or a .gguf "
-                           "file (default: an embedded 4-layer Llama built from a config)")
-    demo.add_argument("--out", default="moa-demo",
-                      help="output directory; one that holds another run is refused unless "
-                           "--overwrite is given")
-    demo.add_argument("--overwrite", action="store_true",
-                      help="replace the run already in --out (its adapter/ and plots are "
-                           "removed)")
-    demo.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
-    demo.add_argument("--seed", type=_seed, default=0, help="seed of the model and the data")
-
-    from moa.evaluate import EVALUATE_OPTIONS
-    from moa.train import TRAIN_OPTIONS, add_options
-
+    add_options(demo, DEMO_OPTIONS)
     train = commands.add_parser("train", help="fine-tune MoA adapters on a JSON/JSONL file "
                                 "with the transformers Trainer")
     train.add_argument("--config", metavar="FILE", default=None,
@@ -121,46 +56,33 @@ def build_parser() -> argparse.ArgumentParser:
                           help="JSON or YAML file of options, keyed as the flags; flags given "
                                "override it")
     add_options(evaluate, EVALUATE_OPTIONS)
-    from moa.compare import COMPARE_OPTIONS
-
     compare = commands.add_parser("compare", help="train and score several variants over "
                                   "several seeds; a table with 95%% intervals")
     compare.add_argument("--config", metavar="FILE", default=None,
                          help="JSON or YAML file of options, keyed as the flags; flags given "
                               "override it")
     add_options(compare, COMPARE_OPTIONS)
-
     bench = commands.add_parser("bench", help="layer and model benchmarks, as ratios")
-    bench.add_argument("--quick", action="store_true",
-                       help="small shapes, no compiled memory workers: 1.5-4 minutes on 2 CPU "
-                            "cores (less with a warm inductor cache)")
-    bench.add_argument("--out", default="bench-out", help="directory for CSV and PNG")
-    bench.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
-    bench.add_argument("--rounds", type=_positive_int, default=None,
-                       help="timing rounds per benchmark (default: 7 for layers, 5 for the "
-                            "model and decode benchmarks; 3 each with --quick)")
-
+    add_options(bench, BENCH_OPTIONS)
     check = commands.add_parser("check", help="verify each backend against the reference")
-    check.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
-    check.add_argument("--cases", type=_positive_int, default=3, help="random cases per mode")
-    check.add_argument("--seed", type=_seed, default=None,
-                       help="repeat a run's random cases (default: a fresh seed, printed)")
+    add_options(check, CHECK_OPTIONS)
     return parser
 
 
 def _demo(args) -> int:
-    from moa.demo import run_demo
+    from moa.cli.demo import DemoOptions, run_demo
 
-    result = run_demo(args.preset, args.steps, args.model, args.out, args.device, args.seed,
-                      overwrite=args.overwrite)
+    options = DemoOptions.from_args(args)
+    result = run_demo(options.preset, options.steps, options.model, options.out,
+                      options.device, options.seed, overwrite=options.overwrite)
     print(f"done in {result.seconds:.1f} s: loss {result.losses[0]:.3f} -> "
           f"{result.losses[-1]:.3f}")
     return 0
 
 
 def _train(args) -> int:
+    from moa.cli.train import TrainOptions, run_train
     from moa.distributed import current_world
-    from moa.train import TrainOptions, run_train
 
     result = run_train(TrainOptions.from_args(args))
     if current_world().is_main:  # launched as several processes, rank 0 speaks for all
@@ -169,14 +91,15 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from moa.evaluate import EvaluateOptions, run_evaluate
+    from moa.cli.evaluate import EvaluateOptions, run_evaluate
 
     run_evaluate(EvaluateOptions.from_args(args))
     return 0
 
 
 def _compare(args) -> int:
-    from moa.compare import CompareOptions, run_compare
+    from moa.cli.compare import run_compare
+    from moa.cli.compare_options import CompareOptions
 
     return 1 if run_compare(CompareOptions.from_args(args)).failed else 0
 
@@ -187,9 +110,11 @@ def _bench(args) -> int:
     except ImportError:
         raise CommandError("moa bench compares with PEFT LoRA and needs peft: "
                            "pip install 'moa[bench]'") from None
-    from moa.bench import run_bench
+    from moa.cli.bench import BenchOptions, run_bench
 
-    run_bench(quick=args.quick, out_dir=args.out, device=args.device, rounds=args.rounds)
+    options = BenchOptions.from_args(args)
+    run_bench(quick=options.quick, out_dir=options.out, device=options.device,
+              rounds=options.rounds)
     return 0
 
 
@@ -198,14 +123,15 @@ def _check(args) -> int:
 
     import torch
 
-    from moa.check import available_backends, check_backends
+    from moa.cli.check import CheckOptions, available_backends, check_backends
 
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    options = CheckOptions.from_args(args)
+    seed = options.seed if options.seed is not None else random.randrange(2**31)
     print(f"seed {seed} (repeat with --seed {seed})")
-    if "triton" not in available_backends(torch.device(args.device)):
+    if "triton" not in available_backends(torch.device(options.device)):
         print("triton: skipped (needs a CUDA device, or TRITON_INTERPRET=1 on the CPU, and "
               "triton installed)")
-    results = check_backends(args.device, args.cases, seed)
+    results = check_backends(options.device, options.cases, seed)
     print(f"{'result':6s} {'backend':8s} {'mode':9s} {'out err':>8s} {'dx err':>8s} "
           f"{'grad err':>8s}  case   (errors relative to the reference backend; grad: "
           "every trainable tensor's gradient as one vector)")
@@ -279,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as error:
         print("moa: interrupted", file=sys.stderr)
-        from moa.train import TrainingInterrupted
+        from moa.cli.train import TrainingInterrupted
 
         if isinstance(error, TrainingInterrupted):
             print(_interrupted_training(error, argv), file=sys.stderr)

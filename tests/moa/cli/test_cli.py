@@ -34,7 +34,7 @@ def test_model_path_that_is_not_a_checkpoint(tmp_path, capsys):
 
 
 def test_checkpoint_with_corrupt_weights_is_one_line(tmp_path, capsys):
-    from moa.demo import build_demo_model
+    from moa.cli.demo import build_demo_model
 
     build_demo_model().save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
@@ -48,12 +48,12 @@ def test_checkpoint_with_corrupt_weights_is_one_line(tmp_path, capsys):
 
 def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):
     # only user errors (ValueError, OSError, bad flags) become one line; a bug stays loud
-    import moa.demo
+    import moa.cli.demo
 
     def broken(*args, **kwargs):
         raise TypeError("a bug in moa")
 
-    monkeypatch.setattr(moa.demo, "run_demo", broken)
+    monkeypatch.setattr(moa.cli.demo, "run_demo", broken)
     with pytest.raises(TypeError, match="a bug in moa"):
         main(["demo", "--steps", "1"])
 
@@ -61,7 +61,7 @@ def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):
 def test_check_passes_on_cpu(capsys):
     import torch
 
-    from moa.check import available_backends
+    from moa.cli.check import available_backends
 
     assert main(["check", "--cases", "1", "--seed", "3"]) == 0
     out = capsys.readouterr().out
@@ -117,7 +117,7 @@ def test_demo_of_a_sparse_preset_plots_the_activation_rate(tmp_path, capsys):
 def test_demo_adapters_learn_the_task(tmp_path):
     # The frozen demo model can express the task: 120 steps of soft_moa take the loss from
     # above chance (2.77 nats) to well under a quarter of it (the best possible is 0.035).
-    from moa.demo import run_demo
+    from moa.cli.demo import run_demo
 
     result = run_demo("soft_moa", steps=120, out_dir=tmp_path, log=lambda *a: None,
                       progress=False)
@@ -126,7 +126,7 @@ def test_demo_adapters_learn_the_task(tmp_path):
 
 
 def test_demo_on_a_local_checkpoint(tmp_path, capsys):
-    from moa.demo import build_demo_model
+    from moa.cli.demo import build_demo_model
 
     build_demo_model(seed=3).save_pretrained(tmp_path / "checkpoint")
     assert main(["demo", "--model", str(tmp_path / "checkpoint"), "--steps", "2",

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moa import bench
+from moa.cli import bench
 
 
 def test_median_ratio_pairs_samples_within_rounds():

@@ -17,7 +17,7 @@ import torch
 
 from moa import MoAConfig, get_moa_model
 from moa.cli import main
-from moa.data import (
+from moa.cli.data import (
     CUT_MARGIN_TOKENS,
     ArithmeticItem,
     DataError,
@@ -28,14 +28,14 @@ from moa.data import (
     extract_number,
     longest_token_chars,
 )
-from moa.evaluate import (
+from moa.cli.evaluate import (
     cut_response,
     evaluate_items,
     generate_responses,
     score_multiple_choice,
 )
-from moa.loading import build_text_model, byte_tokenizer
-from tests.moa.test_data import CountingTokenizer, trained_tokenizer
+from moa.cli.loading import build_text_model, byte_tokenizer
+from tests.moa.cli.test_data import CountingTokenizer, trained_tokenizer
 from tests.moa.tiny import perturb
 
 CPU = torch.device("cpu")
@@ -150,12 +150,12 @@ def test_batched_scores_are_the_log_likelihoods_of_each_choice(preset):
 
 
 def test_accuracy_and_length_normalised_accuracy_follow_the_scores(monkeypatch):
-    import moa.evaluate
+    import moa.cli.evaluate
 
     items = [MultipleChoiceItem("c", [" a", " bbbbbbbbb"], 1),
              MultipleChoiceItem("c", [" a", " bb"], 0)]
     # first item: choice 0 is likelier in sum (wrong), choice 1 per character (right)
-    monkeypatch.setattr(moa.evaluate, "score_multiple_choice",
+    monkeypatch.setattr(moa.cli.evaluate, "score_multiple_choice",
                         lambda *args, **kwargs: [[-2.0, -5.0], [-1.0, -3.0]])
     result = evaluate_items(None, None, items, progress=False)
     assert result["tasks"]["multiple_choice"] == {"records": 2, "accuracy": 0.5,
@@ -171,12 +171,12 @@ def test_accuracy_and_length_normalised_accuracy_follow_the_scores(monkeypatch):
     pytest.param(float("-inf"), id="minus-infinity"),  # a logit of -inf on a choice's token
 ])
 def test_a_record_with_a_score_that_is_not_finite_is_wrong_and_counted(bad, monkeypatch):
-    import moa.evaluate
+    import moa.cli.evaluate
 
     # the right answer is choice 0 everywhere: where a NaN fell back to the first choice,
     # the NaN records would count as right
     items = [MultipleChoiceItem("c", [" a", " b"], 0) for _ in range(4)]
-    monkeypatch.setattr(moa.evaluate, "score_multiple_choice", lambda *args, **kwargs: [
+    monkeypatch.setattr(moa.cli.evaluate, "score_multiple_choice", lambda *args, **kwargs: [
         [bad, bad], [bad, -1.0], [-1.0, bad], [-1.0, -2.0]])
     result = evaluate_items(None, None, items, progress=False)
     task = result["tasks"]["multiple_choice"]
@@ -487,14 +487,14 @@ def test_pre_templated_records_warn_in_the_output(tmp_path, capsys):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Loading a model or a tokenizer fails the test: what is refused is refused first."""
-    import moa.evaluate
-    import moa.loading
+    import moa.cli.evaluate
+    import moa.cli.loading
 
     def loaded(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before --out was checked")
 
-    monkeypatch.setattr(moa.evaluate, "load_adapted_model", loaded)
-    monkeypatch.setattr(moa.loading, "load_tokenizer", loaded)
+    monkeypatch.setattr(moa.cli.evaluate, "load_adapted_model", loaded)
+    monkeypatch.setattr(moa.cli.loading, "load_tokenizer", loaded)
 
 
 @pytest.fixture(scope="module")
@@ -547,7 +547,7 @@ def test_an_existing_out_is_refused_without_overwrite_and_replaced_with_it(tmp_p
     data, out = _data_file(tmp_path), tmp_path / "r.json"
     out.write_text("another run's results\n")
     with monkeypatch.context() as patch:
-        patch.setattr("moa.loading.load_tokenizer", _fail_loading)
+        patch.setattr("moa.cli.loading.load_tokenizer", _fail_loading)
         err = one_line_error(capsys, ["evaluate", "--data", str(data), "--out", str(out)])
     assert f"--out {str(out)!r} already exists (another run's results?); give --overwrite " \
            "to replace it, or another --out" in err
@@ -624,16 +624,16 @@ def test_a_failed_write_leaves_the_old_results_whole(tmp_path, capsys, monkeypat
 
 
 def test_an_out_that_appears_while_scoring_is_left_alone(tmp_path, capsys, monkeypatch):
-    import moa.evaluate
+    import moa.cli.evaluate
 
     data, out = _data_file(tmp_path), tmp_path / "r.json"
-    score = moa.evaluate.evaluate_items
+    score = moa.cli.evaluate.evaluate_items
 
     def another_run_writes_out(*args, **kwargs):
         out.write_text("another run's results\n")
         return score(*args, **kwargs)
 
-    monkeypatch.setattr(moa.evaluate, "evaluate_items", another_run_writes_out)
+    monkeypatch.setattr(moa.cli.evaluate, "evaluate_items", another_run_writes_out)
     err = one_line_error(capsys, ["evaluate", "--data", str(data), "--out", str(out)])
     assert f"--out {str(out)!r} appeared while this run was scoring; its results are in " in err
     assert out.read_text() == "another run's results\n"

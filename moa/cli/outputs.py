@@ -6,11 +6,13 @@ A run's entries are RUN_ENTRIES (train: adapter/, checkpoints/, log_history.json
 train_options.json, loss.png; demo: adapter/, loss.png and the two router plots). A folder
 holding any of them (an empty folder aside) holds another run: the commands refuse it unless
 told to continue it (`moa train --resume`) or to replace it (`--overwrite`, which removes
-those entries and nothing else).
+those entries and nothing else). write_json_atomic and write_text_atomic write a file whole
+or not at all (a temporary file beside it, renamed onto it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -98,5 +100,26 @@ def check_writable(out: str | os.PathLike, files: tuple[str, ...] = RUN_ENTRIES)
                                   "--out")
 
 
+def write_json_atomic(path: Path, data, indent: int | None = 2) -> Path:
+    """Write JSON to a temporary file beside `path`, then rename it over `path`: a reader
+    (or a rerun after a crash) sees the old file or the new one, never a part."""
+    return write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
+def write_text_atomic(path: Path, content: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(content)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
 __all__ = ["CHECKPOINTS", "RUN_ENTRIES", "check_not_an_input", "check_writable",
-           "describe_entries", "previous_run", "remove_previous_run"]
+           "describe_entries", "previous_run", "remove_previous_run", "write_json_atomic",
+           "write_text_atomic"]

@@ -1,4 +1,4 @@
-"""moa/data.py: what a data path must be, what records are refused, and tokenising a cut
+"""moa/cli/data.py: what a data path must be, what records are refused, and tokenising a cut
 text exactly as the whole text would be tokenised and then cut."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moa.data import (
+from moa.cli.data import (
     CUT_MARGIN_TOKENS,
     DataError,
     Example,
@@ -30,7 +30,7 @@ from moa.data import (
     tokenize_tail,
     training_example,
 )
-from moa.loading import byte_tokenizer
+from moa.cli.loading import byte_tokenizer
 
 
 def write_records(path: Path, records: list[dict]) -> Path:

@@ -50,9 +50,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from moa.cli import main
-from moa.evaluate import EvaluateOptions, run_evaluate
-from moa.loading import build_text_model
-from moa.train import TrainOptions, run_train
+from moa.cli.evaluate import EvaluateOptions, run_evaluate
+from moa.cli.loading import build_text_model
+from moa.cli.train import TrainOptions, run_train
 from tests.conftest import relative_error
 
 WORLD_SIZE = 2
@@ -538,7 +538,7 @@ def test_a_ddp_checkpoint_continues_in_one_process_at_the_same_global_batch(runs
 def test_a_deepspeed_checkpoint_of_two_processes_is_refused_in_one_before_the_model_loads(
         runs, tmp_path, capsys, monkeypatch):
     folder = results(runs, "zero3")
-    monkeypatch.setattr("moa.loading.load_base_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("moa.cli.loading.load_base_model", lambda *a, **k: pytest.fail("loaded"))
     argv = ["train", "--data", str(runs[0] / "inputs" / "train.jsonl"), "--deepspeed",
             str(runs[0] / "inputs" / "zero3.json"), "--out", str(folder / "run"),
             "--resume", "last"]
@@ -559,7 +559,7 @@ def test_a_deepspeed_checkpoint_of_two_processes_is_refused_in_one_before_the_mo
 def test_resuming_under_another_strategy_is_refused_naming_the_one_to_use(
         runs, strategy, flag, message, capsys, monkeypatch):
     folder = results(runs, strategy)
-    monkeypatch.setattr("moa.loading.load_base_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("moa.cli.loading.load_base_model", lambda *a, **k: pytest.fail("loaded"))
     argv = ["train", "--data", str(runs[0] / "inputs" / "train.jsonl"), *flag,
             "--out", str(folder / "run"), "--resume", "last"]
     assert main(argv) == 1
@@ -569,7 +569,7 @@ def test_resuming_under_another_strategy_is_refused_naming_the_one_to_use(
 
 def test_fsdp_in_one_process_is_one_line_before_the_model_loads(tmp_path, capsys,
                                                                monkeypatch):
-    monkeypatch.setattr("moa.loading.load_base_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("moa.cli.loading.load_base_model", lambda *a, **k: pytest.fail("loaded"))
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     assert main(["train", "--data", str(data), "--fsdp", "--out", str(tmp_path / "o")]) == 1
@@ -580,7 +580,7 @@ def test_fsdp_in_one_process_is_one_line_before_the_model_loads(tmp_path, capsys
 
 def test_deepspeed_without_the_package_or_a_launcher_is_one_line(tmp_path, capsys,
                                                                 monkeypatch):
-    monkeypatch.setattr("moa.loading.load_base_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("moa.cli.loading.load_base_model", lambda *a, **k: pytest.fail("loaded"))
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
@@ -662,7 +662,7 @@ def test_moa_train_through_torchrun_trains_data_parallel_and_rank_0_speaks(tmp_p
         pytest.skip("torch.distributed with gloo is not available")
     write_inputs(tmp_path)
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[3])}
     if loopback_interface() is not None:
         env["GLOO_SOCKET_IFNAME"] = loopback_interface()
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

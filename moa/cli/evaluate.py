@@ -1,6 +1,6 @@
 """`moa evaluate`: accuracy of a model, with or without a MoA adapter, on a data file.
 
-Multiple choice (moa/data.py's formats): every choice is scored by the sum of its tokens'
+Multiple choice (moa/cli/data.py's formats): every choice is scored by the sum of its tokens'
 log-probabilities after the prompt, the prompt run once per record (a KV cache shared by
 its choices, passed under the name the model's forward takes: cache_keyword), records
 batched by prompt length; the prediction is the best choice ("accuracy"), and the best
@@ -40,8 +40,7 @@ from pathlib import Path
 
 import torch
 
-from moa.config import BACKENDS
-from moa.data import (
+from moa.cli.data import (
     ArithmeticItem,
     MultipleChoiceItem,
     extract_number,
@@ -51,30 +50,24 @@ from moa.data import (
     tokenize_head,
     tokenize_tail,
 )
-from moa.distributed import World, join_world
-from moa.train import (
+from moa.cli.options import (
     Option,
-    add_options,
+    backend,
     count,
     device,
     flag,
     merge_options,
+    options_dataclass,
     positive_int,
+    resolve_device,
     text,
 )
+from moa.config import BACKENDS
+from moa.distributed import World, join_world
 
-# Where a response stops: the start of a new prompt of moa/data.py's templates.
+# Where a response stops: the start of a new prompt of moa/cli/data.py's templates.
 STOP_TEXTS = ("\nQuestion:", "### Instruction", "### Input", "### Response")
 TOLERANCE = 1e-3
-
-
-def backend(value) -> str:
-    """A MoA backend name (moa.config.BACKENDS)."""
-    value = text(value)
-    if value not in BACKENDS:
-        raise argparse.ArgumentTypeError(f"unknown backend {value!r}; allowed: "
-                                         f"{', '.join(BACKENDS)}")
-    return value
 
 
 EVALUATE_OPTIONS: tuple[Option, ...] = (
@@ -97,26 +90,15 @@ EVALUATE_OPTIONS: tuple[Option, ...] = (
     Option("max_length", positive_int, 1024, "tokens per scored sequence at most (the "
            "prompt's start is cut first)", "N"),
     Option("limit", count, None, "evaluate the first N records only", "N"),
-    Option("device", device, "auto", "auto (a CUDA GPU when there is one), cpu or cuda"),
+    Option("device", device, "auto", "auto (a CUDA GPU when there is one), cpu, cuda or "
+           "cuda:N"),
 )
 
 
-@dataclass
+@options_dataclass(EVALUATE_OPTIONS, config=None)
 class EvaluateOptions:
-    """What `moa evaluate` runs with; the fields are EVALUATE_OPTIONS' names and defaults."""
-
-    data: str | None = None
-    model: str | None = None
-    adapter: str | None = None
-    out: str = "moa-eval.json"
-    overwrite: bool = False
-    backend: str | None = None
-    batch_size: int = 16
-    max_new_tokens: int = 128
-    max_length: int = 1024
-    limit: int | None = None
-    device: str = "auto"
-    config: str | None = None  # the --config file the options came from, if any
+    """What `moa evaluate` runs with: a keyword field per EVALUATE_OPTIONS entry (its name
+    and default), and config, the --config file they came from (if any)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvaluateOptions:
@@ -382,7 +364,7 @@ def evaluate_items(model, tokenizer, items: list, batch_size: int = 16,
                    max_new_tokens: int = 128, max_length: int = 1024,
                    device: torch.device | str = "cpu", progress: bool = True,
                    world: World | None = None) -> dict:
-    """Accuracy of `model` on evaluation items (moa/data.py); the dict of
+    """Accuracy of `model` on evaluation items (moa/cli/data.py); the dict of
     EvaluationResult's fields but the time and the files. A record whose scores are not all
     finite counts as wrong, with no prediction, and in "non_finite".
 
@@ -493,7 +475,7 @@ def load_adapted_model(model_path: str | None, adapter: str | None, log=print,
     """The base model at model_path with the adapter (if any) loaded for inference, its
     MoA layers on `backend` (None: the one saved with it); a ValueError naming both when
     the adapter was trained on a base it does not fit."""
-    from moa.loading import load_base_model, model_description
+    from moa.cli.loading import load_base_model, model_description
     from moa.model import MoAModel
 
     adapter_dir = resolve_adapter_dir(adapter) if adapter is not None else None
@@ -674,11 +656,11 @@ def run_evaluate(options: EvaluateOptions, log: Callable[[str], None] = print,
     records (evaluate_items) on its own device (with --device auto or cuda, the GPU of its
     local rank), rank 0 alone checks and writes --out and prints, an error on any process
     is raised on all, and every process returns the same result (files only on rank 0)."""
-    from moa.loading import load_tokenizer, model_description
+    from moa.cli.loading import load_tokenizer, model_description
 
     started = time.perf_counter()
     out = Path(options.out)
-    world = join_world(cpu=_pick_device(options.device).type == "cpu")
+    world = join_world(cpu=resolve_device(options.device).type == "cpu")
     say = log if world.is_main else _quiet
     target = world.device(options.device)
 
@@ -731,17 +713,11 @@ def run_evaluate(options: EvaluateOptions, log: Callable[[str], None] = print,
     return result
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _quiet(_: str) -> None:
     """What the processes other than rank 0 print: nothing."""
 
 
-__all__ = ["EVALUATE_OPTIONS", "EvaluateOptions", "EvaluationResult", "add_options",
-           "cache_keyword", "check_backend", "check_output_file", "cut_response",
-           "evaluate_items", "format_table", "generate_responses", "load_adapted_model",
-           "resolve_adapter_dir", "run_evaluate", "score_multiple_choice", "write_results"]
+__all__ = ["EVALUATE_OPTIONS", "EvaluateOptions", "EvaluationResult", "cache_keyword",
+           "check_backend", "check_output_file", "cut_response", "evaluate_items",
+           "format_table", "generate_responses", "load_adapted_model", "resolve_adapter_dir",
+           "run_evaluate", "score_multiple_choice", "write_results"]

@@ -18,10 +18,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moa.cli.options import Option, options_dataclass, positive_int, seed, torch_device
 from moa.config import ACTIVATIONS, MODES, RouterConfig, parse_experts
 from moa.layers import MoALinear, triton_available
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+CHECK_OPTIONS: tuple[Option, ...] = (
+    Option("device", torch_device, "cpu", "cpu, cuda or cuda:N"),
+    Option("cases", positive_int, 3, "random cases per mode"),
+    Option("seed", seed, None, "repeat a run's random cases (default: a fresh seed, "
+           "printed)"),
+)
+
+
+@options_dataclass(CHECK_OPTIONS)
+class CheckOptions:
+    """What `moa check` runs with: a keyword field per CHECK_OPTIONS entry."""
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""`moa compare`: the statistics on cases with known answers, a run's results and summary
-(the same losses as `moa train`, the same scores as `moa evaluate`), resuming after an
+"""`moa compare` (its statistics: test_statistics.py): a run's results and summary (the
+same losses as `moa train`, the same scores as `moa evaluate`), resuming after an
 interruption, a failed run that the others survive and a rerun retries, refusing a rerun
 with other options, the router statistics, the peak memory, and bad input as one line
 before any model loads."""
@@ -12,23 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-import moa.compare as compare
-import moa.loading
+import moa.cli.compare as compare
+import moa.cli.loading
 from moa import MoAConfig, get_moa_model
 from moa.cli import build_parser, main
-from moa.compare import (
-    CompareOptions,
-    PeakMemory,
-    accuracy_interval,
-    correctness_matrix,
-    paired_difference,
-    plan_compare,
-    router_statistics,
-    run_compare,
-)
-from moa.evaluate import EvaluateOptions, run_evaluate
-from moa.loading import build_text_model, byte_tokenizer
-from moa.train import TrainOptions, run_train
+from moa.cli.compare import plan_compare, run_compare
+from moa.cli.compare_options import CompareOptions
+from moa.cli.compare_runs import PeakMemory, router_statistics
+from moa.cli.compare_variants import peft_lora_config, peft_lora_model
+from moa.cli.evaluate import EvaluateOptions, run_evaluate
+from moa.cli.loading import build_text_model, byte_tokenizer
+from moa.cli.train import TrainOptions, run_train
 from tests.moa.tiny import perturb
 
 
@@ -85,78 +79,6 @@ def counting_run_train(monkeypatch, fail=None) -> list[TrainOptions]:
     return calls
 
 
-# ---- statistics on cases with known answers -----------------------------------------------
-
-def random_correctness(seeds: int, questions: int, p: float, seed: int) -> np.ndarray:
-    return (np.random.default_rng(seed).random((seeds, questions)) < p).astype(np.float64)
-
-
-def test_identical_variants_differ_by_exactly_zero_with_a_degenerate_interval():
-    correct = random_correctness(3, 200, 0.6, seed=1)
-    assert paired_difference(correct, correct.copy()) == (0.0, 0.0, 0.0)
-
-
-def test_right_on_every_question_against_right_on_none_is_plus_one():
-    right, wrong = np.ones((3, 50)), np.zeros((3, 50))
-    assert paired_difference(right, wrong) == (1.0, 1.0, 1.0)
-    assert paired_difference(wrong, right) == (-1.0, -1.0, -1.0)
-    assert accuracy_interval(right) == (1.0, 1.0, 1.0)
-
-
-def test_one_seed_interval_is_the_binomial_interval():
-    # one seed: only the questions vary, so for many questions the percentile interval is
-    # p +- 1.96 sqrt(p (1 - p) / Q); its half-width here is 0.015, the bounds within 0.002
-    correct = random_correctness(1, 4000, 0.6, seed=2)
-    mean, low, high = accuracy_interval(correct)
-    half = 1.96 * np.sqrt(mean * (1 - mean) / correct.shape[1])
-    assert mean == correct.mean()
-    assert abs(low - (mean - half)) < 0.002 and abs(high - (mean + half)) < 0.002
-    # three seeds right on the same questions: the seeds share the test set, so one draw of
-    # questions serves them all and the interval is the one seed's (independent draws per
-    # seed would shrink it by sqrt(3))
-    _, low3, high3 = accuracy_interval(np.repeat(correct, 3, axis=0))
-    assert abs(low3 - (mean - half)) < 0.002 and abs(high3 - (mean + half)) < 0.002
-
-
-def test_the_seed_level_widens_the_interval_to_the_spread_of_the_seeds():
-    # seeds at accuracy 0.5, 0.6, 0.7 on 5,000 questions: the question noise is small
-    # (0.007), and a draw of three seeds averages 0.5 with probability 1/27 > 2.5%, 0.7
-    # likewise, so the interval spans about [0.5, 0.7]; a one-level bootstrap over the
-    # questions alone would give 0.6 +- 0.014
-    questions = 5_000
-    rng = np.random.default_rng(3)
-    correct = np.zeros((3, questions))
-    for row, accuracy in enumerate((0.5, 0.6, 0.7)):
-        correct[row, rng.permutation(questions)[:int(accuracy * questions)]] = 1
-    mean, low, high = accuracy_interval(correct)
-    assert mean == pytest.approx(0.6, abs=1e-12)
-    assert 0.48 < low < 0.51 and 0.69 < high < 0.72
-
-
-def test_pairing_resolves_a_difference_that_two_separate_intervals_cannot():
-    # the variant is right on 10 more of 1,000 questions and the same elsewhere: +0.010.
-    # Paired, only those 10 questions vary (about Poisson(10) of them drawn: 0.004 to
-    # 0.017); the two separate intervals (+-0.03 each) overlap widely.
-    reference = random_correctness(1, 1000, 0.5, seed=4)
-    variant = reference.copy()
-    variant[0, np.flatnonzero(reference[0] == 0)[:10]] = 1
-    difference, low, high = paired_difference(variant, reference)
-    assert difference == pytest.approx(0.010, abs=1e-12)
-    assert 0.0 < low < 0.006 and 0.014 < high < 0.02
-    assert accuracy_interval(variant)[1] < accuracy_interval(reference)[2]
-
-
-def test_the_intervals_are_the_same_on_every_call():
-    correct = random_correctness(3, 300, 0.5, seed=5)
-    assert accuracy_interval(correct) == accuracy_interval(correct.copy())
-
-
-def test_correctness_strings_become_a_seeds_by_questions_matrix():
-    assert correctness_matrix(["101", "011"]).tolist() == [[1, 0, 1], [0, 1, 1]]
-    with pytest.raises(ValueError, match="one length"):
-        correctness_matrix(["10", "101"])
-
-
 # ---- measuring -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("preset", [
@@ -209,8 +131,8 @@ def test_peft_lora_trains_over_a_gguf_base_whose_weights_were_dequantized_at_loa
 
     with pytest.raises(ValueError, match="do not support training"):
         validate_quantization_for_training(get_peft_model(gguf_loaded(),
-                                                          compare.peft_lora_config()))
-    model = compare.peft_lora_model(gguf_loaded())
+                                                          peft_lora_config()))
+    model = peft_lora_model(gguf_loaded())
     validate_quantization_for_training(model)
     assert not model.get_base_model().is_quantized
     assert not hasattr(model.get_base_model().config, "quantization_config")
@@ -480,8 +402,8 @@ def test_bad_input_is_one_line_before_any_model_loads(extra, status, message, da
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(moa.loading, "load_base_model", no_model)
-    monkeypatch.setattr(moa.loading, "load_tokenizer", no_model)
+    monkeypatch.setattr(moa.cli.loading, "load_base_model", no_model)
+    monkeypatch.setattr(moa.cli.loading, "load_tokenizer", no_model)
     argv = ["compare", "--data", data[0], "--eval-data", data[1], "--out",
             str(tmp_path / "out"), *extra]
     assert main(argv) == status
@@ -503,7 +425,7 @@ def test_bad_paths_are_one_line_before_any_model_loads(case, data, tmp_path, mon
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(moa.loading, "load_base_model", no_model)
+    monkeypatch.setattr(moa.cli.loading, "load_base_model", no_model)
     train, test, out = data[0], data[1], tmp_path / "out"
     variants, message = "lora", ""
     if case == "no_eval_data":

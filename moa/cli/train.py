@@ -1,8 +1,8 @@
 """`moa train`: fine-tune a model's MoA adapters on a data file with the transformers Trainer.
 
 Plan: options (defaults, then a --config file, then the flags given) -> data records ->
-tokens with the loss on the response only (moa/data.py) -> base model and tokenizer
-(moa/loading.py: the embedded text model, a checkpoint directory or a .gguf file) ->
+tokens with the loss on the response only (moa/cli/data.py) -> base model and tokenizer
+(moa/cli/loading.py: the embedded text model, a checkpoint directory or a .gguf file) ->
 get_moa_model with a preset or a --moa-config file -> Trainer (a progress bar, the loss
 every step, an eval file's loss at intervals, checkpoints at intervals) -> the adapter saved
 with MoAModel.save_pretrained into OUT/adapter, the loss curve as OUT/loss.png, the log as
@@ -13,7 +13,7 @@ Trainer's optimizer, scheduler, RNG and state files, not the base model, each sa
 not at all); `--resume last` (the newest whole one) or `--resume DIR` continues one exactly.
 
 Before the model loads: OUT is none of the inputs and holds none of them; an OUT holding
-another run (moa/outputs.py) is refused unless --resume continues it or --overwrite replaces
+another run (moa/cli/outputs.py) is refused unless --resume continues it or --overwrite replaces
 it; OUT is probed for writing; the Trainer's arguments are built (so --bf16 without a GPU
 that has bfloat16 is settled: on the CPU it trains in bf16 autocast; --fsdp and --deepspeed
 where they cannot run, and a --resume checkpoint of another strategy, are refused). Ctrl-C
@@ -43,8 +43,7 @@ from pathlib import Path
 
 import torch
 
-from moa.config import PRESETS
-from moa.data import (
+from moa.cli.data import (
     DataError,
     PadCollator,
     SupervisedDataset,
@@ -52,8 +51,22 @@ from moa.data import (
     load_training_examples,
     tokenize_examples,
 )
-from moa.distributed import World, join_world, shard_with_fsdp2
-from moa.outputs import (
+from moa.cli.options import (
+    Option,
+    count,
+    device,
+    flag,
+    merge_options_with_sources,
+    nonnegative_float,
+    options_dataclass,
+    positive_float,
+    positive_int,
+    preset,
+    resolve_device,
+    seed,
+    text,
+)
+from moa.cli.outputs import (
     CHECKPOINTS,
     RUN_ENTRIES,
     check_not_an_input,
@@ -62,254 +75,14 @@ from moa.outputs import (
     previous_run,
     remove_previous_run,
 )
+from moa.config import PRESETS
+from moa.distributed import World, join_world, shard_with_fsdp2
 
 DEFAULT_PRESET = "soft_moa"
 
 # ---------------------------------------------------------------------------------------
-# options: one table serves the flags, the --config file and the defaults
+# options: one table serves the flags, the --config file, the defaults and TrainOptions
 # ---------------------------------------------------------------------------------------
-
-
-def _integer(value, low: int, what: str) -> int:
-    if isinstance(value, bool) or isinstance(value, float):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
-    if number < low or number >= 2**63:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
-    return number
-
-
-def positive_int(value) -> int:
-    """An integer >= 1, from a flag's text or a config value."""
-    return _integer(value, 1, "a positive integer")
-
-
-def count(value) -> int:
-    """An integer >= 0."""
-    return _integer(value, 0, "an integer >= 0")
-
-
-def seed(value) -> int:
-    """An integer seed in [0, 2**63)."""
-    return _integer(value, 0, "an integer seed in [0, 2**63)")
-
-
-def _real(value, what: str, allow_zero: bool) -> float:
-    if isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
-    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
-    return number
-
-
-def positive_float(value) -> float:
-    """A finite number > 0."""
-    return _real(value, "a number > 0", allow_zero=False)
-
-
-def nonnegative_float(value) -> float:
-    """A finite number >= 0."""
-    return _real(value, "a number >= 0", allow_zero=True)
-
-
-def text(value) -> str:
-    """A non-empty string (a path)."""
-    if not isinstance(value, str) or not value:
-        raise argparse.ArgumentTypeError(f"expected a path or name, got {value!r}")
-    return value
-
-
-def flag(value) -> bool:
-    """A boolean (config files: true or false)."""
-    if not isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-    return value
-
-
-def torch_device(value, allow_auto: bool = False) -> str:
-    """A device name the `moa` commands take: cpu, cuda (the first GPU) or cuda:N (the GPU of
-    index N, which must exist), and with allow_auto also auto (a CUDA GPU when there is
-    one)."""
-    value = text(value)
-    if allow_auto and value == "auto":
-        return value
-    allowed = "auto, cpu, cuda or cuda:N" if allow_auto else "cpu, cuda or cuda:N"
-    try:
-        parsed = torch.device(value)
-    except (RuntimeError, TypeError):
-        raise argparse.ArgumentTypeError(f"unknown device {value!r}; use {allowed}") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"unsupported device {value!r}; use {allowed}")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"--device {value} given but no CUDA GPU is "
-                                             "available")
-        gpus = torch.cuda.device_count()
-        if parsed.index is not None and parsed.index >= gpus:
-            raise argparse.ArgumentTypeError(f"--device {value}: there is no GPU "
-                                             f"{parsed.index}; this machine has {gpus} "
-                                             f"(cuda:0 to cuda:{gpus - 1})")
-    return value
-
-
-def device(value) -> str:
-    """auto (a CUDA GPU when there is one), cpu, cuda or cuda:N."""
-    return torch_device(value, allow_auto=True)
-
-
-def preset(value) -> str:
-    """A MoAConfig preset name."""
-    value = text(value)
-    if value not in PRESETS:
-        raise argparse.ArgumentTypeError(f"unknown preset {value!r}; allowed: "
-                                         f"{', '.join(PRESETS)}")
-    return value
-
-
-@dataclass(frozen=True)
-class Option:
-    """One option: a flag --NAME (dashes) and a config key NAME (dashes or underscores)."""
-
-    name: str
-    convert: Callable
-    default: object
-    help: str
-    metavar: str | None = None
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
-def add_options(parser: argparse.ArgumentParser, options: tuple[Option, ...]) -> None:
-    """Add each option as a flag whose parsed default is None (so that a --config file's
-    value shows through where the flag is not given); the help states the real default."""
-    for option in options:
-        help_text = option.help if option.default is None else \
-            f"{option.help} (default: {option.default})"
-        if option.convert is flag:
-            parser.add_argument(option.flag, dest=option.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            parser.add_argument(option.flag, dest=option.name, default=None,
-                                type=option.convert, metavar=option.metavar, help=help_text)
-
-
-class _RepeatedKey(ValueError):
-    """A config file names the same key twice."""
-
-
-def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object's pairs as a dict, refusing a key given twice (json keeps the last)."""
-    result = {}
-    for key, value in pairs:
-        if key in result:
-            raise _RepeatedKey(f"the key {key!r} is given twice")
-        result[key] = value
-    return result
-
-
-def _yaml_without_repeated_keys(raw: str):
-    """yaml.safe_load, refusing a mapping key given twice (PyYAML keeps the last)."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if isinstance(key, str) and key in seen:
-                    raise _RepeatedKey(f"the key {key!r} is given twice (line "
-                                       f"{key_node.start_mark.line + 1})")
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    return yaml.load(raw, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
-
-
-def read_config_file(path: str | os.PathLike, options: tuple[Option, ...]) -> dict:
-    """The option values in a JSON or YAML file (an object whose keys are option names, as
-    the flags without the leading dashes; dashes or underscores), each checked as its flag
-    would be. An option given twice (the same key twice, or under both spellings) is a
-    ValueError naming both."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such config file: {str(path)!r}")
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = _yaml_without_repeated_keys(raw)
-        except _RepeatedKey as error:
-            raise ValueError(f"{path}: {error}; give each option once") from None
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path} is not valid YAML: "
-                             f"{str(error).splitlines()[0]}") from None
-    else:
-        try:
-            data = json.loads(raw, object_pairs_hook=_unique_pairs)
-        except _RepeatedKey as error:
-            raise ValueError(f"{path}: {error}; give each option once") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); use a .yaml or .yml name "
-                             "for YAML") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold an object of options, not a "
-                         f"{type(data).__name__}")
-    by_name = {o.name: o for o in options}
-    values = {}
-    keys = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in by_name:
-            raise ValueError(f"{path}: unknown option {key!r}; allowed: "
-                             f"{', '.join(o.name.replace('_', '-') for o in options)}")
-        if name in keys:
-            raise ValueError(f"{path}: {keys[name]!r} and {key!r} are the same option; give "
-                             "it once")
-        keys[name] = key
-        if value is None:
-            values[name] = None
-            continue
-        try:
-            values[name] = by_name[name].convert(value)
-        except argparse.ArgumentTypeError as error:
-            raise ValueError(f"{path}: {key}: {error}") from None
-    return values
-
-
-def merge_options_with_sources(args: argparse.Namespace, options: tuple[Option, ...]
-                               ) -> tuple[dict, dict]:
-    """merge_options, and where each value not left at its default came from: {name:
-    "--flag" or "the --config file PATH"}."""
-    values = {o.name: o.default for o in options}
-    sources = {}
-    if getattr(args, "config", None):
-        from_file = read_config_file(args.config, options)
-        values.update(from_file)
-        sources.update({name: f"the --config file {args.config}" for name, value
-                        in from_file.items() if value is not None})
-    for option in options:
-        if getattr(args, option.name, None) is not None:
-            values[option.name] = getattr(args, option.name)
-            sources[option.name] = option.flag
-    return values, sources
-
-
-def merge_options(args: argparse.Namespace, options: tuple[Option, ...]) -> dict:
-    """Defaults, overridden by the --config file's values, overridden by the flags given."""
-    return merge_options_with_sources(args, options)[0]
-
 
 TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("model", text, None, "a local transformers checkpoint directory or a .gguf file; "
@@ -361,37 +134,11 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
 )
 
 
-@dataclass
+@options_dataclass(TRAIN_OPTIONS, config=None)
 class TrainOptions:
-    """What `moa train` runs with; the fields are TRAIN_OPTIONS' names and defaults."""
-
-    data: str | None = None
-    model: str | None = None
-    preset: str | None = None  # None: DEFAULT_PRESET, unless moa_config is given
-    moa_config: str | None = None
-    out: str = "moa-train"
-    overwrite: bool = False
-    steps: int | None = None
-    epochs: float = 1.0
-    lr: float = 3e-4
-    batch_size: int = 8
-    gradient_accumulation: int = 1
-    max_length: int = 512
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    eval_data: str | None = None
-    eval_interval: int | None = None
-    save_interval: int = 500
-    save_total_limit: int = 2
-    resume: str | None = None
-    log_interval: int | None = None
-    device: str = "auto"
-    fsdp: bool = False
-    deepspeed: str | None = None
-    config: str | None = None  # the --config file these came from (an input, not an option)
+    """What `moa train` runs with: a keyword field per TRAIN_OPTIONS entry (its name and
+    default; preset None means DEFAULT_PRESET unless moa_config is given), and config, the
+    --config file they came from (an input, not an option)."""
 
     def __post_init__(self) -> None:
         if self.fsdp and self.deepspeed is not None:
@@ -660,9 +407,7 @@ def _steps_per_epoch(examples: int, options: TrainOptions, processes: int = 1) -
 
 def _uses_cpu(options: TrainOptions) -> bool:
     """Whether --device means the CPU (auto: when there is no CUDA GPU)."""
-    if options.device == "auto":
-        return not torch.cuda.is_available()
-    return torch.device(options.device).type == "cpu"
+    return resolve_device(options.device).type == "cpu"
 
 
 def _check_precision(options: TrainOptions) -> None:
@@ -777,7 +522,7 @@ def _prepare(options: TrainOptions, world: World, log: Callable[[str], None]) ->
     output folder (and what a --resume or an --overwrite finds there) on rank 0 only."""
     from transformers import TrainingArguments
 
-    from moa.loading import load_tokenizer
+    from moa.cli.loading import load_tokenizer
 
     out = Path(options.out)
     if world.is_main:
@@ -882,7 +627,7 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
     on the others)."""
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
-    from moa.loading import load_base_model, model_description
+    from moa.cli.loading import load_base_model, model_description
     from moa.model import get_moa_model
     from moa.trainer import last_whole_checkpoint
 
@@ -973,7 +718,7 @@ def run_train(options: TrainOptions, log: Callable[[str], None] = print,
         files = [adapter_dir, _write_json(out / "log_history.json", history),
                  _write_json(out / "train_options.json", asdict(options))]
         if losses:
-            from moa import plots
+            from moa.cli import plots
 
             curves = {"training loss": losses}
             if eval_losses:
@@ -1010,7 +755,5 @@ def _write_json(path: Path, data) -> Path:
     return path
 
 
-__all__ = ["TRAIN_OPTIONS", "Option", "TrainOptions", "TrainResult", "TrainingInterrupted",
-           "add_options", "check_outputs", "checkpoint_trainer_class", "load_moa_config",
-           "merge_options", "merge_options_with_sources", "read_config_file", "run_train",
-           "torch_device"]
+__all__ = ["TRAIN_OPTIONS", "TrainOptions", "TrainResult", "TrainingInterrupted",
+           "check_outputs", "checkpoint_trainer_class", "load_moa_config", "run_train"]

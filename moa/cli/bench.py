@@ -43,8 +43,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moa.cli.options import Option, flag, options_dataclass, positive_int, text, torch_device
+from moa.cli.tiny_models import TinyLlama, build_tiny_llama
 from moa.config import RouterConfig
 from moa.layers import MoALinear
+
+BENCH_OPTIONS: tuple[Option, ...] = (
+    Option("quick", flag, False, "small shapes, no compiled memory workers: 1.5-4 minutes on 2 "
+           "CPU cores (less with a warm inductor cache)"),
+    Option("out", text, "bench-out", "directory for CSV and PNG"),
+    Option("device", torch_device, "cpu", "cpu, cuda or cuda:N"),
+    Option("rounds", positive_int, None, "timing rounds per benchmark (default: 7 for layers, "
+           "5 for the model and decode benchmarks; 3 each with --quick)"),
+)
+
+
+@options_dataclass(BENCH_OPTIONS)
+class BenchOptions:
+    """What `moa bench` runs with: a keyword field per BENCH_OPTIONS entry."""
 
 
 @dataclass(frozen=True)
@@ -231,15 +247,12 @@ def _triton_variants(device: torch.device) -> tuple[str, ...]:
 
 
 def build_llama(shape: ModelShape, device: torch.device, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                         intermediate_size=shape.intermediate,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.kv_heads,
-                         max_position_embeddings=max(512, shape.sequence))
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(device)
+    """The benchmark's Llama of `shape` (random weights from `seed`, LlamaConfig's special
+    tokens) on `device`, in training mode; the global RNG is left seeded."""
+    spec = TinyLlama(vocab=shape.vocab, hidden=shape.hidden, intermediate=shape.intermediate,
+                     layers=shape.layers, heads=shape.heads, kv_heads=shape.kv_heads,
+                     max_positions=max(512, shape.sequence))
+    return build_tiny_llama(spec, seed).to(device).train()
 
 
 NF4 = "+nf4"  # the suffix of a variant on a bitsandbytes nf4 base
@@ -411,7 +424,7 @@ def measure_step_memory(name: str, shape: ModelShape, device: torch.device,
 
     CUDA: max_memory_allocated over the step. CPU: the rise of the process's peak resident
     set (its high-water mark is reset after the model is built, Linux /proc/self/clear_refs),
-    so run this in a fresh process per variant (`python -m moa.bench --memory-worker NAME`,
+    so run this in a fresh process per variant (`python -m moa.cli.bench --memory-worker NAME`,
     which `_memory_in_subprocess` starts with glibc's mmap threshold fixed: see the module
     docstring).
     """
@@ -446,7 +459,7 @@ def _memory_in_subprocess(name: str, quick: bool, device: torch.device,
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "moa.bench", "--memory-worker", name,
+    command = [sys.executable, "-m", "moa.cli.bench", "--memory-worker", name,
                "--device", str(device)] + (["--quick"] if quick else []) + \
         (["--compile", backend] if compiled else [])
     try:
@@ -675,7 +688,7 @@ def run_bench(quick: bool = False, out_dir: str | Path = "bench-out",
     import platform
     from dataclasses import asdict
 
-    from moa import plots
+    from moa.cli import plots
     from moa.layers import triton_available
 
     device = torch.device(device)

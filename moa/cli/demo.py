@@ -20,12 +20,44 @@ import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from moa import plots
+from moa.cli.options import (
+    Option,
+    checkpoint_path,
+    flag,
+    options_dataclass,
+    positive_int,
+    seed,
+    text,
+    torch_device,
+)
+from moa.cli.tiny_models import TinyLlama, build_tiny_llama
+from moa.config import PRESETS
 from moa.stats import format_router_stats, short_router_name
 
 DEMO_VOCAB = 16
 DEMO_STRIDES = (1, 2, 3)
 DEMO_HEAD_SCALE = 5.0
+DEMO_MODEL = TinyLlama(vocab=DEMO_VOCAB, hidden=64, intermediate=172, layers=4, heads=4,
+                       kv_heads=2, max_positions=128, head_scale=DEMO_HEAD_SCALE)
+
+DEMO_OPTIONS: tuple[Option, ...] = (
+    Option("preset", text, "soft_moa", "MoAConfig preset to inject", choices=tuple(PRESETS)),
+    Option("steps", positive_int, 200, "training steps"),
+    Option("model", checkpoint_path, None, "a local transformers causal-LM checkpoint "
+           "directory or a .gguf file (default: an embedded 4-layer Llama built from a "
+           "config)"),
+    Option("out", text, "moa-demo", "output directory; one that holds another run is "
+           "refused unless --overwrite is given"),
+    Option("overwrite", flag, False, "replace the run already in --out (its adapter/ and "
+           "plots are removed)"),
+    Option("device", torch_device, "cpu", "cpu, cuda or cuda:N"),
+    Option("seed", seed, 0, "seed of the model and the data"),
+)
+
+
+@options_dataclass(DEMO_OPTIONS)
+class DemoOptions:
+    """What `moa demo` runs with: a keyword field per DEMO_OPTIONS entry."""
 
 
 def loss_references(length: int, vocab: int) -> dict[str, float]:
@@ -50,28 +82,17 @@ class DemoResult:
 
 
 def build_demo_model(seed: int = 0):
-    """The embedded default: a 4-layer Llama (hidden 64, 4 heads, 2 KV heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=DEMO_VOCAB, hidden_size=64, intermediate_size=172,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    # At the initializer's std 0.02 the frozen head caps every logit near +-1.3 (the final
-    # RMSNorm output has norm sqrt(hidden)), so no adapter could make a confident
-    # prediction: the loss would stall near 1.6. A trained model's head is larger.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(DEMO_HEAD_SCALE)
-    return model
+    """The embedded default: DEMO_MODEL (a 4-layer Llama, hidden 64, 4 heads, 2 KV heads)
+    from seed `seed` (the global RNG is left seeded: the adapters' initialisation follows)."""
+    return build_tiny_llama(DEMO_MODEL, seed)
 
 
 def load_model(path: str | None, seed: int):
     """A fresh base model: the embedded default (path None), a local checkpoint or a .gguf
-    file (moa.loading checks that it holds a model)."""
+    file (moa.cli.loading checks that it holds a model)."""
     if path is None:
         return build_demo_model(seed)
-    from moa.loading import is_gguf, load_base_model
+    from moa.cli.loading import is_gguf, load_base_model
 
     if is_gguf(path):
         return load_base_model(path)
@@ -106,9 +127,9 @@ def check_output_dir(out_dir: str | Path) -> None:
 def check_no_other_run(out_dir: str | Path, model_path: str | None, overwrite: bool
                        ) -> list[str]:
     """The checks on out_dir that need nothing loaded: it is not the --model checkpoint nor
-    holds it, and it holds no other run (see moa.outputs) unless `overwrite`; the entries of
+    holds it, and it holds no other run (see moa.cli.outputs) unless `overwrite`; the entries of
     the run to replace (empty unless overwrite)."""
-    from moa.outputs import check_not_an_input, describe_entries, previous_run
+    from moa.cli.outputs import check_not_an_input, describe_entries, previous_run
 
     check_not_an_input(out_dir, {"--model": model_path})
     found = previous_run(out_dir)
@@ -151,9 +172,10 @@ def run_demo(preset: str = "soft_moa", steps: int = 200, model_path: str | None 
     into out_dir. progress: show a tqdm bar. An out_dir holding another run (moa demo's or
     moa train's) is refused before anything loads, unless `overwrite`: then that run's
     entries are removed once the model has loaded."""
+    from moa.cli import plots
+    from moa.cli.outputs import check_writable, describe_entries, remove_previous_run
     from moa.config import MoAConfig
     from moa.model import MoAModel, get_moa_model
-    from moa.outputs import check_writable, describe_entries, remove_previous_run
 
     started = time.perf_counter()
     out_dir = Path(out_dir)

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 
+from moa.cli.tiny_models import TinyLlama, build_tiny_llama
+
 # name_or_path recorded in the embedded model's config, and so in adapters trained on it
 EMBEDDED_NAME = "moa-embedded-text-llama"
 BYTE_TOKENS = 256
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 EMBEDDED_SEED = 0
-# At the initializer's std 0.02 the frozen (tied) head caps every logit near +-1.3, so no
-# adapter could make a confident prediction; a trained model's embeddings are larger.
+# The (tied) head's scale over the initializer's (moa/cli/tiny_models.py says why).
 EMBEDDED_EMBEDDING_SCALE = 5.0
 
 
@@ -57,23 +58,12 @@ def build_text_model(hidden_size: int = 64, num_layers: int = 2):
     embeddings like SmolLM2's) over byte_tokenizer()'s 258 tokens. Its weights are the same
     on every call (a fixed seed; the global RNG is left as it was), so an adapter trained on
     it loads into a later call's model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=BYTE_TOKENS + 2, hidden_size=hidden_size,
-                         intermediate_size=hidden_size * 3, num_hidden_layers=num_layers,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=None, eos_token_id=BYTE_TOKENS,
-                         pad_token_id=BYTE_TOKENS + 1)
+    spec = TinyLlama(vocab=BYTE_TOKENS + 2, hidden=hidden_size, intermediate=hidden_size * 3,
+                     layers=num_layers, heads=4, kv_heads=2, max_positions=512, tied=True,
+                     head_scale=EMBEDDED_EMBEDDING_SCALE, bos_token=None,
+                     eos_token=BYTE_TOKENS, pad_token=BYTE_TOKENS + 1, name=EMBEDDED_NAME)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(EMBEDDED_SEED)
-        model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(EMBEDDED_EMBEDDING_SCALE)
-    model.config._name_or_path = EMBEDDED_NAME
-    model.generation_config.pad_token_id = BYTE_TOKENS + 1
-    model.generation_config.eos_token_id = BYTE_TOKENS
-    return model
+        return build_tiny_llama(spec, EMBEDDED_SEED)
 
 
 def check_model_path(path: str | os.PathLike) -> Path:
