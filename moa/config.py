@@ -27,8 +27,9 @@ from moa.layer_config import (  # (EXPERT_KINDS, GATES, MODES, ROUTER_KINDS: re-
     check_positive_int,
     parse_experts,
 )
+from moa_kernels.contract import BACKEND_CHOICES
 
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = BACKEND_CHOICES  # "auto" and the registry's backends (moa_kernels/contract.py)
 ADAPTER_DTYPES = ("base", "float32", "bfloat16", "float16", "float64")
 
 

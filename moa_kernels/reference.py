@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moa_kernels.contract import check_base_operands, check_gate_source, check_gates
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.routing import RouterOps
 
@@ -165,13 +166,10 @@ def moa_linear(
     Returns y [T, out] and the applied gates [T, E], in x's dtype.
     """
     base = resolve_base_output(x, base_output, base_weight, base_bias)
+    check_gate_source(router, gates)
     if gates is None:
-        if router is None:
-            raise ValueError("moa_linear needs a router or gates")
         gates = router.reference_gates(x)
-    if gates.shape != (x.shape[0], layout.num_experts):
-        raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "
-                         f"got {tuple(gates.shape)}")
+    check_gates(gates, x, layout.num_experts)
     gates = gates.to(x.dtype)
     experts = [(slot.kind, slot.scaling, slot.activation, params) for slot, params in
                zip(layout.slots, layout.expert_tensors(shrink_weight, shrink_bias,
@@ -184,12 +182,7 @@ def resolve_base_output(x: torch.Tensor, base_output: torch.Tensor | None,
                         base_weight: torch.Tensor | None,
                         base_bias: torch.Tensor | None) -> torch.Tensor:
     """The base output of the backend contract: base_output itself, or x W^T + b."""
-    if (base_output is None) == (base_weight is None):
-        raise ValueError("give exactly one of base_output (any base) and base_weight (a "
-                         "plain linear base)")
+    check_base_operands(x, base_output, base_weight)
     if base_output is not None:
-        if base_output.shape[:-1] != x.shape[:-1]:
-            raise ValueError(f"base_output has shape {tuple(base_output.shape)}, x has "
-                             f"{tuple(x.shape)}: their leading dimensions must agree")
         return base_output
     return F.linear(x, base_weight, base_bias)

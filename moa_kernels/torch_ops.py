@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from moa_kernels.contract import check_base_operands, check_gate_source, check_gates
 from moa_kernels.fusable import fusable_addmm
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.reference import ACTIVATION_FUNCTIONS
@@ -146,9 +147,8 @@ def moa_linear(
     Returns:
         y [T, out] and the applied gates [T, E].
     """
-    if (base_output is None) == (base_weight is None):
-        raise ValueError("give exactly one of base_output (any base) and base_weight (a "
-                         "plain linear base)")
+    check_base_operands(x, base_output, base_weight)
+    check_gate_source(router, gates)
     # Under torch.compile the sparse modes run the dense path with the skipped pairs masked
     # (the same math, static shapes): a routing plan's sizes depend on the data. So do they
     # on few tokens (SPARSE_PLAN_MIN_TOKENS), and off the CPU, where building the plan
@@ -204,10 +204,7 @@ def moa_linear(
     active = None
     if router is not None:
         gates, active = router.finish(router_h)
-    if gates is None or gates.shape != (x.shape[0], layout.num_experts):
-        shape = None if gates is None else tuple(gates.shape)
-        raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "
-                         f"got {shape}")
+    check_gates(gates, x, layout.num_experts)
     gates = gates.to(x.dtype)
 
     if not sparse:

@@ -11,7 +11,6 @@ gradient it belongs to.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 
@@ -20,7 +19,9 @@ from torch import nn
 
 from moa.cli.options import Option, options_dataclass, positive_int, seed, torch_device
 from moa.config import ACTIVATIONS, MODES, RouterConfig, parse_experts
-from moa.layers import MoALinear, triton_available
+from moa.layers import MoALinear
+from moa_kernels.backends import available
+from moa_kernels.contract import BACKENDS
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
@@ -56,11 +57,8 @@ class CheckResult:
 def available_backends(device: torch.device) -> list[str]:
     """Fused backends that can run here: torch always; triton on CUDA, or on CPU under the
     Triton interpreter (TRITON_INTERPRET=1 set before triton was imported)."""
-    backends = ["torch"]
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if (device.type == "cuda" or interpreted) and triton_available():
-        backends.append("triton")
-    return backends
+    return [name for name, info in BACKENDS.items()
+            if not info.oracle and info.runs_on(device) and available(name)]
 
 
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -509,6 +509,7 @@ def check_backend(adapter_dir: Path | None, chosen: str | None, device: torch.de
     adapter (the base model has no MoA layers)."""
     from moa.config import MoAConfig
     from moa.layers import resolve_backend
+    from moa_kernels.contract import backend_info
 
     if adapter_dir is None:
         if chosen is not None:
@@ -516,9 +517,7 @@ def check_backend(adapter_dir: Path | None, chosen: str | None, device: torch.de
                 "has no MoA layers)")
         return
     saved = MoAConfig.from_pretrained(adapter_dir).backend
-    resolved = resolve_backend(chosen or saved, device)
-    if resolved != "triton" or device.type == "cuda" or \
-            os.environ.get("TRITON_INTERPRET") == "1":
+    if backend_info(resolve_backend(chosen or saved, device)).runs_on(device):
         return
     if chosen is None:
         raise ValueError(f"the adapter in {str(adapter_dir)!r} was saved with backend "

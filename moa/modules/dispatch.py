@@ -8,53 +8,18 @@ GEMM a backend may compute itself (`is_plain_linear`), values kept over one gene
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-from moa.config import BACKENDS
-from moa_kernels import reference, torch_ops
-from moa_kernels.contract import check_triton_input, get_backend
+from moa_kernels.backends import available, moa_linear_of, select_backend
 
-# auto picks triton on CUDA only once benchmarks/gpu_suite.sh has passed on real hardware
-# with its figures in benchmarks/RESULTS.md; until then the triton backend has never run on
-# a GPU (only the interpreter and sm_90 builds have checked it), so auto takes torch.
-TRITON_AUTO_ON_CUDA = False
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend to run: an explicit choice wins, then MOA_BACKEND, then auto: torch
-    (triton on CUDA once TRITON_AUTO_ON_CUDA is set, see there)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = os.environ.get("MOA_BACKEND", "auto") or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown MOA_BACKEND {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "triton" if TRITON_AUTO_ON_CUDA and device.type == "cuda" \
-            and triton_available() else "torch"
-    return backend
-
-
-# The backends' modules, imported once: torch.compile traces an attribute lookup on them
-# (get_backend's importlib call would break the graph). Triton is imported on first use,
-# after its input check (triton picks compiled or interpreted kernels at import).
-_BACKEND_MODULES = {"reference": reference, "torch": torch_ops}
-
-
-def backend_function(name: str, x: torch.Tensor) -> Callable:
-    """The `moa_linear` entry point of backend `name` (resolved) for the input x."""
-    if name == "triton":
-        check_triton_input(x)
-        import moa_kernels.triton as triton_backend  # an import statement compiles
-
-        return triton_backend.moa_linear
-    module = _BACKEND_MODULES.get(name)
-    return get_backend(name) if module is None else module.moa_linear
+# Which backend runs, and its entry point, from the registry (moa_kernels/contract.py): an
+# explicit choice wins, then MOA_BACKEND, then auto; the entry point is checked to run x.
+resolve_backend = select_backend
+backend_function = moa_linear_of
 
 
 def generate_cached(module: nn.Module, key, make: Callable):
@@ -76,11 +41,7 @@ def generate_cached(module: nn.Module, key, make: Callable):
 
 def triton_available() -> bool:
     """True when the triton backend can be imported (triton installed)."""
-    try:
-        import moa_kernels.triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return available("triton")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

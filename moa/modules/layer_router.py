@@ -36,6 +36,7 @@ from moa.modules.dispatch import (
 from moa.modules.linear import MoALinear
 from moa.modules.router import GroupGates, MoARouter
 from moa_kernels import torch_ops
+from moa_kernels.contract import SHRINK_OUTPUT, accepts
 
 
 class RoutingContext:
@@ -207,7 +208,7 @@ class LayerRouter(nn.Module):
         starts, splits = [], [w.shape[0] for w in ops.weight_parts]
         for start, layer in self.shrink_sharers:
             if not layer.active or not is_plain_linear(layer.base) or \
-                    resolve_backend(layer.backend, device) != "torch" or \
+                    not accepts(resolve_backend(layer.backend, device), SHRINK_OUTPUT) or \
                     (layer.training and isinstance(layer.dropout, nn.Dropout)) or \
                     not _materialized(layer.shrink_weight, self.hidden_size):
                 return False

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from moa.config import BACKENDS, ExpertSpec, RouterConfig, parse_experts
+from moa.config import ExpertSpec, RouterConfig, parse_experts
 from moa.modules.dispatch import (
     autocast_off,
     backend_function,
@@ -37,6 +37,14 @@ from moa.modules.dispatch import (
 )
 from moa.modules.router import MoARouter
 from moa_kernels import torch_ops
+from moa_kernels.contract import (
+    INPUT_RECIPE,
+    SHRINK_OUTPUT,
+    STACKED_ANY_DTYPE,
+    accepts,
+    backend_info,
+    check_choice,
+)
 from moa_kernels.layout import ExpertLayout
 
 DEFAULT_ROUTER = RouterConfig()  # frozen, so one shared instance is safe
@@ -66,6 +74,32 @@ def _base_device(base: nn.Module) -> torch.device:
 
 def _new_parameter(shape, device, dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+
+
+def _check_plain_base_input(x: torch.Tensor, base_weight: torch.Tensor) -> None:
+    """A plain nn.Linear base refuses an input of another dtype than its weight's outside
+    autocast, as nn.Linear itself does."""
+    if x.dtype != base_weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"input dtype {x.dtype} differs from the base weight's "
+                        f"{base_weight.dtype} (nn.Linear refuses this too); cast the "
+                        "input, or run under torch.autocast")
+
+
+def _accepted_extras(backend: str, fused_base: bool, input_recipe, shrink_output,
+                     dtype: torch.dtype) -> dict:
+    """The optional inputs beyond the contract that this call can give and `backend` accepts
+    (moa_kernels/contract.py): both need a plain linear base computed by the backend and no
+    dropout; the input recipe describes x itself (x already in the compute dtype), the
+    shrink output [T, R] (dense mixtures only) must be in the compute dtype."""
+    extras = {}
+    if not fused_base:
+        return extras
+    if input_recipe is not None and accepts(backend, INPUT_RECIPE):
+        extras[INPUT_RECIPE] = input_recipe
+    if shrink_output is not None and shrink_output.dtype == dtype and \
+            accepts(backend, SHRINK_OUTPUT):
+        extras[SHRINK_OUTPUT] = shrink_output
+    return extras
 
 
 class MoALinear(nn.Module):
@@ -111,8 +145,7 @@ class MoALinear(nn.Module):
             raise TypeError(f"the base {type(base).__name__} is a PEFT LoRA layer; adapt the "
                             "model before PEFT wraps it (or its base_layer)")
         self.in_features, self.out_features = _base_features(base)
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+        check_choice(backend)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or \
                 not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
@@ -273,7 +306,7 @@ class MoALinear(nn.Module):
             raise ValueError("this MoALinear has no router (router=None); pass gates to "
                              "forward instead")
         self._check_input(x)
-        if resolve_backend(self.backend, x.device) == "reference":
+        if backend_info(resolve_backend(self.backend, x.device)).oracle:
             dtype = compute_dtype(x)
             with autocast_off(x):
                 return self.router.reference_gates(x.to(dtype))
@@ -332,85 +365,109 @@ class MoALinear(nn.Module):
         with an error; the reference backend supports it.
         """
         self._check_input(x)
-        pending = self.next_input_recipe
-        if pending is not None:
-            self.next_input_recipe = None
+        input_recipe = self._take_input_recipe(x)
         if not self.active:
             self.last_gates = None
             return self.base(x)
-        leading = x.shape[:-1]
-        from_source, shrink_output = False, None
-        if gates is None and self.gate_source is not None:
-            shared = self.gate_source(x)
-            if shared is not None:
-                gates, shared_sparse, shrink_output = shared
-                sparse = shared_sparse if sparse is None else sparse
-                from_source = True
-        if gates is None and self.router is None:
-            raise ValueError("this MoALinear has no router (router=None): forward needs "
-                             f"gates of shape {(*leading, self.num_experts)}")
-        if gates is not None and not from_source:  # a gate source checks its own
-            self._check_gates(gates, x)
+        gates, sparse, shrink_output, from_source = self._gates(x, gates, sparse)
         base = self.base  # (each nn.Module attribute read is a Python call: read once)
         plain = is_plain_linear(base)
         base_weight, base_bias = (base.weight, base.bias) if plain else (None, None)
         dtype = compute_dtype(x)
-        if plain and x.dtype != base_weight.dtype and \
-                not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"input dtype {x.dtype} differs from the base weight's "
-                            f"{base_weight.dtype} (nn.Linear refuses this too); cast the "
-                            "input, or run under torch.autocast")
+        if plain:
+            _check_plain_base_input(x, base_weight)
         base_output = None if plain else base(x)
         with autocast_off(x):
             flat = x.reshape(-1, self.in_features).to(dtype)
-            flat_gates = None if gates is None else gates.reshape(-1, self.num_experts)
             adapter_input = self.dropout(flat) if self.training and \
                 isinstance(self.dropout, nn.Dropout) else None
             if sparse is None:
                 sparse = gates is None and self.router.config.is_sparse
             backend = resolve_backend(self.backend, x.device)
-            torch_only = {}  # what only the torch backend takes
-            if pending is not None and pending[0] is x and backend == "torch" and plain and \
-                    flat.dtype == x.dtype and adapter_input is None:
-                torch_only["input_recipe"] = pending[1]
-            if shrink_output is not None and backend == "torch" and plain and \
-                    adapter_input is None and not sparse and shrink_output.dtype == dtype:
-                torch_only["shrink_output"] = shrink_output
-            # Casts are kept over a generate call; tensors already in dtype are used as they
-            # are (nothing to cache: under torch.compile no cache lookup to guard on). The
-            # triton backend takes the parameters themselves: its ops cast while packing,
-            # and the packed weights are cached per version of the parameters (a cast made
-            # here would be a new tensor at every call, and miss that cache).
-            stacked = self._stacked()
-            if stacked[0].dtype != dtype and backend != "triton":
-                stacked = generate_cached(self, ("stacked", dtype), lambda: self._stacked(dtype))
-            shrink_weight, shrink_bias, expand_weight, expand_bias = stacked
-            if plain and base_weight.dtype == dtype and \
-                    (base_bias is None or base_bias.dtype == dtype):
-                base_kwargs = {"base_weight": base_weight, "base_bias": base_bias}
-            elif plain:
-                base_kwargs = generate_cached(self, ("base", dtype), lambda: {
-                    "base_weight": base_weight.to(dtype),
-                    "base_bias": None if base_bias is None else base_bias.to(dtype)})
-            else:
-                base_kwargs = {"base_output": base_output.reshape(-1, self.out_features)
-                               .to(dtype)}
+            extras = _accepted_extras(backend, plain and adapter_input is None,
+                                      input_recipe if dtype == x.dtype else None,
+                                      None if sparse else shrink_output, dtype)
+            shrink_weight, shrink_bias, expand_weight, expand_bias = \
+                self._stacked_operands(backend, dtype)
             y, used_gates = backend_function(backend, x)(
-                flat, **base_kwargs, layout=self.layout, shrink_weight=shrink_weight,
-                shrink_bias=shrink_bias, expand_weight=expand_weight, expand_bias=expand_bias,
-                router=None if flat_gates is not None else generate_cached(
-                    self.router, ("ops", dtype), lambda: self.router.ops(dtype)),
-                gates=flat_gates, adapter_input=adapter_input, sparse=bool(sparse), **torch_only)
+                flat, **self._base_operands(base_weight, base_bias, base_output, dtype),
+                layout=self.layout, shrink_weight=shrink_weight, shrink_bias=shrink_bias,
+                expand_weight=expand_weight, expand_bias=expand_bias,
+                router=None if gates is not None else self._router_ops(dtype),
+                gates=None if gates is None else gates.reshape(-1, self.num_experts),
+                adapter_input=adapter_input, sparse=bool(sparse), **extras)
+        self._record_gates(gates, used_gates, from_source, x.shape[:-1])
+        if base_output is not None:
+            y = y.to(base_output.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _take_input_recipe(self, x: torch.Tensor) -> torch_ops.InputRecipe | None:
+        """The InputRecipe a hook left for a call on this very x (consumed either way)."""
+        pending = self.next_input_recipe
+        if pending is None:
+            return None
+        self.next_input_recipe = None
+        return pending[1] if pending[0] is x else None
+
+    def _gates(self, x: torch.Tensor, gates: torch.Tensor | None, sparse: bool | None):
+        """(gates, sparse, shrink_output, from_source) of this call: gates given (checked
+        here), or the gate source's (it checks its own; with its sparse mode unless sparse is
+        given, and x's shrink output where it computed one), or None for the layer's
+        router."""
+        if gates is not None:
+            self._check_gates(gates, x)
+            return gates, sparse, None, False
+        if self.gate_source is not None:
+            shared = self.gate_source(x)
+            if shared is not None:
+                gates, shared_sparse, shrink_output = shared
+                return gates, shared_sparse if sparse is None else sparse, shrink_output, True
+        if self.router is None:
+            raise ValueError("this MoALinear has no router (router=None): forward needs "
+                             f"gates of shape {(*x.shape[:-1], self.num_experts)}")
+        return None, sparse, None, False
+
+    def _base_operands(self, base_weight: torch.Tensor | None, base_bias: torch.Tensor | None,
+                       base_output: torch.Tensor | None, dtype: torch.dtype) -> dict:
+        """The contract's base: a plain linear's weight and bias in dtype (casts kept over a
+        generate call), or the base's output [T, out] in dtype."""
+        if base_weight is None:
+            return {"base_output": base_output.reshape(-1, self.out_features).to(dtype)}
+        if base_weight.dtype == dtype and (base_bias is None or base_bias.dtype == dtype):
+            return {"base_weight": base_weight, "base_bias": base_bias}
+        return generate_cached(self, ("base", dtype), lambda: {
+            "base_weight": base_weight.to(dtype),
+            "base_bias": None if base_bias is None else base_bias.to(dtype)})
+
+    def _stacked_operands(self, backend: str, dtype: torch.dtype) -> tuple:
+        """The stacked expert tensors for `backend`: in dtype, the casts kept over a generate
+        call (tensors already in dtype are used as they are: nothing to cache, and under
+        torch.compile no cache lookup to guard on); or the parameters themselves where the
+        backend takes them in another dtype (STACKED_ANY_DTYPE: it casts while packing and
+        caches the packed weights per version of the parameters, which a cast made here,
+        a new tensor at every call, would miss)."""
+        stacked = self._stacked()
+        if stacked[0].dtype != dtype and not accepts(backend, STACKED_ANY_DTYPE):
+            stacked = generate_cached(self, ("stacked", dtype), lambda: self._stacked(dtype))
+        return stacked
+
+    def _router_ops(self, dtype: torch.dtype):
+        """The router's RouterOps in dtype (kept over a generate call)."""
+        router = self.router
+        return generate_cached(router, ("ops", dtype), lambda: router.ops(dtype))
+
+    def _record_gates(self, gates: torch.Tensor | None, used_gates: torch.Tensor,
+                      from_source: bool, leading: torch.Size) -> None:
+        """Keep what last_gates reads: the gate source's gates stay there (only the switch to
+        them is written, so a decoding step stores nothing per layer call); gates given in
+        the dtype used are kept as given (no reshape op per call)."""
         if from_source and used_gates.dtype == gates.dtype:
             if not self._gates_from_source:
                 self._gates_from_source = True
-        else:  # gates given in the dtype used are kept as given (no reshape op per call)
-            last = gates if gates is not None and used_gates.dtype == gates.dtype else \
-                used_gates.reshape(*leading, self.num_experts)
-            self.last_gates = last.detach() if last.requires_grad else last
-        if base_output is not None:
-            y = y.to(base_output.dtype)
-        return y.reshape(*leading, self.out_features)
+            return
+        last = gates if gates is not None and used_gates.dtype == gates.dtype else \
+            used_gates.reshape(*leading, self.num_experts)
+        self.last_gates = last.detach() if last.requires_grad else last
 
     def extra_repr(self) -> str:
         experts = ", ".join(str(s) for s in self.specs)

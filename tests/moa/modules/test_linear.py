@@ -9,6 +9,7 @@ order and the live-view contract independently of the shared stacked layout.
 floor for probabilities, tests/conftest.py); no gradient is measured by a relative metric.
 """
 
+import dataclasses
 import math
 import time
 import tracemalloc
@@ -658,12 +659,14 @@ def test_backend_selection(monkeypatch, backend, env, ran):
     assert resolve_backend(backend, torch.device("cpu")) == ran
     if backend == "auto" and not env:
         # auto takes torch on CUDA too until the GPU suite has passed on real hardware
-        # (TRITON_AUTO_ON_CUDA); the switch then picks triton there, never on the CPU
-        from moa.modules import dispatch
+        # (the registry's triton entry has auto=False); the switch then picks triton there,
+        # never on the CPU
+        from moa_kernels import backends, contract
 
         assert resolve_backend("auto", torch.device("cuda")) == "torch"
-        monkeypatch.setattr(dispatch, "TRITON_AUTO_ON_CUDA", True)
-        on_cuda = "triton" if dispatch.triton_available() else "torch"
+        monkeypatch.setitem(contract.BACKENDS, "triton",
+                            dataclasses.replace(contract.BACKENDS["triton"], auto=True))
+        on_cuda = "triton" if backends.available("triton") else "torch"
         assert resolve_backend("auto", torch.device("cuda")) == on_cuda
         assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
