@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from moa_kernels.activations import activation_by_name
 from moa_kernels.fusable import fusable_addmm
 from moa_kernels.layout import ExpertLayout
-from moa_kernels.reference import ACTIVATION_FUNCTIONS
 from moa_kernels.routing import RouterOps, RoutingPlan
 
 # Sparse modes fall back to the dense path when more than this fraction of the (token,
@@ -298,29 +298,11 @@ def _activate(hidden: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
     pieces, start = [], 0
     for segment in layout.activation_segments:
         pieces.append(hidden[:, start:segment.start])
-        pieces.append(ACTIVATION_FUNCTIONS[segment.activation](
+        pieces.append(activation_by_name(segment.activation).function(
             hidden[:, segment.start:segment.stop]))
         start = segment.stop
     pieces.append(hidden[:, start:])
     return torch.cat(pieces, dim=1)
-
-
-# d loss / d hidden from d loss / d act(hidden) and hidden, as one op each: autograd's own
-# backward kernels of the activations (the exact erf GELU; relu's derivative 0 at 0).
-_ACTIVATION_BACKWARD = {
-    "silu": torch.ops.aten.silu_backward.default,
-    "gelu": lambda grad, hidden: torch.ops.aten.gelu_backward.default(grad, hidden),
-    "relu": lambda grad, hidden: torch.ops.aten.threshold_backward.default(grad, hidden, 0),
-}
-
-
-def activation_backward(grad: torch.Tensor, hidden: torch.Tensor,
-                        activation: str) -> torch.Tensor:
-    """d loss / d hidden from grad = d loss / d act(hidden), for one activation: one op
-    (autograd's own backward kernel); grad itself for the identity."""
-    if activation == "identity":
-        return grad
-    return _ACTIVATION_BACKWARD[activation](grad, hidden)
 
 
 def _activation_backward(hidden: torch.Tensor, grad: torch.Tensor,
@@ -329,8 +311,8 @@ def _activation_backward(hidden: torch.Tensor, grad: torch.Tensor,
     activations' derivatives recomputed from hidden."""
     for segment in layout.activation_segments:
         rows = slice(segment.start, segment.stop)
-        grad[:, rows] = activation_backward(grad[:, rows], hidden[:, rows],
-                                            segment.activation)
+        grad[:, rows] = activation_by_name(segment.activation).derivative(
+            grad[:, rows], hidden[:, rows])
     return grad
 
 
@@ -338,10 +320,6 @@ def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum_j a[t, j] b[t, j] per row t, [T], for a, b [T, K]: one batched GEMM of T
     [1, K] x [K, 1] products (a product and a sum would be two passes)."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-
-def _activation_of(slot) -> object:
-    return ACTIVATION_FUNCTIONS[slot.activation]
 
 
 # ---------------------------------------------------------------------------------------
@@ -742,7 +720,7 @@ class _SparseExperts(torch.autograd.Function):
             hidden = F.linear(torch.index_select(x, 0, tokens, out=x_rows[:count]), down,
                               down_bias)
             gate = sorted_gates[start:stop, None]
-            u = _activation_of(slot)(hidden) * (gate * slot.scaling)
+            u = activation_by_name(slot.activation).function(hidden) * (gate * slot.scaling)
             out = torch.mm(u, up.t(), out=out_rows[:count])
             if up_bias is not None:
                 out.addmm_(gate, up_bias[None])
@@ -784,7 +762,7 @@ class _SparseExperts(torch.autograd.Function):
                 slot, layout, shrink_weight, shrink_bias, expand_weight, expand_bias)
             grad_out = torch.index_select(grad_y, 0, tokens, out=grad_rows[:count])
             gate = sorted_gates[start:stop, None]
-            activated = _activation_of(slot)(hidden)
+            activated = activation_by_name(slot.activation).function(hidden)
             grad_activated_scaled = grad_out @ up  # d loss / d (gate * scaling * act)
             grad_expand_weight_t[columns].addmm_(activated.t() * (gate.t() * slot.scaling),
                                                  grad_out)
@@ -793,8 +771,8 @@ class _SparseExperts(torch.autograd.Function):
                 grad_gate += grad_out @ up_bias
                 grad_expand_bias[slot.adapter_index] += grad_out.t() @ gate[:, 0]
             sorted_grad_gates[start:stop] = grad_gate
-            grad_hidden = activation_backward(grad_activated_scaled * (gate * slot.scaling),
-                                              hidden, slot.activation)
+            grad_hidden = activation_by_name(slot.activation).derivative(
+                grad_activated_scaled * (gate * slot.scaling), hidden)
             x_slice = torch.index_select(x, 0, tokens, out=x_rows[:count])
             grad_shrink_weight[rows].addmm_(grad_hidden.t(), x_slice)
             if slot.adapter_index is not None:

@@ -101,8 +101,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moa_kernels.activations import GELU, IDENTITY, RELU, SILU, activation_by_code
 from moa_kernels.triton.kernel_utils import align16
-from moa_kernels.triton.plan import _SLOT_FIELDS, ACTIVATION_CODES, cached_layout, packed
+from moa_kernels.triton.plan import LayoutCode, cached_layout, packed
 
 SPARSE_PLANS = ("masked", "grouped")
 SPARSE_PLAN_VARIABLE = "MOA_TRITON_SPARSE"
@@ -127,6 +128,15 @@ def sparse_plan() -> str:
     return value
 
 
+# The activations `_activation` and `_activation_grad` evaluate (codes of the table as
+# constexprs); a layout with any other is refused when its GroupedLayout is built.
+GROUPED_ACTIVATIONS = (IDENTITY, SILU, GELU, RELU)
+_IDENTITY_CODE = tl.constexpr(IDENTITY.code)
+_SILU_CODE = tl.constexpr(SILU.code)
+_GELU_CODE = tl.constexpr(GELU.code)
+_RELU_CODE = tl.constexpr(RELU.code)
+_NAN = tl.constexpr(float("nan"))
+
 # every buffer a kernel writes is allocated by this (tests pre-fill them with NaN: an
 # element a kernel forgets to write, and then reads or returns, shows)
 _empty = torch.empty
@@ -143,8 +153,8 @@ def _interpreted() -> bool:
 def grouped_widths(code: list[int]) -> dict[str, int]:
     """Sizes of a layout code's grouped space (plain ints, for fake implementations):
     experts E, total width W, the widest expert w_max."""
-    slots = [code[3 + i:3 + i + _SLOT_FIELDS] for i in range(0, len(code) - 3, _SLOT_FIELDS)]
-    widths = [align16(s[4] - s[3] + (s[6] >= 0)) for s in slots]
+    slots = LayoutCode.decode(code).slots
+    widths = [align16(slot.rank + slot.has_bias) for slot in slots]
     return {"experts": len(slots), "width": sum(widths), "w_max": max(widths, default=16)}
 
 
@@ -154,12 +164,13 @@ class GroupedLayout:
 
     Ints: num_experts, width W, w_max, rows R, columns C, adapters, any_activation.
     Device tables [E]: offset, rank, width, has_bias (int32), activation (int32 codes of
-    plan.ACTIVATION_CODES), scale (fp32). Index tables: rank_columns [n] (the grouped
-    columns holding a rank column), their shrink_rows [n] and expand_columns [n] in the
-    stacked tensors; bias_columns [N_ad] (the grouped column of adapter a's up-bias);
-    row_first [R] (the first grouped column reading shrink row r), column_of [C] (the
-    grouped column of expand column c); extra_readers: (shrink row, grouped column, rank)
-    of every hydra head after a group's first.
+    moa_kernels.activations; only those of GROUPED_ACTIVATIONS), scale (fp32).
+    Index tables: rank_columns [n] (the grouped columns holding a rank column), their
+    shrink_rows [n] and expand_columns [n] in the stacked tensors; bias_columns [N_ad]
+    (the grouped column of adapter a's up-bias); row_first [R] (the first grouped column
+    reading shrink row r), column_of [C] (the grouped column of expand column c);
+    extra_readers: (shrink row, grouped column, rank) of every hydra head after a group's
+    first.
     """
 
     num_experts: int
@@ -185,28 +196,34 @@ class GroupedLayout:
 
     @classmethod
     def of(cls, code: list[int], scales: list[float], device: torch.device) -> GroupedLayout:
-        """The grouped space of plan.layout_code's output on `device` (cached)."""
+        """The grouped space of a LayoutCode's ints on `device` (cached); ValueError for an
+        activation the kernels do not evaluate (not in GROUPED_ACTIVATIONS)."""
         return cached_layout(_GROUPED, cls._build, code, scales, device)
 
     @classmethod
     def _build(cls, code, scales, device) -> GroupedLayout:
-        rows, columns, adapters = code[:3]
-        slots = [code[3 + i:3 + i + _SLOT_FIELDS]
-                 for i in range(0, len(code) - 3, _SLOT_FIELDS)]
+        layout = LayoutCode.decode(code)
+        rows, columns, adapters = layout.rows, layout.columns, layout.adapters
+        slots = layout.slots
         offset, rank, widths, has_bias, activation = [], [], [], [], []
         rank_columns, shrink_rows, expand_columns = [], [], []
         bias_columns = [0] * adapters
         row_first, column_of = [-1] * rows, [0] * columns
         extra, seen_rows = [], set()
         start = 0
-        for _, s0, s1, c0, c1, act, adapter in slots:
-            r = c1 - c0
-            w = align16(r + (adapter >= 0))
+        for slot in slots:
+            s0, s1, c0, r, adapter = slot.shrink_start, slot.shrink_stop, slot.expand_start, \
+                slot.rank, slot.adapter
+            if activation_by_code(slot.activation) not in GROUPED_ACTIVATIONS:
+                raise ValueError(
+                    f"the grouped kernels have no {activation_by_code(slot.activation).name!r}"
+                    f" activation; they have {', '.join(a.name for a in GROUPED_ACTIVATIONS)}")
+            w = align16(r + slot.has_bias)
             offset.append(start)
             rank.append(r)
             widths.append(w)
-            has_bias.append(int(adapter >= 0))
-            activation.append(act)
+            has_bias.append(int(slot.has_bias))
+            activation.append(slot.activation)
             for j in range(r):
                 rank_columns.append(start + j)
                 shrink_rows.append(s0 + j)
@@ -225,7 +242,7 @@ class GroupedLayout:
             return torch.tensor(values, dtype=dtype, device=device)
 
         return cls(len(slots), start, max(widths, default=16), rows, columns, adapters,
-                   any(a != ACTIVATION_CODES["identity"] for a in activation),
+                   any(a != IDENTITY.code for a in activation),
                    table(offset, torch.int32), table(rank, torch.int32),
                    table(widths, torch.int32), table(has_bias, torch.int32),
                    table(activation, torch.int32), table(scales, torch.float32),
@@ -538,31 +555,36 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _activation(h, code, ANY_ACT: tl.constexpr):
-    """act(h) for an expert's activation code (0 identity, 1 silu, 2 gelu, 3 relu)."""
+    """act(h) for an expert's activation code (GROUPED_ACTIVATIONS' codes; NaN for any
+    other, which GroupedLayout refuses before a launch: never a silent identity)."""
     a = h
     if ANY_ACT:
-        if code == 1:
+        if code == _SILU_CODE:
             a = h * tl.sigmoid(h)
-        elif code == 2:
+        elif code == _GELU_CODE:
             a = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-        elif code == 3:
+        elif code == _RELU_CODE:
             a = tl.maximum(h, 0.0)
+        elif code != _IDENTITY_CODE:
+            a = tl.full(h.shape, _NAN, tl.float32)
     return a
 
 
 @triton.jit
 def _activation_grad(h, code, ANY_ACT: tl.constexpr):
-    """d act(h) / dh (relu: 0 at h = 0, as torch)."""
+    """d act(h) / dh (relu: 0 at h = 0, as torch; NaN for an unknown code, as above)."""
     d = tl.full(h.shape, 1.0, tl.float32)
     if ANY_ACT:
-        if code == 1:
+        if code == _SILU_CODE:
             sig = tl.sigmoid(h)
             d = sig * (1.0 + h * (1.0 - sig))
-        elif code == 2:
+        elif code == _GELU_CODE:
             d = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476)) + \
                 h * tl.exp(-0.5 * h * h) * 0.3989422804014327
-        elif code == 3:
+        elif code == _RELU_CODE:
             d = tl.where(h > 0.0, 1.0, 0.0)
+        elif code != _IDENTITY_CODE:
+            d = tl.full(h.shape, _NAN, tl.float32)
     return d
 
 

@@ -745,8 +745,8 @@ def test_an_input_recipe_is_saved_instead_of_the_input_with_the_same_gradients(o
 def test_gated_adapter_with_an_input_recipe_matches_plain_autograd(activation):
     # The parallel adapter's case: x = norm(z) recomputed from z in the backward (here
     # x = tanh(z)); output and every gradient equal plain autograd's, and x is not saved.
+    from moa_kernels.activations import activation_by_name
     from moa_kernels.gated_adapter import gated_adapter
-    from moa_kernels.reference import ACTIVATION_FUNCTIONS
     from moa_kernels.torch_ops import InputRecipe
 
     generator = torch.Generator().manual_seed(31)
@@ -769,7 +769,7 @@ def test_gated_adapter_with_an_input_recipe_matches_plain_autograd(activation):
             if fused:
                 return gated_adapter(leaves["out"], x, leaves["gate"], *weights, activation,
                                      InputRecipe(torch.tanh, (leaves["z"],)))
-            hidden = ACTIVATION_FUNCTIONS[activation](F.linear(x, *weights[:2]))
+            hidden = activation_by_name(activation).function(F.linear(x, *weights[:2]))
             return leaves["out"] + leaves["gate"] * F.linear(hidden, *weights[2:])
 
         y, storages = saved_storages(forward)
