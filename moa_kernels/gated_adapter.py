@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from moa_kernels.activations import activation_by_name
+from moa_kernels.autograd_apply import InputRecipe, apply_function
 from moa_kernels.fusable import fusable_addmm, fusable_linear
-from moa_kernels.torch_ops import InputRecipe, apply_function, row_dot
+from moa_kernels.torch_gated_expand import row_dot
 
 
 def gated_adapter(out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
