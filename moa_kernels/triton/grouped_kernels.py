@@ -83,7 +83,6 @@ _IDENTITY_CODE = tl.constexpr(IDENTITY.code)
 _SILU_CODE = tl.constexpr(SILU.code)
 _GELU_CODE = tl.constexpr(GELU.code)
 _RELU_CODE = tl.constexpr(RELU.code)
-_NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -110,7 +109,7 @@ def _activation(h, code, ANY_ACT: tl.constexpr):
         elif code == _RELU_CODE:
             a = tl.maximum(h, 0.0)
         elif code != _IDENTITY_CODE:
-            a = tl.full(h.shape, _NAN, tl.float32)
+            a = tl.full(h.shape, float("nan"), tl.float32)
     return a
 
 
@@ -128,7 +127,7 @@ def _activation_grad(h, code, ANY_ACT: tl.constexpr):
         elif code == _RELU_CODE:
             d = tl.where(h > 0.0, 1.0, 0.0)
         elif code != _IDENTITY_CODE:
-            d = tl.full(h.shape, _NAN, tl.float32)
+            d = tl.full(h.shape, float("nan"), tl.float32)
     return d
 
 
