@@ -12,8 +12,11 @@ import re
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 
-EXPERT_KINDS = ("lora", "adapter", "hydra")
-ACTIVATIONS = ("silu", "gelu", "relu", "identity")
+from moa_kernels.activations import ACTIVATION_NAMES
+from moa_kernels.layout import EXPERT_KINDS as KIND_CODES
+
+EXPERT_KINDS = tuple(KIND_CODES)  # names of the kinds (moa_kernels.layout's table)
+ACTIVATIONS = ACTIVATION_NAMES  # names of the activations (moa_kernels.activations' table)
 ROUTER_KINDS = ("linear", "swiglu", "group")
 GATES = ("sigmoid", "softmax")
 MODES = ("soft", "threshold", "adaptive", "topk")

@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moa_kernels.activations import activation_by_name
+from moa_kernels.autograd_apply import InputRecipe, apply_function
 from moa_kernels.fusable import fusable_addmm, fusable_linear
-from moa_kernels.reference import ACTIVATION_FUNCTIONS
-from moa_kernels.torch_ops import InputRecipe, activation_backward, apply_function, row_dot
+from moa_kernels.torch_gated_expand import row_dot
 
 
 def gated_adapter(out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
@@ -37,7 +38,7 @@ def gated_adapter(out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
         out: [..., N] what the adapter's output is added to (any float dtype).
         x: [..., M] the adapter input; gate: [..., 1]; down_weight [K, M], down_bias [K],
             up_weight [N, K], up_bias [N]: all in one compute dtype.
-        activation: a key of ACTIVATION_FUNCTIONS.
+        activation: a name in moa_kernels.activations' table.
         input_recipe: how x is recomputed bitwise (any shape of x's numel): then its tensors
             are saved instead of x, and x is recomputed in the backward for d W_down.
     Returns:
@@ -57,7 +58,7 @@ class _GatedAdapter(torch.autograd.Function):
     def traced(out, x, gate, down_weight, down_bias, up_weight, up_bias, activation,
                recipe=None):
         hidden = fusable_linear(x, down_weight, down_bias)
-        gated = ACTIVATION_FUNCTIONS[activation](hidden) * gate
+        gated = activation_by_name(activation).function(hidden) * gate
         # decoding: a reduction fused with the gating before and the add into out after
         return out + fusable_addmm(gate * up_bias, gated, up_weight).to(out.dtype)
 
@@ -65,7 +66,7 @@ class _GatedAdapter(torch.autograd.Function):
     def forward(ctx, out, x, gate, down_weight, down_bias, up_weight, up_bias, activation,
                 recipe=None):
         hidden = F.linear(x, down_weight, down_bias)
-        gated = ACTIVATION_FUNCTIONS[activation](hidden) * gate
+        gated = activation_by_name(activation).function(hidden) * gate
         if out.dtype == gated.dtype:
             y = torch.addmm(out, gated, up_weight.t()).addcmul_(gate, up_bias)
         else:
@@ -85,14 +86,15 @@ class _GatedAdapter(torch.autograd.Function):
         x, gate, hidden, down_weight, up_weight, up_bias, *recipe_tensors = ctx.saved_tensors
         activation = ctx.activation
         grad = grad_y.to(hidden.dtype)
-        activated = ACTIVATION_FUNCTIONS[activation](hidden)
+        activated = activation_by_name(activation).function(hidden)
         grad_activated_gated = grad @ up_weight  # G = dy W_up [T, K]
         # dg = <G, act(h)> + dy . b_up per token: a batched dot, then dy b_up added
         grad_gate = torch.addmv(row_dot(grad_activated_gated, activated), grad, up_bias)
         grad_gate = grad_gate[:, None]
         grad_up_weight = grad.t() @ (activated * gate)
         grad_up_bias = grad.t() @ gate[:, 0]
-        grad_hidden = activation_backward(grad_activated_gated * gate, hidden, activation)
+        grad_hidden = activation_by_name(activation).derivative(grad_activated_gated * gate,
+                                                                 hidden)
         needs = ctx.needs_input_grad
         grad_x = grad_hidden @ down_weight if needs[1] else None
         grad_down_weight = None

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moa_kernels.autograd_apply import InputRecipe, apply_function
 from moa_kernels.fusable import fusable_attention
-from moa_kernels.torch_ops import InputRecipe, apply_function
 
 
 def prompt_attention(x: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,

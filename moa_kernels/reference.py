@@ -19,16 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moa_kernels.activations import SILU, activation_by_name
 from moa_kernels.contract import check_base_operands, check_gate_source, check_gates
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.routing import RouterOps
-
-ACTIVATION_FUNCTIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "identity": lambda h: h,
-}
 
 
 def reference_router(
@@ -51,7 +45,7 @@ def reference_router(
     if kind == "linear":
         logits = F.linear(x, params["weight"], params["bias"])
     else:
-        hidden = F.silu(F.linear(x, params["w1_weight"], params["w1_bias"])) * F.linear(
+        hidden = SILU.function(F.linear(x, params["w1_weight"], params["w1_bias"])) * F.linear(
             x, params["w3_weight"], params["w3_bias"])
         logits = F.linear(hidden, params["w2_weight"], params["w2_bias"])
     p = torch.sigmoid(logits) if gate == "sigmoid" else torch.softmax(logits, dim=-1)
@@ -83,7 +77,7 @@ def reference_expert_delta(
     """delta_e(x) [..., out] of one expert (hydra heads are lora experts sharing lora_A)."""
     if kind in ("lora", "hydra"):
         return scaling * F.linear(F.linear(x, params["lora_A"]), params["lora_B"])
-    hidden = ACTIVATION_FUNCTIONS[activation](
+    hidden = activation_by_name(activation).function(
         F.linear(x, params["down_weight"], params["down_bias"]))
     return F.linear(hidden, params["up_weight"], params["up_bias"])
 

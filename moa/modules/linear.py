@@ -37,6 +37,7 @@ from moa.modules.dispatch import (
 )
 from moa.modules.router import MoARouter
 from moa_kernels import torch_ops
+from moa_kernels.activations import ACTIVATIONS
 from moa_kernels.contract import (
     INPUT_RECIPE,
     SHRINK_OUTPUT,
@@ -45,7 +46,7 @@ from moa_kernels.contract import (
     backend_info,
     check_choice,
 )
-from moa_kernels.layout import ExpertLayout
+from moa_kernels.layout import EXPERT_KINDS, ExpertLayout
 
 DEFAULT_ROUTER = RouterConfig()  # frozen, so one shared instance is safe
 
@@ -475,8 +476,8 @@ class MoALinear(nn.Module):
                 f"experts=[{experts}], backend={self.backend}")
 
 
-_KIND_CODES = {"lora": 1, "adapter": 2, "hydra": 3}
-_ACTIVATION_CODES = {"identity": 0, "silu": 1, "gelu": 2, "relu": 3}
+_KIND_CODES = dict(EXPERT_KINDS)  # the tables' codes: saved in every adapter file
+_ACTIVATION_CODES = {a.name: a.code for a in ACTIVATIONS}
 
 
 def expert_signature(specs: Sequence[ExpertSpec], device: torch.device) -> torch.Tensor:

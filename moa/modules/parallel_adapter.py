@@ -19,8 +19,8 @@ from torch.nn.modules import module as module_globals
 
 from moa.modules.dispatch import Hook, autocast_off, compute_dtype, generate_cached
 from moa.modules.layer_router import LayerRouter
+from moa_kernels.activations import activation_by_name
 from moa_kernels.gated_adapter import gated_adapter
-from moa_kernels.reference import ACTIVATION_FUNCTIONS
 from moa_kernels.torch_ops import InputRecipe
 
 
@@ -65,7 +65,7 @@ class ParallelAdapter(nn.Module):
         with autocast_off(x):
             x = self.dropout(x.to(dtype))
             hidden = F.linear(x, self.down_weight.to(dtype), self.down_bias.to(dtype))
-            hidden = ACTIVATION_FUNCTIONS[self.activation](hidden)
+            hidden = activation_by_name(self.activation).function(hidden)
             return F.linear(hidden, self.up_weight.to(dtype), self.up_bias.to(dtype))
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,

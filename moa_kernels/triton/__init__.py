@@ -174,9 +174,4 @@ def _router_blocks(router: RouterOps | None) -> tuple[list, list, int]:
 def _code(layout: ExpertLayout) -> tuple[list[int], list[float]]:
     """layout_code(layout), cached in the layout in eager mode (under torch.compile built
     while tracing: plain Python, a constant of the graph)."""
-    if torch.compiler.is_compiling():
-        return layout_code(layout)
-    key = "moa_kernels.triton.code"
-    if key not in layout._cache:
-        layout._cache[key] = layout_code(layout)
-    return layout._cache[key]
+    return layout.cached("moa_kernels.triton.code", lambda: layout_code(layout))

@@ -955,7 +955,7 @@ def check_saved_tensors(nodes: list, layers: int, attention: str) -> None:
         assert all(storage(node.saved_tensors[0]) in attention_queries for node in prompts)
     adapters = named("_GatedAdapterBackward")
     assert len(adapters) == layers and all(node.saved_tensors[0] is None for node in adapters)
-    recomputed = [node for node in named("_BaseAndShrinkBackward")
+    recomputed = [node for node in named("BaseAndShrinkBackward")
                   if node.saved_tensors[0] is None]
     assert len(recomputed) == layers  # o_proj's, one per layer
 

@@ -66,9 +66,9 @@ def recorded_steps(monkeypatch) -> list[str]:
 
 
 # (gates given: a planned call has no shrink to fuse with the base GEMM)
-STEPS = {"masked": ["_BaseAndShrink", "_GatedExpand"],
-         "planned-dense": ["plan", "_GatedExpand"],
-         "planned-sparse": ["plan", "_SparseExperts"]}
+STEPS = {"masked": ["BaseAndShrink", "GatedExpand"],
+         "planned-dense": ["plan", "GatedExpand"],
+         "planned-sparse": ["plan", "SparseExperts"]}
 PLANNED = torch_ops.SPARSE_PLAN_MIN_TOKENS
 
 
@@ -77,7 +77,7 @@ PLANNED = torch_ops.SPARSE_PLAN_MIN_TOKENS
     (10, "dense", "masked"),  # below SPARSE_PLAN_MIN_TOKENS: the masked dense path outright
     (10, "sparse", "masked"),
     (PLANNED, "dense", "planned-dense"),  # at the threshold, most pairs active: planned,
-    (PLANNED, "sparse", "planned-sparse"),  # then the dense fallback; few: _SparseExperts
+    (PLANNED, "sparse", "planned-sparse"),  # then the dense fallback; few: SparseExperts
     (2 * PLANNED + 3, "dense", "planned-dense"),  # above it
     (2 * PLANNED + 3, "sparse", "planned-sparse"),
 ])

@@ -33,8 +33,8 @@ DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MASKED_KERNELS = {"_gate_kernel", "_gate_grad_kernel"}
 # the grouped sparse plan (moa_kernels/triton/grouped.py): configs named "... grouped"
-GROUPED_KERNELS = {"_gathered_shrink_kernel", "_pair_rows_kernel", "_combine_kernel",
-                   "_pair_weight_grad_kernel"}
+GROUPED_KERNELS = {"gathered_shrink_kernel", "pair_rows_kernel", "combine_kernel",
+                   "pair_weight_grad_kernel"}
 KERNELS = MASKED_KERNELS | GROUPED_KERNELS
 
 
@@ -77,7 +77,7 @@ def test_sm90_builds_as_a_gpu_run_makes_them_are_within_budget(tmp_path, selecti
         for config in configs:
             for kernel in _expected_kernels(config):  # forward and backward were built
                 assert (config, dtype, kernel) in made
-    grouped_dots = [row for row in rows if row["kernel"] in GROUPED_KERNELS - {"_combine_kernel"}
+    grouped_dots = [row for row in rows if row["kernel"] in GROUPED_KERNELS - {"combine_kernel"}
                     and row["dtype"] in ("bf16", "fp16")]
     assert grouped_dots and all(row["tensor_cores"] != "none" for row in grouped_dots)
     if selection == "realistic":
