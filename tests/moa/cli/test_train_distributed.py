@@ -63,6 +63,8 @@ from tests.gloo import (
 
 DEADLINE_S = 300
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+ZERO3_CASE = pytest.param("zero3", marks=pytest.mark.skipif(not HAS_DEEPSPEED,
+                                                      reason="deepspeed is not installed"))
 RECORDS = 32
 TRAIN = ["--epochs", "1", "--batch-size", "4", "--lr", "1e-2", "--save-interval", "2",
          "--save-total-limit", "5"]
@@ -306,10 +308,8 @@ def test_two_processes_take_half_the_steps_of_one_and_train_what_one_trains_on_b
     assert adapter_error(folder / "run" / "adapter", one_process["batch-8"] / "adapter") < 1e-5
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", ZERO3_CASE])
 def test_rank_0_alone_prints_and_writes_the_outputs(runs, strategy):
-    if strategy == "zero3" and not HAS_DEEPSPEED:
-        pytest.skip("deepspeed is not installed")
     folder = results(runs, strategy)
     succeeded(folder, "run")
     _, out0, _, _ = command(folder, "run", 0)
@@ -363,10 +363,8 @@ def checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", ZERO3_CASE])
 def test_checkpoints_hold_the_adapter_and_resume_state_but_no_base_weights(runs, strategy):
-    if strategy == "zero3" and not HAS_DEEPSPEED:
-        pytest.skip("deepspeed is not installed")
     folder = results(runs, strategy)
     base = build_text_model()
     frozen = {name: param.numel() for name, param in base.named_parameters()}
@@ -389,10 +387,8 @@ def test_checkpoints_hold_the_adapter_and_resume_state_but_no_base_weights(runs,
         assert trainable * 3 <= total <= trainable * 4.2, (step, total, trainable)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", ZERO3_CASE])
 def test_resume_last_continues_the_loss_curve_of_the_uninterrupted_run(runs, strategy):
-    if strategy == "zero3" and not HAS_DEEPSPEED:
-        pytest.skip("deepspeed is not installed")
     folder = results(runs, strategy)
     succeeded(folder, "resume")
     whole, resumed = losses(folder / "run"), losses(folder / "resumed")
@@ -403,10 +399,8 @@ def test_resume_last_continues_the_loss_curve_of_the_uninterrupted_run(runs, str
     assert adapter_error(folder / "run" / "adapter", folder / "resumed" / "adapter") < 1e-6
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["fsdp", ZERO3_CASE])
 def test_sharded_training_trains_what_ddp_trains(runs, strategy):
-    if strategy == "zero3" and not HAS_DEEPSPEED:
-        pytest.skip("deepspeed is not installed")
     folder = results(runs, strategy)
     ddp = results(runs, "ddp")
     assert adapter_error(folder / "run" / "adapter", ddp / "run" / "adapter") < 1e-5
@@ -414,10 +408,8 @@ def test_sharded_training_trains_what_ddp_trains(runs, strategy):
         assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["fsdp", ZERO3_CASE])
 def test_sharded_training_runs_with_bf16_and_activation_checkpointing(runs, strategy):
-    if strategy == "zero3" and not HAS_DEEPSPEED:
-        pytest.skip("deepspeed is not installed")
     folder = results(runs, strategy)
     succeeded(folder, "mixed")
     steps = losses(folder / "mixed")
