@@ -210,6 +210,24 @@ def _refuse_ties(tokenizer, item: MultipleChoiceItem, where: str, tokens: list[l
 
 
 @torch.no_grad()
+def longest_first(sequences: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Batches of indices into `sequences`, longest first (the padding stays small and a
+    batch that runs out of memory does so at once)."""
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, longest] padded on the left with `pad_id`, and their attention mask."""
+    longest = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, longest - len(sequence):] = torch.tensor(sequence)
+        mask[row, longest - len(sequence):] = 1
+    return ids, mask
+
+
 def score_multiple_choice(model, tokenizer, items: list[MultipleChoiceItem], batch_size: int,
                           max_length: int, device: torch.device,
                           progress: bool = True) -> list[list[float]]:
@@ -246,17 +264,9 @@ def score_multiple_choice(model, tokenizer, items: list[MultipleChoiceItem], bat
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     cache_name = cache_keyword(model)
     scores = [[0.0] * len(item.continuations) for item in items]
-    order = sorted(range(len(items)), key=lambda i: -len(contexts[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="scoring choices", unit="batch", disable=not progress,
-                      mininterval=0.5):
-        longest_context = max(len(contexts[i]) for i in batch)
-        ids = torch.full((len(batch), longest_context), tokenizer.pad_token_id,
-                         dtype=torch.long)
-        mask = torch.zeros((len(batch), longest_context), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, longest_context - len(contexts[i]):] = torch.tensor(contexts[i])
-            mask[row, longest_context - len(contexts[i]):] = 1
+    for batch in tqdm(longest_first(contexts, batch_size), desc="scoring choices",
+                      unit="batch", disable=not progress, mininterval=0.5):
+        ids, mask = left_padded([contexts[i] for i in batch], tokenizer.pad_token_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         output = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                        position_ids=positions.to(device), use_cache=True, **keep_last)
@@ -331,17 +341,9 @@ def generate_responses(model, tokenizer, prompts: list[str], batch_size: int,
     encoded = [tokenize_tail(tokenizer, p, room, True, longest) for p in prompts]
     responses = [""] * len(prompts)
     non_finite = [False] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress,
-                      mininterval=0.5):
-        longest_prompt = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), longest_prompt), tokenizer.pad_token_id,
-                         dtype=torch.long)
-        mask = torch.zeros((len(batch), longest_prompt), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, longest_prompt - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, longest_prompt - len(encoded[i]):] = 1
+    for batch in tqdm(longest_first(encoded, batch_size), desc="generating", unit="batch",
+                      disable=not progress, mininterval=0.5):
+        ids, mask = left_padded([encoded[i] for i in batch], tokenizer.pad_token_id)
         watch = _non_finite_rows(len(batch))
         output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                 max_new_tokens=max_new_tokens, do_sample=False,
@@ -350,7 +352,7 @@ def generate_responses(model, tokenizer, prompts: list[str], batch_size: int,
                                 logits_processor=LogitsProcessorList([watch]))
         seen = watch.seen.tolist()
         for row, i in enumerate(batch):
-            text_ = tokenizer.decode(output[row, longest_prompt:], skip_special_tokens=True)
+            text_ = tokenizer.decode(output[row, ids.shape[1]:], skip_special_tokens=True)
             responses[i] = cut_response(text_)
             non_finite[i] = bool(seen[row])
     return responses, non_finite

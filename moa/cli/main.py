@@ -44,24 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train a preset on a small model end to end")
     add_options(demo, DEMO_OPTIONS)
-    train = commands.add_parser("train", help="fine-tune MoA adapters on a JSON/JSONL file "
-                                "with the transformers Trainer")
-    train.add_argument("--config", metavar="FILE", default=None,
-                       help="JSON or YAML file of options, keyed as the flags without dashes; "
-                            "flags given override it")
-    add_options(train, TRAIN_OPTIONS)
-    evaluate = commands.add_parser("evaluate", help="accuracy on multiple-choice and "
-                                   "arithmetic records, with or without an adapter")
-    evaluate.add_argument("--config", metavar="FILE", default=None,
-                          help="JSON or YAML file of options, keyed as the flags; flags given "
-                               "override it")
-    add_options(evaluate, EVALUATE_OPTIONS)
-    compare = commands.add_parser("compare", help="train and score several variants over "
-                                  "several seeds; a table with 95%% intervals")
-    compare.add_argument("--config", metavar="FILE", default=None,
-                         help="JSON or YAML file of options, keyed as the flags; flags given "
-                              "override it")
-    add_options(compare, COMPARE_OPTIONS)
+    for name, help_text, options in [
+            ("train", "fine-tune MoA adapters on a JSON/JSONL file with the transformers "
+             "Trainer", TRAIN_OPTIONS),
+            ("evaluate", "accuracy on multiple-choice and arithmetic records, with or without "
+             "an adapter", EVALUATE_OPTIONS),
+            ("compare", "train and score several variants over several seeds; a table with "
+             "95%% intervals", COMPARE_OPTIONS)]:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--config", metavar="FILE", default=None,
+                             help="JSON or YAML file of options, keyed as the flags without "
+                                  "dashes; flags given override it")
+        add_options(command, options)
     bench = commands.add_parser("bench", help="layer and model benchmarks, as ratios")
     add_options(bench, BENCH_OPTIONS)
     check = commands.add_parser("check", help="verify each backend against the reference")

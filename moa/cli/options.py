@@ -134,22 +134,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def preset(value) -> str:
-    """A MoAConfig preset name."""
-    value = text(value)
-    if value not in PRESETS:
-        raise argparse.ArgumentTypeError(f"unknown preset {value!r}; allowed: "
-                                         f"{', '.join(PRESETS)}")
-    return value
+def _one_of(what: str, allowed) -> Callable[[object], str]:
+    def check(value) -> str:
+        value = text(value)
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; allowed: "
+                                             f"{', '.join(allowed)}")
+        return value
+
+    check.__doc__ = f"A {what} name, one of: {', '.join(allowed)}."
+    return check
 
 
-def backend(value) -> str:
-    """A MoA backend name (moa.config.BACKENDS)."""
-    value = text(value)
-    if value not in BACKENDS:
-        raise argparse.ArgumentTypeError(f"unknown backend {value!r}; allowed: "
-                                         f"{', '.join(BACKENDS)}")
-    return value
+preset = _one_of("preset", PRESETS)
+backend = _one_of("backend", BACKENDS)
 
 
 def checkpoint_path(value) -> str:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import benchmark_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Ops per decoder layer in a training step, as pinned on 2026-12-06 (PEFT LoRA r16: 144,
@@ -21,11 +23,7 @@ PEFT_OPS = 144
 
 
 def _op_counts():
-    spec = importlib.util.spec_from_file_location("op_counts", ROOT / "benchmarks" /
-                                                  "op_counts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("op_counts")
 
 
 @pytest.fixture(scope="module")

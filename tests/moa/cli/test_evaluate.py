@@ -35,19 +35,14 @@ from moa.cli.evaluate import (
     score_multiple_choice,
 )
 from moa.cli.loading import build_text_model, byte_tokenizer
+from tests.moa.cli.conftest import one_line_error
 from tests.moa.cli.test_data import CountingTokenizer, trained_tokenizer
 from tests.moa.tiny import perturb
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_records(path: Path, records: list[dict]) -> str:
@@ -374,17 +369,6 @@ def test_a_mixed_file_reports_each_task_and_all(tmp_path, capsys):
 
 # ---- bad input -----------------------------------------------------------------------------
 
-def one_line_error(capsys, argv: list[str]) -> str:
-    """The error line of a failing command (a loading progress bar may come before it)."""
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code != 0, err
-    lines = [line for line in err.splitlines() if "moa: error" in line]
-    assert len(lines) == 1 and lines[0].startswith("moa: error: ") and \
-        err.endswith(lines[0] + "\n"), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.mark.parametrize("records,message", [

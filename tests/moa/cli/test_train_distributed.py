@@ -35,17 +35,13 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -54,10 +50,21 @@ from moa.cli.evaluate import EvaluateOptions, run_evaluate
 from moa.cli.loading import build_text_model
 from moa.cli.train import TrainOptions, run_train
 from tests.conftest import relative_error
+from tests.gloo import (
+    WORLD_SIZE,
+    free_port,
+    launch,
+    leave,
+    loopback_interface,
+    mark,
+    run_scenarios,
+    scenario_folder,
+)
 
-WORLD_SIZE = 2
 DEADLINE_S = 300
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+ZERO3_CASE = pytest.param("zero3", marks=pytest.mark.skipif(not HAS_DEEPSPEED,
+                                                      reason="deepspeed is not installed"))
 RECORDS = 32
 TRAIN = ["--epochs", "1", "--batch-size", "4", "--lr", "1e-2", "--save-interval", "2",
          "--save-total-limit", "5"]
@@ -214,94 +221,23 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     try:
         dist.all_reduce(torch.ones(1))
         mark(out, rank, "connected")
-        for scenario in SCENARIOS:
-            folder = out / scenario
-            folder.mkdir(exist_ok=True)
-            try:
-                RUNS[scenario](rank, folder)
-            except BaseException:
-                (folder / f"rank{rank}.error").write_text(traceback.format_exc())
-            dist.barrier()
-            mark(folder, rank, "done")
-        mark(out, rank, "done")
+        run_scenarios(rank, out, SCENARIOS, RUNS)
     finally:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as in test_distributed.py: the gloo teardown can stall
-
-
-def mark(folder: Path, rank: int, stage: str) -> None:
-    (folder / f"rank{rank}.{stage}").touch()
-
-
-def reached(folder: Path, stage: str) -> bool:
-    return all((folder / f"rank{rank}.{stage}").exists() for rank in range(WORLD_SIZE))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def loopback_interface() -> str | None:
-    names = {name for _, name in socket.if_nameindex()}
-    return next((name for name in ("lo", "lo0") if name in names), None)
-
-
-def run_workers(out_dir: Path) -> str | None:
-    """Both ranks to completion, or killed at the deadline: the reason to skip, a failure,
-    or None when every scenario has its results."""
-    context = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE,
-                                 join=False, start_method="spawn")
-    started = time.monotonic()
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() - started > DEADLINE_S:
-                for process in context.processes:
-                    process.kill()
-                problem = f"did not finish within {DEADLINE_S} s"
-                break
-        else:
-            return None
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
-        problem = "failed: " + str(error).strip().splitlines()[-1]
-    if reached(out_dir, "done"):
-        return None
-    if reached(out_dir, "started") and not reached(out_dir, "connected"):
-        return (f"skip: this machine cannot run gloo: two processes on loopback {problem} "
-                "before exchanging one tensor")
-    return f"fail: the gloo workers {problem}"
+    leave()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The folder of every scenario's results, from one run of the two workers."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out_dir = tmp_path_factory.mktemp("launched")
     (out_dir / "inputs").mkdir()
     write_inputs(out_dir / "inputs")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        interface = loopback_interface()
-        if interface is not None:
-            monkeypatch.setenv("GLOO_SOCKET_IFNAME", interface)
-        outcome = run_workers(out_dir)
-    return out_dir, outcome
+    return out_dir, launch(worker, out_dir, DEADLINE_S)
 
 
 def results(runs, scenario: str) -> Path:
-    out_dir, outcome = runs
-    if outcome is not None and outcome.startswith("skip: "):
-        pytest.skip(outcome[len("skip: "):])
-    folder = out_dir / scenario
-    errors = sorted(folder.glob("rank*.error"))
-    if errors:
-        pytest.fail(f"{scenario} raised on {errors[0].stem}:\n{errors[0].read_text()}")
-    if outcome is not None or not reached(folder, "done"):
-        pytest.fail(outcome or f"{scenario} did not finish")
-    return folder
+    return scenario_folder(runs, scenario)
 
 
 def command(folder: Path, name: str, rank: int) -> tuple[int, str, str, list[str]]:
@@ -372,10 +308,8 @@ def test_two_processes_take_half_the_steps_of_one_and_train_what_one_trains_on_b
     assert adapter_error(folder / "run" / "adapter", one_process["batch-8"] / "adapter") < 1e-5
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", ZERO3_CASE])
 def test_rank_0_alone_prints_and_writes_the_outputs(runs, strategy):
-    if strategy == "zero3" and not HAS_DEEPSPEED:
-        pytest.skip("deepspeed is not installed")
     folder = results(runs, strategy)
     succeeded(folder, "run")
     _, out0, _, _ = command(folder, "run", 0)
@@ -429,10 +363,8 @@ def checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", ZERO3_CASE])
 def test_checkpoints_hold_the_adapter_and_resume_state_but_no_base_weights(runs, strategy):
-    if strategy == "zero3" and not HAS_DEEPSPEED:
-        pytest.skip("deepspeed is not installed")
     folder = results(runs, strategy)
     base = build_text_model()
     frozen = {name: param.numel() for name, param in base.named_parameters()}
@@ -455,10 +387,8 @@ def test_checkpoints_hold_the_adapter_and_resume_state_but_no_base_weights(runs,
         assert trainable * 3 <= total <= trainable * 4.2, (step, total, trainable)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", ZERO3_CASE])
 def test_resume_last_continues_the_loss_curve_of_the_uninterrupted_run(runs, strategy):
-    if strategy == "zero3" and not HAS_DEEPSPEED:
-        pytest.skip("deepspeed is not installed")
     folder = results(runs, strategy)
     succeeded(folder, "resume")
     whole, resumed = losses(folder / "run"), losses(folder / "resumed")
@@ -469,10 +399,8 @@ def test_resume_last_continues_the_loss_curve_of_the_uninterrupted_run(runs, str
     assert adapter_error(folder / "run" / "adapter", folder / "resumed" / "adapter") < 1e-6
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["fsdp", ZERO3_CASE])
 def test_sharded_training_trains_what_ddp_trains(runs, strategy):
-    if strategy == "zero3" and not HAS_DEEPSPEED:
-        pytest.skip("deepspeed is not installed")
     folder = results(runs, strategy)
     ddp = results(runs, "ddp")
     assert adapter_error(folder / "run" / "adapter", ddp / "run" / "adapter") < 1e-5
@@ -480,10 +408,8 @@ def test_sharded_training_trains_what_ddp_trains(runs, strategy):
         assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["fsdp", ZERO3_CASE])
 def test_sharded_training_runs_with_bf16_and_activation_checkpointing(runs, strategy):
-    if strategy == "zero3" and not HAS_DEEPSPEED:
-        pytest.skip("deepspeed is not installed")
     folder = results(runs, strategy)
     succeeded(folder, "mixed")
     steps = losses(folder / "mixed")
