@@ -46,7 +46,7 @@ from torch import nn
 from moa.cli.options import Option, flag, options_dataclass, positive_int, text, torch_device
 from moa.cli.tiny_models import TinyLlama, build_tiny_llama
 from moa.config import RouterConfig
-from moa.layers import MoALinear
+from moa.modules.linear import MoALinear
 
 BENCH_OPTIONS: tuple[Option, ...] = (
     Option("quick", flag, False, "small shapes, no compiled memory workers: 1.5-4 minutes on 2 "
@@ -239,7 +239,7 @@ MOA_VARIANTS = (("soft_moa", "torch"), ("soft_moa", "reference"), ("sparse_moa",
 
 def _triton_variants(device: torch.device) -> tuple[str, ...]:
     """The triton-backend variants, where they can run (CUDA with triton installed)."""
-    from moa.layers import triton_available
+    from moa.modules.dispatch import triton_available
 
     if device.type == "cuda" and triton_available():
         return ("soft_moa/triton", "sparse_moa/triton")
@@ -689,7 +689,7 @@ def run_bench(quick: bool = False, out_dir: str | Path = "bench-out",
     from dataclasses import asdict
 
     from moa.cli import plots
-    from moa.layers import triton_available
+    from moa.modules.dispatch import triton_available
 
     device = torch.device(device)
     out_dir = Path(out_dir)

@@ -19,7 +19,7 @@ from torch import nn
 
 from moa.cli.options import Option, options_dataclass, positive_int, seed, torch_device
 from moa.config import ACTIVATIONS, MODES, RouterConfig, parse_experts
-from moa.layers import MoALinear
+from moa.modules.linear import MoALinear
 from moa_kernels.backends import available
 from moa_kernels.contract import BACKENDS
 

@@ -510,7 +510,7 @@ def check_backend(adapter_dir: Path | None, chosen: str | None, device: torch.de
     without CUDA or the Triton interpreter); a warning line for --backend without an
     adapter (the base model has no MoA layers)."""
     from moa.config import MoAConfig
-    from moa.layers import resolve_backend
+    from moa.modules.dispatch import resolve_backend
     from moa_kernels.contract import backend_info
 
     if adapter_dir is None:
