@@ -28,7 +28,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _cases():
-    from moa.bench import LAYER_CASES
+    from moa.cli.bench import LAYER_CASES
 
     return LAYER_CASES
 

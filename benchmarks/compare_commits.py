@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/compare_commits.py /tmp/moa-old /path/to/new --in-process
     git worktree remove /tmp/moa-old
 
-Subprocess mode (default): each round runs `moa.bench.layer_benchmark` once per tree, each
-in a fresh subprocess with PYTHONPATH at that tree (so the tree's own `moa` and
+Subprocess mode (default): each round runs the tree's `layer_benchmark` (moa/cli/bench.py;
+moa/bench.py in trees from before the applications moved) once per tree, each in a fresh
+subprocess with PYTHONPATH at that tree (so the tree's own `moa` and
 `moa_kernels` are imported; the worker checks that), the trees' order alternating from
 round to round so that drift of the machine falls on both alike. Within a worker the ratios
 are those of `moa bench` (every case against the frozen base, interleaved; medians of the
@@ -44,8 +45,10 @@ def _worker(args: argparse.Namespace) -> None:
     for module in (moa, moa_kernels):
         if tree not in Path(module.__file__).resolve().parents:
             raise SystemExit(f"{module.__name__} imported from {module.__file__}, not {tree}")
-    from moa.bench import layer_benchmark, overhead_ratio
+    import importlib
 
+    bench = importlib.import_module(bench_module(tree))
+    layer_benchmark, overhead_ratio = bench.layer_benchmark, bench.overhead_ratio
     backends = args.backends.split(",")
     rows = layer_benchmark(backends, tokens=args.tokens, features=args.features,
                            rounds=args.inner_rounds)
@@ -67,6 +70,12 @@ def _worker(args: argparse.Namespace) -> None:
             pick[("L1 soft", "reference")].fwd_bwd_ms / pick[("L1 soft", "torch")].fwd_bwd_ms)
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
                       "metrics": metrics}))
+
+
+def bench_module(tree: Path) -> str:
+    """The name of the tree's benchmark module: moa.cli.bench, or moa.bench in trees from
+    before the applications moved into moa/cli/."""
+    return "moa.cli.bench" if (tree / "moa" / "cli" / "bench.py").is_file() else "moa.bench"
 
 
 def _run_tree(tree: Path, args: argparse.Namespace) -> dict:
@@ -102,7 +111,7 @@ def _load_tree(tree: Path) -> dict:
     try:
         import importlib
 
-        for name in ("moa", "moa.bench", "moa.layers", "moa_kernels",
+        for name in ("moa", bench_module(tree), "moa.layers", "moa_kernels",
                      "moa_kernels.torch_ops", "moa_kernels.reference"):
             module = importlib.import_module(name)
             if tree not in Path(module.__file__).resolve().parents:
@@ -143,7 +152,7 @@ def _in_process(trees: list[Path], args: argparse.Namespace) -> None:
 
     functions = {}
     functions["base/forward"], functions["base/train"] = steps(base, {})
-    bench = [modules["moa.bench"] for modules in loaded]
+    bench = [modules[bench_module(tree)] for tree, modules in zip(trees, loaded)]
     cases = [c.name for c in bench[0].LAYER_CASES]
     keys = []
     for case_index, case_name in enumerate(cases):

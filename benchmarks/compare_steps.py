@@ -13,6 +13,8 @@ once, the order alternating from round to round, so load from elsewhere on the m
 falls on all alike; the report gives medians over rounds of the within-round ratios
 (old / PEFT, new / PEFT, new / old) and their ranges. --clock process times the process's
 CPU time instead of wall time (on a loaded machine, less of the other processes' work).
+--decode times the eager greedy `generate` call instead (4 prompts of 64 tokens, 32 new
+tokens, the KV cache; `moa bench`'s decode call), each model in eval mode.
 """
 
 from __future__ import annotations
@@ -33,6 +35,23 @@ def _compare_commits():
     return module
 
 
+def generate_call(model, shape, device, new_tokens: int = 32, prompt: int = 64,
+                  batch: int = 4):
+    """The eager greedy generate call of `moa bench`'s decode rows, as a function."""
+    import torch
+
+    model.eval()
+    ids = torch.randint(0, shape.vocab, (batch, prompt),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+
+    def generate() -> None:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False, use_cache=True, pad_token_id=0)
+    return generate
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants", default="soft_moa/torch,sparse_moa/torch")
     parser.add_argument("--quick", action="store_true", help="moa.bench's MODEL_QUICK shape")
+    parser.add_argument("--decode", action="store_true",
+                        help="time the eager generate call instead of the training step")
     parser.add_argument("--clock", choices=("wall", "process"), default="wall",
                         help="wall time, or the process's CPU time (all its threads): on a "
                              "machine others load, CPU time counts less of their work")
@@ -50,16 +71,18 @@ def main(argv: list[str] | None = None) -> None:
     loaded = [_compare_commits()._load_tree(tree) for tree in trees]
     device = torch.device("cpu")
     steps = {}
-    for index, modules in enumerate(loaded):
+    bench_module = _compare_commits().bench_module
+    for index, (tree, modules) in enumerate(zip(trees, loaded)):
         sys.modules.update(modules)
-        bench = modules["moa.bench"]
+        bench = modules[bench_module(tree)]
         shape = bench.MODEL_QUICK if args.quick else bench.MODEL_FULL
+        timed = generate_call if args.decode else bench.training_step
         if index == 0:
             peft, _ = bench.build_variant("peft_lora", shape, device)
-            steps["peft"] = (bench.training_step(peft, shape, device), modules)
+            steps["peft"] = (timed(peft, shape, device), modules)
         for variant in args.variants.split(","):
             model, _ = bench.build_variant(variant, shape, device)
-            steps[(variant, index)] = (bench.training_step(model, shape, device), modules)
+            steps[(variant, index)] = (timed(model, shape, device), modules)
 
     clock = time.process_time if args.clock == "process" else time.perf_counter
 
@@ -87,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     def ratios(a, b) -> list[float]:
         return [x / y for x, y in zip(samples[a], samples[b])]
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} "
-          f"clock; old {trees[0]}, new {trees[1]}; PEFT step median "
+    print(f"{'generate call' if args.decode else 'training step'}: torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.clock} clock; old {trees[0]}, "
+          f"new {trees[1]}; PEFT median "
           f"{statistics.median(samples['peft']) * 1e3:.0f} ms")
     print(f"{'variant':18s} {'old / PEFT':>22s} {'new / PEFT':>22s} {'new / old':>22s}")
     for variant in args.variants.split(","):

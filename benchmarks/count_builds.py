@@ -7,7 +7,7 @@ time limits in benchmarks/gpu_suite.py.
 
 A launch's build is what triton's JIT compiles a new binary for: its specialisation by the
 JIT's own binder for an sm_90 CUDA backend (integers equal to 1 made constants, pointers
-and integers divisible by 16 marked; see moa_kernels/triton/builds.py), its constexprs
+and integers divisible by 16 marked; see tools/triton_builds.py), its constexprs
 and options. Each step's launches are recorded as a GPU run makes them:
 
 - tests: the test step's selection (gpu_suite.TEST_FILES, -k gpu_suite.TEST_FILTER, or
@@ -94,7 +94,7 @@ class InterpretedLaunches:
     with the test (or step) that made it first. Also the pytest plugin of the tests step."""
 
     def __init__(self):
-        from moa_kernels.triton.builds import _target_backend
+        from tools.triton_builds import _target_backend
 
         _, self.backend = _target_backend()
         self.binders: dict = {}
@@ -199,7 +199,7 @@ def count_tests(selection: list[str], keyword: str | None) -> dict:
 def count_check() -> dict:
     """The builds of the check step (`moa check --device cuda --cases 3 --seed 0`)."""
     recorder = _interpreted_recorder()
-    from moa.check import check_backends
+    from moa.cli.check import check_backends
 
     recorder.origin = "moa check --cases 3 --seed 0"
     results = check_backends("cpu", cases_per_mode=3, seed=0, small=False)
@@ -209,9 +209,9 @@ def count_check() -> dict:
 
 def count_bench() -> dict:
     """The builds of the bench step: a forward and backward of each layer shape, bf16."""
-    from moa.bench import LAYER_CASES
+    from moa.cli.bench import LAYER_CASES
     from moa.config import RouterConfig
-    from moa_kernels.triton import builds
+    from tools import triton_builds as builds
 
     l1 = next(case for case in LAYER_CASES if case.name == "L1 soft")
     configs = builds.layer_configs() + [builds.LayerConfig(
@@ -222,7 +222,7 @@ def count_bench() -> dict:
 
 def count_realistic() -> dict:
     """The builds of test_jit_builds_within_budget (see SLOW_ON_THE_CPU)."""
-    from moa_kernels.triton import builds
+    from tools import triton_builds as builds
 
     configs = [c for c in builds.layer_configs() if c.name in ("L1 soft", "8B q")]
     return _summary(_record_meta([
@@ -234,7 +234,7 @@ def count_realistic() -> dict:
 def _record_meta(runs: list) -> dict[str, dict]:
     """The distinct builds of (LayerConfig, dtype, origin) runs: a forward and backward
     each on the meta device, launches intercepted (builds.recording)."""
-    from moa_kernels.triton import builds
+    from tools import triton_builds as builds
 
     found: dict[str, dict] = {}
     for config, dtype, origin in runs:
@@ -280,7 +280,7 @@ def compile_all(path: Path) -> None:
     import triton
     from triton.compiler import ASTSource
 
-    from moa_kernels.triton.builds import _target_backend
+    from tools.triton_builds import _target_backend
 
     def cpu_seconds() -> float:
         children = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -1,5 +1,5 @@
 """`moa train`'s optimizer step on one process against two (gloo, data-parallel), on the
-model benchmark's Llama (moa/bench.py MODEL_FULL: hidden 512, 8 layers, vocab 4096) with
+model benchmark's Llama (moa/cli/bench.py MODEL_FULL: hidden 512, 8 layers, vocab 4096) with
 soft_moa, sequences of 256 tokens.
 
     python benchmarks/data_parallel.py --steps 10 --rounds 2
@@ -47,9 +47,9 @@ def worker(data: str, steps: int, out: str) -> None:
     """One run_train of the benchmark model; rank 0 prints its step times as JSON."""
     import torch
 
-    from moa import bench
+    from moa.cli import bench
+    from moa.cli.train import TrainOptions, run_train
     from moa.distributed import current_world
-    from moa.train import TrainOptions, run_train
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     processes = int(os.environ.get("WORLD_SIZE", "1"))

@@ -504,9 +504,9 @@ GROUPED_VARIANT = "triton-grouped"
 
 
 def bench_cases(quick: bool) -> list:
-    """The layer cases: moa.bench's (L1 soft, M8 soft, M8 topk2) and L1's experts under a
+    """The layer cases: moa.cli.bench's (L1 soft, M8 soft, M8 topk2) and L1's experts under a
     top-2 router (L1 topk2, a sparse case with heterogeneous ranks); --quick: L1 soft."""
-    from moa.bench import LAYER_CASES, LayerCase
+    from moa.cli.bench import LAYER_CASES, LayerCase
     from moa.config import RouterConfig
 
     cases = list(LAYER_CASES)
@@ -672,7 +672,7 @@ class EightBLayer:
         import torch
 
         from moa import MoALinear, RouterConfig
-        from moa.layers import MoARouter
+        from moa.modules.router import MoARouter
 
         self.variant, self.bases = variant, bases
         self.router = None

@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from moa.bench import format_layer_table, layer_benchmark, overhead_ratio
+from moa.cli.bench import format_layer_table, layer_benchmark, overhead_ratio
 
 
 def main() -> None:

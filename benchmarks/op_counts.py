@@ -124,7 +124,8 @@ def decode_step_ops(name: str, layers: int) -> collections.Counter:
     import contextlib
 
     from moa import MoAModel
-    from moa.experts import instance_gate_reuse, prompt_key_cache
+    from moa.modules.layer_router import instance_gate_reuse
+    from moa.modules.prompt import prompt_key_cache
 
     model = build(name, layers)
     model.eval()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from moa.bench import LAYER_CASES
+from moa.cli.bench import LAYER_CASES
 from moa.config import parse_experts
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.triton.kernel_utils import align16

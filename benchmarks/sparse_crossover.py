@@ -3,7 +3,7 @@ path, per token count (how moa_kernels/torch_ops.py SPARSE_PLAN_MIN_TOKENS was c
 
     python benchmarks/sparse_crossover.py --features 512 --tokens 4,16,64,256,1024
 
-One MoALinear of the layer benchmark's M8 top-2 case (moa/bench.py LAYER_CASES), forward
+One MoALinear of the layer benchmark's M8 top-2 case (moa/cli/bench.py LAYER_CASES), forward
 without grad and forward + backward, both paths in the same interleaved rounds; prints
 dense / plan (below 1: the dense path is faster).
 """
@@ -15,8 +15,8 @@ import argparse
 import torch
 from torch import nn
 
-from moa import bench
-from moa.layers import MoALinear
+from moa.cli import bench
+from moa.modules.linear import MoALinear
 from moa_kernels import torch_ops
 
 

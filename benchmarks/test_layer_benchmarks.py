@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from moa.bench import L1, M8_SOFT, M8_TOPK
-from moa.layers import MoALinear
+from moa.cli.bench import L1, M8_SOFT, M8_TOPK
+from moa.modules.linear import MoALinear
 
 TOKENS = FEATURES = 2048
 

@@ -41,7 +41,7 @@ class ModelFamily:
     rotary: str = "apply_rotary_pos_emb"
     # True where `rotary` is transformers' rotate-half embedding, q cos + rotate_half(q) sin
     # with cos and sin [B, S, D] unsqueezed at the head dimension: the prompt expert then
-    # rotates its query alone, bitwise as `rotary` does (moa.experts.rotate_half_query)
+    # rotates its query alone, bitwise as `rotary` does (moa.modules.prompt.rotate_half_query)
     rotate_half: bool = True
 
     @property

@@ -4,7 +4,7 @@
 pattern and similar module names), `find_decoder_layers` the decoder layers that get a layer
 router. `Injection` replaces each target by a `MoALinear` in place (the frozen layer as its
 `.base`, so module names are kept) and, with router_scope="layer", adds per decoder layer the
-router, parallel adapter and prompt expert of moa/experts.py with the hooks that connect
+router, parallel adapter and prompt expert of moa/modules/ with the hooks that connect
 them (where each family keeps its norm, attention, MLP and query: moa/families.py); it
 records every change so that `remove` takes all of it out again. MoAModel
 (moa/model.py) owns one Injection; nothing here knows about saving or the wrapper.
@@ -18,22 +18,18 @@ import torch
 from torch import nn
 
 from moa.config import DEFAULT_EXPERT_KEY, LAYER_SCOPES, MoAConfig, layer_index, module_matches
-from moa.experts import (
-    GateCollector,
+from moa.families import check_prompt_attention, family_of
+from moa.modules.aux_loss import GateCollector, collecting_pre_hook
+from moa.modules.dispatch import default_adapter_dtype
+from moa.modules.layer_router import (
     LayerGates,
     LayerRouter,
-    NormRecordHook,
-    ParallelAdapter,
-    PromptExpert,
     RoutingContext,
-    attach_prompt,
-    collecting_pre_hook,
     constant_gates_pre_hook,
-    is_pure_norm,
 )
-from moa.families import check_prompt_attention, family_of
-from moa.layers import MoALinear, default_adapter_dtype
-from moa.stats import expert_names
+from moa.modules.linear import MoALinear, expert_names
+from moa.modules.parallel_adapter import NormRecordHook, ParallelAdapter, is_pure_norm
+from moa.modules.prompt import PromptExpert, attach_prompt
 
 MOA_MODULES = (MoALinear, LayerRouter, ParallelAdapter, PromptExpert)
 # The adapter groups a "group" router gates (UniPELT): the adapted modules' experts, the

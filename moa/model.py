@@ -2,7 +2,7 @@
 
 `get_moa_model(model, config)` freezes the model and injects MoA (moa/injection.py: each
 targeted nn.Linear becomes a `MoALinear`; with router_scope="layer" the layer routers,
-parallel adapters and prompt experts of moa/experts.py are added). The module tree keeps its
+parallel adapters and prompt experts of moa/modules/ are added). The module tree keeps its
 names (a MoALinear sits where its nn.Linear was, the frozen layer as its `.base`), so the
 model's own forward, `generate` and gradient checkpointing run unchanged. MoAModel adds what
 users call: parameters, forward with the load-balancing loss, disable_adapters, unload and
@@ -28,22 +28,16 @@ import torch
 from torch import nn
 
 from moa.config import MoAConfig
-from moa.experts import (
-    GateCollector,
-    LayerRouter,
-    ParallelAdapter,
-    PromptExpert,
-    instance_gate_reuse,
-    load_balancing_loss,
-    prompt_key_cache,
-)
+from moa.distributed import TensorSlot, clean_name, gather_adapter_state
 from moa.injection import MOA_MODULES, Injection, find_decoder_layers, find_targets
-from moa.layers import ORDINARY_TENSOR_TYPES, MoALinear
+from moa.modules.aux_loss import GateCollector, load_balancing_loss
+from moa.modules.dispatch import ORDINARY_TENSOR_TYPES
+from moa.modules.layer_router import LayerRouter, instance_gate_reuse
+from moa.modules.linear import MoALinear
+from moa.modules.parallel_adapter import ParallelAdapter
+from moa.modules.prompt import PromptExpert, prompt_key_cache
 from moa.serialization import (
     WEIGHTS_NAME,
-    TensorSlot,
-    clean_name,
-    gather_adapter_state,
     load_adapter,
     load_adapter_into,
     load_state_into,
@@ -98,6 +92,13 @@ class MoAModel(nn.Module):
         # save_pretrained reads (and gathers) on a wrapped or sharded model.
         self._slots = [TensorSlot(name, owner, attribute, tuple(param.shape))
                        for name, owner, attribute, param in self._moa_tensors()]
+
+    @property
+    def tensor_slots(self) -> list[TensorSlot]:
+        """Where each MoA tensor lives (module, attribute, name, shape), as recorded at
+        injection: what saving reads and gathers on a wrapped or sharded model (empty after
+        unload())."""
+        return self._slots
 
     # The Trainer's quantized-base check (transformers.trainer_utils.
     # validate_quantization_for_training) reads this flag as "trainable adapters are attached".

@@ -44,40 +44,50 @@ Weights are only ever read with safetensors (never pickle). An empty, truncated 
 file, or a moa_config.json that is not UTF-8 JSON, is a ValueError that names the file, the
 problem and what was expected.
 
-Distributed training: `save_adapter` is called on every rank. `gather_adapter_state` reads
-each MoA tensor whole from whatever wraps or shards it (DDP, FSDP1, FSDP2, DeepSpeed ZeRO;
-see the section "whole tensors from wrapped and sharded models"), the main process writes as
-above, and after a collective gather every rank learns whether the write succeeded.
+Distributed training: `save_adapter` is called on every rank. moa.distributed's
+`gather_adapter_state` reads each MoA tensor whole from whatever wraps or shards it (DDP,
+FSDP1, FSDP2, DeepSpeed ZeRO), the main process writes as above, and after a collective
+gather every rank learns whether the write succeeded.
 
-The Hub: `resolve_adapter` turns a repo id into a directory of huggingface_hub's cache (or
-finds it there, offline); `push_adapter` uploads the two adapter files.
+The Hub (moa/hub.py): `load_adapter` takes a repo id as well as a directory
+(`resolve_adapter`); `push_adapter` saves, then uploads the two adapter files.
 """
+
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import sys
 import tempfile
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from moa.config import CONFIG_NAME, MoAConfig
-from moa.layers import MoALinear
+from moa._version import __version__
+from moa.config import CONFIG_NAME, WEIGHTS_NAME, MoAConfig
+from moa.distributed import (  # (TensorSlot, clean_name: re-exported for old imports)
+    TensorSlot,
+    adapter_state_from,
+    clean_name,
+    every_rank_succeeded,
+    gather_adapter_state,
+    is_dtensor,
+    is_main,
+    world_size,
+)
+from moa.hub import resolve_adapter, upload_adapter
+from moa.io import fsync_directory, remove_quietly, write_file_atomically, write_new_file
+from moa.modules.linear import MoALinear
 
 if TYPE_CHECKING:
     from moa.model import MoAModel
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 STAGING_PREFIX = ".moa-save-"
 CONFIG_KEY = "moa_config"
 MODULE_EXPERTS_KEY = "moa_module_experts"
@@ -87,62 +97,8 @@ _SHOWN = 20
 
 
 # ---------------------------------------------------------------------------------------
-# writing files
+# writing the two files
 # ---------------------------------------------------------------------------------------
-
-def _write_file(path: str, data: bytes) -> None:
-    """Create `path` (it must not exist), write `data` and fsync it."""
-    with open(path, "xb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make renames in `directory` durable; best effort where directories cannot be opened
-    or fsynced (Windows, some network and FUSE filesystems)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Replace `path` by a file holding `data`: written and fsynced under a temporary name in
-    the same directory, then renamed over `path`. On any failure `path` is as it was and the
-    temporary file is gone."""
-    path = os.fspath(path)
-    directory, name = os.path.split(path)
-    while True:
-        temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
-        try:
-            _write_file(temporary, data)
-            break
-        except FileExistsError:
-            continue
-        except BaseException:
-            _remove_quietly(temporary)
-            raise
-    try:
-        os.replace(temporary, path)
-    except BaseException:
-        _remove_quietly(temporary)
-        raise
-    _fsync_directory(directory or ".")
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
 
 def _keep_previous(target: str, backup: str) -> bool:
     """Hard-link (or copy) `target` to `backup`; False when there is no `target`."""
@@ -172,16 +128,16 @@ def _commit(staging: str, directory: str, names: tuple[str, ...]) -> None:
         for name in names:
             os.replace(os.path.join(staging, name), os.path.join(directory, name))
             replaced.append(name)
-        _fsync_directory(directory)
+        fsync_directory(directory)
     except BaseException:
         try:
             for name in reversed(replaced):
                 target = os.path.join(directory, name)
                 if previous[name] is None:
-                    _remove_quietly(target)
+                    remove_quietly(target)
                 else:
                     os.replace(previous[name], target)
-            _fsync_directory(directory)
+            fsync_directory(directory)
         except OSError as error:
             raise _RollbackFailed(error.errno, error.strerror) from error
         raise
@@ -207,8 +163,6 @@ def adapter_metadata(moa: MoAModel, config_json: str,
                      state: dict[str, torch.Tensor]) -> dict[str, str]:
     """The safetensors metadata of a saved adapter: the base model, the moa version and what
     the weights were saved with (see the module docstring)."""
-    from moa import __version__
-
     return {"format": "pt", "moa_version": __version__, "moa_format": METADATA_FORMAT,
             "base_model_name_or_path": base_model_name_or_path(moa.model),
             CONFIG_KEY: config_json,
@@ -236,7 +190,7 @@ def save_adapter(moa: MoAModel, directory: str | os.PathLike,
     finished, and raises if it failed.
     """
     directory = os.fspath(directory)
-    if not moa._slots:
+    if not moa.tensor_slots:
         raise RuntimeError(f"this MoAModel holds no MoA tensors (unload() or "
                            f"merge_and_unload() took them out), so there is no adapter to save; "
                            f"refusing to write an empty adapter into {directory!r}")
@@ -252,7 +206,7 @@ def save_adapter(moa: MoAModel, directory: str | os.PathLike,
         except BaseException as error:  # every rank learns of it below, then it propagates
             failure = error
     del state
-    if collective and _world_size() > 1 and not _all_succeeded(failure is None):
+    if collective and world_size() > 1 and not every_rank_succeeded(failure is None):
         if failure is None:
             raise RuntimeError(f"saving the MoA adapter into {directory!r} failed on the "
                                f"writing rank (see its error); the {CONFIG_NAME} and "
@@ -268,8 +222,8 @@ def _write_adapter(moa: MoAModel, directory: str, state: dict[str, torch.Tensor]
     staging = None
     try:
         staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory)
-        _write_file(os.path.join(staging, WEIGHTS_NAME), weights)
-        _write_file(os.path.join(staging, CONFIG_NAME), config_json.encode("utf-8"))
+        write_new_file(os.path.join(staging, WEIGHTS_NAME), weights)
+        write_new_file(os.path.join(staging, CONFIG_NAME), config_json.encode("utf-8"))
         _commit(staging, directory, (WEIGHTS_NAME, CONFIG_NAME))
     except _RollbackFailed as error:
         kept, staging = staging, None
@@ -287,213 +241,6 @@ def _write_adapter(moa: MoAModel, directory: str, state: dict[str, torch.Tensor]
             shutil.rmtree(staging, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------------------
-# whole tensors from wrapped and sharded models
-# ---------------------------------------------------------------------------------------
-#
-# Users call save_pretrained on every rank. What a MoA tensor holds there depends on the
-# wrapper: DDP and DeepSpeed ZeRO-1/2 keep a full replica on each rank (nothing to gather);
-# FSDP2 (fully_shard) turns it into a DTensor (full_tensor() all-gathers it); FSDP1
-# (FullyShardedDataParallel) leaves a flat slice of its unit's FlatParameter until the unit is
-# unsharded (summon_full_params); ZeRO-3 leaves an empty tensor with `ds_shape` until
-# deepspeed.zero.GatheredParameters gathers it. The tensors are read through the (module,
-# attribute) slots recorded at injection, which survive every wrapper (FSDP1 with
-# use_orig_params=False unregisters the parameters but sets the attributes while
-# unsharded), and named as recorded, free of the prefixes wrappers insert into module paths.
-
-WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
-# Leading parts under which a state dict may hold the model's MoA tensors: the base model's
-# own names, MoAModel.state_dict()'s, and those of a DDP or DeepSpeed engine around either.
-STATE_DICT_PREFIXES = ("", "model.", "module.model.", "module.")
-
-
-@dataclass(frozen=True)
-class TensorSlot:
-    """Where one MoA tensor lives: `module.<attribute>`, named `name` (as in the unwrapped
-    base model's named_parameters()) with `shape`, as recorded at injection."""
-
-    name: str
-    module: nn.Module
-    attribute: str
-    shape: tuple[int, ...]
-
-
-def clean_name(name: str) -> str:
-    """`name` without the path parts wrappers insert: FSDP1's _fsdp_wrapped_module,
-    activation checkpointing's _checkpoint_wrapped_module, torch.compile's _orig_mod."""
-    return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
-
-
-def is_main() -> bool:
-    """True on rank 0 of the default process group, or without one."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_succeeded(succeeded: bool) -> bool:
-    """Whether every rank succeeded (a collective: every rank calls it)."""
-    backend = str(dist.get_backend())
-    device = torch.device("cpu")
-    if "gloo" not in backend and torch.accelerator.is_available():
-        device = torch.accelerator.current_accelerator()
-    failed = torch.tensor([0 if succeeded else 1], device=device)
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    return failed.item() == 0
-
-
-def _fsdp1_units(model: nn.Module) -> dict[str, nn.Module]:
-    """FSDP1 units (FullyShardedDataParallel instances) inside `model`, by module path."""
-    if "torch.distributed.fsdp" not in sys.modules or not dist.is_available():
-        return {}
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, FullyShardedDataParallel)}
-
-
-def _whole_copy(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to("cpu", copy=True).contiguous()
-
-
-def gather_adapter_state(moa: MoAModel) -> tuple[dict[str, torch.Tensor], bool]:
-    """Whole CPU copies of moa's MoA tensors, by name, and whether gathering them was a
-    collective. When any tensor is sharded (FSDP1, FSDP2, ZeRO-3) every rank of the process
-    group must call this, as users call save_pretrained; each FSDP1 unit is unsharded on
-    its own (the peak is one unit, not the model), ZeRO-3 and FSDP2 gather the MoA tensors
-    only, never the frozen base. Under DeepSpeed's bf16 or fp16 training the tensors are
-    the optimizer's float32 master copies, as without DeepSpeed.
-
-    Raises RuntimeError naming a tensor that is still not whole, e.g. one that an FSDP1 unit
-    wrapping the MoAModel from outside shards (wrap the decoder layers with an
-    auto_wrap_policy so each MoA tensor lies in a unit inside the model, or pass the full
-    state dict: save_pretrained(directory, state_dict=...)).
-    """
-    slots: list[TensorSlot] = moa._slots
-    units = _fsdp1_units(moa.model)
-    owner = {}  # id(module) -> the path of its innermost FSDP1 unit
-    for path, module in moa.model.named_modules():
-        inside = [unit for unit in units if unit == path or path.startswith(unit + ".")
-                  or unit == ""]
-        if inside:
-            owner[id(module)] = max(inside, key=len)
-    if any(getattr(unit, "_is_root", False) is None for unit in units.values()):
-        # Unsharding a unit before its root's first forward would make the unit a root of
-        # its own, and that first forward would then fail.
-        raise RuntimeError("FSDP1 sets its units up on the model's first forward; gathering "
-                           "the MoA tensors before it would break that forward. Save before "
-                           "wrapping the model (the tensors are the same), or after a forward")
-    state: dict[str, torch.Tensor] = {}
-    for unit_path, unit in units.items():
-        mine = [slot for slot in slots if owner.get(id(slot.module)) == unit_path]
-        if not mine:
-            continue
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
-            for slot in mine:
-                state[slot.name] = _whole_copy(getattr(slot.module, slot.attribute))
-    masters = False
-    for slot in slots:
-        if slot.name not in state:
-            master = _deepspeed_master(getattr(slot.module, slot.attribute))
-            if master is not None:
-                state[slot.name] = _whole_copy(master)
-                masters = True
-    rest = [slot for slot in slots if slot.name not in state]
-    zero3 = [slot for slot in rest if hasattr(getattr(slot.module, slot.attribute), "ds_id")]
-    if zero3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(
-                [getattr(slot.module, slot.attribute) for slot in zero3], modifier_rank=None):
-            for slot in zero3:
-                state[slot.name] = _whole_copy(getattr(slot.module, slot.attribute))
-    collective = bool(units) or bool(zero3) or masters
-    for slot in slots:
-        if slot.name in state:
-            continue
-        tensor = getattr(slot.module, slot.attribute)
-        if _is_dtensor(tensor):
-            if tensor.device.type != tensor.device_mesh.device_type:
-                # FSDP2's CPU offload: the shards live on the CPU, the mesh (NCCL) on the GPU
-                tensor = tensor.to(tensor.device_mesh.device_type)
-            tensor = tensor.full_tensor()
-            collective = True
-        state[slot.name] = _whole_copy(tensor)
-    _check_whole(state, slots, "the model")
-    return state, collective
-
-
-def _deepspeed_master(param) -> torch.Tensor | None:
-    """The float32 master copy, whole, that a DeepSpeed ZeRO optimizer keeps of `param` when
-    the module's own copy is bfloat16 or float16 (DeepSpeed's mixed precision: the module
-    computes in half precision, the optimizer updates float32 partitions); None for any other
-    tensor. A collective: every rank calls it, in the same order."""
-    if param.dtype == torch.float32 or "deepspeed" not in sys.modules:
-        return None
-    if not (hasattr(param, "_z3_optimizer") or hasattr(param, "_hp_mapping")):
-        return None
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    return safe_get_full_fp32_param(param)
-
-
-def _is_dtensor(tensor) -> bool:
-    if "torch.distributed.tensor" not in sys.modules:
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def _check_whole(state: dict[str, torch.Tensor], slots: list[TensorSlot], source: str) -> None:
-    wrong = [f"{slot.name} (got {tuple(state[slot.name].shape)}, the tensor is "
-             f"{slot.shape})" for slot in slots
-             if slot.name in state and tuple(state[slot.name].shape) != slot.shape]
-    if wrong:
-        raise RuntimeError(
-            f"cannot read the MoA tensors whole from {source}: "
-            + ", ".join(wrong[:_SHOWN]) + (f", ... ({len(wrong)} in all)"
-                                           if len(wrong) > _SHOWN else "")
-            + ". A wrapper shards them without a way to gather them from inside the MoAModel "
-            "(an FSDP1 FullyShardedDataParallel around the MoAModel itself: wrap its decoder "
-            "layers with an auto_wrap_policy, so each MoA tensor lies in a unit inside the "
-            "model, or pass the full state dict: save_pretrained(directory, state_dict=...))")
-
-
-def adapter_state_from(moa: MoAModel, state_dict: dict[str, torch.Tensor],
-                       writer: bool) -> tuple[dict[str, torch.Tensor], bool]:
-    """moa's MoA tensors taken from `state_dict` (whole CPU copies), and whether reading
-    them was a collective (DTensor values are all-gathered: every rank passes its state
-    dict). Keys may carry wrapper path parts and one of STATE_DICT_PREFIXES (a state dict of
-    the base model, of the MoAModel, or of a DDP or DeepSpeed engine around it); the other
-    tensors in it are ignored. A rank that does not write may pass an empty dict (a full
-    state dict gathered to rank 0 only); the writer's must hold every MoA tensor."""
-    slots: list[TensorSlot] = moa._slots
-    by_clean = {clean_name(key): key for key in state_dict}
-    counts = {prefix: sum(prefix + slot.name in by_clean for slot in slots)
-              for prefix in STATE_DICT_PREFIXES}
-    prefix = max(STATE_DICT_PREFIXES, key=lambda p: counts[p])  # first of the best
-    found = [slot for slot in slots if prefix + slot.name in by_clean]
-    collective = False
-    state = {}
-    for slot in found:
-        tensor = state_dict[by_clean[prefix + slot.name]]
-        if _is_dtensor(tensor):
-            tensor = tensor.full_tensor()
-            collective = True
-        state[slot.name] = _whole_copy(tensor)
-    if writer and len(found) < len(slots):
-        missing = [slot.name for slot in slots if slot not in found]
-        raise ValueError("the state_dict passed to save_pretrained lacks MoA tensors of this "
-                         "model: " + ", ".join(missing[:_SHOWN])
-                         + (f", ... ({len(missing)} in all)" if len(missing) > _SHOWN else "")
-                         + "; pass the full (gathered) state dict, or none to read the model")
-    _check_whole(state, slots, "the state_dict")
-    return state, collective
 
 
 # ---------------------------------------------------------------------------------------
@@ -613,7 +360,7 @@ def load_state_into(moa: MoAModel, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, param in expected.items():
             value = state[name]
-            if _is_dtensor(param):  # FSDP2: this rank's shard of the whole tensor
+            if is_dtensor(param):  # FSDP2: this rank's shard of the whole tensor
                 from torch.distributed.tensor import distribute_tensor
 
                 value = distribute_tensor(value.to(param.device_mesh.device_type),
@@ -682,62 +429,6 @@ def load_adapter_into(moa: MoAModel, source: str | os.PathLike, **hub: object) -
     moa.load_moa_state_dict(state)
 
 
-# ---------------------------------------------------------------------------------------
-# the Hugging Face Hub
-# ---------------------------------------------------------------------------------------
-
-def resolve_adapter(source: str | os.PathLike, *, revision: str | None = None,
-                    token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
-                    local_files_only: bool = False) -> str:
-    """The local directory holding the adapter `source` names: a directory, or a Hub repo id
-    ("user/repo") whose moa_config.json and adapter_model.safetensors huggingface_hub fetches
-    at `revision` (a branch, tag or commit; None: the default branch) into its cache, or
-    finds there: with HF_HUB_OFFLINE=1 or local_files_only=True only the cache is read, and
-    without a connection huggingface_hub falls back to it. Both files come from one commit.
-
-    Raises FileNotFoundError when `source` is neither a directory holding an adapter nor a
-    repo (or revision) that holds one, naming what was tried.
-    """
-    path = os.fspath(source)
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path!r}")
-        if revision is not None:
-            raise ValueError(f"revision={revision!r} names a commit of a Hub repo, but "
-                             f"{path!r} is a local directory")
-        return path
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(path)
-    except HFValidationError:
-        raise FileNotFoundError(f"{path!r} is neither a directory nor a Hugging Face Hub "
-                                f"repo id (user/repo)") from None
-    where = (f"{path!r} (no local directory of that name; tried it as a Hugging Face Hub "
-             f"repo id{f' at revision {revision!r}' if revision else ''})")
-    options = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
-    try:
-        config_path = hf_hub_download(path, CONFIG_NAME, revision=revision, **options)
-        # snapshots/<commit>/moa_config.json: the weights from the same commit, even if the
-        # branch moves between the two downloads
-        commit = os.path.basename(os.path.dirname(config_path))
-        weights_path = hf_hub_download(path, WEIGHTS_NAME, revision=commit, **options)
-    except OSError as error:  # huggingface_hub's errors are OSErrors
-        offline = ""
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE or local_files_only:
-            offline = (" (offline: HF_HUB_OFFLINE=1 or local_files_only=True reads the local "
-                       "cache only, which does not hold it)")
-        raise FileNotFoundError(f"cannot load a MoA adapter from {where}{offline}: "
-                                f"{type(error).__name__}: {error}") from error
-    if os.path.dirname(config_path) != os.path.dirname(weights_path):
-        raise FileNotFoundError(f"{where}: {CONFIG_NAME} and {WEIGHTS_NAME} resolved to "
-                                f"different snapshots")
-    return os.path.dirname(config_path)
-
 
 def push_adapter(moa: MoAModel, repo_id: str, *, commit_message: str | None = None,
                  private: bool | None = None, token: str | bool | None = None,
@@ -745,25 +436,16 @@ def push_adapter(moa: MoAModel, repo_id: str, *, commit_message: str | None = No
                  directory: str | os.PathLike | None = None) -> object:
     """What MoAModel.push_to_hub does: save the adapter (on every rank: it may be a
     collective) and upload moa_config.json and adapter_model.safetensors, nothing else, to
-    `repo_id` from the main process (created if needed). `directory`: upload the adapter
-    already saved there instead (its other files stay local). Returns huggingface_hub's
-    CommitInfo on the main process, None elsewhere."""
-    if directory is None:
-        with tempfile.TemporaryDirectory(prefix="moa-push-") as staging:
-            save_adapter(moa, staging)
-            return push_adapter(moa, repo_id, commit_message=commit_message, private=private,
-                                token=token, revision=revision, create_pr=create_pr,
-                                directory=staging)
-    if not is_main():
-        return None
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=os.fspath(directory),
-                             allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
-                             commit_message=commit_message or "Upload MoA adapter",
-                             revision=revision, create_pr=create_pr)
+    `repo_id` from the main process (created if needed; moa.hub.upload_adapter).
+    `directory`: upload the adapter already saved there instead (its other files stay
+    local). Returns huggingface_hub's CommitInfo on the main process, None elsewhere."""
+    options = {"commit_message": commit_message, "private": private, "token": token,
+               "revision": revision, "create_pr": create_pr}
+    if directory is not None:
+        return upload_adapter(directory, repo_id, **options)
+    with tempfile.TemporaryDirectory(prefix="moa-push-") as staging:
+        save_adapter(moa, staging)
+        return upload_adapter(staging, repo_id, **options)
 
 
 __all__ = ["WEIGHTS_NAME", "TensorSlot", "adapter_metadata", "adapter_state_from",

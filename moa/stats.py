@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moa.experts import LayerRouter
-from moa.layers import MoALinear
+from moa.modules.layer_router import LayerRouter
+from moa.modules.linear import MoALinear, expert_names  # (expert_names: re-exported)
 
 
 def gate_stats(gates: torch.Tensor) -> dict:
@@ -30,23 +30,6 @@ def gate_stats(gates: torch.Tensor) -> dict:
         return {"tokens": 0, "mean_gate": zeros, "active_fraction": list(zeros)}
     return {"tokens": tokens, "mean_gate": flat.mean(dim=0).tolist(),
             "active_fraction": (flat > 0).double().mean(dim=0).tolist()}
-
-
-def expert_names(layer: MoALinear) -> list[str]:
-    """A distinct name per gated expert of a MoALinear: its spec ("lora:8"), numbered where
-    specs repeat ("lora:8#0", "lora:8#1", ...); hydra heads always numbered ("hydra:8:8#0"
-    ..., a repeated hydra spec continuing the count)."""
-    texts = [str(spec) for spec in layer.specs]
-    numbered: dict[str, int] = {}  # next number per spec text
-    names = []
-    for text, spec in zip(texts, layer.specs):
-        if spec.kind == "hydra" or texts.count(text) > 1:
-            first = numbered.get(text, 0)
-            numbered[text] = first + spec.num_experts
-            names += [f"{text}#{n}" for n in range(first, first + spec.num_experts)]
-        else:
-            names.append(text)
-    return names
 
 
 def router_stats(model: nn.Module) -> dict[str, dict]:

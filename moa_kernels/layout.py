@@ -12,7 +12,9 @@ owns shrink rows `shrink[e]` and expand columns `expand[e]`. Expand column c rea
 shrink row `column_source[c]`, is scaled by `column_scale[c]` and gated by expert
 `column_expert[c]`. Without hydra experts column_source is the identity.
 The layout is plain Python, O(E) of it (ranges per expert, never per row or column);
-`index_tensors(device)` gives (and caches) its index tensors, each linear in the rank.
+`index_tensors(device)` gives (and caches) its index tensors, each linear in the rank;
+`cached(key, build)` keeps anything else an op derives from the layout (e.g. the Triton
+layout code), once per layout.
 Everything derived from the slots is computed once, at construction, into plain attributes:
 torch.compile reads them as constants (functools.cached_property takes a lock, which
 breaks a graph).
@@ -20,9 +22,36 @@ breaks a graph).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TypeVar
 
 import torch
+
+# The expert kinds and their codes: the code is what moa's expert_signature saves in every
+# adapter file and what the Triton layout code carries, so a code never changes (saved
+# adapters must load). Listed in the order users see them.
+EXPERT_KINDS: Mapping[str, int] = MappingProxyType({"lora": 1, "adapter": 2, "hydra": 3})
+_KIND_OF_CODE = {code: kind for kind, code in EXPERT_KINDS.items()}
+_Built = TypeVar("_Built")
+
+
+def kind_code(kind: str) -> int:
+    """The code of expert kind `kind`; ValueError naming the allowed kinds otherwise."""
+    if not isinstance(kind, str) or kind not in EXPERT_KINDS:
+        raise ValueError(f"unknown expert kind {kind!r}; allowed: {', '.join(EXPERT_KINDS)}")
+    return EXPERT_KINDS[kind]
+
+
+def kind_of_code(code: int) -> str:
+    """The expert kind whose code is `code`; ValueError naming the allowed codes otherwise."""
+    kind = _KIND_OF_CODE.get(code) if isinstance(code, int) and not isinstance(code, bool) \
+        else None
+    if kind is None:
+        allowed = ", ".join(f"{c} ({k})" for k, c in EXPERT_KINDS.items())
+        raise ValueError(f"unknown expert kind code {code!r}; allowed: {allowed}")
+    return kind
 
 
 @dataclass(frozen=True)
@@ -180,6 +209,17 @@ class ExpertLayout:
         return {"column_source": column_source, "column_expert": column_expert,
                 "column_scale": column_scale, "adapter_experts": adapter_experts,
                 "row_owner": row_owner, "gate_map": gate_map}
+
+    def cached(self, key: str, build: Callable[[], _Built]) -> _Built:
+        """build(), once per layout and key in eager mode (an op's own derived data, e.g.
+        the Triton layout code; `key` names the op, e.g. "moa_kernels.triton.code").
+        Under torch.compile build() runs at every trace and nothing is cached: plain
+        Python, a constant of the graph, and no cache written while tracing."""
+        if torch.compiler.is_compiling():
+            return build()
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
     def index_tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Index tensors on `device` (built on the CPU with the layout, cached per device

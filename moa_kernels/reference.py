@@ -9,7 +9,7 @@ way the published MoA code does, and autograd provides the backward.
                          adapter_input=None)                      -> y [..., out]
     moa_linear(x [T, in], *, base_output | base_weight, ...)      -> (y [T, out], g [T, E])
 
-`moa_linear` is this backend's side of the backend contract (moa_kernels/backends.py): the
+`moa_linear` is this backend's side of the backend contract (moa_kernels/contract.py): the
 same entry point, with the same arguments, as torch_ops.moa_linear and
 moa_kernels.triton.moa_linear.
 """
@@ -19,15 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moa_kernels.activations import SILU, activation_by_name
+from moa_kernels.contract import check_base_operands, check_gate_source, check_gates
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.routing import RouterOps
-
-ACTIVATION_FUNCTIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "identity": lambda h: h,
-}
 
 
 def reference_router(
@@ -50,7 +45,7 @@ def reference_router(
     if kind == "linear":
         logits = F.linear(x, params["weight"], params["bias"])
     else:
-        hidden = F.silu(F.linear(x, params["w1_weight"], params["w1_bias"])) * F.linear(
+        hidden = SILU.function(F.linear(x, params["w1_weight"], params["w1_bias"])) * F.linear(
             x, params["w3_weight"], params["w3_bias"])
         logits = F.linear(hidden, params["w2_weight"], params["w2_bias"])
     p = torch.sigmoid(logits) if gate == "sigmoid" else torch.softmax(logits, dim=-1)
@@ -82,7 +77,7 @@ def reference_expert_delta(
     """delta_e(x) [..., out] of one expert (hydra heads are lora experts sharing lora_A)."""
     if kind in ("lora", "hydra"):
         return scaling * F.linear(F.linear(x, params["lora_A"]), params["lora_B"])
-    hidden = ACTIVATION_FUNCTIONS[activation](
+    hidden = activation_by_name(activation).function(
         F.linear(x, params["down_weight"], params["down_bias"]))
     return F.linear(hidden, params["up_weight"], params["up_bias"])
 
@@ -156,7 +151,7 @@ def moa_linear(
     adapter_input: torch.Tensor | None = None,
     sparse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backend contract (moa_kernels/backends.py) by the per-expert loop.
+    """The backend contract (moa_kernels/contract.py) by the per-expert loop.
 
     y = base + sum_e g_e delta_e(adapter_input) for 2-D x, base being `base_output` (the
     base module's output, any base) or x W^T + b from `base_weight`/`base_bias` (a plain
@@ -165,13 +160,10 @@ def moa_linear(
     Returns y [T, out] and the applied gates [T, E], in x's dtype.
     """
     base = resolve_base_output(x, base_output, base_weight, base_bias)
+    check_gate_source(router, gates)
     if gates is None:
-        if router is None:
-            raise ValueError("moa_linear needs a router or gates")
         gates = router.reference_gates(x)
-    if gates.shape != (x.shape[0], layout.num_experts):
-        raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "
-                         f"got {tuple(gates.shape)}")
+    check_gates(gates, x, layout.num_experts)
     gates = gates.to(x.dtype)
     experts = [(slot.kind, slot.scaling, slot.activation, params) for slot, params in
                zip(layout.slots, layout.expert_tensors(shrink_weight, shrink_bias,
@@ -184,12 +176,7 @@ def resolve_base_output(x: torch.Tensor, base_output: torch.Tensor | None,
                         base_weight: torch.Tensor | None,
                         base_bias: torch.Tensor | None) -> torch.Tensor:
     """The base output of the backend contract: base_output itself, or x W^T + b."""
-    if (base_output is None) == (base_weight is None):
-        raise ValueError("give exactly one of base_output (any base) and base_weight (a "
-                         "plain linear base)")
+    check_base_operands(x, base_output, base_weight)
     if base_output is not None:
-        if base_output.shape[:-1] != x.shape[:-1]:
-            raise ValueError(f"base_output has shape {tuple(base_output.shape)}, x has "
-                             f"{tuple(x.shape)}: their leading dimensions must agree")
         return base_output
     return F.linear(x, base_weight, base_bias)

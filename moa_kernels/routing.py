@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moa_kernels.decode import fusable_linear
+from moa_kernels.activations import SILU
+from moa_kernels.fusable import fusable_linear
 
 
 def gates_from_first_layer(
@@ -100,7 +101,7 @@ def swiglu_head(first_layer: torch.Tensor | Sequence[torch.Tensor], w2_weight: t
     else:
         up, gate_half = first_layer
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return fusable_linear(F.silu(up) * gate_half, w2_weight, w2_bias)
+        return fusable_linear(SILU.function(up) * gate_half, w2_weight, w2_bias)
     return _SwiGLUHead.apply(up, gate_half, w2_weight, w2_bias)
 
 
@@ -112,19 +113,19 @@ class _SwiGLUHead(torch.autograd.Function):
     def forward(ctx, up, gate_half, w2_weight, w2_bias):
         ctx.save_for_backward(up, gate_half, w2_weight)
         ctx.has_bias = w2_bias is not None
-        return F.linear(F.silu(up) * gate_half, w2_weight, w2_bias)
+        return F.linear(SILU.function(up) * gate_half, w2_weight, w2_bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logits):
         up, gate_half, w2_weight = ctx.saved_tensors
-        activated = F.silu(up)
+        activated = SILU.function(up)
         needs = ctx.needs_input_grad
         grad_up = grad_gate_half = grad_w2 = grad_b2 = None
         if needs[0] or needs[1]:
             grad_hidden = grad_logits @ w2_weight  # [T, H]
             if needs[0]:  # d silu(u) / du by autograd's own kernel (one op)
-                grad_up = torch.ops.aten.silu_backward.default(grad_hidden * gate_half, up)
+                grad_up = SILU.derivative(grad_hidden * gate_half, up)
             if needs[1]:
                 grad_gate_half = grad_hidden * activated
         if needs[2]:

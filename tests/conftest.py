@@ -27,8 +27,11 @@ terms, not of its norm. Hence:
   backend tests compare.
 """
 
+import importlib.util
 import math
 import os
+from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -52,6 +55,15 @@ NEGLIGIBLE_UNITS = 64
 
 # entries of a result dict that are outputs, not gradients (see assert_results_match)
 OUTPUT_KEYS = ("y", "last_gates")
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """benchmarks/NAME.py imported as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def norm(tensor: torch.Tensor) -> float:

@@ -35,7 +35,12 @@ from __future__ import annotations
 
 import torch
 
-from moa_kernels.backends import check_triton_input
+from moa_kernels.contract import (
+    check_base_operands,
+    check_gate_source,
+    check_gates,
+    check_triton_input,
+)
 from moa_kernels.layout import ExpertLayout
 from moa_kernels.reference import resolve_base_output
 from moa_kernels.routing import RouterOps
@@ -64,7 +69,7 @@ def moa_linear(
     sparse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = base + sum_e g_e delta_e(adapter_input) for 2-D x (the backend contract of
-    moa_kernels/backends.py).
+    moa_kernels/contract.py).
 
     Args:
         x: [T, in]. adapter_input: [T, in] what the experts read (x after dropout), or None.
@@ -81,6 +86,8 @@ def moa_linear(
         y [T, out] in x's dtype and the applied gates [T, E] in x's dtype.
     """
     check_triton_input(x)
+    check_base_operands(x, base_output, base_weight)
+    check_gate_source(router, gates)
     if sparse and sparse_plan() == "grouped":
         return _grouped_linear(x, base_output, base_weight, base_bias, layout, shrink_weight,
                                shrink_bias, expand_weight, expand_bias, router, gates,
@@ -110,10 +117,7 @@ def moa_linear(
     active = None
     if router is not None:
         gates, active = router.finish(router_h[:, :router.rows])
-    if gates is None or gates.shape != (x.shape[0], layout.num_experts):
-        shape = None if gates is None else tuple(gates.shape)
-        raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "
-                         f"got {shape}")
+    check_gates(gates, x, layout.num_experts)
     gates = gates.to(x.dtype).contiguous()
     if not sparse:
         active = None
@@ -143,10 +147,7 @@ def _grouped_linear(x, base_output, base_weight, base_bias, layout, shrink_weigh
         active = None
         if y is None:
             y = torch.nn.functional.linear(x, base_weight, base_bias)
-    if gates is None or gates.shape != (x.shape[0], layout.num_experts):
-        shape = None if gates is None else tuple(gates.shape)
-        raise ValueError(f"gates must have shape {(x.shape[0], layout.num_experts)}, "
-                         f"got {shape}")
+    check_gates(gates, x, layout.num_experts)
     gates = gates.to(x.dtype).contiguous()
     if active is None:
         active = gates != 0
@@ -173,9 +174,4 @@ def _router_blocks(router: RouterOps | None) -> tuple[list, list, int]:
 def _code(layout: ExpertLayout) -> tuple[list[int], list[float]]:
     """layout_code(layout), cached in the layout in eager mode (under torch.compile built
     while tracing: plain Python, a constant of the graph)."""
-    if torch.compiler.is_compiling():
-        return layout_code(layout)
-    key = "moa_kernels.triton.code"
-    if key not in layout._cache:
-        layout._cache[key] = layout_code(layout)
-    return layout._cache[key]
+    return layout.cached("moa_kernels.triton.code", lambda: layout_code(layout))

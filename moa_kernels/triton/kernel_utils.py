@@ -1,12 +1,13 @@
 """Small helpers shared by the kernels: the adapter activations (and their derivatives)
 over the packed column ranges, and tile choices on the host side.
 
-Activations: the packed column space (plan.py) orders the expert columns identity | silu |
-gelu | relu, so each activation covers one column range given as constexprs (`SILU`,
-`GELU`, `RELU`: the first column of each class; a class is empty when its start equals the
-next one's). The kernels walk the columns in blocks whose start is a constexpr too, so
-each block evaluates only the activations whose range meets it, with no select where one
-class covers the whole block: a LoRA-only block is the identity.
+Activations (moa_kernels.activations' table): the packed column space (plan.py) orders the
+expert columns as COLUMN_ORDER, identity | silu | gelu | relu, so each activation covers one
+column range given as constexprs (`SILU`, `GELU`, `RELU`: the first column of each class; a
+class is empty when its start equals the next one's). The kernels walk the columns in
+blocks whose start is a constexpr too, so each block evaluates only the activations whose
+range meets it, with no select where one class covers the whole block: a LoRA-only block
+is the identity.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATION_ORDER = ("identity", "silu", "gelu", "relu")
+from moa_kernels.activations import GELU, IDENTITY, RELU, SILU, Activation
+
+# The order of the packed expert columns: the activations `activate` evaluates, identity
+# first, then those of its SILU, GELU, RELU constexprs (each the start of its range).
+COLUMN_ORDER: tuple[Activation, ...] = (IDENTITY, SILU, GELU, RELU)
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -82,16 +87,6 @@ def align16(n: int) -> int:
 def block_columns(width: int) -> int:
     """The column tile for a packed width (a power of two, 16 to MAX_BLOCK_COLUMNS)."""
     return max(16, min(MAX_BLOCK_COLUMNS, triton.next_power_of_2(max(int(width), 1))))
-
-
-@triton.jit
-def _silu(h):
-    return h * tl.sigmoid(h)
-
-
-@triton.jit
-def _gelu(h):
-    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
 
 
 @triton.jit

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from moa_kernels.triton import expand, grouped, shrink
+from moa_kernels.triton.grouped_layout import GroupedLayout, grouped_widths
 from moa_kernels.triton.plan import KernelLayout, code_widths
 
 Tensor = torch.Tensor
@@ -218,7 +219,7 @@ def grouped_mixture_op(y: Tensor, x: Tensor, gates: Tensor, active: Tensor,
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return grouped.grouped_forward(y, x, gates, active, shrink_weight, full_bias,
                                    expand_weight, expand_bias,
-                                   grouped.GroupedLayout.of(code, scales, x.device))
+                                   GroupedLayout.of(code, scales, x.device))
 
 
 @grouped_mixture_op.register_fake
@@ -226,7 +227,7 @@ def _(y, x, gates, active, shrink_weight, full_bias, expand_weight, expand_bias,
       scales):
     ctx = torch.library.get_ctx()
     pairs, k_max = ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    widths = grouped.grouped_widths(code)
+    widths = grouped_widths(code)
     index = dict(dtype=torch.int64)
     return (torch.empty_like(y), x.new_empty(pairs, **index), x.new_empty(pairs, **index),
             x.new_empty(widths["experts"] + 1, **index), x.new_empty(x.shape[0], k_max, **index),
@@ -243,7 +244,7 @@ def grouped_mixture_backward_op(grad: Tensor, x: Tensor, gates: Tensor, token_in
                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = grouped.grouped_backward(grad, x, gates, token_index, pair_flat, offsets, pos, h,
                                      u, shrink_weight, expand_weight, expand_bias,
-                                     grouped.GroupedLayout.of(code, scales, x.device), need)
+                                     GroupedLayout.of(code, scales, x.device), need)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 

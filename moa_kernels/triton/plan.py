@@ -18,9 +18,15 @@ reads (hydra heads duplicate their shared A rows: the shrink is bound by reading
 the extra rows cost no time, and every expand load is a contiguous row segment), then zero
 padding to h_width = ceil16(C), then the router's first layer (when fused).
 
-`layout_code(layout)` gives the layout as plain ints (what the custom ops take: a constant
-under torch.compile); `KernelLayout.of(code, scales, device)`, called inside the ops, holds
-the map as small device tables and ints (cached per distinct layout and device).
+The layout code: `LayoutCode.encode(layout)` is the layout as one typed object of plain ints
+(rows R, columns C, adapters N_ad, and per slot a `SlotCode`: kind and activation codes of
+the tables in moa_kernels.layout and moa_kernels.activations, shrink rows, expand columns,
+adapter index); `to_ints()` flattens it into the int list the custom ops take (a constant
+under torch.compile) and `LayoutCode.decode(ints)`, the one place that reads that list,
+gives the object back (and raises on a code the tables do not know). `layout_code(layout)`
+gives both op arguments: the ints and the slots' scalings.
+`KernelLayout.of(code, scales, device)`, called inside the ops, holds the map as small
+device tables and ints (cached per distinct layout and device).
 `packed(kind, sources, extra, build)` caches a packed weight per version of its source
 tensors (weak references: an entry dies with its tensor, and an in-place update, e.g. the
 optimizer step, bumps the version and re-packs), so a steady training or decoding loop
@@ -36,33 +42,104 @@ from dataclasses import dataclass
 
 import torch
 
-from moa_kernels.layout import ExpertLayout
-from moa_kernels.triton.kernel_utils import ACTIVATION_ORDER, align16
+from moa_kernels.activations import activation_by_code, activation_by_name
+from moa_kernels.layout import EXPERT_KINDS, ExpertLayout, kind_code, kind_of_code
+from moa_kernels.triton.kernel_utils import COLUMN_ORDER, align16
 
-ACTIVATION_CODES = {name: i for i, name in enumerate(ACTIVATION_ORDER)}
-KIND_CODES = {"lora": 0, "adapter": 1, "hydra": 2}
-_SLOT_FIELDS = 7  # kind, shrink start, shrink stop, expand start, expand stop, act, adapter
+
+@dataclass(frozen=True)
+class SlotCode:
+    """One slot (gated expert) of a layout code, as plain ints."""
+
+    kind: int  # moa_kernels.layout.EXPERT_KINDS code
+    shrink_start: int  # its shrink rows [shrink_start, shrink_stop)
+    shrink_stop: int
+    expand_start: int  # its expand columns [expand_start, expand_stop)
+    expand_stop: int
+    activation: int  # moa_kernels.activations code
+    adapter: int  # its row of expand_bias, -1 for lora / hydra
+
+    @property
+    def rank(self) -> int:
+        return self.expand_stop - self.expand_start
+
+    @property
+    def has_bias(self) -> bool:
+        return self.adapter >= 0
+
+
+_SLOT_FIELDS = len(SlotCode.__dataclass_fields__)
+_HEADER = 3  # rows, columns, adapters
+
+
+@dataclass(frozen=True)
+class LayoutCode:
+    """A layout as plain ints (see the module docstring): rows R, columns C, adapters N_ad
+    and one SlotCode per slot."""
+
+    rows: int
+    columns: int
+    adapters: int
+    slots: tuple[SlotCode, ...]
+
+    @classmethod
+    def encode(cls, layout: ExpertLayout) -> LayoutCode:
+        return cls(layout.shrink_rows, layout.expand_columns, layout.num_adapters, tuple(
+            SlotCode(kind_code(slot.kind), *slot.shrink, *slot.expand,
+                     activation_by_name(slot.activation).code,
+                     -1 if slot.adapter_index is None else slot.adapter_index)
+            for slot in layout.slots))
+
+    def to_ints(self) -> list[int]:
+        """[R, C, N_ad] + the 7 fields of each slot, in SlotCode's field order."""
+        ints = [self.rows, self.columns, self.adapters]
+        for slot in self.slots:
+            ints += [slot.kind, slot.shrink_start, slot.shrink_stop, slot.expand_start,
+                     slot.expand_stop, slot.activation, slot.adapter]
+        return ints
+
+    @classmethod
+    def decode(cls, ints: list[int] | tuple[int, ...]) -> LayoutCode:
+        """The LayoutCode that `to_ints` flattened; ValueError for a list of another length
+        or with a kind or activation code the tables do not know."""
+        ints = tuple(int(i) for i in ints)
+        if len(ints) < _HEADER or (len(ints) - _HEADER) % _SLOT_FIELDS:
+            raise ValueError(f"a layout code has {_HEADER} + {_SLOT_FIELDS} x experts ints, "
+                             f"got {len(ints)}")
+        slots = tuple(SlotCode(*ints[i:i + _SLOT_FIELDS])
+                      for i in range(_HEADER, len(ints), _SLOT_FIELDS))
+        for slot in slots:
+            kind_of_code(slot.kind)
+            activation_by_code(slot.activation)
+        return cls(*ints[:_HEADER], slots)
+
+    def widths(self) -> dict[str, int]:
+        """The sizes of the packed space (plain ints, for fake implementations): rows R,
+        columns C, adapters N_ad, experts E, k_width, h_width."""
+        return {"rows": self.rows, "columns": self.columns, "adapters": self.adapters,
+                "experts": len(self.slots), "k_width": align16(self.columns + self.adapters),
+                "h_width": align16(self.columns)}
 
 
 def layout_code(layout: ExpertLayout) -> tuple[list[int], list[float]]:
-    """The layout as plain ints and floats, what the custom ops take (a constant under
-    torch.compile): [R, C, N_ad] + 7 ints per slot (kind, shrink rows, expand columns,
-    activation, adapter index or -1), and the slots' scalings."""
-    code = [layout.shrink_rows, layout.expand_columns, layout.num_adapters]
-    for slot in layout.slots:
-        code += [KIND_CODES[slot.kind], *slot.shrink, *slot.expand,
-                 ACTIVATION_CODES[slot.activation],
-                 -1 if slot.adapter_index is None else slot.adapter_index]
-    return code, [float(slot.scaling) for slot in layout.slots]
+    """What the custom ops take for a layout (constants under torch.compile): the
+    LayoutCode's ints and the slots' scalings."""
+    return LayoutCode.encode(layout).to_ints(), [float(slot.scaling) for slot in layout.slots]
 
 
 def code_widths(code: list[int]) -> dict[str, int]:
-    """The sizes of a layout code's packed space (plain ints, for fake implementations):
-    rows R, columns C, adapters N_ad, experts E, k_width, h_width."""
-    rows, columns, adapters = code[:3]
-    return {"rows": rows, "columns": columns, "adapters": adapters,
-            "experts": (len(code) - 3) // _SLOT_FIELDS,
-            "k_width": align16(columns + adapters), "h_width": align16(columns)}
+    """LayoutCode.decode(code).widths()."""
+    return LayoutCode.decode(code).widths()
+
+
+def column_rank(code: int) -> int:
+    """Where the expert columns of activation `code` go in the packed order (COLUMN_ORDER);
+    ValueError for an activation the kernels do not evaluate."""
+    activation = activation_by_code(code)
+    if activation not in COLUMN_ORDER:
+        raise ValueError(f"the triton kernels have no {activation.name!r} activation; they "
+                         f"have {', '.join(a.name for a in COLUMN_ORDER)}")
+    return COLUMN_ORDER.index(activation)
 
 
 @dataclass
@@ -108,25 +185,27 @@ class KernelLayout:
 
     @classmethod
     def _build(cls, code: list[int], scales: list[float], device: torch.device) -> KernelLayout:
-        rows, columns, adapters = code[:3]
-        slots = [code[3 + i:3 + i + _SLOT_FIELDS] for i in range(0, len(code) - 3, _SLOT_FIELDS)]
+        layout = LayoutCode.decode(code)
+        rows, columns, adapters, slots = layout.rows, layout.columns, layout.adapters, \
+            layout.slots
+        ranks = [column_rank(slot.activation) for slot in slots]
         owner = [0] * columns
-        for e, (_, _, _, c0, c1, _, _) in enumerate(slots):
-            for c in range(c0, c1):
+        for e, slot in enumerate(slots):
+            for c in range(slot.expand_start, slot.expand_stop):
                 owner[c] = e
-        order = sorted(range(columns), key=lambda c: slots[owner[c]][5])
-        starts = tuple(next((k for k, c in enumerate(order) if slots[owner[c]][5] >= act),
-                            columns) for act in range(1, len(ACTIVATION_ORDER)))
+        order = sorted(range(columns), key=lambda c: ranks[owner[c]])
+        starts = tuple(next((k for k, c in enumerate(order) if ranks[owner[c]] >= rank),
+                            columns) for rank in range(1, len(COLUMN_ORDER)))
         k_width = align16(columns + adapters)
         expert, scale = [0] * k_width, [0.0] * k_width
         source_row = [0] * columns
         for k, c in enumerate(order):
             e = owner[c]
             expert[k], scale[k] = e, scales[e]
-            source_row[k] = slots[e][1] + c - slots[e][3]
+            source_row[k] = slots[e].shrink_start + c - slots[e].expand_start
         for e, slot in enumerate(slots):
-            if slot[6] >= 0:
-                expert[columns + slot[6]], scale[columns + slot[6]] = e, 1.0
+            if slot.has_bias:
+                expert[columns + slot.adapter], scale[columns + slot.adapter] = e, 1.0
         inverse = [0] * columns
         for k, c in enumerate(order):
             inverse[c] = k
@@ -135,10 +214,12 @@ class KernelLayout:
             first[source_row[k]] = k
         hydra, seen = [], set()
         for slot in slots:
-            if slot[0] == KIND_CODES["hydra"] and (slot[1], slot[2]) not in seen:
-                seen.add((slot[1], slot[2]))
-                heads = sum((s[1], s[2]) == (slot[1], slot[2]) for s in slots)
-                hydra.append((slot[1], slot[2] - slot[1], first[slot[1]], heads))
+            shared = (slot.shrink_start, slot.shrink_stop)
+            if slot.kind == EXPERT_KINDS["hydra"] and shared not in seen:
+                seen.add(shared)
+                heads = sum((s.shrink_start, s.shrink_stop) == shared for s in slots)
+                hydra.append((slot.shrink_start, slot.shrink_stop - slot.shrink_start,
+                              first[slot.shrink_start], heads))
 
         def table(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)

@@ -27,7 +27,7 @@ from torch import nn
 
 from moa import ExpertSpec, MoAConfig, MoALinear, get_moa_model
 from moa.cli import main
-from moa.data import (
+from moa.cli.data import (
     CUT_MARGIN_TOKENS,
     DataError,
     MultipleChoiceItem,
@@ -35,7 +35,7 @@ from moa.data import (
     longest_token_chars,
     training_example,
 )
-from moa.loading import build_text_model, byte_tokenizer
+from moa.cli.loading import build_text_model, byte_tokenizer
 from tests.moa.tiny import tiny_llama
 
 
@@ -137,7 +137,7 @@ def command_on_data_path(command: str, path, *flags: str) -> None:
 
 
 def train_on_a_fifo() -> None:
-    from tests.moa.test_data import fifo_unblocked_after
+    from tests.moa.cli.test_data import fifo_unblocked_after
 
     with tempfile.TemporaryDirectory() as tmp, \
             fifo_unblocked_after(Path(tmp) / "pipe.jsonl", seconds=20) as fifo:
@@ -375,27 +375,27 @@ SCORES = st.sampled_from([float("nan"), float("inf"), float("-inf")]) | \
 @given(scores=st.lists(st.lists(SCORES, min_size=2, max_size=4), min_size=1, max_size=6),
        data=st.data())
 def test_a_score_that_is_not_finite_is_never_a_right_answer(scores, data):
-    import moa.evaluate
+    import moa.cli.evaluate
 
     items = [MultipleChoiceItem("c", [f" {k}" for k in range(len(row))],
                                 data.draw(st.integers(0, len(row) - 1))) for row in scores]
-    with mock.patch.object(moa.evaluate, "score_multiple_choice", lambda *a, **k: scores):
-        result = moa.evaluate.evaluate_items(None, None, items, progress=False)
+    with mock.patch.object(moa.cli.evaluate, "score_multiple_choice", lambda *a, **k: scores):
+        result = moa.cli.evaluate.evaluate_items(None, None, items, progress=False)
     bad = [not all(math.isfinite(x) for x in row) for row in scores]
     for prediction, is_bad in zip(result["predictions"], bad):
         assert prediction["non_finite"] is is_bad
         assert not (is_bad and prediction["correct"])
     assert result["non_finite"] == sum(bad)
     assert result["accuracy"] * len(items) <= len(items) - sum(bad) + 1e-9
-    json.dumps(moa.evaluate._json_safe(result), allow_nan=False)  # strict JSON
+    json.dumps(moa.cli.evaluate._json_safe(result), allow_nan=False)  # strict JSON
 
 
 def counted_commands(tmp: Path, command: list[str]) -> list[int]:
     """The lengths of every text the tokenizer is given while `moa` runs `command`."""
-    from tests.moa.test_data import CountingTokenizer
+    from tests.moa.cli.test_data import CountingTokenizer
 
     tokenizer = CountingTokenizer(byte_tokenizer())
-    with mock.patch("moa.loading.load_tokenizer", lambda path: tokenizer):
+    with mock.patch("moa.cli.loading.load_tokenizer", lambda path: tokenizer):
         cli(*command)
     return tokenizer.lengths
 
@@ -425,7 +425,7 @@ def test_a_huge_record_costs_what_max_length_allows(tmp_path):
 def test_scored_choices_never_tie_by_the_cut(choices, max_length):
     """Either the choices' kept tokens differ, or the refusal names a --max-length that
     tells them apart."""
-    from moa.evaluate import score_multiple_choice
+    from moa.cli.evaluate import score_multiple_choice
 
     item = MultipleChoiceItem("Question: q?\nAnswer:", [" " + c for c in choices], 0)
     model, tokenizer, cpu = TEXT_MODEL, byte_tokenizer(), torch.device("cpu")

@@ -34,24 +34,21 @@ import datetime
 import faulthandler
 import importlib.util
 import os
-import socket
 import sys
-import time
-import traceback
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
 from moa import MoAConfig, MoAModel, get_moa_model
 from tests.conftest import relative_error
+from tests.gloo import WORLD_SIZE, launch, leave, mark, run_scenarios, scenario_folder
 from tests.moa.tiny import perturb, tiny_llama, token_batch
 
-WORLD_SIZE = 2
 BATCH = token_batch(4, 10, seed=11)  # rows 0-1 on rank 0, rows 2-3 on rank 1
 STEPS = 3
 LR = 1e-2
@@ -230,98 +227,22 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     try:
         dist.all_reduce(torch.ones(1))
         mark(out_dir, rank, "connected")
-        for scenario in SCENARIOS:
-            out = os.path.join(out_dir, scenario)
-            os.makedirs(out, exist_ok=True)
-            try:
-                RUNS[scenario](rank, out)
-            except BaseException:
-                with open(os.path.join(out, f"rank{rank}.error"), "w") as handle:
-                    handle.write(traceback.format_exc())
-            dist.barrier()
-            mark(out, rank, "done")
-        mark(out_dir, rank, "done")
+        run_scenarios(rank, out_dir, SCENARIOS, RUNS)
     finally:
         dist.destroy_process_group()
-    # Destroying the DDP and gloo objects as this function returns stalled for about 170 s
-    # in one run out of four here (the stack: no Python frame above the call). Everything is
-    # written: leave without running destructors.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def mark(out_dir: str, rank: int, stage: str) -> None:
-    open(os.path.join(out_dir, f"rank{rank}.{stage}"), "w").close()
-
-
-def reached(out_dir: str, stage: str) -> bool:
-    return all(os.path.exists(os.path.join(out_dir, f"rank{rank}.{stage}"))
-               for rank in range(WORLD_SIZE))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def loopback_interface() -> str | None:
-    names = {name for _, name in socket.if_nameindex()}
-    return next((name for name in ("lo", "lo0") if name in names), None)
-
-
-def run_workers(out_dir: str) -> str | None:
-    """Runs both ranks to completion, or kills them at the deadline; the reason to skip (the
-    machine cannot run gloo), a failure, or None when every scenario has its results."""
-    context = mp.start_processes(worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE,
-                                 join=False, start_method="spawn")
-    started = time.monotonic()
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() - started > DEADLINE_S:
-                for process in context.processes:
-                    process.kill()
-                problem = f"did not finish within {DEADLINE_S} s"
-                break
-        else:
-            return None
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
-        problem = "failed: " + str(error).strip().splitlines()[-1]
-    if reached(out_dir, "done"):
-        return None  # the results are written; only the teardown of the process group stalled
-    if reached(out_dir, "started") and not reached(out_dir, "connected"):
-        return (f"skip: this machine cannot run gloo: two processes on loopback {problem} "
-                "before exchanging one tensor")
-    return f"fail: the gloo workers {problem}"
+    leave()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The directory of every scenario's results, from one run of the two workers."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out_dir = tmp_path_factory.mktemp("gloo")
     build_model().save_pretrained(out_dir / "initial")  # what fsdp2 loads, then shards
-    interface = loopback_interface()
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        if interface is not None:
-            monkeypatch.setenv("GLOO_SOCKET_IFNAME", interface)
-        outcome = run_workers(str(out_dir))
-    return out_dir, outcome
+    return out_dir, launch(worker, out_dir, DEADLINE_S)
 
 
-def results(runs, scenario: str):
-    out_dir, outcome = runs
-    if outcome is not None and outcome.startswith("skip: "):
-        pytest.skip(outcome[len("skip: "):])
-    out = out_dir / scenario
-    errors = sorted(out.glob("rank*.error"))
-    if errors:
-        pytest.fail(f"{scenario} raised on {errors[0].stem}:\n{errors[0].read_text()}")
-    if outcome is not None or not reached(str(out), "done"):
-        pytest.fail(outcome or f"{scenario} did not finish")
-    return out
+def results(runs, scenario: str) -> Path:
+    return scenario_folder(runs, scenario)
 
 
 def assert_adapter_reproduces(directory, expected: MoAModel) -> None:

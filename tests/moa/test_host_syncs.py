@@ -23,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moa import MoAConfig, get_moa_model
 from moa.config import PRESETS
-from moa.experts import instance_gate_reuse, prompt_key_cache
+from moa.modules.layer_router import instance_gate_reuse
+from moa.modules.prompt import prompt_key_cache
 from moa_kernels import torch_ops
 from tests.moa.tiny import tiny_llama, token_batch
 

@@ -9,7 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from moa import MoAConfig, get_moa_model
-from moa.experts import GroupGates, masked_mean
+from moa.modules.layer_router import masked_mean
+from moa.modules.router import GroupGates
 from tests.conftest import relative_error
 from tests.moa.tiny import perturb, tiny_llama, token_batch
 

@@ -32,17 +32,12 @@ from transformers import (
     TrainingArguments,
 )
 
-from moa import MoAConfig, MoALinear, MoAModel, RouterConfig, experts, get_moa_model
-from moa.experts import (
-    GateCollector,
-    PromptExpert,
-    load_balancing_loss,
-    prompt_key_cache,
-    rotary_operands,
-    rotate_half_query,
-)
+from moa import MoAConfig, MoALinear, MoAModel, RouterConfig, get_moa_model
 from moa.families import FAMILIES, rotary_function
 from moa.model import MOA_MODULES, WEIGHTS_NAME
+from moa.modules import layer_router, parallel_adapter, prompt
+from moa.modules.aux_loss import GateCollector, load_balancing_loss
+from moa.modules.prompt import PromptExpert, prompt_key_cache, rotary_operands, rotate_half_query
 from moa_kernels import torch_ops
 from tests.conftest import assert_results_match, relative_error
 from tests.moa.tiny import VOCAB, llama_config, perturb, tiny_llama, token_batch
@@ -270,8 +265,8 @@ def test_query_rotary_is_bitwise_the_familys_own(family, dtype):
 def test_rotary_operands_are_made_once_per_forward(monkeypatch):
     moa = get_moa_model(tiny_llama(), MoAConfig.preset("soft_moa"))  # two layers
     made = []
-    original = experts.rotary_operands
-    monkeypatch.setattr(experts, "rotary_operands", lambda cos, sin: made.append(cos.shape)
+    original = prompt.rotary_operands
+    monkeypatch.setattr(prompt, "rotary_operands", lambda cos, sin: made.append(cos.shape)
                         or original(cos, sin))
     with torch.no_grad():
         moa(token_batch(2, 5))
@@ -877,7 +872,7 @@ def test_training_through_the_shared_router_gemm_matches_separate_gemms(checkpoi
     for shared in (True, False):
         with pytest.MonkeyPatch.context() as patch:
             if not shared:
-                patch.setattr(experts.LayerRouter, "_sharing_plan", lambda *args: False)
+                patch.setattr(layer_router.LayerRouter, "_sharing_plan", lambda *args: False)
             moa = get_moa_model(tiny_llama(), MoAConfig.preset("soft_moa"))
             perturb(moa)
             moa.train()
@@ -960,7 +955,7 @@ def check_saved_tensors(nodes: list, layers: int, attention: str) -> None:
         assert all(storage(node.saved_tensors[0]) in attention_queries for node in prompts)
     adapters = named("_GatedAdapterBackward")
     assert len(adapters) == layers and all(node.saved_tensors[0] is None for node in adapters)
-    recomputed = [node for node in named("_BaseAndShrinkBackward")
+    recomputed = [node for node in named("BaseAndShrinkBackward")
                   if node.saved_tensors[0] is None]
     assert len(recomputed) == layers  # o_proj's, one per layer
 
@@ -980,22 +975,22 @@ def test_the_attention_query_is_shared_only_where_it_is_the_rotary_of_the_captur
         out = F.scaled_dot_product_attention(query, keys, values)
         return out.transpose(1, 2).reshape(2, 5, 8)
 
-    rotated = experts.rotate_half_query(pre_rotary, cos, sin)
-    shared = experts.attention_saved_query(attention_output(rotated), captured, rotated.shape)
+    rotated = prompt.rotate_half_query(pre_rotary, cos, sin)
+    shared = prompt.attention_saved_query(attention_output(rotated), captured, rotated.shape)
     assert shared is not None and torch.equal(shared, rotated)
     assert shared.untyped_storage().data_ptr() == rotated.untyped_storage().data_ptr()
     # changed between the rotary and the kernel (scaled, copied): not the expert's query
     for changed in (rotated * 1.5, rotated.contiguous(), rotated.float().double()):
-        assert experts.attention_saved_query(attention_output(changed.float()), captured,
+        assert prompt.attention_saved_query(attention_output(changed.float()), captured,
                                              rotated.shape) is None
     # the rotary of another query, or another shape: not taken either
     other = torch.randn(2, 5, 8) @ weight
-    assert experts.attention_saved_query(attention_output(rotated), other, rotated.shape) \
+    assert prompt.attention_saved_query(attention_output(rotated), other, rotated.shape) \
         is None
-    assert experts.attention_saved_query(attention_output(rotated), captured,
+    assert prompt.attention_saved_query(attention_output(rotated), captured,
                                          torch.Size((2, 5, 2, 4))) is None
     with torch.no_grad():  # nothing saved without grad mode
-        assert experts.attention_saved_query(attention_output(rotated), captured,
+        assert prompt.attention_saved_query(attention_output(rotated), captured,
                                              rotated.shape) is None
 
 
@@ -1010,9 +1005,9 @@ def test_soft_moa_saves_no_copy_of_what_the_attention_and_the_norms_keep(family,
     for lean in (True, False):
         with monkeypatch.context() as patch:
             if not lean:
-                patch.setattr(experts, "attention_saved_query", lambda *arguments: None)
-                patch.setattr(experts, "prompt_attention_recipe", lambda *operands: None)
-                patch.setattr(experts.NormRecordHook, "__call__", lambda self, *args: None)
+                patch.setattr(prompt, "attention_saved_query", lambda *arguments: None)
+                patch.setattr(prompt, "prompt_attention_recipe", lambda *operands: None)
+                patch.setattr(parallel_adapter.NormRecordHook, "__call__", lambda self, *args: None)
             moa = get_moa_model(tiny_family(family), MoAConfig.preset("soft_moa"))
             perturb(moa)
             moa.train()

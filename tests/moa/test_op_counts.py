@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import benchmark_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Ops per decoder layer in a training step, as pinned on 2026-12-06 (PEFT LoRA r16: 144,
@@ -21,11 +23,7 @@ PEFT_OPS = 144
 
 
 def _op_counts():
-    spec = importlib.util.spec_from_file_location("op_counts", ROOT / "benchmarks" /
-                                                  "op_counts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("op_counts")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +49,7 @@ def test_ops_per_decoder_layer_in_a_training_step_stay_pinned(preset, op_counts,
 def test_the_count_sees_a_layers_ops(op_counts, monkeypatch):
     # the measurement must move when a layer does more: one more op in every MoALinear
     # call (an extra copy of its output) shows as five per soft_moa decoder layer
-    from moa.layers import MoALinear
+    from moa.modules.linear import MoALinear
 
     before = sum(op_counts.per_layer(op_counts.training_step_ops, "soft_moa").values())
     forward = MoALinear.forward

@@ -128,7 +128,7 @@ def test_an_interrupt_between_the_renames_puts_the_previous_adapter_back(saved_a
                          ids=["interrupt", "disk-full"])
 def test_a_write_failing_halfway_leaves_the_previous_adapter(saved_a, monkeypatch,
                                                              failing_call, failure):
-    real_write, calls = moa.serialization._write_file, []
+    real_write, calls = moa.serialization.write_new_file, []
 
     def write(path, data):
         calls.append(path)
@@ -138,7 +138,7 @@ def test_a_write_failing_halfway_leaves_the_previous_adapter(saved_a, monkeypatc
             raise failure
         real_write(path, data)
 
-    monkeypatch.setattr(moa.serialization, "_write_file", write)
+    monkeypatch.setattr(moa.serialization, "write_new_file", write)
     expected = KeyboardInterrupt if failure is KeyboardInterrupt else OSError
     with pytest.raises(expected) as raised:
         lora(64, seed=3).save_pretrained(saved_a[0])

@@ -140,14 +140,14 @@ def full_disk(monkeypatch, name: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if name == WEIGHTS_NAME:  # the adapter, written by moa.serialization
-        write = moa.serialization._write_file
+        write = moa.serialization.write_new_file
 
         def failing_write(path, data):
             if os.path.basename(path) == name:
                 no_space()
             write(path, data)
 
-        monkeypatch.setattr(moa.serialization, "_write_file", failing_write)
+        monkeypatch.setattr(moa.serialization, "write_new_file", failing_write)
     elif name == "trainer_state.json":  # the Trainer's last file
         monkeypatch.setattr(TrainerState, "save_to_json", lambda self, path: no_space())
     else:  # optimizer.pt, scheduler.pt, rng_state.pth: torch.save

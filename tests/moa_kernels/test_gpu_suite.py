@@ -8,7 +8,6 @@ second chance, so a typo or a missing file must fail here first."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,16 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import benchmark_script
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.sh"
 
 
 def _suite_module():
-    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" /
-                                                  "gpu_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("gpu_suite")
 
 
 def _suite(out: Path, *args: str, extra_env: dict | None = None, timeout: int = 900):
@@ -226,10 +223,7 @@ def test_bench_triton_rows_carry_host_times(monkeypatch):
     triton_testing = pytest.importorskip("triton.testing")
     torch = pytest.importorskip("torch")
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_triton", ROOT / "benchmarks" /
-                                                  "bench_triton.py")
-    bench_triton = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_triton)
+    bench_triton = benchmark_script("bench_triton")
     calls = []
 
     def do_bench(fn, grad_to_none=None, return_mode="median"):

@@ -10,8 +10,15 @@ import tracemalloc
 import pytest
 import torch
 
+from moa.config import EXPERT_KINDS as EXPERT_KIND_NAMES
 from moa.config import ExpertSpec, parse_experts
-from moa_kernels.layout import ActivationSegment, ExpertLayout
+from moa_kernels.layout import (
+    EXPERT_KINDS,
+    ActivationSegment,
+    ExpertLayout,
+    kind_code,
+    kind_of_code,
+)
 
 
 def layout_of(experts, in_features=11, out_features=13):
@@ -195,3 +202,54 @@ def test_compiled_index_tensors_guard_on_tensors_not_list_elements():
     assert not any("_index_lists" in source for source in sources), sources
     torch.testing.assert_close(torch.compile(gathered, backend="eager", fullgraph=True)(x),
                                gathered(x), rtol=0, atol=0)
+
+
+# --- the table of expert kinds and the per-layout cache ------------------------------------
+
+def test_the_saved_kind_codes_never_change():
+    # adapters saved by earlier versions carry these codes in their expert_signature
+    assert dict(EXPERT_KINDS) == {"lora": 1, "adapter": 2, "hydra": 3}
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter", "hydra"])  # every kind of the table
+def test_every_kind_round_trips(kind):
+    assert kind_of_code(kind_code(kind)) == kind
+
+
+@pytest.mark.parametrize("kind", [
+    "LoRA",  # a known kind in another case
+    "ia3",  # a real adapter kind the table does not have
+    None,  # not a string
+])
+def test_an_unknown_kind_raises_naming_the_allowed_ones(kind):
+    with pytest.raises(ValueError, match=r"unknown expert kind .*allowed: lora, adapter, hydra"):
+        kind_code(kind)
+
+
+@pytest.mark.parametrize("code", [
+    0,  # triton's old code for lora: no longer a kind
+    4,  # one past the largest code
+    True,  # a bool, although True == 1
+])
+def test_an_unknown_kind_code_raises_naming_the_allowed_ones(code):
+    with pytest.raises(ValueError, match=r"unknown expert kind code .*allowed: 1 \(lora\), "
+                                         r"2 \(adapter\), 3 \(hydra\)"):
+        kind_of_code(code)
+
+
+def test_the_config_lists_the_tables_kinds():
+    assert EXPERT_KIND_NAMES == tuple(EXPERT_KINDS) == ("lora", "adapter", "hydra")
+
+
+def test_cached_builds_once_per_layout_and_key():
+    layout, other = layout_of(["lora:2", "adapter:3"]), layout_of(["lora:2", "adapter:3"])
+    built = []
+
+    def build():
+        built.append(1)
+        return object()
+
+    first = layout.cached("test.key", build)
+    assert layout.cached("test.key", build) is first and len(built) == 1
+    assert layout.cached("test.other", build) is not first and len(built) == 2
+    assert other.cached("test.key", build) is not first and len(built) == 3

@@ -48,7 +48,7 @@ def recorded_steps(monkeypatch) -> list[str]:
     """What the torch backend runs in a call, in order: its autograd Functions by name, and
     "plan" where it builds a routing plan."""
     steps = []
-    real_apply, real_plan = torch_ops._apply, torch_ops.RoutingPlan
+    real_apply, real_plan = torch_ops.apply_function, torch_ops.RoutingPlan
 
     def apply(function, *args):
         steps.append(function.__name__)
@@ -60,15 +60,15 @@ def recorded_steps(monkeypatch) -> list[str]:
             steps.append("plan")
             return real_plan.from_active(active)
 
-    monkeypatch.setattr(torch_ops, "_apply", apply)
+    monkeypatch.setattr(torch_ops, "apply_function", apply)
     monkeypatch.setattr(torch_ops, "RoutingPlan", RecordedPlan)
     return steps
 
 
 # (gates given: a planned call has no shrink to fuse with the base GEMM)
-STEPS = {"masked": ["_BaseAndShrink", "_GatedExpand"],
-         "planned-dense": ["plan", "_GatedExpand"],
-         "planned-sparse": ["plan", "_SparseExperts"]}
+STEPS = {"masked": ["BaseAndShrink", "GatedExpand"],
+         "planned-dense": ["plan", "GatedExpand"],
+         "planned-sparse": ["plan", "SparseExperts"]}
 PLANNED = torch_ops.SPARSE_PLAN_MIN_TOKENS
 
 
@@ -77,7 +77,7 @@ PLANNED = torch_ops.SPARSE_PLAN_MIN_TOKENS
     (10, "dense", "masked"),  # below SPARSE_PLAN_MIN_TOKENS: the masked dense path outright
     (10, "sparse", "masked"),
     (PLANNED, "dense", "planned-dense"),  # at the threshold, most pairs active: planned,
-    (PLANNED, "sparse", "planned-sparse"),  # then the dense fallback; few: _SparseExperts
+    (PLANNED, "sparse", "planned-sparse"),  # then the dense fallback; few: SparseExperts
     (2 * PLANNED + 3, "dense", "planned-dense"),  # above it
     (2 * PLANNED + 3, "sparse", "planned-sparse"),
 ])

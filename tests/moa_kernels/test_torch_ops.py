@@ -31,6 +31,8 @@ from torch import nn
 from moa import MoALinear, RouterConfig, parse_experts
 from moa_kernels import reference, torch_ops
 from moa_kernels.layout import ExpertLayout
+from moa_kernels.torch_gated_expand import GatedExpand, columns_of, rows_of
+from moa_kernels.torch_sparse_experts import SparseExperts
 from tests.conftest import (
     assert_results_match,
     relative_error,
@@ -52,7 +54,7 @@ KINDS = ("linear", "swiglu")
 def always_sparse_path(monkeypatch):
     """The sparse modes take the dense path when most pairs are active; the tests here pin
     the sparse path (the dense fallback has its own test below) so that every sparse case
-    really runs `_SparseExperts`, whatever its routing density and token count."""
+    really runs `SparseExperts`, whatever its routing density and token count."""
     monkeypatch.setattr(torch_ops, "DENSE_ABOVE_ACTIVE_FRACTION", 1.0)
     monkeypatch.setattr(torch_ops, "SPARSE_PLAN_MIN_TOKENS", 0)
 
@@ -559,7 +561,7 @@ def test_deterministic_on_cpu(mode, backend):
 
 
 @pytest.mark.parametrize("active_fraction, path", [
-    (0.3, "sparse"),  # under half the pairs active: _SparseExperts
+    (0.3, "sparse"),  # under half the pairs active: SparseExperts
     (0.8, "dense"),   # most pairs active: the dense fallback
 ])
 def test_sparse_flag_with_masked_outside_gates_matches_reference(active_fraction, path,
@@ -614,9 +616,10 @@ def test_second_derivative_is_refused_by_the_torch_backend(mode):
 
 
 def record_applied_functions(monkeypatch) -> list:
-    """The autograd Functions torch_ops runs (through `_apply`), in order, from now on."""
-    ran, apply = [], torch_ops._apply
-    monkeypatch.setattr(torch_ops, "_apply",
+    """The autograd Functions torch_ops runs (through `apply_function`), in order, from now
+    on."""
+    ran, apply = [], torch_ops.apply_function
+    monkeypatch.setattr(torch_ops, "apply_function",
                         lambda function, *args: ran.append(function) or apply(function, *args))
     return ran
 
@@ -641,7 +644,7 @@ def test_dense_fallback_of_sparse_modes_matches_the_sparse_path(mode, monkeypatc
     assert active > 0.5, "test data: the routing must be mostly active"
     ran = record_applied_functions(monkeypatch)
     results = {}
-    for fraction, path in ((0.5, torch_ops._GatedExpand), (1.0, torch_ops._SparseExperts)):
+    for fraction, path in ((0.5, GatedExpand), (1.0, SparseExperts)):
         monkeypatch.setattr(torch_ops, "DENSE_ABOVE_ACTIVE_FRACTION", fraction)
         ran.clear()
         results[fraction], _ = compare_backends(layer, x)
@@ -660,12 +663,12 @@ def test_sparse_modes_on_few_tokens_take_the_dense_path(mode, monkeypatch):
     ran = record_applied_functions(monkeypatch)
     monkeypatch.setattr(torch_ops, "DENSE_ABOVE_ACTIVE_FRACTION", 0.5)
     results = {}
-    for minimum, path in ((256, torch_ops._GatedExpand), (0, torch_ops._SparseExperts)):
+    for minimum, path in ((256, GatedExpand), (0, SparseExperts)):
         monkeypatch.setattr(torch_ops, "SPARSE_PLAN_MIN_TOKENS", minimum)
         ran.clear()
         results[minimum], _ = compare_backends(layer, x)
         assert path in ran
-        assert minimum == 0 or torch_ops._SparseExperts not in ran
+        assert minimum == 0 or SparseExperts not in ran
     assert_matches(results[256], results[0], FP32_TOL, layer)
 
 
@@ -698,7 +701,7 @@ def test_sparse_path_saves_its_expert_hiddens_through_saved_tensor_hooks():
 
 
 # ---------------------------------------------------------------------------------------
-# inputs recomputed, not saved (InputRecipe; moa_kernels/layer_experts.py)
+# inputs recomputed, not saved (InputRecipe; moa_kernels/gated_adapter.py, prompt_attention.py)
 # ---------------------------------------------------------------------------------------
 
 def saved_storages(function):
@@ -712,7 +715,7 @@ def saved_storages(function):
 
 @pytest.mark.parametrize("outside_gates", [True, False], ids=["outside-gates", "own-router"])
 def test_an_input_recipe_is_saved_instead_of_the_input_with_the_same_gradients(outside_gates):
-    # o_proj's case: its input x = a + b * c is recomputed in _BaseAndShrink's backward from
+    # o_proj's case: its input x = a + b * c is recomputed in BaseAndShrink's backward from
     # tensors kept anyway. Output and every gradient (a's through x's own graph) must be the
     # reference backend's, which ignores the recipe, on fresh random data.
     layer = make_layer(EXPERT_MIXES["paper-mix-E5"], gates_from_outside=outside_gates,
@@ -745,8 +748,8 @@ def test_an_input_recipe_is_saved_instead_of_the_input_with_the_same_gradients(o
 def test_gated_adapter_with_an_input_recipe_matches_plain_autograd(activation):
     # The parallel adapter's case: x = norm(z) recomputed from z in the backward (here
     # x = tanh(z)); output and every gradient equal plain autograd's, and x is not saved.
-    from moa_kernels.layer_experts import gated_adapter
-    from moa_kernels.reference import ACTIVATION_FUNCTIONS
+    from moa_kernels.activations import activation_by_name
+    from moa_kernels.gated_adapter import gated_adapter
     from moa_kernels.torch_ops import InputRecipe
 
     generator = torch.Generator().manual_seed(31)
@@ -769,7 +772,7 @@ def test_gated_adapter_with_an_input_recipe_matches_plain_autograd(activation):
             if fused:
                 return gated_adapter(leaves["out"], x, leaves["gate"], *weights, activation,
                                      InputRecipe(torch.tanh, (leaves["z"],)))
-            hidden = ACTIVATION_FUNCTIONS[activation](F.linear(x, *weights[:2]))
+            hidden = activation_by_name(activation).function(F.linear(x, *weights[:2]))
             return leaves["out"] + leaves["gate"] * F.linear(hidden, *weights[2:])
 
         y, storages = saved_storages(forward)
@@ -806,7 +809,7 @@ def test_the_prompt_attention_recipe_recomputes_its_output_bitwise(compute_dtype
     """The recipe gives the forward's output bit for bit, and both are the prompt attention
     written out here (the recipe and the forward share their code: compared with each other
     alone, a wrong attention would agree with itself)."""
-    from moa_kernels.layer_experts import prompt_attention, prompt_attention_recipe
+    from moa_kernels.prompt_attention import prompt_attention, prompt_attention_recipe
 
     generator = torch.Generator().manual_seed(41)
     batch, heads, tokens, head_dim, length = 2, 3, 7, 4, 5
@@ -851,10 +854,10 @@ def test_columns_of_and_rows_of_against_a_dense_source_map(experts):
     activated = torch.randn(5, layout.shrink_rows, generator=generator, dtype=torch.float64)
     grad_columns = torch.randn(5, layout.expand_columns, generator=generator,
                                dtype=torch.float64)
-    torch.testing.assert_close(torch_ops._columns_of(activated, layout), activated @ source.t(),
+    torch.testing.assert_close(columns_of(activated, layout), activated @ source.t(),
                                rtol=0, atol=0)
     # sums of up to 5 heads of N(0, 1) values: equal up to float64 rounding
-    torch.testing.assert_close(torch_ops._rows_of(grad_columns, layout), grad_columns @ source,
+    torch.testing.assert_close(rows_of(grad_columns, layout), grad_columns @ source,
                                rtol=1e-12, atol=1e-12)
 
 
@@ -883,8 +886,8 @@ def test_gated_expand_traced_twin_matches_the_function_on_hydra_mixes():
         (y * cotangent).sum().backward()
         return {"out": y.detach(), **{k: v.grad for k, v in leaves.items()}}
 
-    expected = run_expand(torch_ops._GatedExpand.apply)
-    actual = run_expand(torch_ops._GatedExpand.traced)
+    expected = run_expand(GatedExpand.apply)
+    actual = run_expand(GatedExpand.traced)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-12, atol=1e-12,
                                    msg=name)
@@ -919,7 +922,7 @@ def test_prompt_expert_matches_plain_autograd(batch, heads, kv_heads, permuted, 
     # the fused prompt expert of a training step (keys, values and attention in one op):
     # output and the gradients of every input, the frozen projections' included, against
     # the plain formula on fresh random data; its keys and values recompute y bitwise
-    from moa_kernels.layer_experts import prompt_attention_recipe, prompt_expert
+    from moa_kernels.prompt_attention import prompt_attention_recipe, prompt_expert
 
     generator = torch.Generator().manual_seed(43)
     tokens, head_dim, length, hidden = 7, 4, 5, 9
@@ -955,7 +958,7 @@ def test_prompt_expert_matches_plain_autograd(batch, heads, kv_heads, permuted, 
 
 
 def test_prompt_expert_gradcheck():
-    from moa_kernels.layer_experts import prompt_expert
+    from moa_kernels.prompt_attention import prompt_expert
 
     generator = torch.Generator().manual_seed(47)
     double = {"dtype": torch.float64}

@@ -1,6 +1,6 @@
 """Compilation checks that need no GPU.
 
-1. sm_90 builds made as a GPU run makes them (moa_kernels/triton/builds.py): every kernel
+1. sm_90 builds made as a GPU run makes them (tools/triton_builds.py): every kernel
    launch of a forward and backward is intercepted, specialised by triton's own JIT binder
    (integers equal to 1 become constants; pointers and integers divisible by 16 are
    marked), compiled ahead of time for an H100 (sm_90) and checked against the issue-13
@@ -33,8 +33,8 @@ DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MASKED_KERNELS = {"_gate_kernel", "_gate_grad_kernel"}
 # the grouped sparse plan (moa_kernels/triton/grouped.py): configs named "... grouped"
-GROUPED_KERNELS = {"_gathered_shrink_kernel", "_pair_rows_kernel", "_combine_kernel",
-                   "_pair_weight_grad_kernel"}
+GROUPED_KERNELS = {"gathered_shrink_kernel", "pair_rows_kernel", "combine_kernel",
+                   "pair_weight_grad_kernel"}
 KERNELS = MASKED_KERNELS | GROUPED_KERNELS
 
 
@@ -55,7 +55,7 @@ def _without_interpreter(code: str, *args: str) -> subprocess.CompletedProcess:
 def _builds(tmp_path, selection: str, dtypes: str) -> list[dict]:
     out = tmp_path / "builds.json"
     result = _without_interpreter(
-        "import sys; from moa_kernels.triton.builds import main; sys.exit(main(sys.argv[1:]))",
+        "import sys; from tools.triton_builds import main; sys.exit(main(sys.argv[1:]))",
         "--set", selection, "--dtypes", dtypes, "--json", str(out), "--check")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(out.read_text())
@@ -77,7 +77,7 @@ def test_sm90_builds_as_a_gpu_run_makes_them_are_within_budget(tmp_path, selecti
         for config in configs:
             for kernel in _expected_kernels(config):  # forward and backward were built
                 assert (config, dtype, kernel) in made
-    grouped_dots = [row for row in rows if row["kernel"] in GROUPED_KERNELS - {"_combine_kernel"}
+    grouped_dots = [row for row in rows if row["kernel"] in GROUPED_KERNELS - {"combine_kernel"}
                     and row["dtype"] in ("bf16", "fp16")]
     assert grouped_dots and all(row["tensor_cores"] != "none" for row in grouped_dots)
     if selection == "realistic":
@@ -96,7 +96,7 @@ def test_sm90_builds_as_a_gpu_run_makes_them_are_within_budget(tmp_path, selecti
 
 SPECIALISATION = r"""
 import json, torch
-from moa_kernels.triton import builds
+from tools import triton_builds as builds
 from moa_kernels.triton.expand import _gate_kernel
 
 with builds.recording() as launches:

@@ -216,7 +216,7 @@ def test_bitwise_deterministic(mode):
             assert torch.equal(first[name], second[name]), name
 
 
-# The realistic shapes of moa_kernels/triton/builds.py (L1; the 8B layer's projections)
+# The realistic shapes of tools/triton_builds.py (L1; the 8B layer's projections)
 REALISTIC = [("L1", ["lora:8", "lora:16", "lora:32", "adapter:16"], RouterConfig(), 2048, 2048,
               2048),
              ("8B q", ["lora:8"], None, 8192, 4096, 4096)]

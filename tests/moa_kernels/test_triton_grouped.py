@@ -398,7 +398,7 @@ def test_weight_gradient_splits_do_not_follow_the_pair_count(monkeypatch, groupe
     from moa_kernels.triton import grouped as module
 
     monkeypatch.setattr(module, "PAIRS_PER_SPLIT", 16)
-    kernel = module._pair_weight_grad_kernel
+    kernel = module.pair_weight_grad_kernel
     launched = []
 
     class Recording:
@@ -408,7 +408,7 @@ def test_weight_gradient_splits_do_not_follow_the_pair_count(monkeypatch, groupe
                 return kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(module, "_pair_weight_grad_kernel", Recording())
+    monkeypatch.setattr(module, "pair_weight_grad_kernel", Recording())
     layer = _make_layer(["lora:4", "adapter:3:silu", "lora:2"], None, 13, 11, torch.float32)
     x = torch.randn(40, 13, device=DEVICE)
     pairs = []

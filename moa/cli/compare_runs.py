@@ -1,0 +1,186 @@
+"""A `moa compare` folder and what one run measures: the Plan (the checked options and
+where each run's result lives: DIR/runs/VARIANT/seed-K.json, DIR/runs/base.json), a result
+read back, and what a run records beside its accuracy (peak memory during training, router
+statistics on the first test prompts).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moa.cli.compare_options import CompareOptions
+from moa.cli.compare_variants import BASE, Variant
+
+RUNS = "runs"
+FORMAT_VERSION = 1
+# The router statistics are measured on the first test prompts, one forward each (so that
+# no padding counts): the same prompts for every variant and seed.
+ROUTER_PROMPTS = 32
+
+
+@dataclass
+class Plan:
+    """The checked options: variants, rates, the runs' directory and what defines them."""
+
+    options: CompareOptions
+    variants: list[Variant]
+    rates: dict[str, float]
+    reference: str
+    out: Path
+    defining: dict
+
+    def run_path(self, variant: str, seed: int, suffix: str = ".json") -> Path:
+        return self.out / RUNS / variant / f"seed-{seed}{suffix}"
+
+    def base_path(self, suffix: str = ".json") -> Path:
+        return self.out / RUNS / f"{BASE}{suffix}"
+
+
+def load_result(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not readable JSON (moa compare writes results "
+                         "atomically, so something else changed it); delete it to run that "
+                         "run again") from None
+
+
+class PeakMemory:
+    """The peak memory of a block, in MiB: on CUDA torch.cuda.max_memory_allocated (reset at
+    the start); on Linux the process's peak resident set size (the kernel's high-water mark
+    VmHWM, reset at the start by writing 5 to /proc/self/clear_refs), so no peak is missed;
+    elsewhere the resident set size sampled every SAMPLE_SECONDS by a thread (psutil), which
+    can miss a peak shorter than that."""
+
+    SAMPLE_SECONDS = 0.05
+    STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.high_water_mark = not self.cuda and self._can_reset_high_water_mark()
+        if self.cuda:
+            self.kind = "cuda: torch.cuda.max_memory_allocated during training"
+        elif self.high_water_mark:
+            self.kind = ("cpu: peak resident set size of the process during training "
+                         "(VmHWM, reset at the start)")
+        else:
+            self.kind = ("cpu: peak resident set size of the process during training, "
+                         f"sampled every {self.SAMPLE_SECONDS} s")
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_bytes / 2**20
+
+    @classmethod
+    def _high_water_mark_bytes(cls) -> int:
+        found = re.search(r"^VmHWM:\s+(\d+) kB", cls.STATUS.read_text(), re.MULTILINE)
+        if found is None:
+            raise OSError("no VmHWM line in /proc/self/status")
+        return int(found.group(1)) * 1024
+
+    @classmethod
+    def _can_reset_high_water_mark(cls) -> bool:
+        try:
+            cls._high_water_mark_bytes()
+            cls.CLEAR_REFS.write_text("5")
+        except OSError:
+            return False
+        return True
+
+    def _sample(self) -> None:
+        import psutil
+
+        process = psutil.Process()
+        while True:
+            self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+            if self._stop.wait(self.SAMPLE_SECONDS):
+                break
+        self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif self.high_water_mark:
+            self.CLEAR_REFS.write_text("5")
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        elif self.high_water_mark:
+            self.peak_bytes = self._high_water_mark_bytes()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def router_prompts(items: Sequence) -> list[str]:
+    """The prompts the router statistics are measured on: the first ROUTER_PROMPTS test
+    items' contexts."""
+    return [getattr(item, "context", None) or item.prompt for item in items[:ROUTER_PROMPTS]]
+
+
+@torch.no_grad()
+def router_statistics(model, tokenizer, prompts: Sequence[str], max_length: int) -> dict:
+    """Per router of a MoAModel: expert names, mode, tokens, and the mean gate and fraction
+    of tokens active per expert, over every token of `prompts` (one forward each, so no
+    padding counts; the last max_length tokens of a longer prompt). {} for a model without
+    routers (plain LoRA, PEFT)."""
+    from moa.model import MoAModel
+
+    if not isinstance(model, MoAModel) or model.moa_config.router is None:
+        return {}
+    device = next(model.parameters()).device
+    totals: dict[str, dict] = {}
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"][-max_length:]
+        model(input_ids=torch.tensor([ids], device=device))
+        for name, entry in model.router_stats().items():
+            total = totals.setdefault(name, {
+                "experts": entry["experts"], "mode": entry["mode"], "tokens": 0,
+                "mean_gate": np.zeros(len(entry["experts"])),
+                "active_fraction": np.zeros(len(entry["experts"]))})
+            total["tokens"] += entry["tokens"]
+            for key in ("mean_gate", "active_fraction"):
+                total[key] += entry["tokens"] * np.asarray(entry[key])
+    for total in totals.values():
+        for key in ("mean_gate", "active_fraction"):
+            total[key] = [round(float(v), 6) for v in
+                          total[key] / max(1, total["tokens"])]
+    return totals
+
+
+def score_result(scores: dict) -> dict:
+    """The accuracy fields of a run's result from evaluate_items' dict: accuracy, and the
+    length-normalised accuracy where every question is multiple choice (else None)."""
+    tasks = scores["tasks"]
+    all_choices = set(tasks) == {"multiple_choice"}
+    return {"accuracy": scores["accuracy"],
+            "accuracy_norm": tasks["multiple_choice"]["accuracy_norm"] if all_choices
+            else None,
+            "questions": scores["records"],
+            "correct": "".join("1" if p["correct"] else "0" for p in scores["predictions"]),
+            "correct_norm": "".join("1" if p["prediction_norm"] == p["answer"] else "0"
+                                    for p in scores["predictions"]) if all_choices else None}
+
+
+__all__ = ["FORMAT_VERSION", "PeakMemory", "Plan", "ROUTER_PROMPTS", "RUNS",
+           "load_result", "router_prompts", "router_statistics", "score_result"]

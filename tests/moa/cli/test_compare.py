@@ -1,0 +1,449 @@
+"""`moa compare` (its statistics: test_statistics.py): a run's results and summary (the
+same losses as `moa train`, the same scores as `moa evaluate`), resuming after an
+interruption, a failed run that the others survive and a rerun retries, refusing a rerun
+with other options, the router statistics, the peak memory, and bad input as one line
+before any model loads."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import moa.cli.compare as compare
+import moa.cli.loading
+from moa import MoAConfig, get_moa_model
+from moa.cli import build_parser, main
+from moa.cli.compare import plan_compare, run_compare
+from moa.cli.compare_options import CompareOptions
+from moa.cli.compare_runs import PeakMemory, router_statistics
+from moa.cli.compare_variants import peft_lora_config, peft_lora_model
+from moa.cli.evaluate import EvaluateOptions, run_evaluate
+from moa.cli.loading import build_text_model, byte_tokenizer
+from moa.cli.train import TrainOptions, run_train
+from tests.moa.tiny import perturb
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+COLOURS = [("the sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"),
+           ("blood", "red"), ("the sun", "yellow")]
+
+
+def write_records(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def data(tmp_path) -> tuple[str, str]:
+    """(training file, test file): colour questions with three choices."""
+    records = [{"question": f"What colour is {thing}?", "choices": ["purple", colour, "grey"],
+                "answer": 1} for thing, colour in COLOURS]
+    return (write_records(tmp_path / "train.jsonl", records),
+            write_records(tmp_path / "test.jsonl", records[:4]))
+
+
+def options(data, out, **overrides) -> CompareOptions:
+    values = dict(data=data[0], eval_data=data[1], out=str(out), steps=2, batch_size=4,
+                  lr={"*": 1e-2}, seeds=1)
+    values.update(overrides)
+    return CompareOptions(**values)
+
+
+def quiet(opts: CompareOptions):
+    return run_compare(opts, log=lambda _: None, progress=False)
+
+
+def counting_run_train(monkeypatch, fail=None) -> list[TrainOptions]:
+    """Replace compare's run_train by one that records its options and, where fail(options,
+    call number) raises, raises."""
+    calls = []
+
+    def wrapped(train_options, *args, **kwargs):
+        calls.append(train_options)
+        if fail is not None:
+            fail(train_options, len(calls))
+        return run_train(train_options, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "run_train", wrapped)
+    return calls
+
+
+# ---- measuring -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", [
+    "soft_moa",  # layer routers, soft: every expert on every token
+    "topk_moelora",  # a router per module, top-2: active fractions 2/8
+])
+def test_router_statistics_are_the_token_weighted_mean_over_the_prompts(preset):
+    tokenizer = byte_tokenizer()
+    model = get_moa_model(build_text_model(), MoAConfig.preset(preset))
+    perturb(model, scale=0.5)
+    model.eval()
+    prompts = ["Question: What colour is snow?\nAnswer:", "Hi", "Question: coal?\nAnswer:"]
+    expected = {}
+    with torch.no_grad():
+        for prompt in prompts:
+            model(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]]))
+            for name, entry in model.router_stats().items():
+                total = expected.setdefault(name, [0, 0.0, 0.0])
+                total[0] += entry["tokens"]
+                total[1] += entry["tokens"] * np.asarray(entry["mean_gate"])
+                total[2] += entry["tokens"] * np.asarray(entry["active_fraction"])
+    stats = router_statistics(model, tokenizer, prompts, max_length=512)
+    assert stats.keys() == expected.keys() and stats
+    for name, (tokens, gates, active) in expected.items():
+        assert stats[name]["tokens"] == tokens == sum(len(p) for p in prompts)
+        np.testing.assert_allclose(stats[name]["mean_gate"], gates / tokens, atol=1e-6)
+        np.testing.assert_allclose(stats[name]["active_fraction"], active / tokens, atol=1e-6)
+    if preset == "topk_moelora":
+        assert all(np.isclose(sum(s["active_fraction"]), 2) for s in stats.values())
+    # a mixture without routers has no statistics
+    lora = get_moa_model(build_text_model(), MoAConfig.preset("lora"))
+    assert router_statistics(lora, tokenizer, prompts, max_length=512) == {}
+
+
+def test_peft_lora_trains_over_a_gguf_base_whose_weights_were_dequantized_at_load():
+    # transformers' GGUF loader leaves its quantizer (is_trainable False) on a model whose
+    # weights it dequantized to float; the Trainer's check then refused PEFT's LoRA on it
+    from peft import get_peft_model
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.trainer_utils import validate_quantization_for_training
+    from transformers.utils.quantization_config import GgufConfig
+
+    def gguf_loaded():
+        base = build_text_model()
+        quantizer = GgufHfQuantizer(GgufConfig())
+        base.hf_quantizer, base.is_quantized = quantizer, True
+        base.quantization_method = quantizer.quantization_config.quant_method
+        base.config.quantization_config = quantizer.quantization_config
+        return base
+
+    with pytest.raises(ValueError, match="do not support training"):
+        validate_quantization_for_training(get_peft_model(gguf_loaded(),
+                                                          peft_lora_config()))
+    model = peft_lora_model(gguf_loaded())
+    validate_quantization_for_training(model)
+    assert not model.get_base_model().is_quantized
+    assert not hasattr(model.get_base_model().config, "quantization_config")
+
+
+@pytest.mark.parametrize("high_water_mark", [
+    pytest.param(True, id="linux-high-water-mark"),  # exact: the kernel's VmHWM, reset
+    pytest.param(False, id="sampled-fallback"),  # no /proc: RSS sampled by a thread
+])
+def test_peak_memory_on_the_cpu_sees_an_allocation_inside_the_block(high_water_mark,
+                                                                    monkeypatch):
+    if high_water_mark and not PeakMemory._can_reset_high_water_mark():
+        pytest.skip("no resettable VmHWM here (not Linux, or /proc/self/clear_refs refused)")
+    if not high_water_mark:
+        monkeypatch.setattr(PeakMemory, "_can_reset_high_water_mark", classmethod(
+            lambda cls: False))
+    block = torch.ones(300 * 2**20 // 4)  # a peak before the blocks must not count
+    del block
+    with PeakMemory(torch.device("cpu")) as before:
+        time.sleep(0.15)
+    with PeakMemory(torch.device("cpu")) as during:
+        block = torch.ones(200 * 2**20 // 4)  # 200 MiB, touched
+        time.sleep(0.15 if high_water_mark else 1.0)  # the sampler needs the time
+        del block
+    assert during.high_water_mark is high_water_mark
+    assert "resident set size" in during.kind
+    assert during.peak_mb > before.peak_mb + 150
+    assert before.peak_mb < during.peak_mb < before.peak_mb + 300
+
+
+# ---- runs ----------------------------------------------------------------------------------
+
+def test_a_comparison_writes_each_run_and_the_summary_as_moa_train_and_evaluate_would(
+        data, tmp_path):
+    out = tmp_path / "out"
+    result = quiet(options(data, out, variants=["soft_moa", "peft_lora"], seeds=2,
+                           lr={"soft_moa": 1e-2, "peft_lora": 5e-3}, keep_adapters=True))
+    assert result.failed == []
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary == json.loads(json.dumps(result.summary))
+    assert summary["reference"] == "soft_moa" and summary["test_questions"] == 4
+    assert "two-level percentile bootstrap" in summary["ci_method"]
+    assert summary["peak_memory"].startswith("cpu: peak resident set size")
+    base = json.loads((out / "runs" / "base.json").read_text())
+    assert summary["base"] == {"name": "base", "trainable_params": 0,
+                               "accuracy": base["accuracy"],
+                               "accuracy_ci95": summary["base"]["accuracy_ci95"],
+                               "accuracy_norm": base["accuracy_norm"]}
+    low, high = summary["base"]["accuracy_ci95"]
+    assert low <= base["accuracy"] <= high and len(base["correct"]) == 4
+    rows = {row["name"]: row for row in summary["variants"]}
+    assert list(rows) == ["soft_moa", "peft_lora"]
+    for name, row in rows.items():
+        runs = [json.loads((out / "runs" / name / f"seed-{s}.json").read_text())
+                for s in (0, 1)]
+        for seed, run in enumerate(runs):
+            assert run["seed"] == seed and len(run["correct"]) == 4
+            assert run["accuracy"] == run["correct"].count("1") / 4
+            assert run["accuracy_norm"] == run["correct_norm"].count("1") / 4
+            assert [step for step, _ in run["losses"]] == [1, 2]
+            assert run["peak_memory_mb"] > 0 and run["seconds_per_step"] > 0
+            assert (out / "runs" / name / f"seed-{seed}" / "adapter").is_dir()
+            assert sorted(p.name for p in (out / "runs" / name / f"seed-{seed}").iterdir()) \
+                == ["adapter"]  # checkpoints, logs and plots go
+        assert row["trainable_params"] == runs[0]["trainable_params"] > 0
+        assert row["lr"] == {"soft_moa": 1e-2, "peft_lora": 5e-3}[name]
+        assert row["accuracy_mean"] == pytest.approx(np.mean([r["accuracy"] for r in runs]))
+        low, high = row["accuracy_ci95"]
+        assert low <= row["accuracy_mean"] <= high
+        assert row["seeds_finished"] == [0, 1]
+        assert [r["seed"] for r in row["runs"]] == [0, 1]
+        assert set(row["runs"][0]) == {"seed", "accuracy", "accuracy_norm", "train_seconds",
+                                       "seconds_per_step", "peak_memory_mb", "steps"}
+    assert rows["soft_moa"]["paired"] is None
+    paired = rows["peft_lora"]["paired"]
+    assert paired["reference"] == "soft_moa" and paired["seeds"] == [0, 1]
+    assert paired["difference"] == pytest.approx(rows["peft_lora"]["accuracy_mean"]
+                                                 - rows["soft_moa"]["accuracy_mean"])
+    assert paired["difference_ci95"][0] <= paired["difference"] <= paired["difference_ci95"][1]
+    soft = json.loads((out / "runs" / "soft_moa" / "seed-1.json").read_text())
+    assert soft["router_stats"] and all(
+        len(entry["mean_gate"]) == len(entry["experts"]) == len(entry["active_fraction"])
+        for entry in soft["router_stats"].values())
+    assert json.loads((out / "runs" / "peft_lora" / "seed-0.json").read_text())[
+        "router_stats"] == {}
+    table = (out / "compare.md").read_text()
+    assert "| base (no adapter) | 0 |" in table and "| peft_lora |" in table
+    assert (out / "compare.png").stat().st_size > 0
+
+    # the same losses as `moa train` with that seed, the same scores as `moa evaluate`
+    trained = run_train(TrainOptions(data=data[0], out=str(tmp_path / "train"), steps=2,
+                                     batch_size=4, lr=1e-2, seed=1, preset="soft_moa"),
+                        log=lambda _: None, progress=False)
+    assert [list(point) for point in trained.losses] == soft["losses"]
+    evaluated = run_evaluate(EvaluateOptions(
+        data=data[1], adapter=str(out / "runs" / "soft_moa" / "seed-1" / "adapter"),
+        out=str(tmp_path / "eval.json")), log=lambda _: None, progress=False)
+    assert "".join("1" if p["correct"] else "0" for p in evaluated.predictions) == \
+        soft["correct"]
+
+
+def test_an_interrupted_comparison_continues_with_the_runs_not_finished(data, tmp_path,
+                                                                       monkeypatch):
+    out = tmp_path / "out"
+
+    def interrupt_the_second(train_options, call):
+        if call == 2:  # as if Ctrl-C came mid-run: the run's folder is half written
+            Path(train_options.out).mkdir(parents=True)
+            (Path(train_options.out) / "train_options.json").write_text("{}")
+            raise KeyboardInterrupt
+
+    calls = counting_run_train(monkeypatch, interrupt_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        quiet(options(data, out, variants=["lora"], seeds=2))
+    first = (out / "runs" / "lora" / "seed-0.json").read_bytes()
+    assert not (out / "runs" / "lora" / "seed-1.json").exists()
+    assert [c.seed for c in calls] == [0, 1]
+
+    scored = []
+    monkeypatch.setattr(compare, "_score_base",
+                        lambda *args: scored.append(1) or pytest.fail("base scored twice"))
+    calls = counting_run_train(monkeypatch)
+    result = quiet(options(data, out, variants=["lora"], seeds=2))
+    assert [c.seed for c in calls] == [1] and not scored  # only the unfinished run
+    assert (out / "runs" / "lora" / "seed-0.json").read_bytes() == first
+    assert result.failed == [] and result.summary["variants"][0]["seeds_finished"] == [0, 1]
+    assert not (out / "runs" / "lora" / "seed-1").exists()
+
+    calls = counting_run_train(monkeypatch)  # a third time: nothing left to run
+    assert quiet(options(data, out, variants=["lora"], seeds=2)).failed == []
+    assert calls == []
+
+
+def test_runs_go_seed_by_seed_so_a_cut_comparison_has_every_variant(data, tmp_path,
+                                                                    monkeypatch):
+    calls = counting_run_train(monkeypatch)
+    assert main(["compare", "--data", data[0], "--eval-data", data[1], "--variants",
+                 "lora,hydralora", "--seeds", "2", "--steps", "1", "--batch-size", "4",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert [(c.preset, c.seed) for c in calls] == [("lora", 0), ("hydralora", 0),
+                                                   ("lora", 1), ("hydralora", 1)]
+
+
+def test_a_failed_run_is_reported_the_others_finish_and_a_rerun_retries_it(
+        data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+
+    def fail_hydralora(train_options, call):
+        if train_options.preset == "hydralora":
+            raise RuntimeError("the router exploded\nsecond line")
+
+    argv = ["compare", "--data", data[0], "--eval-data", data[1], "--variants",
+            "lora,hydralora", "--seeds", "1", "--steps", "2", "--batch-size", "4", "--out",
+            str(out)]
+    calls = counting_run_train(monkeypatch, fail_hydralora)
+    assert main(argv) == 1
+    assert [c.preset for c in calls] == ["lora", "hydralora"]
+    output = capsys.readouterr()
+    assert "1 run(s) failed: hydralora seed 0" in output.out
+    error = (out / "runs" / "hydralora" / "seed-0.error.txt").read_text()
+    assert error.startswith("RuntimeError: the router exploded\n\nTraceback")
+    assert not (out / "runs" / "hydralora" / "seed-0.json").exists()
+    assert (out / "runs" / "lora" / "seed-0.json").is_file()
+    rows = json.loads((out / "compare.json").read_text())["variants"]
+    assert rows[1]["name"] == "hydralora" and rows[1]["seeds_finished"] == [] and \
+        rows[1]["accuracy_mean"] is None
+
+    calls = counting_run_train(monkeypatch)
+    assert main(argv) == 0
+    assert [c.preset for c in calls] == ["hydralora"]
+    assert (out / "runs" / "hydralora" / "seed-0.json").is_file()
+    assert not (out / "runs" / "hydralora" / "seed-0.error.txt").exists()
+
+
+# ---- rerunning with other options ----------------------------------------------------------
+
+def finish(out: Path, variant: str) -> None:
+    """Mark a run of `variant` finished (the refusals look at which results are there)."""
+    (out / "runs" / variant).mkdir(parents=True, exist_ok=True)
+    (out / "runs" / variant / "seed-0.json").write_text("{}")
+
+
+def test_a_rerun_with_other_options_is_refused_naming_them(data, tmp_path):
+    out = tmp_path / "out"
+    # before any result is there, other options replace the stored ones
+    plan_compare(options(data, out, variants=["lora"], lr={"*": 1e-3}, steps=5))
+    plan_compare(options(data, out, variants=["lora"], lr={"*": 1e-3}))
+    assert json.loads((out / "compare_options.json").read_text())["options"]["steps"] == 2
+    finish(out, "lora")
+    with pytest.raises(ValueError, match=r"steps \(2 there, 3 here\)"):
+        plan_compare(options(data, out, variants=["lora"], lr={"*": 1e-3}, steps=3))
+    with pytest.raises(ValueError, match=r"lr of lora \(0.001 there, 0.002 here\)"):
+        plan_compare(options(data, out, variants=["lora"], lr={"*": 2e-3}))
+    Path(data[1]).write_text(Path(data[1]).read_text().replace("grey", "gray"))
+    with pytest.raises(ValueError, match="the content of --eval-data"):
+        plan_compare(options(data, out, variants=["lora"], lr={"*": 1e-3}))
+    Path(data[1]).write_text(Path(data[1]).read_text().replace("gray", "grey"))
+    # adding variants and seeds is allowed, and the new variant is then part of the run
+    plan_compare(options(data, out, variants=["lora", "molora"], lr={"*": 1e-3}, seeds=3))
+    stored = json.loads((out / "compare_options.json").read_text())
+    assert list(stored["variants"]) == ["lora", "molora"]
+    plan_compare(options(data, out, variants=["molora"], lr={"*": 5e-3}))  # nothing finished
+    plan_compare(options(data, out, variants=["molora"], lr={"*": 1e-3}))
+    finish(out, "molora")
+    with pytest.raises(ValueError, match=r"lr of molora \(0.001 there, 0.005 here\)"):
+        plan_compare(options(data, out, variants=["molora"], lr={"*": 5e-3}))
+    # a MoAConfig file of the same name whose content changed
+    config = tmp_path / "mine.json"
+    config.write_text(MoAConfig.preset("lora", experts=["lora:4"]).to_json_string())
+    plan_compare(options(data, out, variants=[str(config)], lr={"*": 1e-3}))
+    finish(out, "mine")
+    config.write_text(MoAConfig.preset("lora", experts=["lora:2"]).to_json_string())
+    with pytest.raises(ValueError, match="the definition of mine"):
+        plan_compare(options(data, out, variants=[str(config)], lr={"*": 1e-3}))
+
+
+# ---- options and bad input -----------------------------------------------------------------
+
+def test_a_config_file_gives_the_options_and_flags_override_it(tmp_path):
+    config = tmp_path / "compare.yaml"
+    config.write_text("data: a.jsonl\neval-data: b.jsonl\nvariants: [soft_moa, lora]\n"
+                      "seeds: 2\nlr: {soft_moa: 0.001, lora: 0.0003}\nsteps: 5\n")
+    args = build_parser().parse_args(["compare", "--config", str(config), "--steps", "7"])
+    opts = CompareOptions.from_args(args)
+    assert (opts.data, opts.eval_data, opts.variants, opts.seeds, opts.steps) == \
+        ("a.jsonl", "b.jsonl", ["soft_moa", "lora"], 2, 7)
+    assert opts.lr == {"soft_moa": 0.001, "lora": 0.0003}
+    args = build_parser().parse_args(["compare", "--data", "a", "--eval-data", "b",
+                                      "--variants", "lora", "--lr", "1e-3,lora=2e-3"])
+    assert CompareOptions.from_args(args).lr == {"*": 1e-3, "lora": 2e-3}
+    assert CompareOptions.from_args(build_parser().parse_args(
+        ["compare", "--data", "a", "--eval-data", "b", "--variants", "lora"])).lr == \
+        {"*": 3e-4}
+
+
+BAD_INPUT = [  # (argv after the data flags, exit status, what the one line says)
+    # a name that is no preset, peft_lora or file
+    (["--variants", "lora,nope"], 1, "unknown variant 'nope'; allowed: a preset (soft_moa,"),
+    # base is always its own row
+    (["--variants", "base"], 1, "'base' is not a variant to train"),
+    # a MoAConfig file that does not exist
+    (["--variants", "missing.yaml"], 1, "no such MoA config file"),
+    # two entries of one name
+    (["--variants", "lora,lora"], 1, "two variants are named 'lora'"),
+    # a rate for a variant that is not run
+    (["--variants", "lora", "--lr", "molora=1e-3"], 1,
+     "--lr gives a rate for 'molora', which is not among --variants (lora)"),
+    # a variant left without a rate
+    (["--variants", "lora,molora", "--lr", "lora=1e-3"], 1, "--lr gives no rate for molora"),
+    # a rate that is no number
+    (["--variants", "lora", "--lr", "lora=fast"], 2, "--lr for lora: expected a number > 0"),
+    # one variant named twice in --lr
+    (["--variants", "lora", "--lr", "lora=1e-3,lora=2e-3"], 2, "--lr gives 'lora' more"),
+    # no seed to run
+    (["--variants", "lora", "--seeds", "0"], 2, "argument --seeds: expected a positive "
+                                                "integer, got '0'"),
+    # the reference must be run
+    (["--variants", "lora", "--reference", "molora"], 1, "--reference 'molora' is not among"),
+    # an empty entry
+    (["--variants", "lora,,molora"], 2, "no empty entry"),
+]
+
+
+@pytest.mark.parametrize("extra, status, message", BAD_INPUT)
+def test_bad_input_is_one_line_before_any_model_loads(extra, status, message, data, tmp_path,
+                                                      monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(moa.cli.loading, "load_base_model", no_model)
+    monkeypatch.setattr(moa.cli.loading, "load_tokenizer", no_model)
+    argv = ["compare", "--data", data[0], "--eval-data", data[1], "--out",
+            str(tmp_path / "out"), *extra]
+    assert main(argv) == status
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("moa: error: ") and message in error
+
+
+@pytest.mark.parametrize("case", [
+    "no_eval_data",  # --eval-data is required
+    "missing_data",  # --data names no file
+    "missing_eval_data",  # --eval-data names no file
+    "out_is_a_file",  # --out must be a directory
+    "out_holds_other_files",  # nor one that holds something else
+    "config_named_as_a_preset",  # a MoAConfig file named lora.json would read as the preset
+    "bad_record",  # a training record without the fields of a format
+])
+def test_bad_paths_are_one_line_before_any_model_loads(case, data, tmp_path, monkeypatch,
+                                                       capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(moa.cli.loading, "load_base_model", no_model)
+    train, test, out = data[0], data[1], tmp_path / "out"
+    variants, message = "lora", ""
+    if case == "no_eval_data":
+        test, message = None, "moa compare needs --eval-data"
+    elif case == "missing_data":
+        train, message = str(tmp_path / "nope.jsonl"), "no such data file"
+    elif case == "missing_eval_data":
+        test, message = str(tmp_path / "nope.jsonl"), "--eval-data: no such data file"
+    elif case == "out_is_a_file":
+        out.write_text("x")
+        message = "is a file, not a directory"
+    elif case == "out_holds_other_files":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        message = "holds files that are not a moa compare run"
+    elif case == "config_named_as_a_preset":
+        (tmp_path / "lora.json").write_text(MoAConfig.preset("lora").to_json_string())
+        variants, message = str(tmp_path / "lora.json"), "rename the file"
+    elif case == "bad_record":
+        Path(train).write_text('{"text": "no format"}\n')
+        message = "record 1 has none of the fields"
+    argv = ["compare", "--data", train, "--variants", variants, "--out", str(out)]
+    argv += ["--eval-data", test] if test else []
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("moa: error: ") and message in error
+    if case == "out_holds_other_files":
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
