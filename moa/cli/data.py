@@ -340,15 +340,52 @@ def _tokenize_cut(tokenizer, text: str, count: int, add_special_tokens: bool,
     if count <= 0:
         return []
     size = (count + CUT_MARGIN_TOKENS) * (longest or longest_token_chars(tokenizer))
+    by_words = size < len(text) and _splits_words(tokenizer)
     while True:
         whole = size >= len(text)
         piece = text if whole else text[len(text) - size:] if from_end else text[:size]
         # verbose=False: a piece longer than the model's positions is no error, it is cut
-        ids = tokenizer(piece, add_special_tokens=add_special_tokens, verbose=False)[
-            "input_ids"]
+        encoding = tokenizer(piece, add_special_tokens=add_special_tokens, verbose=False)
+        ids = encoding["input_ids"]
+        if not whole and by_words:
+            ids = _without_cut_word(ids, _word_ids(encoding), from_end)
         if whole or len(ids) >= count + CUT_MARGIN_TOKENS:
             return ids[max(0, len(ids) - count):] if from_end else ids[:count]
         size *= 2
+
+
+def _word_ids(encoding) -> list[int | None] | None:
+    """The pre-tokenized word of each token (None for special tokens), where the tokenizer
+    says (fast tokenizers); else None."""
+    try:
+        return encoding.word_ids()
+    except (ValueError, AttributeError):
+        return None
+
+
+def _splits_words(tokenizer) -> bool:
+    """Whether the tokenizer says which word each token belongs to and splits "a b" into
+    two words (a byte-level tokenizer without a pre-tokenizer does not)."""
+    words = _word_ids(tokenizer("a b", add_special_tokens=False))
+    return words is not None and len({word for word in words if word is not None}) > 1
+
+
+def _without_cut_word(ids: list[int], words: list[int | None], from_end: bool) -> list[int]:
+    """ids without the tokens of the word the cut falls in (the piece's last word, or its
+    first from the end): a word the cut shortens can tokenise to other tokens than the
+    whole word, and not only near the cut (WordPiece gives one unknown token for a word
+    over its length limit, and the word's pieces when cut below it). A piece within one
+    word keeps nothing. For tokenizers that do not split words, CUT_MARGIN_TOKENS alone
+    guards the cut."""
+    known = {word for word in words if word is not None}
+    if len(known) < 2:  # the piece lies within one word: nothing in it is sure
+        return []
+    cut_word = max(known) if not from_end else min(known)
+    if from_end:
+        last = max(i for i, word in enumerate(words) if word == cut_word)
+        return ids[last + 1:]
+    first = min(i for i, word in enumerate(words) if word == cut_word)
+    return ids[:first]
 
 
 @dataclass

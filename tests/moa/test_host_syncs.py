@@ -26,7 +26,7 @@ from moa.config import PRESETS
 from moa.modules.layer_router import instance_gate_reuse
 from moa.modules.prompt import prompt_key_cache
 from moa_kernels import torch_ops
-from tests.moa.tiny import tiny_llama, token_batch
+from tests.moa.tiny import cache_keyword, tiny_llama, token_batch
 
 aten = torch.ops.aten
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,11 +123,12 @@ def _decoding_syncs(moa) -> list[str]:
     ids = token_batch(2, 9)
     with torch.no_grad(), prompt_key_cache(moa.model), \
             instance_gate_reuse(moa.model, moa._injection.context):
-        cache = moa(ids, use_cache=True).past_key_values
-        cache = moa(ids[:, -1:], past_key_values=cache, use_cache=True).past_key_values
+        key = cache_keyword(moa)
+        cache = getattr(moa(ids, use_cache=True), key)
+        cache = getattr(moa(ids[:, -1:], **{key: cache}, use_cache=True), key)
         recorder = SyncRecorder()
         with recorder:
-            moa(ids[:, -1:], past_key_values=cache, use_cache=True)
+            moa(ids[:, -1:], **{key: cache}, use_cache=True)
     return recorder.found
 
 

@@ -5,7 +5,6 @@ Trainer, gradient checkpointing and bf16."""
 
 import contextlib
 import copy
-import inspect
 import re
 import warnings
 
@@ -40,7 +39,14 @@ from moa.modules.aux_loss import GateCollector, load_balancing_loss
 from moa.modules.prompt import PromptExpert, prompt_key_cache, rotary_operands, rotate_half_query
 from moa_kernels import torch_ops
 from tests.conftest import assert_results_match, relative_error
-from tests.moa.tiny import VOCAB, llama_config, perturb, tiny_llama, token_batch
+from tests.moa.tiny import (
+    VOCAB,
+    cache_keyword,
+    llama_config,
+    perturb,
+    tiny_llama,
+    token_batch,
+)
 
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -298,8 +304,7 @@ def test_cached_decoding_matches_the_full_forward():
         full = moa(ids).logits
         # transformers 5.25 renamed the cache argument and output field to "cache" (and
         # warns that "past_key_values" goes in 5.40); the pinned 5.23 knows the old name
-        key = "cache" if "cache" in inspect.signature(
-            moa.get_base_model().forward).parameters else "past_key_values"
+        key = cache_keyword(moa)
         prefix = moa(ids[:, :-3], use_cache=True)
         past, steps = getattr(prefix, key), []
         for t in range(7, 10):

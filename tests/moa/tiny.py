@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,3 +40,11 @@ def perturb(moa: MoAModel, seed: int = 2, scale: float = 0.05) -> None:
     for _, param in moa.moa_named_parameters():
         noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
         param.add_(scale * noise.to(param.dtype))
+
+
+def cache_keyword(moa: MoAModel) -> str:
+    """The name under which the base model's forward takes and returns its KV cache:
+    transformers 5.25 renamed past_key_values to cache (and warns that the old name goes in
+    5.40); the pinned 5.23 knows only the old one."""
+    parameters = inspect.signature(moa.get_base_model().forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
