@@ -208,7 +208,8 @@ def moa_linear(
     if router is not None:
         gates, active = router.finish(router_h)
     check_gates(gates, x, layout.num_experts)
-    gates = gates.to(x.dtype)
+    if gates.dtype != x.dtype:
+        gates = gates.to(x.dtype)
 
     if not sparse:
         y = apply_function(GatedExpand, y, hidden, gates, expand_weight, expand_bias, layout, None)

@@ -178,7 +178,9 @@ class LayerRouter(nn.Module):
                 state.shrink_input = state.shrink_outputs = None
             return None
         with autocast_off(normed):
-            flat = normed.reshape(-1, self.hidden_size).to(dtype)
+            flat = normed.reshape(-1, self.hidden_size)
+            if flat.dtype != dtype:
+                flat = flat.to(dtype)
             if isinstance(plan[0], torch.Tensor):  # generate: the weight stacked once
                 weight, bias, ops, starts, splits = plan
                 outputs = F.linear(flat, weight, bias).split(splits, dim=1)
@@ -189,7 +191,9 @@ class LayerRouter(nn.Module):
             gates, _ = ops.finish(outputs[:blocks])
         state.shrink_input = normed
         state.shrink_outputs = dict(zip(starts, outputs[blocks:]))
-        return gates.to(dtype).reshape(*normed.shape[:-1], self.num_experts)
+        if gates.dtype != dtype:
+            gates = gates.to(dtype)
+        return gates.reshape(*normed.shape[:-1], self.num_experts)
 
     def _sharing_plan(self, device: torch.device, dtype: torch.dtype):
         """(weight blocks, bias pieces, router ops, the sharers' gate starts, the column

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -86,21 +87,23 @@ def _check_plain_base_input(x: torch.Tensor, base_weight: torch.Tensor) -> None:
                         "input, or run under torch.autocast")
 
 
-def _accepted_extras(backend: str, fused_base: bool, input_recipe, shrink_output,
-                     dtype: torch.dtype) -> dict:
-    """The optional inputs beyond the contract that this call can give and `backend` accepts
-    (moa_kernels/contract.py): both need a plain linear base computed by the backend and no
-    dropout; the input recipe describes x itself (x already in the compute dtype), the
-    shrink output [T, R] (dense mixtures only) must be in the compute dtype."""
-    extras = {}
-    if not fused_base:
-        return extras
-    if input_recipe is not None and accepts(backend, INPUT_RECIPE):
-        extras[INPUT_RECIPE] = input_recipe
-    if shrink_output is not None and shrink_output.dtype == dtype and \
-            accepts(backend, SHRINK_OUTPUT):
-        extras[SHRINK_OUTPUT] = shrink_output
-    return extras
+class CallPlan(NamedTuple):
+    """What a forward needs beyond x and its gates, fixed for x's dtype and device, the
+    autocast state and the train/eval mode: the backend's entry point, the compute dtype, a
+    plain linear base's operands (None for any other base, which is called), the stacked
+    expert tensors and the router's ops as the backend takes them, whether dropout runs,
+    and which optional inputs beyond the contract the backend accepts
+    (moa_kernels/contract.py). Built per call; kept over a generate call (`_call_plan`)."""
+
+    function: Callable
+    dtype: torch.dtype
+    autocast: bool
+    base_operands: dict | None
+    stacked: dict
+    router: object | None
+    dropout: bool
+    takes_input_recipe: bool
+    takes_shrink_output: bool
 
 
 class MoALinear(nn.Module):
@@ -187,6 +190,9 @@ class MoALinear(nn.Module):
         # (moa.modules.layer_router.LayerGates: its slice of a layer router's gates). A
         # plain attribute, not a hook, so a call of the layer runs no hook machinery.
         self.gate_source: Callable[[torch.Tensor], tuple | None] | None = None
+        # On inside MoAModel.generate (moa.modules.prompt.prompt_key_cache): what is fixed
+        # over the call (casts, the CallPlan), see moa.modules.dispatch.generate_cached.
+        self.generate_cache: dict | None = None
         if device.type != "meta":
             self.reset_expert_parameters()
         self._place_index_tensors()
@@ -371,36 +377,87 @@ class MoALinear(nn.Module):
             self.last_gates = None
             return self.base(x)
         gates, sparse, shrink_output, from_source = self._gates(x, gates, sparse)
-        base = self.base  # (each nn.Module attribute read is a Python call: read once)
-        plain = is_plain_linear(base)
-        base_weight, base_bias = (base.weight, base.bias) if plain else (None, None)
-        dtype = compute_dtype(x)
-        if plain:
-            _check_plain_base_input(x, base_weight)
-        base_output = None if plain else base(x)
-        with autocast_off(x):
-            flat = x.reshape(-1, self.in_features).to(dtype)
-            adapter_input = self.dropout(flat) if self.training and \
-                isinstance(self.dropout, nn.Dropout) else None
-            if sparse is None:
-                sparse = gates is None and self.router.config.is_sparse
-            backend = resolve_backend(self.backend, x.device)
-            extras = _accepted_extras(backend, plain and adapter_input is None,
-                                      input_recipe if dtype == x.dtype else None,
-                                      None if sparse else shrink_output, dtype)
-            shrink_weight, shrink_bias, expand_weight, expand_bias = \
-                self._stacked_operands(backend, dtype)
-            y, used_gates = backend_function(backend, x)(
-                flat, **self._base_operands(base_weight, base_bias, base_output, dtype),
-                layout=self.layout, shrink_weight=shrink_weight, shrink_bias=shrink_bias,
-                expand_weight=expand_weight, expand_bias=expand_bias,
-                router=None if gates is not None else self._router_ops(dtype),
-                gates=None if gates is None else gates.reshape(-1, self.num_experts),
-                adapter_input=adapter_input, sparse=bool(sparse), **extras)
+        if sparse is None:
+            sparse = gates is None and self.router.config.is_sparse
+        plan = self._call_plan(x)
+        base_output = None if plan.base_operands is not None else self.base(x)
+        if plan.autocast:
+            with torch.autocast(x.device.type, enabled=False):
+                y, used_gates = self._mix(plan, x, gates, bool(sparse), base_output,
+                                          input_recipe, shrink_output)
+        else:
+            y, used_gates = self._mix(plan, x, gates, bool(sparse), base_output, input_recipe,
+                                      shrink_output)
         self._record_gates(gates, used_gates, from_source, x.shape[:-1])
         if base_output is not None:
             y = y.to(base_output.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _mix(self, plan: CallPlan, x: torch.Tensor, gates: torch.Tensor | None, sparse: bool,
+             base_output: torch.Tensor | None, input_recipe, shrink_output
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backend's (y [T, out], applied gates [T, E]) for x flattened, autocast off.
+        The optional inputs go where the backend takes them and the call can give them:
+        both need a plain linear base computed by the backend and no dropout; the input
+        recipe describes x itself (x already in the compute dtype), the shrink output
+        [T, R] (dense mixtures only) must be in the compute dtype."""
+        dtype = plan.dtype
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != dtype:
+            flat = flat.to(dtype)
+        adapter_input = self.dropout(flat) if plan.dropout else None
+        extras = {}
+        if plan.base_operands is None:
+            base = {"base_output": base_output.reshape(-1, self.out_features).to(dtype)}
+        else:
+            base = plan.base_operands
+            if adapter_input is None:
+                if input_recipe is not None and plan.takes_input_recipe and dtype == x.dtype:
+                    extras[INPUT_RECIPE] = input_recipe
+                if shrink_output is not None and not sparse and plan.takes_shrink_output \
+                        and shrink_output.dtype == dtype:
+                    extras[SHRINK_OUTPUT] = shrink_output
+        return plan.function(
+            flat, **base, **plan.stacked, router=plan.router if gates is None else None,
+            gates=None if gates is None else gates.reshape(-1, self.num_experts),
+            adapter_input=adapter_input, sparse=sparse, **extras)
+
+    def _call_plan(self, x: torch.Tensor) -> CallPlan:
+        """The CallPlan for x: made per call, and kept over a generate call (in
+        generate_cache, while grad mode is off, outside torch.compile), where the backend,
+        the base, the weights and their casts cannot change: a decoding step then looks it
+        up instead of redoing the backend choice, its checks and the casts' lookups."""
+        cache = self.generate_cache
+        if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._make_call_plan(x)
+        device_type = x.device.type
+        autocast = torch.get_autocast_dtype(device_type) \
+            if torch.is_autocast_enabled(device_type) else None
+        key = ("call", x.dtype, x.device, autocast, self.training)
+        plan = cache.get(key)
+        if plan is None:
+            plan = cache[key] = self._make_call_plan(x)
+        return plan
+
+    def _make_call_plan(self, x: torch.Tensor) -> CallPlan:
+        dtype = compute_dtype(x)
+        backend = resolve_backend(self.backend, x.device)
+        function = backend_function(backend, x)
+        base = self.base  # (each nn.Module attribute read is a Python call: read once)
+        base_operands = None
+        if is_plain_linear(base):
+            base_weight, base_bias = base.weight, base.bias
+            _check_plain_base_input(x, base_weight)
+            base_operands = self._base_operands(base_weight, base_bias, dtype)
+        shrink_weight, shrink_bias, expand_weight, expand_bias = \
+            self._stacked_operands(backend, dtype)
+        return CallPlan(
+            function, dtype, torch.is_autocast_enabled(x.device.type), base_operands,
+            {"layout": self.layout, "shrink_weight": shrink_weight, "shrink_bias": shrink_bias,
+             "expand_weight": expand_weight, "expand_bias": expand_bias},
+            None if self.router is None else self._router_ops(dtype),
+            self.training and isinstance(self.dropout, nn.Dropout),
+            accepts(backend, INPUT_RECIPE), accepts(backend, SHRINK_OUTPUT))
 
     def _take_input_recipe(self, x: torch.Tensor) -> torch_ops.InputRecipe | None:
         """The InputRecipe a hook left for a call on this very x (consumed either way)."""
@@ -428,12 +485,10 @@ class MoALinear(nn.Module):
                              f"gates of shape {(*x.shape[:-1], self.num_experts)}")
         return None, sparse, None, False
 
-    def _base_operands(self, base_weight: torch.Tensor | None, base_bias: torch.Tensor | None,
-                       base_output: torch.Tensor | None, dtype: torch.dtype) -> dict:
-        """The contract's base: a plain linear's weight and bias in dtype (casts kept over a
-        generate call), or the base's output [T, out] in dtype."""
-        if base_weight is None:
-            return {"base_output": base_output.reshape(-1, self.out_features).to(dtype)}
+    def _base_operands(self, base_weight: torch.Tensor, base_bias: torch.Tensor | None,
+                       dtype: torch.dtype) -> dict:
+        """The contract's base for a plain linear: its weight and bias in dtype (casts kept
+        over a generate call)."""
         if base_weight.dtype == dtype and (base_bias is None or base_bias.dtype == dtype):
             return {"base_weight": base_weight, "base_bias": base_bias}
         return generate_cached(self, ("base", dtype), lambda: {

@@ -82,8 +82,11 @@ class ParallelAdapter(nn.Module):
         if x.dtype != dtype or (self.training and isinstance(self.dropout, nn.Dropout)):
             input_recipe = None
         with autocast_off(x):
-            x = self.dropout(x.to(dtype))
-            return gated_adapter(out, x, gate.to(dtype), *weights, self.activation,
+            if x.dtype != dtype:
+                x = x.to(dtype)
+            if gate.dtype != dtype:
+                gate = gate.to(dtype)
+            return gated_adapter(out, self.dropout(x), gate, *weights, self.activation,
                                  input_recipe)
 
     def mlp_hook(self, router: LayerRouter, index: int, who: str) -> Callable:

@@ -136,11 +136,14 @@ class PromptExpert(nn.Module):
         (autocast's, when autocast is on). with_recipe: return (output, the InputRecipe
         that recomputes it)."""
         dtype = compute_dtype(query)
+        if query.dtype != dtype:
+            query = query.to(dtype)
+        if gate.dtype != dtype:
+            gate = gate.to(dtype)
         with autocast_off(query):
             if torch.is_grad_enabled() and is_plain_linear(k_proj) and is_plain_linear(v_proj):
                 # training: one op for the keys, values and the attention (their graph
                 # would be a dozen small ops and their gradients as many)
-                query, gate = query.to(dtype), gate.to(dtype)
                 y, keys, gated_values = prompt_expert(
                     x, query, gate, self.prompt, self.gate, k_proj.weight, k_proj.bias,
                     v_proj.weight, v_proj.bias, self.num_kv_heads)
@@ -150,7 +153,7 @@ class PromptExpert(nn.Module):
                 if not torch.is_grad_enabled():
                     keys, gated_values = self._batched_keys_values(keys, gated_values,
                                                                    query.shape[0])
-                operands = (x, query.to(dtype), keys, gated_values, gate.to(dtype))
+                operands = (x, query, keys, gated_values, gate)
                 y = prompt_attention(*operands)
             return (y, prompt_attention_recipe(*operands)) if with_recipe else y
 

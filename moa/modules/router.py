@@ -35,6 +35,11 @@ def threshold_straight_through(gates: torch.Tensor, threshold_logit: torch.Tenso
     return gates * (1 + (threshold.detach() - threshold))
 
 
+
+def _in_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """tensor in dtype (None stays None); no op where it is in dtype already."""
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
 class MoARouter(nn.Module):
     """Per-token gates g [..., E] over E experts (docs/DESIGN.md section 2).
 
@@ -110,13 +115,13 @@ class MoARouter(nn.Module):
                 list(first_layer)
             # The head is tiny ([T, F]): run it in at least fp32 (fp64 stays fp64).
             head_dtype = torch.float64 if blocks[0].dtype == torch.float64 else torch.float32
-            blocks = [block.to(head_dtype) for block in blocks]
+            blocks = [_in_dtype(block, head_dtype) for block in blocks]
             gates, active = gates_from_first_layer(
                 blocks[0] if isinstance(first_layer, torch.Tensor) else blocks,
                 kind=config.kind, gate=config.gate,
                 mode=config.mode, num_experts=self.num_experts,
-                w2_weight=None if w2_weight is None else w2_weight.to(head_dtype),
-                w2_bias=None if w2_bias is None else w2_bias.to(head_dtype),
+                w2_weight=_in_dtype(w2_weight, head_dtype),
+                w2_bias=_in_dtype(w2_bias, head_dtype),
                 max_threshold=config.max_threshold, top_k=config.top_k,
                 normalize_topk=config.normalize_topk)
             if config.learn_threshold:  # the threshold logit is the last column

@@ -318,6 +318,45 @@ def test_autocast_leaves_float64_in_float64(backend):
     assert torch.equal(y, layer(x))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_generate_call_keeps_one_plan_per_dtype_autocast_and_mode(backend):
+    # Inside a generate call (generate_cache on, no grad) a layer keeps what a call needs
+    # (backend, casts, base operands) per input dtype, autocast state and train/eval mode:
+    # calls that switch between them give what the same calls give outside the cache.
+    layer = make_layer(backend=backend, dropout=0.25)
+    x = torch.randn(2, 3, 9)
+
+    def calls() -> list[torch.Tensor]:
+        outputs = []
+        with torch.no_grad():
+            for _ in range(2):
+                layer.eval()
+                outputs.append(layer(x))
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    outputs.append(layer(x))
+                with torch.autocast("cpu", dtype=torch.float16):
+                    outputs.append(layer(x))
+                layer.train()
+                torch.manual_seed(1)
+                outputs.append(layer(x))
+        return outputs
+
+    expected = calls()
+    layer.generate_cache = {}
+    try:
+        cached = calls()
+        plans = [key for key in layer.generate_cache if key[0] == "call"]
+    finally:
+        layer.generate_cache = None
+    assert [y.dtype for y in cached] == [torch.float32, torch.bfloat16, torch.float16,
+                                         torch.float32] * 2
+    for got, want in zip(cached, expected):
+        assert torch.equal(got, want)
+    assert len(plans) == 4  # fp32 eval, bf16 autocast, fp16 autocast, fp32 train
+    # dropout ran in train mode (the train-mode output differs from the eval one)
+    assert not torch.equal(cached[3], cached[0])
+
+
 def test_route_under_autocast_gives_the_applied_gates():
     layer = make_layer(backend="torch")
     x = torch.randn(3, 9)
