@@ -19,6 +19,58 @@ from moa.cli.statistics import (
     paired_difference,
 )
 
+# A router has collapsed onto one expert where that expert takes at least this share of the
+# router's summed mean gate on the probe prompts (softmax routers: a mean gate of 0.9).
+COLLAPSE_SHARE = 0.9
+
+
+def routing_summary(router_stats: dict | None) -> dict | None:
+    """What a run's router statistics (per router: its experts' mean gate and active
+    fraction on the probe prompts) say about collapse and sparsity: `routers` (those with
+    two or more experts, the ones that can collapse), `collapsed` (how many of them give
+    one expert at least COLLAPSE_SHARE of their summed mean gate), `silent` (how many give
+    every expert a mean gate of 0: no expert runs), `largest_share` (the largest share of
+    one expert; 1/E is an even split), and the mean and lowest active fraction over every
+    (router, expert) pair (1.0: no expert is ever skipped). None for a run without routers
+    (PEFT LoRA, plain LoRA)."""
+    if not router_stats:
+        return None
+    routers = silent = 0
+    shares, active = [], []
+    for entry in router_stats.values():
+        active += entry["active_fraction"]
+        gates = entry["mean_gate"]
+        if len(gates) < 2:
+            continue
+        routers += 1
+        if sum(gates) > 0:
+            shares.append(max(gates) / sum(gates))
+        else:
+            silent += 1
+    return {"routers": routers,
+            "collapsed": sum(share >= COLLAPSE_SHARE for share in shares), "silent": silent,
+            "largest_share": max(shares) if shares else None,
+            "active_fraction_mean": statistics.fmean(active) if active else None,
+            "active_fraction_min": min(active) if active else None}
+
+
+def _routing_over_seeds(summaries: list[dict | None]) -> dict | None:
+    """A variant's routing over its seeds: the most collapsed and silent routers and the
+    largest share of any seed, the mean of the seeds' mean active fractions and the lowest."""
+    summaries = [s for s in summaries if s is not None]
+    if not summaries:
+        return None
+    shares = [s["largest_share"] for s in summaries if s["largest_share"] is not None]
+    means = [s["active_fraction_mean"] for s in summaries
+             if s["active_fraction_mean"] is not None]
+    lows = [s["active_fraction_min"] for s in summaries if s["active_fraction_min"] is not None]
+    return {"routers": summaries[0]["routers"],
+            "collapsed_max": max(s["collapsed"] for s in summaries),
+            "silent_max": max(s["silent"] for s in summaries),
+            "largest_share": max(shares) if shares else None,
+            "active_fraction_mean": statistics.fmean(means) if means else None,
+            "active_fraction_min": min(lows) if lows else None}
+
 
 def _median(values: list[float]) -> float | None:
     values = [v for v in values if v is not None and v == v]
@@ -46,7 +98,7 @@ def summarize(plan: Plan) -> dict:
                "trainable_params": next((r["trainable_params"] for r in runs.values()), None),
                "seeds_finished": sorted(runs), "accuracy_mean": None, "accuracy_ci95": None,
                "accuracy_norm_mean": None, "seconds_per_step_median": None,
-               "peak_memory_mb_max": None, "paired": None, "runs": []}
+               "peak_memory_mb_max": None, "routing": None, "paired": None, "runs": []}
         if runs:
             correct = correctness_matrix([runs[s]["correct"] for s in sorted(runs)])
             mean, low, high = accuracy_interval(correct)
@@ -56,9 +108,13 @@ def summarize(plan: Plan) -> dict:
                 accuracy_norm_mean=None if None in norms else statistics.fmean(norms),
                 seconds_per_step_median=_median([r["seconds_per_step"] for r in runs.values()]),
                 peak_memory_mb_max=max(r["peak_memory_mb"] for r in runs.values()),
-                runs=[{key: runs[s][key] for key in (
+                routing=_routing_over_seeds([routing_summary(runs[s].get("router_stats"))
+                                             for s in sorted(runs)]),
+                runs=[{**{key: runs[s][key] for key in (
                     "seed", "accuracy", "accuracy_norm", "train_seconds", "seconds_per_step",
-                    "peak_memory_mb", "steps")} for s in sorted(runs)])
+                    "peak_memory_mb", "steps")},
+                    "routing": routing_summary(runs[s].get("router_stats"))}
+                    for s in sorted(runs)])
             common = sorted(set(runs) & set(reference_runs))
             if variant.name != plan.reference and common:
                 difference, low, high = paired_difference(
@@ -94,21 +150,28 @@ def _interval(values: list[float] | None, signed: bool = False) -> str:
 def format_table(summary: dict) -> str:
     """The summary as a Markdown table: per variant the trainable parameters, mean accuracy
     with its 95% interval, the paired difference from the reference with its interval, the
-    length-normalised accuracy, the median step time, the peak memory and the seeds."""
+    length-normalised accuracy, the median step time, the peak memory, the collapsed
+    routers and the active fraction (`routing_summary`) and the seeds."""
     reference = summary["reference"]
     header = ("| variant | trainable params | accuracy | 95% interval | vs " + reference +
-              " | 95% interval | length-normalised | s/step | peak MiB | seeds |")
-    lines = [header, "|---|---:|---:|---|---:|---|---:|---:|---:|---:|"]
+              " | 95% interval | length-normalised | s/step | peak MiB | collapsed routers"
+              " | active | seeds |")
+    lines = [header, "|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     base = summary["base"]
     if base is not None:
         norm = "" if base["accuracy_norm"] is None else f"{base['accuracy_norm']:.4f}"
         lines.append(f"| base (no adapter) | 0 | {base['accuracy']:.4f} | "
-                     f"{_interval(base['accuracy_ci95'])} | | | {norm} | | | |")
+                     f"{_interval(base['accuracy_ci95'])} | | | {norm} | | | | | |")
     for row in summary["variants"]:
         def number(key: str, form: str, row=row) -> str:
             return "" if row[key] is None else format(row[key], form)
 
-        paired = row["paired"]
+        paired, routing = row["paired"], row.get("routing")
+        collapsed = active = ""
+        if routing is not None:
+            collapsed = f"{routing['collapsed_max']}/{routing['routers']}"
+            if routing["active_fraction_mean"] is not None:
+                active = f"{routing['active_fraction_mean']:.3f}"
         versus = "reference" if row["name"] == reference else \
             ("" if paired is None else f"{paired['difference']:+.4f}")
         lines.append(
@@ -117,7 +180,7 @@ def format_table(summary: dict) -> str:
             f"{versus} | {_interval(paired and paired['difference_ci95'], signed=True)} | "
             f"{number('accuracy_norm_mean', '.4f')} | "
             f"{number('seconds_per_step_median', '.3f')} | "
-            f"{number('peak_memory_mb_max', '.0f')} | "
+            f"{number('peak_memory_mb_max', '.0f')} | {collapsed} | {active} | "
             f"{len(row['seeds_finished'])}/{summary['seeds']} |")
     return "\n".join(lines)
 
@@ -140,7 +203,11 @@ def write_summary(plan: Plan, summary: dict) -> list[Path]:
         f"vs {summary['reference']}: the mean difference in accuracy on the same questions; "
         f"its interval: {summary['paired_method']}.",
         f"s/step: median optimizer-step time; peak MiB: the largest over the seeds "
-        f"({summary['peak_memory']}).", ""])
+        f"({summary['peak_memory']}).",
+        f"collapsed routers: of the routers with two or more experts, those giving one expert "
+        f"at least {COLLAPSE_SHARE:g} of their summed mean gate on the probe prompts (the most "
+        f"over the seeds); active: the mean fraction of (token, expert) pairs that run (1: "
+        f"no expert is ever skipped). Per run: runs/VARIANT/seed-K.json, router_stats.", ""])
     files = [write_json_atomic(plan.out / "compare.json", summary),
              write_text_atomic(plan.out / "compare.md", markdown)]
     rows = [row for row in summary["variants"] if row["accuracy_mean"] is not None]
@@ -157,4 +224,4 @@ def write_summary(plan: Plan, summary: dict) -> list[Path]:
     return files
 
 
-__all__ = ["format_table", "summarize", "write_summary"]
+__all__ = ["COLLAPSE_SHARE", "format_table", "routing_summary", "summarize", "write_summary"]

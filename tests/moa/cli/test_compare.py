@@ -19,6 +19,7 @@ from moa.cli import build_parser, main
 from moa.cli.compare import plan_compare, run_compare
 from moa.cli.compare_options import CompareOptions
 from moa.cli.compare_runs import PeakMemory, router_statistics
+from moa.cli.compare_summary import format_table, routing_summary
 from moa.cli.compare_variants import peft_lora_config, peft_lora_model
 from moa.cli.evaluate import EvaluateOptions, run_evaluate
 from moa.cli.loading import build_text_model, byte_tokenizer
@@ -158,6 +159,40 @@ def test_peak_memory_on_the_cpu_sees_an_allocation_inside_the_block(high_water_m
 
 # ---- runs ----------------------------------------------------------------------------------
 
+def test_routing_summary_counts_collapsed_routers_and_the_active_fraction():
+    # Found on real data (ARC-Challenge, MoLoRA seed 0): a few softmax routers in the last
+    # layers put 0.97-0.99 of their gate on one expert, which the table did not show.
+    stats = {
+        "collapsed": {"experts": ["a", "b", "c"], "mean_gate": [0.95, 0.03, 0.02],
+                      "active_fraction": [1.0, 1.0, 1.0]},
+        "even": {"experts": ["a", "b"], "mean_gate": [0.5, 0.5],
+                 "active_fraction": [0.5, 0.25]},  # sparse: experts skipped
+        "one expert": {"experts": ["a"], "mean_gate": [0.8],  # cannot collapse: not counted
+                       "active_fraction": [1.0]},
+        "silent": {"experts": ["a", "b"], "mean_gate": [0.0, 0.0],  # no gate mass: no share
+                   "active_fraction": [0.0, 0.0]},
+    }
+    routing = routing_summary(stats)
+    assert routing == {"routers": 3, "collapsed": 1, "silent": 1,
+                       "largest_share": pytest.approx(0.95),
+                       "active_fraction_mean": pytest.approx(4.75 / 8),
+                       "active_fraction_min": 0.0}
+    assert routing_summary({}) is None and routing_summary(None) is None
+    edge = routing_summary({"r": {"experts": ["a", "b"], "mean_gate": [0.9, 0.1],
+                                  "active_fraction": [1.0, 1.0]}})
+    assert edge["collapsed"] == 1  # a share of exactly COLLAPSE_SHARE counts
+    row = {"name": "molora", "trainable_params": 10, "accuracy_mean": 0.5,
+           "accuracy_ci95": [0.4, 0.6], "accuracy_norm_mean": None,
+           "seconds_per_step_median": 1.0, "peak_memory_mb_max": 100.0, "paired": None,
+           "seeds_finished": [0], "routing": {"routers": 3, "collapsed_max": 1,
+                                              "silent_max": 1,
+                                              "largest_share": 0.95,
+                                              "active_fraction_mean": 0.59375,
+                                              "active_fraction_min": 0.0}}
+    table = format_table({"reference": "molora", "base": None, "seeds": 1, "variants": [row]})
+    assert "| collapsed routers | active |" in table and "| 1/3 | 0.594 | 1/1 |" in table
+
+
 def test_a_comparison_writes_each_run_and_the_summary_as_moa_train_and_evaluate_would(
         data, tmp_path):
     out = tmp_path / "out"
@@ -198,7 +233,8 @@ def test_a_comparison_writes_each_run_and_the_summary_as_moa_train_and_evaluate_
         assert row["seeds_finished"] == [0, 1]
         assert [r["seed"] for r in row["runs"]] == [0, 1]
         assert set(row["runs"][0]) == {"seed", "accuracy", "accuracy_norm", "train_seconds",
-                                       "seconds_per_step", "peak_memory_mb", "steps"}
+                                       "seconds_per_step", "peak_memory_mb", "steps",
+                                       "routing"}
     assert rows["soft_moa"]["paired"] is None
     paired = rows["peft_lora"]["paired"]
     assert paired["reference"] == "soft_moa" and paired["seeds"] == [0, 1]
@@ -211,6 +247,11 @@ def test_a_comparison_writes_each_run_and_the_summary_as_moa_train_and_evaluate_
         for entry in soft["router_stats"].values())
     assert json.loads((out / "runs" / "peft_lora" / "seed-0.json").read_text())[
         "router_stats"] == {}
+    assert rows["peft_lora"]["routing"] is None
+    assert [r["routing"] for r in rows["soft_moa"]["runs"]] == [
+        routing_summary(json.loads((out / "runs" / "soft_moa" / f"seed-{s}.json").read_text())[
+            "router_stats"]) for s in (0, 1)]
+    assert rows["soft_moa"]["routing"]["active_fraction_mean"] == 1.0  # soft: all run
     table = (out / "compare.md").read_text()
     assert "| base (no adapter) | 0 |" in table and "| peft_lora |" in table
     assert (out / "compare.png").stat().st_size > 0
