@@ -5,13 +5,13 @@ bottleneck.
 `gated_adapter(out, x, gate, W_down, b_down, W_up, b_up, activation)`:
   forward: h = x W_down^T + b_down [T, K]; y = out + (act(h) * g) W_up^T (one GEMM with out
            as its addend), then y += g b_up in place (y is this op's own tensor).
-  saves:   x [T, M] (the only big one: d W_down = dh^T x needs it), h [T, K], g [T, 1];
-           with an `InputRecipe` (moa.modules.parallel_adapter: x is a norm's output) the
-           recipe's tensors instead of x, recomputed in the backward.
+  saves:   x [T, M] (the only big one: d W_down = dh^T x needs it), h, act(h) and
+           act(h) g [T, K] each (K is small: two launches fewer than recomputing them),
+           g [T, 1]; with an `InputRecipe` (moa.modules.parallel_adapter: x is a norm's
+           output) the recipe's tensors instead of x, recomputed in the backward.
   backward: G = dy W_up [T, K]; dg = <G, act(h)> + dy . b_up; d W_up = dy^T (act(h) g),
-           d b_up = dy^T g; dh = G * g * act'(h): act(h) and act' are recomputed from h,
-           and the adapter's output W_up act(h) + b_up [T, N] is never stored (dg needs only
-           G).
+           d b_up = dy^T g; dh = G * g * act'(h): act' is recomputed from h, and the
+           adapter's output W_up act(h) + b_up [T, N] is never stored (dg needs only G).
 Without grad mode the forward runs directly (decoding: no autograd bookkeeping); under
 torch.compile its `traced` twin (plain ops: the compiler derives the backward and picks
 what to save), as in moa_kernels/torch_ops.py.
@@ -66,32 +66,34 @@ class _GatedAdapter(torch.autograd.Function):
     def forward(ctx, out, x, gate, down_weight, down_bias, up_weight, up_bias, activation,
                 recipe=None):
         hidden = F.linear(x, down_weight, down_bias)
-        gated = activation_by_name(activation).function(hidden) * gate
+        activated = activation_by_name(activation).function(hidden)
+        gated = activated * gate
         if out.dtype == gated.dtype:
             y = torch.addmm(out, gated, up_weight.t()).addcmul_(gate, up_bias)
         else:
             y = out + torch.addmm(gate * up_bias, gated, up_weight.t()).to(out.dtype)
         ctx.activation = activation
         if recipe is None:
-            ctx.save_for_backward(x, gate, hidden, down_weight, up_weight, up_bias)
+            ctx.save_for_backward(x, gate, hidden, activated, gated, down_weight, up_weight,
+                                  up_bias)
         else:
-            ctx.save_for_backward(None, gate, hidden, down_weight, up_weight, up_bias,
-                                  *recipe.tensors)
+            ctx.save_for_backward(None, gate, hidden, activated, gated, down_weight, up_weight,
+                                  up_bias, *recipe.tensors)
             ctx.recompute, ctx.x_shape = recipe.function, x.shape
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, gate, hidden, down_weight, up_weight, up_bias, *recipe_tensors = ctx.saved_tensors
+        x, gate, hidden, activated, gated, down_weight, up_weight, up_bias, *recipe_tensors = \
+            ctx.saved_tensors
         activation = ctx.activation
         grad = grad_y.to(hidden.dtype)
-        activated = activation_by_name(activation).function(hidden)
         grad_activated_gated = grad @ up_weight  # G = dy W_up [T, K]
         # dg = <G, act(h)> + dy . b_up per token: a batched dot, then dy b_up added
         grad_gate = torch.addmv(row_dot(grad_activated_gated, activated), grad, up_bias)
         grad_gate = grad_gate[:, None]
-        grad_up_weight = grad.t() @ (activated * gate)
+        grad_up_weight = grad.t() @ gated
         grad_up_bias = grad.t() @ gate[:, 0]
         grad_hidden = activation_by_name(activation).derivative(grad_activated_gated * gate,
                                                                  hidden)

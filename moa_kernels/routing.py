@@ -91,11 +91,11 @@ def swiglu_head(first_layer: torch.Tensor | Sequence[torch.Tensor], w2_weight: t
     """The SwiGLU router's logits W2 (silu(u) * v) + b2 from its first layer [T, 2H] =
     [u, v], or from the pair (u, v) of [T, H] tensors.
 
-    Saves only the first layer (and W2) for the backward, which recomputes silu(u) and the
-    product ([T, H] each): under plain autograd they would be saved too. The first layer is
-    often saved anyway (views of the fused shrink output h, whose storage step 3 keeps
-    anyway), then the head saves nothing of its own. Plain ops under torch.compile (the
-    compiler picks what to save) and without grad mode."""
+    Saves the first layer's v, silu(u) and the product (and W2) for the backward, which
+    then recomputes nothing ([T, H] each, H a few times the experts: small beside the
+    layer's width; a recompute would be two launches more per layer); u itself only goes
+    to silu's derivative. Plain ops under torch.compile (the compiler picks what to save)
+    and without grad mode."""
     if isinstance(first_layer, torch.Tensor):
         up, gate_half = first_layer.chunk(2, dim=-1)
     else:
@@ -111,15 +111,16 @@ class _SwiGLUHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, up, gate_half, w2_weight, w2_bias):
-        ctx.save_for_backward(up, gate_half, w2_weight)
+        activated = SILU.function(up)
+        product = activated * gate_half
+        ctx.save_for_backward(up, gate_half, w2_weight, activated, product)
         ctx.has_bias = w2_bias is not None
-        return F.linear(SILU.function(up) * gate_half, w2_weight, w2_bias)
+        return F.linear(product, w2_weight, w2_bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logits):
-        up, gate_half, w2_weight = ctx.saved_tensors
-        activated = SILU.function(up)
+        up, gate_half, w2_weight, activated, product = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_up = grad_gate_half = grad_w2 = grad_b2 = None
         if needs[0] or needs[1]:
@@ -129,7 +130,7 @@ class _SwiGLUHead(torch.autograd.Function):
             if needs[1]:
                 grad_gate_half = grad_hidden * activated
         if needs[2]:
-            grad_w2 = grad_logits.t() @ (activated * gate_half)
+            grad_w2 = grad_logits.t() @ product
         if needs[3] and ctx.has_bias:
             grad_b2 = grad_logits.sum(0)
         return grad_up, grad_gate_half, grad_w2, grad_b2

@@ -12,9 +12,11 @@
 Fusion: the activations, gating and scaling are one elementwise pass building u; the GEMM
 reads y as its addend (no pass of its own) and the adapters' gated up-biases are a second
 GEMM accumulated into its output. FLOPs: 2 T out (C + N_ad). Bytes (b per element): y and
-the output [T, out], h [T, R] and u [T, C]. Saved: h [T, R], the gates and B; the backward
-recomputes u and the activations' derivatives (autograd's own kernels, one op each) from h,
-so nothing of size [T, out] or [T, E, out] is stored; the per-expert gate gradients are one
+the output [T, out], h [T, R] and u [T, C]. Saved: h [T, R], u [T, C] (C is the experts'
+summed rank, small beside the layer's width: one op less in the backward than recomputing
+it), the gates and B; the backward recomputes the activations and their derivatives
+(autograd's own kernels, one op each) from h, so nothing of size [T, out] or [T, E, out] is
+stored; the per-expert gate gradients are one
 small GEMM with the layout's gate map (no scatter). Under torch.compile `traced` (the
 gathers as GEMMs with the layout's maps, or slices) runs instead.
 """
@@ -104,12 +106,13 @@ def _active_columns(active: torch.Tensor, layout: ExpertLayout, index) -> torch.
         active.index_select(1, index["column_expert"])
 
 
-def _expand_operands(hidden, gates, layout, traced=False, active=None):
+def _expand_operands(hidden, gates, layout, traced=False, active=None, u=None):
     """u [T, C] (the gated, scaled expert activations; exactly 0 on the columns of pairs
     that `active` [T, E] skips, when given), the adapters' gates [T, N_ad] (None without
     adapters: they multiply the up-biases), and the parts the backward needs. traced: the
     gathers as small GEMMs with the layout's maps and as slices and repeats of the shared
-    rows (their autograd backward is a GEMM or a sum, not a scatter)."""
+    rows (their autograd backward is a GEMM or a sum, not a scatter). u: the forward's u,
+    saved (the backward then does not compute it again)."""
     index = layout.index_tensors(hidden.device)
     activated = _activate(hidden, layout)
     columns = activated
@@ -125,9 +128,10 @@ def _expand_operands(hidden, gates, layout, traced=False, active=None):
         column_gates = gates.index_select(1, index["column_expert"])
         if not layout.unit_scaling:
             column_gates = column_gates * index["column_scale"].to(gates.dtype)
-    u = columns * column_gates
-    if active is not None:  # selected, not multiplied: 0 * inf would reach the output
-        u = torch.where(_active_columns(active, layout, index), u, _zero(u))
+    if u is None:
+        u = columns * column_gates
+        if active is not None:  # selected, not multiplied: 0 * inf would reach the output
+            u = torch.where(_active_columns(active, layout, index), u, _zero(u))
     adapter_gates = None
     if layout.num_adapters:  # (0 on skipped pairs already: the gates are)
         adapter_gates = gates @ index["gate_map"][columns_count:].to(gates.dtype).t() \
@@ -163,16 +167,16 @@ class GatedExpand(torch.autograd.Function):
         if adapter_gates is not None:
             y.addmm_(adapter_gates, expand_bias)
         ctx.layout = layout
-        ctx.save_for_backward(hidden, gates, expand_weight, expand_bias, active)
+        ctx.save_for_backward(hidden, gates, expand_weight, expand_bias, active, u)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        hidden, gates, expand_weight, expand_bias, active = ctx.saved_tensors
+        hidden, gates, expand_weight, expand_bias, active, u = ctx.saved_tensors
         layout = ctx.layout
         u, adapter_gates, columns, column_gates, index = _expand_operands(
-            hidden, gates, layout, active=active)
+            hidden, gates, layout, active=active, u=u)
         grad_u = grad_y @ expand_weight
         grad_expand_weight = grad_y.t() @ u
         grad_expand_bias = None

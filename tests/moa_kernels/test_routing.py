@@ -119,10 +119,12 @@ def swiglu_head_run(head, first_layer, w2_weight, w2_bias, grad_logits):
         (0, 8, 2),  # T = 0
     ],
 )
-def test_swiglu_head_saves_less_and_matches_plain_autograd(bias, tokens, hidden, num_experts):
-    # The head saves only its first layer and W2 (silu(u) and the product are recomputed in
-    # the backward); logits and every gradient must be those of plain autograd, on fresh
-    # random data including the cotangent.
+def test_swiglu_head_saves_what_its_backward_reads_and_matches_plain_autograd(
+        bias, tokens, hidden, num_experts):
+    # The head saves its first layer, W2, silu(u) and the product (its backward recomputes
+    # nothing: two launches fewer per layer, for 2 H numbers per token); logits and every
+    # gradient must be those of plain autograd, on fresh random data including the
+    # cotangent.
     generator = torch.Generator().manual_seed(11)
     first_layer = torch.randn(tokens, 2 * hidden, generator=generator) * 2
     w2_weight = torch.randn(num_experts, hidden, generator=generator) * hidden ** -0.5
@@ -135,7 +137,8 @@ def test_swiglu_head_saves_less_and_matches_plain_autograd(bias, tokens, hidden,
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         swiglu_head(first_layer.requires_grad_(True), w2_weight, w2_bias)
-    assert sum(t.numel() for t in saved) == first_layer.numel() + w2_weight.numel()
+    assert sum(t.numel() for t in saved) == \
+        2 * first_layer.numel() + w2_weight.numel()  # u, v, silu(u), silu(u) v: 4 T H
 
 
 def test_swiglu_head_gradcheck_in_float64():
