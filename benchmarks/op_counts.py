@@ -16,14 +16,18 @@ counted (PEFT and MoA run the same foreach optimizer over their tensors). A deco
 is counted after one uncounted step, inside the contexts of MoAModel.generate.
 
 --list PRESET prints the per-layer op histogram of that preset (most frequent first),
-the starting point for cutting.
+the starting point for cutting; --origins PRESET the same per origin: a backward op by its
+autograd node and the source line of the forward that made the node (anomaly mode records
+it), a forward op by the innermost source line of moa, moa_kernels or the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -40,17 +44,59 @@ class OpRecorder(TorchDispatchMode):
     and the backward's), as the OpOverload. `counts(views=False)` leaves out the ops that
     return views (no kernel runs for them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, origins: bool = False) -> None:
         super().__init__()
         self.ops: list[torch._ops.OpOverload] = []
+        self.origins: list[str] | None = [] if origins else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func)
+        if self.origins is not None:
+            self.origins.append(_origin())
         return func(*args, **(kwargs or {}))
 
     def counts(self, views: bool = True) -> collections.Counter:
-        """{op name: calls}, e.g. {"aten.mm.default": 12}."""
-        return collections.Counter(str(op) for op in self.ops if views or not is_view(op))
+        """{op name: calls}, e.g. {"aten.mm.default": 12}; with origins, keyed
+        "op  <- origin"."""
+        names = [str(op) for op in self.ops]
+        if self.origins is not None:
+            names = [f"{name}  <- {origin}" for name, origin in zip(names, self.origins)]
+        return collections.Counter(name for name, op in zip(names, self.ops)
+                                   if views or not is_view(op))
+
+
+_SOURCES = ("/moa/", "/moa_kernels/", "/transformers/models/")
+
+
+def _source_line(frames) -> str:
+    """The innermost frame of moa, moa_kernels or a transformers model (past the shared
+    `apply_function`), as path:line."""
+    ours = [f for f in frames if any(part in f.filename for part in _SOURCES)
+            and not f.filename.endswith("autograd_apply.py")]
+    if not ours:
+        return "?"
+    frame = ours[-1]
+    path = frame.filename.split("site-packages/")[-1]
+    for root in ("/moa_kernels/", "/moa/"):
+        if root in path:
+            path = root.strip("/") + "/" + path.rsplit(root, 1)[1]
+    return f"{path}:{frame.lineno} {frame.name}"
+
+
+def _origin() -> str:
+    """Where the op being dispatched comes from: the autograd node running it and its
+    forward's source line (the node's anomaly-mode traceback), or the forward's source."""
+    node = torch._C._current_autograd_node()
+    if node is None:
+        return "forward " + _source_line(traceback.extract_stack()[:-2])
+    stack = node.metadata.get("traceback_")
+    frames = traceback.extract_stack()[:0]
+    if stack:
+        text = "".join(stack) if isinstance(stack, list) else str(stack)
+        frames = [traceback.FrameSummary(line.split('"')[1], int(line.split("line ")[1]
+                                         .split(",")[0]), line.rsplit(" in ", 1)[1])
+                  for line in text.splitlines() if line.strip().startswith('File "')]
+    return f"backward {node.name()} of {_source_line(frames)}"
 
 
 # Ops that return a new tensor header over an input's storage without running a kernel,
@@ -94,9 +140,9 @@ def _ids(seed: int) -> torch.Tensor:
     return token_batch(2, 9, seed=seed)
 
 
-def training_step_ops(name: str, layers: int) -> collections.Counter:
+def training_step_ops(name: str, layers: int, origins: bool = False) -> collections.Counter:
     """The aten ops (views excluded) of one forward + backward of `name` with `layers`
-    decoder layers, after one unrecorded step."""
+    decoder layers, after one unrecorded step; with origins, keyed by op and origin."""
     model = build(name, layers)
     frozen = name == "frozen"
 
@@ -114,7 +160,9 @@ def training_step_ops(name: str, layers: int) -> collections.Counter:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=1e-3) if trainable else None
     step(_ids(1), optimizer)
-    with OpRecorder() as recorder:
+    anomaly = torch.autograd.set_detect_anomaly(True, check_nan=False) if origins else \
+        contextlib.nullcontext()
+    with anomaly, OpRecorder(origins) as recorder:
         step(_ids(2), None)
     return recorder.counts(views=False)
 
@@ -160,12 +208,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--decode", action="store_true", help="count a decoding step too")
     parser.add_argument("--list", metavar="PRESET", help="print one preset's op histogram")
+    parser.add_argument("--origins", metavar="PRESET",
+                        help="print one preset's ops per layer by where they come from")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    if args.list:
-        counts = per_layer(training_step_ops, args.list)
-        print(f"{args.list}: {sum(counts.values())} ops per decoder layer (training step)")
-        for op, count in counts.most_common():
+    if args.list or args.origins:
+        name = args.list or args.origins
+        counts = per_layer(lambda n, layers: training_step_ops(n, layers, bool(args.origins)),
+                           name)
+        print(f"{name}: {sum(counts.values())} ops per decoder layer (training step)")
+        for op, count in sorted(counts.items(), key=lambda item: (
+                item[0].split("<- ")[-1], item[0])) if args.origins else counts.most_common():
             print(f"  {count:4d}  {op}")
         return
     names = ["frozen", "peft_lora", *args.presets.split(",")]

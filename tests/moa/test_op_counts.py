@@ -57,3 +57,19 @@ def test_the_count_sees_a_layers_ops(op_counts, monkeypatch):
                         forward(self, *args, **kwargs).clone())
     after = sum(op_counts.per_layer(op_counts.training_step_ops, "soft_moa").values())
     assert after == before + 5
+
+
+def test_origins_split_the_same_count_by_where_each_op_comes_from(op_counts):
+    # --origins: the same ops per layer as the plain count, each keyed by its origin (the
+    # autograd node and the forward's source line, or the forward's own line)
+    plain = op_counts.per_layer(op_counts.training_step_ops, "lora")
+    origins = op_counts.per_layer(
+        lambda name, layers: op_counts.training_step_ops(name, layers, origins=True), "lora")
+    assert sum(origins.values()) == sum(plain.values()) > 0
+    by_op = {}
+    for key, count in origins.items():
+        op, origin = key.split("  <- ")
+        by_op[op] = by_op.get(op, 0) + count
+        assert origin.startswith(("forward ", "backward ")) and "?" not in origin, key
+    assert by_op == dict(plain)
+    assert any("GatedExpandBackward of moa_kernels/torch_ops.py" in key for key in origins)
