@@ -8,7 +8,9 @@ once and scored once, without an adapter (DIR/runs/base.json) -> per variant and
 tokens and Trainer, and for one seed the same data order whatever the variant), then
 `evaluate_items` on the test records (as `moa evaluate` scores them) and the router
 statistics over the first ROUTER_PROMPTS test prompts -> DIR/runs/VARIANT/seed-K.json,
-written atomically. A finished run is skipped when the command is run again; a run that
+written atomically, made only under its lock (DIR/runs/VARIANT/seed-K.lock, `RunLock`:
+several processes on one DIR share the runs). A finished run is skipped when the command is
+run again; a run that
 raises is written up in DIR/runs/VARIANT/seed-K.error.txt (its reason and traceback), the
 others go on, and the next run of the command retries it. -> the summary over the variants
 and seeds asked for: DIR/compare.json, DIR/compare.md (the table, also printed) and
@@ -43,6 +45,7 @@ from moa.cli.compare_runs import (
     RUNS,
     PeakMemory,
     Plan,
+    RunLock,
     router_prompts,
     router_statistics,
     score_result,
@@ -289,6 +292,25 @@ def _tidy_run_dir(plan: Plan, variant: str, seed: int) -> None:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
+RUN = "run"
+FINISHED = "finished"
+
+
+def _claim(result_path: Path, world: World) -> tuple[str, RunLock | None]:
+    """Whether this process makes the run whose result is `result_path`: (RUN, the lock on
+    rank 0) when it holds the run's lock, (FINISHED, None) when another process finished
+    it meanwhile, else (who holds it, None). Rank 0 decides; every rank gets its answer."""
+    lock, status = None, RUN
+    if world.is_main:
+        lock, holder = RunLock.acquire(result_path.with_suffix(".lock"))
+        if lock is None:
+            status = holder
+        elif result_path.is_file():
+            lock.release()
+            lock, status = None, FINISHED
+    return world.share(status), lock
+
+
 def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
                 progress: bool = True) -> CompareResult:
     """`moa compare` (see the module docstring). Bad input is a ValueError or OSError before
@@ -299,7 +321,12 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
     run trains data-parallel as `moa train` does and each process scores its share of the
     test records; rank 0 alone checks and writes DIR and prints, a run that fails on any
     process fails on all, and every process returns the same summary and failures (files
-    only on rank 0)."""
+    only on rank 0).
+
+    Several comparisons on one DIR (the same command started twice, or on purpose to use
+    more cores) share the runs: each makes a run only under its lock (`RunLock`) and
+    leaves a run that another holds to it, so no run is made twice or has its folder
+    removed under it; whoever finishes last writes the summary of every finished run."""
     from tqdm import tqdm
 
     from moa.cli.data import load_evaluation_items
@@ -321,6 +348,7 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
             (tqdm.write if progress else log)(line)
 
     failed: list[str] = []
+    elsewhere: list[str] = []  # runs that other processes were making
     try:
         say(f"moa compare: {len(plan.variants)} variants x {options.seeds} seeds on "
             f"{model_description(options.model)}; {len(done) + base_done} of {len(runs) + 1} "
@@ -342,18 +370,34 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
                         write_json_atomic(plan.base_path(), result)
                         plan.base_path(".error.txt").unlink(missing_ok=True)
 
+                status, lock = _claim(plan.base_path(), world)
                 try:
-                    world.agree(score_base)
+                    if status == RUN:
+                        world.agree(score_base)
+                    elif status != FINISHED:
+                        say(f"base model: made by another moa compare ({status}); left to it")
+                        elsewhere.append(BASE)
                 except Exception as error:
                     reason = _record_failure(plan.base_path(".error.txt"), error, world)
                     say(f"base model: failed: {reason} (see {plan.base_path('.error.txt')})")
                     failed.append(BASE)
+                finally:
+                    if lock is not None:
+                        lock.release()
                 _free(device)
                 bar.update()
             for variant, seed in runs:
                 if (variant.name, seed) in done:
                     continue
                 bar.set_postfix_str(f"{variant.name} seed {seed}")
+                status, lock = _claim(plan.run_path(variant.name, seed), world)
+                if status != RUN:
+                    if status != FINISHED:
+                        say(f"{variant.name} seed {seed}: made by another moa compare "
+                            f"({status}); left to it")
+                        elsewhere.append(f"{variant.name} seed {seed}")
+                    bar.update()
+                    continue
                 error_path = plan.run_path(variant.name, seed, ".error.txt")
 
                 def train_and_score(variant=variant, seed=seed, error_path=error_path):
@@ -373,6 +417,9 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
                     reason = _record_failure(error_path, error, world)
                     say(f"{variant.name} seed {seed}: failed: {reason} (see {error_path})")
                     failed.append(f"{variant.name} seed {seed}")
+                finally:
+                    if lock is not None:
+                        lock.release()
                 _free(device)
                 bar.update()
     finally:
@@ -388,6 +435,9 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
     summary = world.share(summary)
     say(format_table(summary))
     say(f"written: {', '.join(str(f) for f in files)}")
+    if elsewhere:
+        say(f"{len(elsewhere)} run(s) left to other moa compare processes on {plan.out}: "
+            f"{', '.join(elsewhere)}; the last one to finish writes the full summary")
     if failed:
         say(f"{len(failed)} run(s) failed: {', '.join(failed)}; the reasons are in "
             f"{plan.out / RUNS} (*.error.txt). Run the same command again to retry them")

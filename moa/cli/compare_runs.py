@@ -1,14 +1,18 @@
 """A `moa compare` folder and what one run measures: the Plan (the checked options and
 where each run's result lives: DIR/runs/VARIANT/seed-K.json, DIR/runs/base.json), a result
-read back, and what a run records beside its accuracy (peak memory during training, router
-statistics on the first test prompts).
+read back, the lock a process holds on the run it makes (`RunLock`: DIR/runs/VARIANT/
+seed-K.lock), and what a run records beside its accuracy (peak memory during training,
+router statistics on the first test prompts).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +57,48 @@ def load_result(path: Path) -> dict | None:
         raise ValueError(f"{path} is not readable JSON (moa compare writes results "
                          "atomically, so something else changed it); delete it to run that "
                          "run again") from None
+
+
+class RunLock:
+    """An exclusive lock on one run of a compare folder, held while a process makes it, so
+    that processes running the same comparison (started twice, or on purpose to use more
+    cores) never make the same run: the second leaves a locked run to the first and takes
+    the next. An advisory lock (flock) on DIR/runs/VARIANT/seed-K.lock: the system drops it
+    when its process ends, however it ends, so no lock outlives a crash. The file stays
+    (tiny; deleting a lock file that others may have open would let two processes hold
+    "the" lock) and says who holds it. Without flock (not a POSIX system) every lock is
+    granted: one process per folder there."""
+
+    def __init__(self, path: Path, handle) -> None:
+        self.path, self._handle = path, handle
+
+    @classmethod
+    def acquire(cls, path: Path) -> tuple[RunLock | None, str]:
+        """(the lock, "") when this process now holds it, else (None, who holds it)."""
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks here
+            return cls(path, None), ""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            return None, holder
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"moa compare pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        return cls(path, handle), ""
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # (closing the file drops the lock)
+            self._handle = None
 
 
 class PeakMemory:
@@ -182,5 +228,5 @@ def score_result(scores: dict) -> dict:
                                     for p in scores["predictions"]) if all_choices else None}
 
 
-__all__ = ["FORMAT_VERSION", "PeakMemory", "Plan", "ROUTER_PROMPTS", "RUNS",
+__all__ = ["FORMAT_VERSION", "PeakMemory", "Plan", "ROUTER_PROMPTS", "RUNS", "RunLock",
            "load_result", "router_prompts", "router_statistics", "score_result"]

@@ -5,6 +5,9 @@ with other options, the router statistics, the peak memory, and bad input as one
 before any model loads."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from moa import MoAConfig, get_moa_model
 from moa.cli import build_parser, main
 from moa.cli.compare import plan_compare, run_compare
 from moa.cli.compare_options import CompareOptions
-from moa.cli.compare_runs import PeakMemory, router_statistics
+from moa.cli.compare_runs import PeakMemory, RunLock, router_statistics
 from moa.cli.compare_summary import format_table, routing_summary
 from moa.cli.compare_variants import peft_lora_config, peft_lora_model
 from moa.cli.evaluate import EvaluateOptions, run_evaluate
@@ -27,6 +30,8 @@ from moa.cli.train import TrainOptions, run_train
 from tests.moa.tiny import perturb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 COLOURS = [("the sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"),
@@ -298,6 +303,84 @@ def test_an_interrupted_comparison_continues_with_the_runs_not_finished(data, tm
     calls = counting_run_train(monkeypatch)  # a third time: nothing left to run
     assert quiet(options(data, out, variants=["lora"], seeds=2)).failed == []
     assert calls == []
+
+
+def test_a_run_another_process_is_making_is_left_to_it_and_its_folder_untouched(
+        data, tmp_path, monkeypatch):
+    # another `moa compare` on the same DIR holds soft_moa seed 0's lock (another open file
+    # description: flock conflicts as between processes) and is writing its folder
+    out = tmp_path / "out"
+    quiet(options(data, out, variants=["lora"]))  # DIR made, base scored
+    lock, holder = RunLock.acquire(out / "runs" / "soft_moa" / "seed-0.lock")
+    assert lock is not None and holder == ""
+    in_progress = out / "runs" / "soft_moa" / "seed-0" / "checkpoints" / "step-1"
+    in_progress.mkdir(parents=True)
+    calls, lines = counting_run_train(monkeypatch), []
+    result = run_compare(options(data, out, variants=["soft_moa", "lora"]), log=lines.append,
+                         progress=False)
+    assert calls == [] and result.failed == []  # lora seed 0 was finished already
+    assert in_progress.is_dir(), "the other process's run folder was removed"
+    assert not (out / "runs" / "soft_moa" / "seed-0.json").exists()
+    said = "\n".join(lines)
+    assert f"soft_moa seed 0: made by another moa compare (moa compare pid {os.getpid()}" in said
+    assert "1 run(s) left to other moa compare processes" in said
+    assert result.summary["variants"][0]["seeds_finished"] == []
+    _, held_by = RunLock.acquire(out / "runs" / "soft_moa" / "seed-0.lock")
+    assert held_by.startswith(f"moa compare pid {os.getpid()} on ")
+
+    lock.release()  # the other process ended (a crash drops its lock just the same)
+    calls = counting_run_train(monkeypatch)
+    result = quiet(options(data, out, variants=["soft_moa", "lora"]))
+    assert [(c.preset, c.seed) for c in calls] == [("soft_moa", 0)] and result.failed == []
+    assert result.summary["variants"][0]["seeds_finished"] == [0]
+
+
+def test_a_run_finished_by_another_process_meanwhile_is_not_made_again(data, tmp_path,
+                                                                       monkeypatch):
+    # this process saw lora seed 1 unfinished at its start; by the time it takes the run's
+    # lock, another process has finished it (its result is there)
+    out = tmp_path / "out"
+    quiet(options(data, out, variants=["lora"]))
+    acquire = RunLock.acquire
+
+    def finished_meanwhile(path):
+        if path.name == "seed-1.lock":
+            (path.parent / "seed-1.json").write_bytes(
+                (path.parent / "seed-0.json").read_bytes())
+        return acquire(path)
+
+    monkeypatch.setattr(RunLock, "acquire", staticmethod(finished_meanwhile))
+    calls = counting_run_train(monkeypatch)
+    result = quiet(options(data, out, variants=["lora"], seeds=2))
+    assert calls == [] and result.failed == []
+    assert result.summary["variants"][0]["seeds_finished"] == [0, 1]
+
+
+def test_two_comparisons_on_one_folder_share_the_runs(data, tmp_path):
+    # the same command started twice at once: every run made once, by one of the two
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "moa", "compare", "--data", data[0], "--eval-data",
+               data[1], "--variants", "lora,soft_moa", "--seeds", "2", "--steps", "2",
+               "--batch-size", "4", "--lr", "1e-2", "--out", str(out)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=environment, cwd=tmp_path) for _ in range(2)]
+    logs = []
+    try:
+        for worker in workers:
+            logs.append(worker.communicate(timeout=300)[0])
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert [worker.returncode for worker in workers] == [0, 0], logs
+    made = [line.split(":")[0] for log in logs for line in log.splitlines()
+            if ": accuracy " in line]
+    assert sorted(made) == ["lora seed 0", "lora seed 1", "soft_moa seed 0",
+                            "soft_moa seed 1"], logs
+    for variant in ("lora", "soft_moa"):
+        for seed in (0, 1):
+            assert json.loads((out / "runs" / variant / f"seed-{seed}.json").read_text())[
+                "seed"] == seed
 
 
 def test_runs_go_seed_by_seed_so_a_cut_comparison_has_every_variant(data, tmp_path,
