@@ -66,8 +66,9 @@ class RunLock:
     the next. An advisory lock (flock) on DIR/runs/VARIANT/seed-K.lock: the system drops it
     when its process ends, however it ends, so no lock outlives a crash. The file stays
     (tiny; deleting a lock file that others may have open would let two processes hold
-    "the" lock) and says who holds it. Without flock (not a POSIX system) every lock is
-    granted: one process per folder there."""
+    "the" lock) and says who holds it. Where there is no flock (not a POSIX system) or the
+    file system refuses it (some network file systems), every lock is granted: one process
+    per folder there."""
 
     def __init__(self, path: Path, handle) -> None:
         self.path, self._handle = path, handle
@@ -88,6 +89,9 @@ class RunLock:
             holder = handle.read().strip() or "another process"
             handle.close()
             return None, holder
+        except OSError:  # no locks on this file system (ENOLCK, EOPNOTSUPP)
+            handle.close()
+            return cls(path, None), ""
         handle.seek(0)
         handle.truncate()
         handle.write(f"moa compare pid {os.getpid()} on {socket.gethostname()} since "
