@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import sys
 import traceback
 from pathlib import Path
@@ -65,21 +66,32 @@ class OpRecorder(TorchDispatchMode):
                                    if views or not is_view(op))
 
 
-_SOURCES = ("/moa/", "/moa_kernels/", "/transformers/models/")
+@functools.cache
+def _package_folders() -> tuple[str, ...]:
+    """The folders of the moa and moa_kernels this process imported, each ending in "/"."""
+    import moa
+    import moa_kernels
+
+    return tuple(str(Path(package.__file__).parent) + "/" for package in (moa, moa_kernels))
 
 
 def _source_line(frames) -> str:
     """The innermost frame of moa, moa_kernels or a transformers model (past the shared
-    `apply_function`), as path:line."""
-    ours = [f for f in frames if any(part in f.filename for part in _SOURCES)
-            and not f.filename.endswith("autograd_apply.py")]
-    if not ours:
+    `apply_function`), as path:line (moa/..., moa_kernels/..., transformers/...)."""
+    ours = _package_folders()
+    frames = [f for f in frames
+              if (f.filename.startswith(ours) or "/transformers/models/" in f.filename)
+              and not f.filename.endswith("autograd_apply.py")]
+    if not frames:
         return "?"
-    frame = ours[-1]
-    path = frame.filename.split("site-packages/")[-1]
-    for root in ("/moa_kernels/", "/moa/"):
-        if root in path:
-            path = root.strip("/") + "/" + path.rsplit(root, 1)[1]
+    frame = frames[-1]
+    path = frame.filename
+    for folder in ours:
+        if path.startswith(folder):
+            path = Path(folder).name + "/" + path[len(folder):]
+            break
+    else:
+        path = path.split("site-packages/")[-1]
     return f"{path}:{frame.lineno} {frame.name}"
 
 
@@ -207,9 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--decode", action="store_true", help="count a decoding step too")
-    parser.add_argument("--list", metavar="PRESET", help="print one preset's op histogram")
-    parser.add_argument("--origins", metavar="PRESET",
-                        help="print one preset's ops per layer by where they come from")
+    one_preset = parser.add_mutually_exclusive_group()
+    one_preset.add_argument("--list", metavar="PRESET", help="print one preset's op histogram")
+    one_preset.add_argument("--origins", metavar="PRESET",
+                            help="print one preset's ops per layer by where they come from")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.list or args.origins:

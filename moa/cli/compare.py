@@ -65,6 +65,7 @@ from moa.cli.train import TrainOptions, run_train
 from moa.distributed import World, join_world
 
 OPTIONS_FILE = "compare_options.json"
+OPTIONS_LOCK = "compare_options.lock"  # held while a process checks and writes OPTIONS_FILE
 SAVE_NEVER = 2**62  # Trainer checkpoints in a run: only the one it writes at the end
 
 
@@ -93,7 +94,7 @@ def _check_out(out: Path) -> dict | None:
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(f"--out {str(out)!r}: {folder} is a file, not a "
                                      "directory")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(entry.name != OPTIONS_LOCK for entry in out.iterdir()):
         return None
     stored_path = out / OPTIONS_FILE
     not_ours = (f"--out {str(out)!r} holds files that are not a moa compare run; name a new "
@@ -116,6 +117,15 @@ def _finished(out: Path) -> set[str]:
     runs = out / RUNS
     names = {path.parent.name for path in runs.glob("*/seed-*.json")}
     return names | ({BASE} if (runs / f"{BASE}.json").is_file() else set())
+
+
+def _in_progress(out: Path) -> set[str]:
+    """The names (variants, "base") with a run that another process is making in DIR (its
+    lock held): its result will depend on the stored options as a finished one does."""
+    runs = out / RUNS
+    locks = [*runs.glob("*/seed-*.lock"), runs / f"{BASE}.lock"]
+    return {BASE if path.parent == runs else path.parent.name
+            for path in locks if path.is_file() and RunLock.held(path)}
 
 
 def _differences(stored: dict, defining: dict, variants: dict, finished: set[str]
@@ -153,7 +163,7 @@ def plan_compare(options: CompareOptions) -> Plan:
     from moa.cli.loading import check_gguf, check_model_path, is_gguf
 
     out = Path(options.out)
-    stored = _check_out(out)
+    _check_out(out)  # a file, or a folder of something else, refused before any loading
     for what, path in (("--data", options.data), ("--eval-data", options.eval_data)):
         if path is None:
             raise ValueError(f"moa compare needs {what} FILE")
@@ -181,15 +191,26 @@ def plan_compare(options: CompareOptions) -> Plan:
            if name not in ("model", "data_sha256", "eval_data_sha256")}}
     definitions = {v.name: {"kind": v.kind, "source": v.source, "lr": rates[v.name],
                             "config": v.config} for v in variants}
-    if stored is not None:
-        differences = _differences(stored, defining, definitions, _finished(out))
-        if differences:
-            raise ValueError(f"--out {str(out)!r} holds results of a comparison with other "
-                             f"options: {'; '.join(differences)}. Run it with the same ones "
-                             "(variants and seeds may be added) or name another --out")
-        definitions = {**stored["variants"], **definitions}
-    write_json_atomic(out / OPTIONS_FILE, {"moa_compare": FORMAT_VERSION,
-                                           "options": defining, "variants": definitions})
+    # Other processes may run a comparison on DIR at the same time (they share its runs):
+    # the stored options are read, checked and rewritten by one process at a time.
+    out.mkdir(parents=True, exist_ok=True)
+    options_lock, _ = RunLock.acquire(out / OPTIONS_LOCK, wait=True)
+    try:
+        stored = _check_out(out)
+        if stored is not None:
+            differences = _differences(stored, defining, definitions,
+                                       _finished(out) | _in_progress(out))
+            if differences:
+                raise ValueError(f"--out {str(out)!r} holds results of a comparison with "
+                                 f"other options (finished, or being made by another "
+                                 f"process): {'; '.join(differences)}. Run it with the same "
+                                 "ones (variants and seeds may be added) or name another "
+                                 "--out")
+            definitions = {**stored["variants"], **definitions}
+        write_json_atomic(out / OPTIONS_FILE, {"moa_compare": FORMAT_VERSION,
+                                               "options": defining, "variants": definitions})
+    finally:
+        options_lock.release()
     return Plan(options, variants, rates, reference, out, defining)
 
 

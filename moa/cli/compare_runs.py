@@ -74,16 +74,27 @@ class RunLock:
         self.path, self._handle = path, handle
 
     @classmethod
-    def acquire(cls, path: Path) -> tuple[RunLock | None, str]:
-        """(the lock, "") when this process now holds it, else (None, who holds it)."""
+    def acquire(cls, path: Path, wait: bool = False) -> tuple[RunLock | None, str]:
+        """(the lock, "") when this process now holds it, else (None, who holds it); with
+        wait, until it holds it. A lock file it cannot write (another user's) is locked
+        read-only; one it cannot make at all (a read-only folder) grants the lock: the run
+        then fails where it writes, as it would without locks."""
         try:
             import fcntl
         except ImportError:  # no advisory locks here
             return cls(path, None), ""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+", encoding="utf-8")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+", encoding="utf-8")
+        except PermissionError:
+            try:
+                handle = open(path, encoding="utf-8")
+            except OSError:
+                return cls(path, None), ""
+        except OSError:
+            return cls(path, None), ""
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
@@ -92,12 +103,22 @@ class RunLock:
         except OSError:  # no locks on this file system (ENOLCK, EOPNOTSUPP)
             handle.close()
             return cls(path, None), ""
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"moa compare pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
+        if handle.writable():
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"moa compare pid {os.getpid()} on {socket.gethostname()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            handle.flush()
         return cls(path, handle), ""
+
+    @classmethod
+    def held(cls, path: Path) -> bool:
+        """Whether another process holds the lock at `path` now."""
+        lock, _ = cls.acquire(path)
+        if lock is None:
+            return True
+        lock.release()
+        return False
 
     def release(self) -> None:
         if self._handle is not None:

@@ -5,6 +5,7 @@ compare.md (a Markdown table, also printed) and compare.png.
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -29,13 +30,14 @@ def routing_summary(router_stats: dict | None) -> dict | None:
     fraction on the probe prompts) say about collapse and sparsity: `routers` (those with
     two or more experts, the ones that can collapse), `collapsed` (how many of them give
     one expert at least COLLAPSE_SHARE of their summed mean gate), `silent` (how many give
-    every expert a mean gate of 0: no expert runs), `largest_share` (the largest share of
-    one expert; 1/E is an even split), and the mean and lowest active fraction over every
-    (router, expert) pair (1.0: no expert is ever skipped). None for a run without routers
-    (PEFT LoRA, plain LoRA)."""
+    every expert a mean gate of 0: no expert runs), `non_finite` (how many have a mean gate
+    that is NaN or infinite: a diverged router, counted apart), `largest_share` (the
+    largest share of one expert; 1/E is an even split), and the mean and lowest active
+    fraction over every (router, expert) pair (1.0: no expert is ever skipped). None for a
+    run without routers (PEFT LoRA, plain LoRA)."""
     if not router_stats:
         return None
-    routers = silent = 0
+    routers = silent = non_finite = 0
     shares, active = [], []
     for entry in router_stats.values():
         active += entry["active_fraction"]
@@ -43,12 +45,15 @@ def routing_summary(router_stats: dict | None) -> dict | None:
         if len(gates) < 2:
             continue
         routers += 1
-        if sum(gates) > 0:
+        if not all(math.isfinite(gate) for gate in gates):
+            non_finite += 1
+        elif sum(gates) > 0:
             shares.append(max(gates) / sum(gates))
         else:
             silent += 1
     return {"routers": routers,
             "collapsed": sum(share >= COLLAPSE_SHARE for share in shares), "silent": silent,
+            "non_finite": non_finite,
             "largest_share": max(shares) if shares else None,
             "active_fraction_mean": statistics.fmean(active) if active else None,
             "active_fraction_min": min(active) if active else None}
@@ -67,6 +72,7 @@ def _routing_over_seeds(summaries: list[dict | None]) -> dict | None:
     return {"routers": summaries[0]["routers"],
             "collapsed_max": max(s["collapsed"] for s in summaries),
             "silent_max": max(s["silent"] for s in summaries),
+            "non_finite_max": max(s["non_finite"] for s in summaries),
             "largest_share": max(shares) if shares else None,
             "active_fraction_mean": statistics.fmean(means) if means else None,
             "active_fraction_min": min(lows) if lows else None}

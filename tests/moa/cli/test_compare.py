@@ -177,8 +177,13 @@ def test_routing_summary_counts_collapsed_routers_and_the_active_fraction():
         "silent": {"experts": ["a", "b"], "mean_gate": [0.0, 0.0],  # no gate mass: no share
                    "active_fraction": [0.0, 0.0]},
     }
+    diverged = {"experts": ["a", "b"], "mean_gate": [float("nan"), 0.5],  # not "silent"
+                "active_fraction": [1.0, 1.0]}
+    assert routing_summary({"r": diverged}) == {
+        "routers": 1, "collapsed": 0, "silent": 0, "non_finite": 1, "largest_share": None,
+        "active_fraction_mean": 1.0, "active_fraction_min": 1.0}
     routing = routing_summary(stats)
-    assert routing == {"routers": 3, "collapsed": 1, "silent": 1,
+    assert routing == {"routers": 3, "collapsed": 1, "silent": 1, "non_finite": 0,
                        "largest_share": pytest.approx(0.95),
                        "active_fraction_mean": pytest.approx(4.75 / 8),
                        "active_fraction_min": 0.0}
@@ -190,7 +195,7 @@ def test_routing_summary_counts_collapsed_routers_and_the_active_fraction():
            "accuracy_ci95": [0.4, 0.6], "accuracy_norm_mean": None,
            "seconds_per_step_median": 1.0, "peak_memory_mb_max": 100.0, "paired": None,
            "seeds_finished": [0], "routing": {"routers": 3, "collapsed_max": 1,
-                                              "silent_max": 1,
+                                              "silent_max": 1, "non_finite_max": 0,
                                               "largest_share": 0.95,
                                               "active_fraction_mean": 0.59375,
                                               "active_fraction_min": 0.0}}
@@ -350,6 +355,42 @@ def test_a_file_system_without_locks_grants_every_lock(tmp_path, monkeypatch):
     lock.release()
 
 
+def test_other_options_are_refused_while_another_process_makes_a_run(data, tmp_path):
+    # nothing finished yet, but another process is making lora seed 0 under the stored
+    # options: a comparison with other options on the same DIR would mix the two
+    out = tmp_path / "out"
+    plan_compare(options(data, out, variants=["lora"]))
+    lock, _ = RunLock.acquire(out / "runs" / "lora" / "seed-0.lock")
+    try:
+        with pytest.raises(ValueError, match=r"other options \(finished, or being made by "
+                                             r"another process\): steps \(2 there, 3 here\)"):
+            plan_compare(options(data, out, variants=["lora"], steps=3))
+    finally:
+        lock.release()
+    plan_compare(options(data, out, variants=["lora"], steps=3))  # nothing depends on them
+
+
+def test_a_lock_file_of_another_user_is_locked_read_only(tmp_path, monkeypatch):
+    # another user's lock file (mode 0644 in a shared folder) cannot be opened for writing
+    import moa.cli.compare_runs as compare_runs
+
+    path = tmp_path / "runs" / "lora" / "seed-0.lock"
+    path.parent.mkdir(parents=True)
+    path.write_text("moa compare pid 1 on elsewhere since 2026-01-01 00:00:00\n")
+
+    def open_as_another_user(file, mode="r", **kwargs):
+        if "r" not in mode or "+" in mode:
+            raise PermissionError(13, "Permission denied", str(file))
+        return open(file, mode, **kwargs)
+
+    monkeypatch.setattr(compare_runs, "open", open_as_another_user, raising=False)
+    lock, holder = RunLock.acquire(path)
+    assert lock is not None and holder == ""
+    assert RunLock.held(path)  # this process holds it: to another file description, held
+    lock.release()
+    assert not RunLock.held(path)
+
+
 def test_a_run_finished_by_another_process_meanwhile_is_not_made_again(data, tmp_path,
                                                                        monkeypatch):
     # this process saw lora seed 1 unfinished at its start; by the time it takes the run's
@@ -358,11 +399,11 @@ def test_a_run_finished_by_another_process_meanwhile_is_not_made_again(data, tmp
     quiet(options(data, out, variants=["lora"]))
     acquire = RunLock.acquire
 
-    def finished_meanwhile(path):
+    def finished_meanwhile(path, wait=False):
         if path.name == "seed-1.lock":
             (path.parent / "seed-1.json").write_bytes(
                 (path.parent / "seed-0.json").read_bytes())
-        return acquire(path)
+        return acquire(path, wait)
 
     monkeypatch.setattr(RunLock, "acquire", staticmethod(finished_meanwhile))
     calls = counting_run_train(monkeypatch)
