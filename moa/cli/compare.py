@@ -66,6 +66,11 @@ from moa.distributed import World, join_world
 
 OPTIONS_FILE = "compare_options.json"
 OPTIONS_LOCK = "compare_options.lock"  # held while a process checks and writes OPTIONS_FILE
+# Held shared by every process comparing in DIR, from its plan to its summary: a process
+# that finds it held by others takes every stored option as binding.
+ACTIVE_LOCK = "compare.active"
+LOCK_FILES = (OPTIONS_LOCK, ACTIVE_LOCK)
+_ACTIVE: dict[Path, RunLock] = {}  # this process's ACTIVE_LOCK per DIR
 SAVE_NEVER = 2**62  # Trainer checkpoints in a run: only the one it writes at the end
 
 
@@ -94,7 +99,7 @@ def _check_out(out: Path) -> dict | None:
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(f"--out {str(out)!r}: {folder} is a file, not a "
                                      "directory")
-    if not out.exists() or not any(entry.name != OPTIONS_LOCK for entry in out.iterdir()):
+    if not out.exists() or not any(entry.name not in LOCK_FILES for entry in out.iterdir()):
         return None
     stored_path = out / OPTIONS_FILE
     not_ours = (f"--out {str(out)!r} holds files that are not a moa compare run; name a new "
@@ -196,10 +201,16 @@ def plan_compare(options: CompareOptions) -> Plan:
     out.mkdir(parents=True, exist_ok=True)
     options_lock, _ = RunLock.acquire(out / OPTIONS_LOCK, wait=True)
     try:
+        mine = _ACTIVE.pop(out.resolve(), None)  # (a plan made before in this process)
+        if mine is not None:
+            mine.release()
+        others_running = RunLock.held(out / ACTIVE_LOCK)
         stored = _check_out(out)
         if stored is not None:
-            differences = _differences(stored, defining, definitions,
-                                       _finished(out) | _in_progress(out))
+            binding = _finished(out) | _in_progress(out)
+            if others_running:  # their runs to come depend on every stored option
+                binding |= {*stored["variants"], BASE}
+            differences = _differences(stored, defining, definitions, binding)
             if differences:
                 raise ValueError(f"--out {str(out)!r} holds results of a comparison with "
                                  f"other options (finished, or being made by another "
@@ -209,9 +220,27 @@ def plan_compare(options: CompareOptions) -> Plan:
             definitions = {**stored["variants"], **definitions}
         write_json_atomic(out / OPTIONS_FILE, {"moa_compare": FORMAT_VERSION,
                                                "options": defining, "variants": definitions})
+        _ACTIVE[out.resolve()] = RunLock.acquire(out / ACTIVE_LOCK, wait=True, shared=True)[0]
     finally:
         options_lock.release()
     return Plan(options, variants, rates, reference, out, defining)
+
+
+def _done_comparing(out: Path) -> None:
+    """Drop this process's shared ACTIVE_LOCK on DIR (its comparison there is over)."""
+    lock = _ACTIVE.pop(out.resolve(), None)
+    if lock is not None:
+        lock.release()
+
+
+def _check_inputs_unchanged(plan: Plan) -> None:
+    """The data files as the comparison's plan saw them: every run reads them again, so an
+    edit mid-comparison would mix runs on other data."""
+    for name, flag in (("data", "--data"), ("eval_data", "--eval-data")):
+        if sha256_of(plan.defining[name]) != plan.defining[f"{name}_sha256"]:
+            raise ValueError(f"{flag} {plan.defining[name]!r} changed since this comparison "
+                             "started (its SHA-256 differs); the runs made so far are kept. "
+                             "Restore the file, or compare the new one in another --out")
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,7 +298,7 @@ def _train_and_score(plan: Plan, variant: Variant, seed: int, base, tokenizer, i
         warmup_steps=options.warmup_steps, weight_decay=options.weight_decay,
         bf16=options.bf16, gradient_checkpointing=options.gradient_checkpointing, seed=seed,
         save_interval=SAVE_NEVER, save_total_limit=1, log_interval=options.log_interval,
-        device=options.device, **variant.train_options())
+        device=options.device, **_adapter_options(plan, variant))
     memory = PeakMemory(device)
     with memory:
         trained = run_train(train_options, lambda line: log(f"{variant.name} seed {seed}: "
@@ -297,6 +326,17 @@ def _train_and_score(plan: Plan, variant: Variant, seed: int, base, tokenizer, i
             "router_stats": routers,
             "router_prompts": min(ROUTER_PROMPTS, len(items)),
             "adapter": str(trained.adapter_dir) if options.keep_adapters else None}
+
+
+def _adapter_options(plan: Plan, variant: Variant) -> dict:
+    """The TrainOptions fields that select the variant's adapter; a config file's variant
+    is trained from the configuration as the plan read it (written beside its runs), so an
+    edit of the file mid-comparison cannot give its seeds different adapters."""
+    if variant.kind != "config":
+        return variant.train_options()
+    path = plan.out / RUNS / variant.name / "moa_config.json"
+    write_json_atomic(path, variant.config)
+    return {"moa_config": str(path)}
 
 
 def _tidy_run_dir(plan: Plan, variant: str, seed: int) -> None:
@@ -411,6 +451,7 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
                 if (variant.name, seed) in done:
                     continue
                 bar.set_postfix_str(f"{variant.name} seed {seed}")
+                world.agree(lambda: _check_inputs_unchanged(plan) if world.is_main else None)
                 status, lock = _claim(plan.run_path(variant.name, seed), world)
                 if status != RUN:
                     if status != FINISHED:
@@ -443,6 +484,14 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
                         lock.release()
                 _free(device)
                 bar.update()
+    except BaseException:  # Ctrl-C, or data changed: the summary of what is finished
+        if world.is_main:
+            try:
+                write_summary(plan, summarize(plan))
+            except Exception:  # (the error on its way out says more than this one)
+                pass
+            _done_comparing(plan.out)
+        raise
     finally:
         bar.close()
 
@@ -452,7 +501,11 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
         summary = summarize(plan)
         return summary, write_summary(plan, summary)
 
-    summary, files = world.agree(summary_and_files)
+    try:
+        summary, files = world.agree(summary_and_files)
+    finally:
+        if world.is_main:
+            _done_comparing(plan.out)
     summary = world.share(summary)
     say(format_table(summary))
     say(f"written: {', '.join(str(f) for f in files)}")

@@ -25,6 +25,9 @@ from moa.cli.compare_variants import BASE, Variant
 
 RUNS = "runs"
 FORMAT_VERSION = 1
+# What every result file holds (base.json and runs/VARIANT/seed-K.json alike).
+RESULT_FIELDS = frozenset({"accuracy", "accuracy_norm", "correct", "correct_norm",
+                           "questions", "trainable_params"})
 # The router statistics are measured on the first test prompts, one forward each (so that
 # no padding counts): the same prompts for every variant and seed.
 ROUTER_PROMPTS = 32
@@ -52,11 +55,14 @@ def load_result(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        result = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{path} is not readable JSON (moa compare writes results "
-                         "atomically, so something else changed it); delete it to run that "
-                         "run again") from None
+        result = None
+    if not isinstance(result, dict) or not RESULT_FIELDS <= set(result):
+        raise ValueError(f"{path} is not a result that moa compare wrote (not readable JSON, "
+                         "or fields missing; it writes results atomically, so something else "
+                         "changed it); delete it to run that run again")
+    return result
 
 
 class RunLock:
@@ -74,11 +80,14 @@ class RunLock:
         self.path, self._handle = path, handle
 
     @classmethod
-    def acquire(cls, path: Path, wait: bool = False) -> tuple[RunLock | None, str]:
+    def acquire(cls, path: Path, wait: bool = False, shared: bool = False
+                ) -> tuple[RunLock | None, str]:
         """(the lock, "") when this process now holds it, else (None, who holds it); with
-        wait, until it holds it. A lock file it cannot write (another user's) is locked
-        read-only; one it cannot make at all (a read-only folder) grants the lock: the run
-        then fails where it writes, as it would without locks."""
+        wait, until it holds it; shared: a lock that other shared holders may hold too
+        (an exclusive one waits for, or is refused by, all of them). A lock file it cannot
+        write (another user's) is locked read-only; one it cannot make at all (a read-only
+        folder) grants the lock: the run then fails where it writes, as it would without
+        locks."""
         try:
             import fcntl
         except ImportError:  # no advisory locks here
@@ -94,7 +103,8 @@ class RunLock:
         except OSError:
             return cls(path, None), ""
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) |
+                        (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
@@ -103,7 +113,7 @@ class RunLock:
         except OSError:  # no locks on this file system (ENOLCK, EOPNOTSUPP)
             handle.close()
             return cls(path, None), ""
-        if handle.writable():
+        if handle.writable() and not shared:
             handle.seek(0)
             handle.truncate()
             handle.write(f"moa compare pid {os.getpid()} on {socket.gethostname()} since "
@@ -113,7 +123,7 @@ class RunLock:
 
     @classmethod
     def held(cls, path: Path) -> bool:
-        """Whether another process holds the lock at `path` now."""
+        """Whether another process holds the lock at `path` now (shared or not)."""
         lock, _ = cls.acquire(path)
         if lock is None:
             return True

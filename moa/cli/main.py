@@ -182,8 +182,10 @@ def _interrupted_training(error, argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = None
     try:
         args = build_parser().parse_args(argv)
+        command = args.command
         return {"demo": _demo, "train": _train, "evaluate": _evaluate, "compare": _compare,
                 "bench": _bench, "check": _check}[args.command](args)
     except CommandError as error:
@@ -201,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         print("moa: interrupted", file=sys.stderr)
         from moa.cli.train import TrainingInterrupted
 
-        if isinstance(error, TrainingInterrupted):
+        if command == "compare":  # its runs' own checkpoints are not for the user to resume
+            print("moa: the runs finished so far are kept (the summary written from them); "
+                  "the same command continues with the others", file=sys.stderr)
+        elif isinstance(error, TrainingInterrupted):
             print(_interrupted_training(error, argv), file=sys.stderr)
         return 130
 

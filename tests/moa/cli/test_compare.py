@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import moa.cli.compare as compare
+import moa.cli.compare_runs as compare_runs
 import moa.cli.loading
 from moa import MoAConfig, get_moa_model
 from moa.cli import build_parser, main
@@ -399,11 +400,11 @@ def test_a_run_finished_by_another_process_meanwhile_is_not_made_again(data, tmp
     quiet(options(data, out, variants=["lora"]))
     acquire = RunLock.acquire
 
-    def finished_meanwhile(path, wait=False):
+    def finished_meanwhile(path, wait=False, shared=False):
         if path.name == "seed-1.lock":
             (path.parent / "seed-1.json").write_bytes(
                 (path.parent / "seed-0.json").read_bytes())
-        return acquire(path, wait)
+        return acquire(path, wait, shared)
 
     monkeypatch.setattr(RunLock, "acquire", staticmethod(finished_meanwhile))
     calls = counting_run_train(monkeypatch)
@@ -520,6 +521,61 @@ def test_a_rerun_with_other_options_is_refused_naming_them(data, tmp_path):
     config.write_text(MoAConfig.preset("lora", experts=["lora:2"]).to_json_string())
     with pytest.raises(ValueError, match="the definition of mine"):
         plan_compare(options(data, out, variants=[str(config)], lr={"*": 1e-3}))
+
+
+def test_a_comparison_running_elsewhere_makes_every_stored_option_binding(data, tmp_path):
+    # another process is comparing in DIR (its shared lock on compare.active) and has not
+    # started a run yet: a second one with another rate would have mixed rates in one row
+    out = tmp_path / "out"
+    plan_compare(options(data, out, variants=["lora"], lr={"*": 3e-4}))
+    compare._done_comparing(out)
+    other, _ = RunLock.acquire(out / compare.ACTIVE_LOCK, shared=True)
+    try:
+        with pytest.raises(ValueError, match=r"lr of lora \(0.0003 there, 0.01 here\)"):
+            plan_compare(options(data, out, variants=["lora"], lr={"*": 1e-2}))
+        plan_compare(options(data, out, variants=["lora", "molora"], lr={"*": 3e-4}))
+    finally:
+        other.release()
+        compare._done_comparing(out)
+    plan_compare(options(data, out, variants=["lora"], lr={"*": 1e-2}))  # nothing depends
+
+
+def test_inputs_edited_mid_comparison_do_not_mix_into_its_runs(data, tmp_path, monkeypatch):
+    # a variant's config file edited after the first run: every seed still gets the adapter
+    # the plan read; the data file edited: the comparison stops, naming it
+    config = tmp_path / "mine.json"
+    config.write_text(MoAConfig.preset("lora", experts=["lora:4"]).to_json_string())
+    out = tmp_path / "out"
+
+    def edit_the_config(train_options, call):
+        if call == 2:  # after seed 0's run, before seed 1's
+            config.write_text(MoAConfig.preset("lora", experts=["lora:32"]).to_json_string())
+
+    counting_run_train(monkeypatch, edit_the_config)
+    result = quiet(options(data, out, variants=[str(config)], seeds=2))
+    runs = result.summary["variants"][0]["runs"]
+    params = [json.loads((out / "runs" / "mine" / f"seed-{s}.json").read_text())[
+        "trainable_params"] for s in (0, 1)]
+    assert [r["seed"] for r in runs] == [0, 1] and params[0] == params[1]
+
+    def edit_the_data(train_options, call):
+        if call == 1:  # during seed 0's run
+            Path(data[0]).write_text(Path(data[0]).read_text() + Path(data[0]).read_text())
+
+    counting_run_train(monkeypatch, edit_the_data)
+    with pytest.raises(ValueError, match=r"--data .* changed since this comparison started"):
+        quiet(options(data, tmp_path / "out2", variants=["lora"], seeds=2))
+    assert (tmp_path / "out2" / "runs" / "lora" / "seed-0.json").is_file()
+    assert not (tmp_path / "out2" / "runs" / "lora" / "seed-1.json").exists()
+    summary = json.loads((tmp_path / "out2" / "compare.json").read_text())
+    assert summary["variants"][0]["seeds_finished"] == [0]  # written on the way out
+
+
+def test_a_result_file_without_its_fields_is_one_line(tmp_path):
+    path = tmp_path / "seed-0.json"
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="is not a result that moa compare wrote"):
+        compare_runs.load_result(path)
 
 
 # ---- options and bad input -----------------------------------------------------------------
