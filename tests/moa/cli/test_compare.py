@@ -27,7 +27,7 @@ from moa.cli.compare_summary import format_table, routing_summary
 from moa.cli.compare_variants import peft_lora_config, peft_lora_model
 from moa.cli.evaluate import EvaluateOptions, run_evaluate
 from moa.cli.loading import build_text_model, byte_tokenizer
-from moa.cli.train import TrainOptions, run_train
+from moa.cli.train import TrainingInterrupted, TrainOptions, run_train
 from tests.moa.tiny import perturb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -683,3 +683,17 @@ def test_bad_paths_are_one_line_before_any_model_loads(case, data, tmp_path, mon
     assert error.count("\n") == 1 and error.startswith("moa: error: ") and message in error
     if case == "out_holds_other_files":
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_ctrl_c_says_what_compare_keeps_not_moa_trains_resume_hint(data, tmp_path,
+                                                                  monkeypatch, capsys):
+    def interrupt(train_options, call):  # as moa train raises it on Ctrl-C
+        raise TrainingInterrupted(None, train_options.save_interval, False)
+
+    counting_run_train(monkeypatch, interrupt)
+    status = main(["compare", "--data", data[0], "--eval-data", data[1], "--variants", "lora",
+                   "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 130 and "moa: interrupted" in err
+    assert "the runs finished so far are kept" in err
+    assert "--save-interval" not in err and "4611686018427387904" not in err
