@@ -296,6 +296,8 @@ def read_config_file(path: str | os.PathLike, options: tuple[Option, ...]) -> di
     would be. An option given twice (the same key twice, or under both spellings) is a
     ValueError naming both."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--config {str(path)!r} is a folder; give a JSON or YAML file")
     if not path.is_file():
         raise FileNotFoundError(f"no such config file: {str(path)!r}")
     raw = path.read_text(encoding="utf-8")

@@ -107,9 +107,15 @@ def write_json_atomic(path: Path, data, indent: int | None = 2) -> Path:
 
 
 def write_text_atomic(path: Path, content: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp")
+    """As write_json_atomic, for text. An error of the folder (read-only, no space, not a
+    folder) names `path`, not the temporary file beside it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                             suffix=".tmp")
+    except OSError as error:
+        raise type(error)(error.errno, f"cannot write here: {error.strerror}",
+                          str(path)) from None
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(content)

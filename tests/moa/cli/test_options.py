@@ -128,3 +128,11 @@ def test_a_config_file_value_is_checked_against_the_choices(tmp_path):
     with pytest.raises(ValueError, match="fruit: invalid choice: 'plum'; allowed: apple, "
                                          "pear"):
         read_config_file(path, table)
+
+
+def test_a_config_path_that_is_a_folder_or_missing_says_which(tmp_path):
+    table = (Option("fruit", text, "apple", "a fruit"),)
+    with pytest.raises(IsADirectoryError, match="is a folder; give a JSON or YAML file"):
+        read_config_file(tmp_path, table)
+    with pytest.raises(FileNotFoundError, match="no such config file"):
+        read_config_file(tmp_path / "missing.json", table)
