@@ -387,7 +387,8 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
     Several comparisons on one DIR (the same command started twice, or on purpose to use
     more cores) share the runs: each makes a run only under its lock (`RunLock`) and
     leaves a run that another holds to it, so no run is made twice or has its folder
-    removed under it; whoever finishes last writes the summary of every finished run."""
+    removed under it; each writes, when it ends, the summary of the variants and seeds it
+    was given, from every finished run of them."""
     from tqdm import tqdm
 
     from moa.cli.data import load_evaluation_items
@@ -511,7 +512,8 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
     say(f"written: {', '.join(str(f) for f in files)}")
     if elsewhere:
         say(f"{len(elsewhere)} run(s) left to other moa compare processes on {plan.out}: "
-            f"{', '.join(elsewhere)}; the last one to finish writes the full summary")
+            f"{', '.join(elsewhere)}; run this command again once they end to write the "
+            "summary with their results")
     if failed:
         say(f"{len(failed)} run(s) failed: {', '.join(failed)}; the reasons are in "
             f"{plan.out / RUNS} (*.error.txt). Run the same command again to retry them")
