@@ -14,7 +14,7 @@ run again; a run that
 raises is written up in DIR/runs/VARIANT/seed-K.error.txt (its reason and traceback), the
 others go on, and the next run of the command retries it. -> the summary over the variants
 and seeds asked for: DIR/compare.json, DIR/compare.md (the table, also printed) and
-DIR/compare.png.
+DIR/compare.png. --summary-only: that summary from the runs finished, nothing else.
 
 Beside this file (the plan and the runs): compare_options.py (COMPARE_OPTIONS,
 CompareOptions), compare_variants.py (the variants), compare_runs.py (the folder's Plan and
@@ -168,7 +168,10 @@ def plan_compare(options: CompareOptions) -> Plan:
     from moa.cli.loading import check_gguf, check_model_path, is_gguf
 
     out = Path(options.out)
-    _check_out(out)  # a file, or a folder of something else, refused before any loading
+    # a file, or a folder of something else, refused before any loading
+    if _check_out(out) is None and options.summary_only:
+        raise ValueError(f"--summary-only: --out {str(out)!r} holds no comparison to "
+                         "summarize (no compare_options.json)")
     for what, path in (("--data", options.data), ("--eval-data", options.eval_data)):
         if path is None:
             raise ValueError(f"moa compare needs {what} FILE")
@@ -401,6 +404,15 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
     done, base_done = world.share(
         ([(v.name, s) for v, s in runs if plan.run_path(v.name, s).is_file()],
          plan.base_path().is_file()))
+    if options.summary_only:
+        summary, files = _write_summary(plan, world)
+        if world.is_main:
+            log(format_table(summary))
+            log(f"{len(done) + base_done} of {len(runs) + 1} runs (the base model's included) "
+                f"finished in {plan.out}: the summary holds those; nothing was trained or "
+                "scored (--summary-only)")
+            log(f"written: {', '.join(str(f) for f in files)}")
+        return CompareResult(summary, [], files)
     bar = tqdm(total=len(runs) + 1, initial=len(done) + base_done, desc="compare",
                unit="run", disable=not (progress and world.is_main), mininterval=0.5,
                position=0)
@@ -496,6 +508,22 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
     finally:
         bar.close()
 
+    summary, files = _write_summary(plan, world)
+    say(format_table(summary))
+    say(f"written: {', '.join(str(f) for f in files)}")
+    if elsewhere:
+        say(f"{len(elsewhere)} run(s) left to other moa compare processes on {plan.out}: "
+            f"{', '.join(elsewhere)}; run this command again once they end to write the "
+            "summary with their results")
+    if failed:
+        say(f"{len(failed)} run(s) failed: {', '.join(failed)}; the reasons are in "
+            f"{plan.out / RUNS} (*.error.txt). Run the same command again to retry them")
+    return CompareResult(summary, failed, files)
+
+
+def _write_summary(plan: Plan, world: World) -> tuple[dict, list[Path]]:
+    """The summary of the runs finished in DIR, written by rank 0 (compare.json, .md, .png),
+    and the files written ([] on other ranks); this process's comparison in DIR is over."""
     def summary_and_files():
         if not world.is_main:
             return None, []
@@ -507,17 +535,7 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
     finally:
         if world.is_main:
             _done_comparing(plan.out)
-    summary = world.share(summary)
-    say(format_table(summary))
-    say(f"written: {', '.join(str(f) for f in files)}")
-    if elsewhere:
-        say(f"{len(elsewhere)} run(s) left to other moa compare processes on {plan.out}: "
-            f"{', '.join(elsewhere)}; run this command again once they end to write the "
-            "summary with their results")
-    if failed:
-        say(f"{len(failed)} run(s) failed: {', '.join(failed)}; the reasons are in "
-            f"{plan.out / RUNS} (*.error.txt). Run the same command again to retry them")
-    return CompareResult(summary, failed, files)
+    return world.share(summary), files
 
 
 def _record_failure(path: Path, error: BaseException, world: World) -> str:

@@ -440,6 +440,34 @@ def test_two_comparisons_on_one_folder_share_the_runs(data, tmp_path):
                 "seed"] == seed
 
 
+def test_summary_only_summarizes_the_finished_runs_and_trains_nothing(data, tmp_path,
+                                                                     monkeypatch):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="holds no comparison to summarize"):
+        quiet(options(data, out, variants=["lora"], summary_only=True))
+    assert not out.exists()
+    quiet(options(data, out, variants=["lora"]))  # the base and lora seed 0 finished
+    (out / "compare.json").unlink()
+
+    calls = counting_run_train(monkeypatch)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("--summary-only loaded a model")
+
+    monkeypatch.setattr(moa.cli.loading, "load_base_model", no_model)
+    lines = []
+    result = run_compare(options(data, out, variants=["lora", "hydralora"], seeds=2,
+                                 summary_only=True), log=lines.append, progress=False)
+    assert calls == [] and result.failed == []
+    rows = {row["name"]: row for row in result.summary["variants"]}
+    assert rows["lora"]["seeds_finished"] == [0] and rows["hydralora"]["seeds_finished"] == []
+    assert rows["lora"]["accuracy_mean"] is not None and rows["hydralora"]["runs"] == []
+    assert json.loads((out / "compare.json").read_text()) == \
+        json.loads(json.dumps(result.summary))
+    assert any("2 of 5 runs" in line and "nothing was trained" in line for line in lines)
+    assert sorted(p.name for p in (out / "runs").glob("*/seed-*.json")) == ["seed-0.json"]
+
+
 def test_runs_go_seed_by_seed_so_a_cut_comparison_has_every_variant(data, tmp_path,
                                                                     monkeypatch):
     calls = counting_run_train(monkeypatch)
