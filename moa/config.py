@@ -41,6 +41,7 @@ ADAPTER_DTYPES = ("base", "float32", "bfloat16", "float16", "float64")
 CONFIG_NAME = "moa_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 ROUTER_SCOPES = ("layer", "instance", "module")
+AUX_LOSS_REDUCTIONS = ("mean", "sum")
 ROUTER_INPUTS = ("input_norm", "residual")
 LAYER_SCOPES = ("layer", "instance")
 PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
@@ -136,6 +137,11 @@ class MoAConfig:
             sparse modes still skipping inactive experts, but the router's first layer is a
             matmul of its own instead of sharing the experts' shrink GEMM. Padding (the
             zeros of a 2-D attention_mask given to MoAModel's forward) does not count.
+            For routers that select experts (top-k, threshold, adaptive) it is computed on
+            their scores before selection and their selections, as the published MoE-LoRA
+            baselines define it (moa/modules/aux_loss.py).
+        aux_loss_reduction: how the router calls' losses combine: "mean" (the default) or
+            "sum" (as the published MoE-LoRA code adds up its layers' losses).
         dropout: dropout probability on the experts' input.
         backend: MoALinear backend: "auto", "reference", "torch" or "triton".
         adapter_dtype: dtype of every MoA tensor: None (float32 beside a half-precision or
@@ -156,6 +162,7 @@ class MoAConfig:
     parallel_adapter_activation: str = "silu"
     prompt_length: int | None = 10
     aux_loss_coef: float = 0.0
+    aux_loss_reduction: str = "mean"
     dropout: float = 0.0
     backend: str = "auto"
     adapter_dtype: str | None = None
@@ -207,6 +214,7 @@ class MoAConfig:
                 or not 0 <= self.aux_loss_coef < math.inf:
             raise ValueError(f"aux_loss_coef must be a finite number >= 0, got "
                              f"{self.aux_loss_coef!r}")
+        check_choice("aux_loss_reduction", self.aux_loss_reduction, AUX_LOSS_REDUCTIONS)
         if self.aux_loss_coef > 0 and self.router is None:
             raise ValueError("aux_loss_coef > 0 needs a router; this config has router=None")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
@@ -284,6 +292,8 @@ class MoAConfig:
         for name in ("target_modules", "exclude_modules", "layers_to_transform"):
             if isinstance(data[name], list):
                 data[name] = list(data[name])
+        if data["aux_loss_reduction"] == "mean":  # (left out at its default, so that a
+            del data["aux_loss_reduction"]  # config reads as it did before the field came)
         return data
 
     @classmethod
@@ -382,6 +392,11 @@ def _module_router(**kwargs) -> RouterConfig:
 
 _EIGHT_LORAS = ["lora:8:8"] * 8
 
+# The published top-k and adaptive MoE-LoRA baselines (DCDmllm/MoA's MoA_Transformers/src
+# mole and adamole, trained with --aux_loss_coeff=1e-3) add 1e-3 times the sum of their
+# layers' load-balancing losses.
+_PUBLISHED_BALANCE = {"aux_loss_coef": 1e-3, "aux_loss_reduction": "sum"}
+
 # Field values of each preset (everything not named takes the MoAConfig default, which is
 # Soft MoA). Counts on the LLaMA-3.1-8B shape are in docs/DESIGN.md section 4.
 PRESETS: dict[str, dict] = {
@@ -398,10 +413,11 @@ PRESETS: dict[str, dict] = {
                   "router_scope": "module", "parallel_adapter": None, "prompt_length": None},
     "adamole": {"experts": _EIGHT_LORAS,
                 "router": _module_router(mode="adaptive", max_threshold=1 / 8),
-                "router_scope": "module", "parallel_adapter": None, "prompt_length": None},
+                "router_scope": "module", "parallel_adapter": None, "prompt_length": None,
+                **_PUBLISHED_BALANCE},
     "topk_moelora": {"experts": _EIGHT_LORAS, "router": _module_router(mode="topk", top_k=2),
                      "router_scope": "module", "parallel_adapter": None,
-                     "prompt_length": None},
+                     "prompt_length": None, **_PUBLISHED_BALANCE},
 }
 
 

@@ -262,8 +262,8 @@ class MoAModel(nn.Module):
                 attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs):
         """The model's forward (its output, unchanged unless aux_loss_coef > 0, in which case
-        aux_loss_coef * the mean load-balancing loss of all router calls is added to the
-        loss)."""
+        aux_loss_coef * the mean, or with aux_loss_reduction "sum" the sum, of the
+        load-balancing losses of all router calls is added to the loss)."""
         for key, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
                            ("labels", labels)):
             if value is not None:
@@ -282,7 +282,10 @@ class MoAModel(nn.Module):
             gates, self._collector.gates = self._collector.gates, []
         self.last_aux_loss = None
         if gates:
-            aux = torch.stack([load_balancing_loss(g) for g in gates]).mean()
+            losses = torch.stack([load_balancing_loss(g) if isinstance(g, torch.Tensor)
+                                  else load_balancing_loss(*g) for g in gates])
+            aux = losses.sum() if self.moa_config.aux_loss_reduction == "sum" else \
+                losses.mean()
             self.last_aux_loss = aux
             if isinstance(output, tuple):
                 if labels is not None:

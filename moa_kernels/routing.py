@@ -34,7 +34,9 @@ def gates_from_first_layer(
     max_threshold: float = 0.5,
     top_k: int = 2,
     normalize_topk: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    balance: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None,
+                                                      torch.Tensor]:
     """Finish the router.
 
     Args:
@@ -45,7 +47,10 @@ def gates_from_first_layer(
             fused GEMM returns them (no slicing, and no gradient gathered back into one).
     Returns:
         gates [T, E] (the applied gates g, dtype of first_layer) and active [T, E] bool
-        (which pairs must run), None in soft mode (every pair runs).
+        (which pairs must run), None in soft mode (every pair runs); with balance, also
+        the scores [T, E] a load-balancing loss averages (moa.modules.aux_loss): the
+        router's probabilities p before any selection, and in adaptive mode p minus the
+        threshold (as the published top-k, threshold and adaptive MoE-LoRA layers take them).
     """
     blocks = None if isinstance(first_layer, torch.Tensor) else list(first_layer)
     body = first_layer
@@ -65,25 +70,28 @@ def gates_from_first_layer(
                          f"num_experts={num_experts}")
     p = torch.sigmoid(logits) if gate == "sigmoid" else torch.softmax(logits, dim=-1)
 
+    scores = p
     if mode == "soft":
-        return p, None
-    if mode in ("threshold", "adaptive"):
+        gates, active = p, None
+    elif mode in ("threshold", "adaptive"):
         threshold = max_threshold * torch.sigmoid(threshold_logit)
         if mode == "threshold":
             active = p >= threshold
-            return p * active, active
-        above = p - threshold
-        active = above >= 0
-        kept = above * active
-        total = kept.sum(dim=-1, keepdim=True)
-        return kept / torch.where(total == 0, 1.0, total), active
-    chosen = p.topk(top_k, dim=-1).indices
-    active = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, chosen, True)
-    kept = p * active
-    if normalize_topk:
-        total = kept.sum(dim=-1, keepdim=True)  # 0 where every kept sigmoid underflows
-        kept = kept / torch.where(total == 0, 1.0, total)
-    return kept, active
+            gates = p * active
+        else:
+            scores = above = p - threshold
+            active = above >= 0
+            kept = above * active
+            total = kept.sum(dim=-1, keepdim=True)
+            gates = kept / torch.where(total == 0, 1.0, total)
+    else:
+        chosen = p.topk(top_k, dim=-1).indices
+        active = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, chosen, True)
+        gates = p * active
+        if normalize_topk:
+            total = gates.sum(dim=-1, keepdim=True)  # 0 where every kept sigmoid underflows
+            gates = gates / torch.where(total == 0, 1.0, total)
+    return (gates, active, scores) if balance else (gates, active)
 
 
 def swiglu_head(first_layer: torch.Tensor | Sequence[torch.Tensor], w2_weight: torch.Tensor,

@@ -1,8 +1,10 @@
 """The auxiliary load-balancing loss: `GateCollector` gathers the applied gates of every
 router call of a forward (with their graph), `load_balancing_loss` turns one call's gates
-into the Switch-style loss E * sum_e f_e P_e, and `CollectingHook` routes a MoALinear with
-its own router in a pre-hook so that its gates are collected. MoAModel.forward adds
-aux_loss_coef times the mean of the calls' losses.
+into the Switch-style loss E * sum_e f_e P_e (for routers that select experts, on their
+scores and selections, as the published MoE-LoRA baselines define it), and `CollectingHook`
+routes a MoALinear with its own router in a pre-hook so that its gates are collected.
+MoAModel.forward adds aux_loss_coef times the mean (or, with aux_loss_reduction "sum", the
+sum) of the calls' losses.
 """
 
 from __future__ import annotations
@@ -34,33 +36,55 @@ class GateCollector:
         self.gates: list[torch.Tensor] = []
         self.token_mask: torch.Tensor | None = None
 
-    def add(self, gates: torch.Tensor) -> None:
+    def add(self, gates: torch.Tensor, active: torch.Tensor | None = None,
+            scores: torch.Tensor | None = None) -> None:
+        """One router call's applied gates [..., E]; for a router that selects experts (top-k,
+        threshold, adaptive), also which pairs it selected (active) and its scores (the
+        probabilities before selection: `gates_from_first_layer(balance=True)`), [..., E]
+        or flattened, which the loss then reads instead of the gates."""
         if not self.active:
             return
+        selected = None
+        if active is not None and scores is not None:
+            gates, selected = scores, active.reshape(-1, active.shape[-1])
         flat = gates.reshape(-1, gates.shape[-1])
         mask = self.token_mask
         if mask is not None and (tuple(gates.shape[:-1]) == tuple(mask.shape)
-                                 or (gates.dim() == 2 and flat.shape[0] == mask.numel())):
+                                 or flat.shape[0] == mask.numel()):
             keep = mask.reshape(-1).bool()
             if host_reads_are_free(flat.device):
                 flat = flat[keep]
-            else:  # a boolean selection syncs: zero gates, which the loss counts as no token
+                selected = None if selected is None else selected[keep]
+            else:  # a boolean selection syncs: zero the rows, which the loss counts as no token
                 flat = torch.where(keep[:, None], flat, 0.0)
-        self.gates.append(flat)
+                selected = None if selected is None else selected & keep[:, None]
+        self.gates.append(flat if selected is None else (flat, selected))
 
 
-def load_balancing_loss(gates: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(gates: torch.Tensor, selected: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """Switch-style load-balancing loss of one router call, E * sum_e f_e * P_e.
 
     Args:
-        gates: [T, E] the applied gates (with grad).
+        gates: [T, E] the applied gates (with grad); with selected, the router's scores
+            instead (`GateCollector.add`).
+        selected: [T, E] bool, the pairs a top-k, threshold or adaptive router selected, or
+            None.
     Returns:
-        a scalar: P_e is the mean over tokens of the token's gates normalised to sum 1
-        (tokens whose gates are all zero count as zero), f_e the fraction of those tokens
-        whose largest gate is expert e (no gradient). It is 1 for a uniform router.
+        a scalar. Without selected: P_e is the mean over tokens of the token's gates
+        normalised to sum 1, f_e the fraction of tokens whose largest gate is expert e (no
+        gradient); 1 for a uniform router. With selected, as the published top-k,
+        threshold and adaptive MoE-LoRA layers define it: P_e the mean score, f_e the
+        fraction of tokens that selected expert e (summing to k for top-k). Tokens whose
+        row is all zero (padding zeroed by GateCollector) count as no token.
     """
     gates = gates.float()
     num_experts = gates.shape[-1]
+    if selected is not None:
+        routed = (gates != 0).any(dim=-1)
+        count = routed.sum().clamp_min(1)
+        fraction = ((selected & routed[:, None]).float().sum(dim=0) / count).detach()
+        return num_experts * (fraction * (gates.sum(dim=0) / count)).sum()
     total = gates.sum(dim=-1, keepdim=True)
     routed = (total > 0).squeeze(-1)
     shares = gates / torch.where(total > 0, total, torch.ones_like(total))
@@ -87,8 +111,12 @@ class CollectingHook(Hook):
         if not module.active or kwargs.get("gates") is not None or len(args) > 1:
             return None
         x = args[0] if args else kwargs["x"]
-        gates = module.route(x)
-        self.collector.add(gates)
+        if module.router.config.mode == "soft" or not self.collector.active:
+            gates = module.route(x)
+            self.collector.add(gates)
+        else:
+            gates, active, scores = module.route(x, balance=True)
+            self.collector.add(gates, active, scores)
         return args, {**kwargs, "gates": gates, "sparse": module.router.config.is_sparse}
 
 

@@ -238,15 +238,22 @@ class LayerRouter(nn.Module):
     def route(self, normed: torch.Tensor) -> torch.Tensor:
         """Gates for what the router reads, normed [..., hidden]: [..., E] per token, or
         [B, 1, E] per sequence for instance scope ([B, S, hidden] input); kept in `gates`."""
+        balance_added = False
         if self.router is None:
             gates = normed.new_ones(*normed.shape[:-1], self.num_experts)
         elif self.scope == "instance":
             gates = self._instance_gates(normed)
         else:
             gates = self._gates_sharing_shrinks(normed) if self.shares_shrinks else None
-            if gates is None:
+            if gates is None and isinstance(self.router, MoARouter) and \
+                    self.router.config.mode != "soft" and self.collector is not None and \
+                    self.collector.active:  # the loss reads the scores and selections
+                gates, active, scores = self.router(normed, balance=True)
+                self.collector.add(gates, active, scores)
+                balance_added = True
+            elif gates is None:
                 gates = self.router(normed)
-        if self.router is not None and self.collector is not None:
+        if self.router is not None and self.collector is not None and not balance_added:
             self.collector.add(gates)
         state = self.state
         state.gates = gates

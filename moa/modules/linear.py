@@ -307,8 +307,10 @@ class MoALinear(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
 
-    def route(self, x: torch.Tensor) -> torch.Tensor:
-        """The applied gates g [..., E] this layer's router gives x [..., in]."""
+    def route(self, x: torch.Tensor, balance: bool = False
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The applied gates g [..., E] this layer's router gives x [..., in]; with balance,
+        (g, active, scores) as `MoARouter.forward` gives them, for the load-balancing loss."""
         if self.router is None:
             raise ValueError("this MoALinear has no router (router=None); pass gates to "
                              "forward instead")
@@ -316,8 +318,12 @@ class MoALinear(nn.Module):
         if backend_info(resolve_backend(self.backend, x.device)).oracle:
             dtype = compute_dtype(x)
             with autocast_off(x):
-                return self.router.reference_gates(x.to(dtype))
-        return self.router(x)
+                gates = self.router.reference_gates(x.to(dtype))
+            if not balance:
+                return gates
+            _, active, scores = self.router(x, balance=True)  # (the loss's terms only)
+            return gates, active, scores
+        return self.router(x, balance)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

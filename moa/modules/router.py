@@ -109,25 +109,26 @@ class MoARouter(nn.Module):
         w2_weight = getattr(self, "w2_weight", None)
         w2_bias = getattr(self, "w2_bias", None)
 
-        def finish(first_layer):
-            """first_layer: [T, F], or its blocks (one per weight block) apart."""
+        def finish(first_layer, balance: bool = False):
+            """first_layer: [T, F], or its blocks (one per weight block) apart; balance: the
+            load-balancing scores too (`gates_from_first_layer`)."""
             blocks = [first_layer] if isinstance(first_layer, torch.Tensor) else \
                 list(first_layer)
             # The head is tiny ([T, F]): run it in at least fp32 (fp64 stays fp64).
             head_dtype = torch.float64 if blocks[0].dtype == torch.float64 else torch.float32
             blocks = [_in_dtype(block, head_dtype) for block in blocks]
-            gates, active = gates_from_first_layer(
+            gates, active, *scores = gates_from_first_layer(
                 blocks[0] if isinstance(first_layer, torch.Tensor) else blocks,
                 kind=config.kind, gate=config.gate,
                 mode=config.mode, num_experts=self.num_experts,
                 w2_weight=_in_dtype(w2_weight, head_dtype),
                 w2_bias=_in_dtype(w2_bias, head_dtype),
                 max_threshold=config.max_threshold, top_k=config.top_k,
-                normalize_topk=config.normalize_topk)
+                normalize_topk=config.normalize_topk, balance=balance)
             if config.learn_threshold:  # the threshold logit is the last column
                 gates = threshold_straight_through(gates, blocks[-1][:, -1:],
                                                    config.max_threshold)
-            return gates, active
+            return (gates, active, *scores)
 
         return RouterOps(weights, biases, finish, self.reference_gates, dtype)
 
@@ -144,8 +145,11 @@ class MoARouter(nn.Module):
                 c.max_threshold)
         return gates
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Applied gates g [..., E] for x [..., in] (fused: one matmul for the first layer)."""
+    def forward(self, x: torch.Tensor, balance: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Applied gates g [..., E] for x [..., in] (fused: one matmul for the first layer);
+        with balance, (g, active or None, scores) [T, E] each for the load-balancing loss
+        (`gates_from_first_layer`; active None in soft mode), T the flattened tokens."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"router input has last dimension {x.shape[-1]}, "
                              f"expected in_features={self.in_features}")
@@ -161,8 +165,9 @@ class MoARouter(nn.Module):
                     b if b is not None else w.shape[0]
                     for w, b in zip(ops.weight_parts, ops.bias_parts)],
                     [w.shape[0] for w in ops.weight_parts])
-            gates, _ = ops.finish(first)
-        return gates.to(dtype).reshape(*x.shape[:-1], self.num_experts)
+            gates, active, *scores = ops.finish(first, balance)
+        gates = gates.to(dtype).reshape(*x.shape[:-1], self.num_experts)
+        return (gates, active, scores[0]) if balance else gates
 
     def extra_repr(self) -> str:
         c = self.config

@@ -38,6 +38,7 @@ from moa.modules import layer_router, parallel_adapter, prompt
 from moa.modules.aux_loss import GateCollector, load_balancing_loss
 from moa.modules.prompt import PromptExpert, prompt_key_cache, rotary_operands, rotate_half_query
 from moa_kernels import torch_ops
+from moa_kernels.routing import gates_from_first_layer
 from tests.conftest import assert_results_match, relative_error
 from tests.moa.tiny import (
     VOCAB,
@@ -841,6 +842,70 @@ def test_transformers_trainer_trains_only_the_adapters(tmp_path):
             assert torch.equal(value, base_before[name]), name
     changed = [n for n, p in moa.moa_state_dict().items() if not torch.equal(p, moa_before[n])]
     assert len(changed) == len(moa_before)
+
+
+def published_layer_loss(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """The published MoE-LoRA layer loss (DCDmllm/MoA, MoA_Transformers/src/mole and adamole):
+    E * sum_e (tokens selecting e / T) * (sum of the scores of e / T)."""
+    tokens, experts = probs.shape
+    return experts * torch.sum(selected.float().sum(0) / tokens * probs.sum(0) / tokens)
+
+
+@pytest.mark.parametrize("mode", ["topk", "adaptive"])
+def test_load_balancing_loss_of_a_selecting_router_is_the_published_one(mode):
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(40, 8, generator=generator) * 2
+    threshold_logit = torch.randn(40, 1, generator=generator)
+    first = torch.cat([logits, threshold_logit], 1) if mode == "adaptive" else logits
+    gates, active, scores = gates_from_first_layer(
+        first, kind="linear", gate="softmax", mode=mode, num_experts=8, top_k=2,
+        max_threshold=1 / 8, balance=True)
+    probs = torch.softmax(logits, -1)
+    if mode == "topk":  # bincount of the top-2 choices, as the published top-k layer counts
+        chosen = probs.topk(2, dim=-1).indices
+        selected = torch.zeros(40, 8).scatter_(1, chosen, 1.0)
+        expected_scores = probs
+    else:  # the adaptive layer: p minus the threshold, selected where that is >= 0
+        expected_scores = probs - torch.sigmoid(threshold_logit) / 8
+        selected = (expected_scores >= 0).float()
+    assert torch.equal(active, selected.bool())
+    assert torch.allclose(scores, expected_scores, rtol=0, atol=1e-7)
+    expected = published_layer_loss(expected_scores, selected)
+    assert expected.abs() > 0.1  # not a degenerate scale
+    assert load_balancing_loss(scores, active).item() == pytest.approx(expected.item(),
+                                                                       rel=1e-6)
+
+
+def test_the_selecting_baseline_presets_add_the_published_balancing_loss_summed():
+    for preset in ("topk_moelora", "adamole"):
+        config = MoAConfig.preset(preset)
+        assert (config.aux_loss_coef, config.aux_loss_reduction) == (1e-3, "sum")
+    with pytest.raises(ValueError, match="aux_loss_reduction 'max'; allowed: mean, sum"):
+        MoAConfig(aux_loss_reduction="max")
+    ids = token_batch(2, 8)
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset("topk_moelora"))
+    perturb(moa, scale=0.5)
+    inputs = {}
+    handles = [module.register_forward_pre_hook(
+        lambda module, args, name=name: inputs.__setitem__(name, args[0].detach()))
+        for name, module in moa.named_modules() if isinstance(module, MoALinear)]
+    out = moa(ids, labels=ids)
+    for handle in handles:
+        handle.remove()
+    expected = torch.zeros(())
+    for name, module in moa.named_modules():
+        if isinstance(module, MoALinear):
+            x = inputs[name].reshape(-1, module.in_features)
+            probs = torch.softmax(x @ module.router.weight.detach().t(), -1)
+            selected = torch.zeros_like(probs).scatter_(1, probs.topk(2, -1).indices, 1.0)
+            expected = expected + published_layer_loss(probs, selected)
+    assert len(inputs) == 10 and expected > 1
+    assert moa.last_aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    lm_loss = moa.model(ids, labels=ids).loss  # the same model, the loss without the aux term
+    assert out.loss.item() == pytest.approx(lm_loss.item() + 1e-3 * expected.item(), rel=1e-6)
+    moa.last_aux_loss.backward()
+    weight_grads = [m.router.weight.grad for m in moa.modules() if isinstance(m, MoALinear)]
+    assert all(g is not None and g.abs().sum() > 0 for g in weight_grads)
 
 
 @pytest.mark.parametrize("preset", [
