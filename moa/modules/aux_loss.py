@@ -106,17 +106,18 @@ class CollectingHook(Hook):
         self.collector = collector
 
     def __call__(self, module: MoALinear, args, kwargs):
-        # Route here on every call, collecting or not, so that a checkpoint's recompute
-        # takes the same path as the forward it replays.
+        # Route here on every call, the same way collecting or not, so that a checkpoint's
+        # recompute (the collector inactive) takes the same path as the forward it replays:
+        # on the oracle backends a router that selects runs twice for its scores.
         if not module.active or kwargs.get("gates") is not None or len(args) > 1:
             return None
         x = args[0] if args else kwargs["x"]
-        if module.router.config.mode == "soft" or not self.collector.active:
-            gates = module.route(x)
-            self.collector.add(gates)
-        else:
+        if module.router.config.is_sparse:
             gates, active, scores = module.route(x, balance=True)
             self.collector.add(gates, active, scores)
+        else:
+            gates = module.route(x)
+            self.collector.add(gates)
         return args, {**kwargs, "gates": gates, "sparse": module.router.config.is_sparse}
 
 

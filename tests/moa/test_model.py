@@ -908,15 +908,20 @@ def test_the_selecting_baseline_presets_add_the_published_balancing_loss_summed(
     assert all(g is not None and g.abs().sum() > 0 for g in weight_grads)
 
 
-@pytest.mark.parametrize("preset", [
-    "soft_moa", "sparse_moa",  # layer routers
-    "molora", "topk_moelora",  # module routers, routed by the aux-loss hook (dense, sparse)
+@pytest.mark.parametrize("preset, backend", [
+    ("soft_moa", "auto"), ("sparse_moa", "auto"),  # layer routers
+    # module routers, routed by the aux-loss hook (dense, sparse)
+    ("molora", "auto"), ("topk_moelora", "auto"),
+    # the oracle backend routes a selecting router twice (gates, and the loss's scores),
+    # in the forward and in its recompute alike
+    ("topk_moelora", "reference"), ("adamole", "reference"),
 ])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(preset):
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(preset, backend):
     ids = token_batch(2, 10)
     results = []
     for checkpointing in (False, True):
-        moa = get_moa_model(tiny_llama(), MoAConfig.preset(preset, aux_loss_coef=0.1))
+        moa = get_moa_model(tiny_llama(), MoAConfig.preset(preset, aux_loss_coef=0.1,
+                                                           backend=backend))
         perturb(moa)
         moa.train()
         if checkpointing:
