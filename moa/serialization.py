@@ -37,8 +37,8 @@ directory holds new weights and the old config, which is detected even when the 
 belongs to an adapter saved before the metadata existed (old weights under a new config
 would not be). The staging directory left by the crash still holds the previous pair
 (`*.previous`). Fields that only say how the adapter runs or trains (`RUNTIME_FIELDS`:
-backend, dropout, aux_loss_coef, adapter_dtype) may differ; adapters saved without the
-metadata load unchecked, as before.
+backend, dropout, aux_loss_coef, aux_loss_reduction, adapter_dtype) may differ; adapters
+saved without the metadata load unchecked, as before.
 
 Weights are only ever read with safetensors (never pickle). An empty, truncated or malformed
 file, or a moa_config.json that is not UTF-8 JSON, is a ValueError that names the file, the
@@ -92,7 +92,7 @@ STAGING_PREFIX = ".moa-save-"
 CONFIG_KEY = "moa_config"
 MODULE_EXPERTS_KEY = "moa_module_experts"
 METADATA_FORMAT = "1"
-RUNTIME_FIELDS = ("backend", "dropout", "aux_loss_coef", "adapter_dtype")
+RUNTIME_FIELDS = ("backend", "dropout", "aux_loss_coef", "aux_loss_reduction", "adapter_dtype")
 _SHOWN = 20
 
 

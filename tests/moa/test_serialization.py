@@ -340,6 +340,29 @@ def test_how_the_adapter_runs_may_be_edited_in_the_config(saved_a):
     assert torch.equal(logits(reloaded), expected)
 
 
+def test_how_the_adapter_trains_may_differ_between_the_save_and_the_model(tmp_path):
+    # topk_moelora trained without the load-balancing loss before 2026-12-06 (aux_loss_coef
+    # 0, aux_loss_reduction at its default "mean", so absent from the saved config); a
+    # checkpoint of such a run loads into today's preset (1e-3, "sum"), and the saved
+    # config may name either reduction
+    old = get_moa_model(tiny_llama(), MoAConfig.preset("topk_moelora", aux_loss_coef=0.0,
+                                                       aux_loss_reduction="mean"))
+    perturb(old)
+    old.save_pretrained(tmp_path)
+    assert "aux_loss_reduction" not in json.loads((tmp_path / CONFIG_NAME).read_text())
+    current = get_moa_model(tiny_llama(), MoAConfig.preset("topk_moelora"))
+    current.load_adapter(tmp_path)
+    saved = dict(old.moa_named_parameters())
+    loaded = dict(current.moa_named_parameters())
+    assert loaded.keys() == saved.keys() and len(saved) > 0
+    assert all(torch.equal(loaded[name], saved[name]) for name in saved)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config.update(aux_loss_coef=1e-3, aux_loss_reduction="sum")
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    reloaded = MoAModel.from_pretrained(tiny_llama(), tmp_path)
+    assert reloaded.moa_config.aux_loss_reduction == "sum"
+
+
 def test_adapters_saved_without_the_metadata_still_load(saved_a):
     directory, expected, _ = saved_a
     path = directory / WEIGHTS_NAME
