@@ -238,23 +238,16 @@ class LayerRouter(nn.Module):
     def route(self, normed: torch.Tensor) -> torch.Tensor:
         """Gates for what the router reads, normed [..., hidden]: [..., E] per token, or
         [B, 1, E] per sequence for instance scope ([B, S, hidden] input); kept in `gates`."""
-        balance_added = False
         if self.router is None:
             gates = normed.new_ones(*normed.shape[:-1], self.num_experts)
         elif self.scope == "instance":
             gates = self._instance_gates(normed)
         else:
             gates = self._gates_sharing_shrinks(normed) if self.shares_shrinks else None
-            if gates is None and isinstance(self.router, MoARouter) and \
-                    self.router.config.mode != "soft" and self.collector is not None and \
-                    self.collector.active:  # the loss reads the scores and selections
-                gates, active, scores = self.router(normed, balance=True)
-                self.collector.add(gates, active, scores)
-                balance_added = True
-            elif gates is None:
-                gates = self.router(normed)
-        if self.router is not None and self.collector is not None and not balance_added:
-            self.collector.add(gates)
+            if gates is None:
+                gates = self._collected_router_gates(normed)
+            elif self.collector is not None:
+                self.collector.add(gates)
         state = self.state
         state.gates = gates
         # Eagerly only: under torch.compile the slices fuse anyway, and the parts (views of
@@ -293,6 +286,21 @@ class LayerRouter(nn.Module):
     def last_gates(self, gates: torch.Tensor | None) -> None:
         self.state.gates = gates
 
+    def _collected_router_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """The router's gates for x [..., hidden], handed to the collector (if any); while it
+        collects, a router that selects experts hands it its scores and selections too (the
+        load-balancing loss reads those: moa/modules/aux_loss.py)."""
+        collector = self.collector
+        if collector is not None and collector.active and isinstance(self.router, MoARouter) \
+                and self.router.config.is_sparse:
+            gates, active, scores = self.router(x, balance=True)
+            collector.add(gates, active, scores)
+            return gates
+        gates = self.router(x)
+        if collector is not None:
+            collector.add(gates)
+        return gates
+
     def _instance_gates(self, normed: torch.Tensor) -> torch.Tensor:
         if normed.dim() != 3:
             raise ValueError(f"instance routing reads [batch, sequence, hidden] inputs, got "
@@ -304,9 +312,11 @@ class LayerRouter(nn.Module):
                 raise RuntimeError(f"instance gates were computed for {self.prompt_gates.shape[0]}"
                                    f" sequences in this generate call, but a decoding step "
                                    f"has {normed.shape[0]}")
+            if self.collector is not None:
+                self.collector.add(self.prompt_gates)
             return self.prompt_gates
         mask = None if context is None else context.attention_mask
-        gates = self.router(masked_mean(normed, mask)[:, None, :])
+        gates = self._collected_router_gates(masked_mean(normed, mask)[:, None, :])
         if reuse:
             self.prompt_gates = gates
         return gates

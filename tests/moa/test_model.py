@@ -37,7 +37,7 @@ from moa.model import MOA_MODULES, WEIGHTS_NAME
 from moa.modules import layer_router, parallel_adapter, prompt
 from moa.modules.aux_loss import GateCollector, load_balancing_loss
 from moa.modules.prompt import PromptExpert, prompt_key_cache, rotary_operands, rotate_half_query
-from moa_kernels import torch_ops
+from moa_kernels import reference, torch_ops
 from moa_kernels.routing import gates_from_first_layer
 from tests.conftest import assert_results_match, relative_error
 from tests.moa.tiny import (
@@ -906,6 +906,55 @@ def test_the_selecting_baseline_presets_add_the_published_balancing_loss_summed(
     moa.last_aux_loss.backward()
     weight_grads = [m.router.weight.grad for m in moa.modules() if isinstance(m, MoALinear)]
     assert all(g is not None and g.abs().sum() > 0 for g in weight_grads)
+
+
+def published_scores(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, selected) [T, E] of a MoARouter for tokens x [T, in], as the published
+    MoE-LoRA layers take them: the probabilities p (topk, threshold) or p minus the
+    threshold (adaptive), and the pairs selected."""
+    config = router.config
+    params = {name: None if value is None else value.detach()
+              for name, value in router.tensors().items()}
+    p = reference.reference_router(x, params, kind=config.kind, gate=config.gate, mode="soft")
+    if config.mode == "topk":
+        return p, torch.zeros_like(p).scatter_(1, p.topk(config.top_k, -1).indices, 1.0)
+    threshold = config.max_threshold * torch.sigmoid(
+        F.linear(x, params["threshold_weight"], params["threshold_bias"]))
+    if config.mode == "threshold":
+        return p, p >= threshold
+    return p - threshold, p >= threshold
+
+
+@pytest.mark.parametrize("scope, mode", [
+    ("layer", "topk"),  # a router per decoder layer, over its (unpadded) tokens
+    ("layer", "adaptive"),
+    ("instance", "topk"),  # a router per decoder layer, over each sequence's mean
+    ("instance", "adaptive"),
+])
+def test_a_selecting_layer_router_adds_the_published_balancing_loss(scope, mode):
+    config = MoAConfig.preset("soft_moa", router=RouterConfig(mode=mode, max_threshold=0.25),
+                              router_scope=scope, prompt_length=None, aux_loss_coef=0.1)
+    moa = get_moa_model(tiny_llama(), config)
+    perturb(moa, scale=0.5)
+    ids = token_batch(4, 8)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # right padding: no token of the loss (its mean leaves it out too)
+    inputs = []
+    handles = [layer.moa_router.router.register_forward_pre_hook(
+        lambda module, args: inputs.append((module, args[0].detach())))
+        for layer in moa.model.model.layers]
+    moa(ids, attention_mask=mask, labels=ids)
+    for handle in handles:
+        handle.remove()
+    assert len(inputs) == 2
+    losses = []
+    for router, x in inputs:
+        x = x[mask.bool()] if scope == "layer" else x.reshape(-1, x.shape[-1])
+        assert x.shape[0] == (29 if scope == "layer" else 4)
+        losses.append(published_layer_loss(*published_scores(router, x)))
+    expected = torch.stack(losses).mean()
+    assert expected > 0.5  # not a degenerate scale
+    assert moa.last_aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("preset, backend", [
