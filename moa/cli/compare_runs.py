@@ -7,6 +7,7 @@ router statistics on the first test prompts).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -136,12 +137,31 @@ class RunLock:
             self._handle = None
 
 
+def return_freed_heap() -> bool:
+    """Hand the heap memory that earlier work freed back to the system (glibc's
+    malloc_trim(0)), so that it no longer counts as resident: freed blocks below a live one
+    otherwise stay in the resident set, and a peak measured from there would include them
+    (a compare run after another one's scoring read twice its real peak). False where the C
+    library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 class PeakMemory:
     """The peak memory of a block, in MiB: on CUDA torch.cuda.max_memory_allocated (reset at
     the start); on Linux the process's peak resident set size (the kernel's high-water mark
     VmHWM, reset at the start by writing 5 to /proc/self/clear_refs), so no peak is missed;
     elsewhere the resident set size sampled every SAMPLE_SECONDS by a thread (psutil), which
-    can miss a peak shorter than that."""
+    can miss a peak shorter than that. On the CPU, memory freed before the block is handed
+    back to the system first (`return_freed_heap`), so the peak is that of live memory."""
 
     SAMPLE_SECONDS = 0.05
     STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -192,6 +212,9 @@ class PeakMemory:
         self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
 
     def __enter__(self) -> PeakMemory:
+        if not self.cuda:
+            gc.collect()
+            return_freed_heap()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
