@@ -209,7 +209,6 @@ def _refuse_ties(tokenizer, item: MultipleChoiceItem, where: str, tokens: list[l
                      f"{2 * (max(differences.values()) + 1)} or more")
 
 
-@torch.no_grad()
 def longest_first(sequences: list[list[int]], batch_size: int) -> list[list[int]]:
     """Batches of indices into `sequences`, longest first (the padding stays small and a
     batch that runs out of memory does so at once)."""
@@ -228,6 +227,7 @@ def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+@torch.no_grad()
 def score_multiple_choice(model, tokenizer, items: list[MultipleChoiceItem], batch_size: int,
                           max_length: int, device: torch.device,
                           progress: bool = True) -> list[list[float]]:

@@ -144,6 +144,23 @@ def test_batched_scores_are_the_log_likelihoods_of_each_choice(preset):
             assert score == pytest.approx(expected, abs=1e-4)
 
 
+def test_scoring_builds_no_autograd_graph():
+    """Scoring a model with trainable adapters (as `moa compare` does right after training)
+    runs every forward without autograd: with it, each batch kept every layer's activations
+    for a backward that never comes (12.2 GB resident on 16 ARC-Challenge questions with
+    SmolLM2-135M, against 5.0 GB for the context pass alone)."""
+    model = get_moa_model(build_text_model(), MoAConfig.preset("soft_moa")).train(False)
+    assert any(p.requires_grad for p in model.parameters())
+    grad_modes = []
+    model.register_forward_hook(lambda module, args, output: grad_modes.append(
+        (torch.is_grad_enabled(), output.logits.requires_grad)))
+    items = [MultipleChoiceItem("Question: a?\nAnswer:", [" yes", " no, not at all"], 0)]
+    score_multiple_choice(model, byte_tokenizer(), items, batch_size=1, max_length=512,
+                          device=CPU, progress=False)
+    assert len(grad_modes) == 2  # the context pass and the continuations' pass
+    assert grad_modes == [(False, False)] * 2
+
+
 def test_accuracy_and_length_normalised_accuracy_follow_the_scores(monkeypatch):
     import moa.cli.evaluate
 
