@@ -115,6 +115,10 @@ def test_responses_stop_where_a_new_prompt_begins():
 @pytest.mark.parametrize("preset", [
     None,  # the base model
     "soft_moa",  # routers, parallel adapters and the position-dependent prompt expert
+    "sparse_moa",  # threshold routing: which experts run depends on each token
+    "adamole",  # adaptive thresholds, and the balancing loss's hook on the routers
+    "topk_moelora",  # top-2 selection per token
+    "hydralora",  # one shared A per module and a router over the B heads
 ])
 def test_batched_scores_are_the_log_likelihoods_of_each_choice(preset):
     tokenizer, model = byte_tokenizer(), build_text_model()
