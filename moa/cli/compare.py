@@ -140,9 +140,13 @@ def _differences(stored: dict, defining: dict, variants: dict, finished: set[str
     def shown(value) -> str:
         return "none" if value is None else str(value)
 
+    steps_decide = stored["options"].get("steps") is not None and \
+        defining.get("steps") is not None
     found = []
     for name in DEFINING if finished else ():
         there, here = stored["options"].get(name), defining.get(name)
+        if name == "epochs" and steps_decide:  # --steps gives the length; --epochs is unused
+            continue
         if there != here:
             if name.endswith("_sha256"):
                 found.append(f"the content of --{name[:-7].replace('_', '-')}")

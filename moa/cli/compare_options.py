@@ -52,16 +52,17 @@ def learning_rates(value) -> dict[str, float]:
     rates: dict[str, float] = {}
     for name, number in entries:
         if not name:
-            raise argparse.ArgumentTypeError(f"an --lr entry names no variant in {value!r}")
+            raise argparse.ArgumentTypeError(f"an entry names no variant in {value!r}")
         if name in rates:
             what = "more than one value for all variants" if name == "*" else \
                 f"{name!r} more than once"
-            raise argparse.ArgumentTypeError(f"--lr gives {what}: {value!r}")
+            raise argparse.ArgumentTypeError(f"it gives {what}: {value!r}")
         try:
             rates[name] = positive_float(number)
         except argparse.ArgumentTypeError as error:
-            where = "" if name == "*" else f" for {name}"
-            raise argparse.ArgumentTypeError(f"--lr{where}: {error}") from None
+            if name == "*":
+                raise
+            raise argparse.ArgumentTypeError(f"the rate for {name}: {error}") from None
     return rates
 
 

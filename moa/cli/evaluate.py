@@ -476,12 +476,13 @@ def load_adapted_model(model_path: str | None, adapter: str | None, log=print,
                        backend: str | None = None):
     """The base model at model_path with the adapter (if any) loaded for inference, its
     MoA layers on `backend` (None: the one saved with it); a ValueError naming both when
-    the adapter was trained on a base it does not fit."""
+    the adapter was trained on a base it does not fit. Nothing in it requires grad, so a
+    forward outside no_grad builds no graph."""
     from moa.cli.loading import load_base_model, model_description
     from moa.model import MoAModel
 
     adapter_dir = resolve_adapter_dir(adapter) if adapter is not None else None
-    base = load_base_model(model_path)
+    base = load_base_model(model_path).requires_grad_(False)
     if adapter_dir is None:
         return base
     recorded = trained_on(adapter_dir)

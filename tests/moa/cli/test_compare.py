@@ -575,6 +575,18 @@ def test_a_rerun_with_other_options_is_refused_naming_them(data, tmp_path):
         plan_compare(options(data, out, variants=[str(config)], lr={"*": 1e-3}))
 
 
+def test_epochs_bind_a_rerun_only_where_they_give_the_length(data, tmp_path):
+    out = tmp_path / "out"
+    plan_compare(options(data, out, variants=["lora"], lr={"*": 1e-3}, steps=2, epochs=1.0))
+    finish(out, "lora")
+    # --steps gives both runs' length, so --epochs changes nothing that was trained
+    plan_compare(options(data, out, variants=["lora"], lr={"*": 1e-3}, steps=2, epochs=3.0))
+    with pytest.raises(ValueError, match=r"steps \(2 there, none here\); epochs \(3.0 there, "
+                                         r"2.0 here\)"):
+        plan_compare(options(data, out, variants=["lora"], lr={"*": 1e-3}, steps=None,
+                             epochs=2.0))
+
+
 def test_a_comparison_running_elsewhere_makes_every_stored_option_binding(data, tmp_path):
     # another process is comparing in DIR (its shared lock on compare.active) and has not
     # started a run yet: a second one with another rate would have mixed rates in one row
@@ -664,9 +676,18 @@ BAD_INPUT = [  # (argv after the data flags, exit status, what the one line says
     # a variant left without a rate
     (["--variants", "lora,molora", "--lr", "lora=1e-3"], 1, "--lr gives no rate for molora"),
     # a rate that is no number
-    (["--variants", "lora", "--lr", "lora=fast"], 2, "--lr for lora: expected a number > 0"),
+    (["--variants", "lora", "--lr", "lora=fast"], 2,
+     "argument --lr: the rate for lora: expected a number > 0, got 'fast'"),
+    # a rate for all variants that is not > 0
+    (["--variants", "lora", "--lr", "0"], 2, "argument --lr: expected a number > 0, got '0'"),
     # one variant named twice in --lr
-    (["--variants", "lora", "--lr", "lora=1e-3,lora=2e-3"], 2, "--lr gives 'lora' more"),
+    (["--variants", "lora", "--lr", "lora=1e-3,lora=2e-3"], 2,
+     "argument --lr: it gives 'lora' more than once"),
+    # two rates for all variants
+    (["--variants", "lora", "--lr", "1e-3,2e-3"], 2,
+     "argument --lr: it gives more than one value for all variants"),
+    # an entry with an empty name
+    (["--variants", "lora", "--lr", "=1e-3"], 2, "argument --lr: an entry names no variant"),
     # no seed to run
     (["--variants", "lora", "--seeds", "0"], 2, "argument --seeds: expected a positive "
                                                 "integer, got '0'"),

@@ -165,6 +165,22 @@ def test_scoring_builds_no_autograd_graph():
     assert grad_modes == [(False, False)] * 2
 
 
+@pytest.mark.parametrize("adapter", [
+    None,  # the base model alone
+    "soft_moa",  # a saved MoA adapter over it
+])
+def test_a_model_loaded_for_inference_requires_no_grad(adapter, tmp_path):
+    from moa.cli.evaluate import load_adapted_model
+
+    path = None
+    if adapter is not None:
+        path = tmp_path / "adapter"
+        get_moa_model(build_text_model(), MoAConfig.preset(adapter)).save_pretrained(path)
+    model = load_adapted_model(None, None if path is None else str(path), log=lambda _: None)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert not [name for name, p in model.named_parameters() if p.requires_grad]
+
+
 def test_accuracy_and_length_normalised_accuracy_follow_the_scores(monkeypatch):
     import moa.cli.evaluate
 
