@@ -79,7 +79,7 @@ SAVE_NEVER = 2**62  # Trainer checkpoints in a run: only the one it writes at th
 # ---------------------------------------------------------------------------------------
 
 # What defines a run's result: a rerun into the same DIR must give the same values.
-DEFINING = ("model", "data_sha256", "eval_data_sha256", "steps", "epochs", "batch_size",
+DEFINING = ("model_fingerprint", "data_sha256", "eval_data_sha256", "steps", "epochs", "batch_size",
             "gradient_accumulation", "max_length", "warmup_steps", "weight_decay", "bf16",
             "gradient_checkpointing", "eval_max_length", "max_new_tokens")
 
@@ -89,6 +89,28 @@ def sha256_of(path: str | os.PathLike) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(path: str | os.PathLike | None) -> str | None:
+    """What identifies a base model wherever it lies (None: the embedded one): a sha256 over
+    the size and the first and last MiB of its file, or of every file of its directory with
+    their relative names. A copy of the model at another path has the same fingerprint;
+    another model, even of the same architecture and size, has another."""
+    if path is None:
+        return None
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        name = "" if file == root else file.relative_to(root).as_posix()
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+            if size > 2 << 20:
+                handle.seek(size - (1 << 20))
+                digest.update(handle.read())
     return digest.hexdigest()
 
 
@@ -137,6 +159,8 @@ def _differences(stored: dict, defining: dict, variants: dict, finished: set[str
                  ) -> list[str]:
     """What differs from the stored options where finished results depend on it: every
     option once any result is there, a variant's rate and definition once it has one."""
+    from moa.cli.loading import model_description
+
     def shown(value) -> str:
         return "none" if value is None else str(value)
 
@@ -147,7 +171,14 @@ def _differences(stored: dict, defining: dict, variants: dict, finished: set[str
         there, here = stored["options"].get(name), defining.get(name)
         if name == "epochs" and steps_decide:  # --steps gives the length; --epochs is unused
             continue
-        if there != here:
+        if name == "model_fingerprint" and name not in stored["options"]:
+            name = "model"  # a DIR written before fingerprints: the model's path decides
+            there, here = stored["options"].get(name), defining.get(name)
+        if there != here and name == "model_fingerprint":
+            found.append(f"the model ({model_description(stored['options'].get('model'))} "
+                         f"there, {model_description(defining['model'])} here, with other "
+                         "content)")
+        elif there != here:
             if name.endswith("_sha256"):
                 found.append(f"the content of --{name[:-7].replace('_', '-')}")
             else:
@@ -168,7 +199,12 @@ def _differences(stored: dict, defining: dict, variants: dict, finished: set[str
 def plan_compare(options: CompareOptions) -> Plan:
     """The checked plan, and DIR/compare_options.json written (or matched): one ValueError or
     OSError line for bad input, before any model loads."""
-    from moa.cli.data import load_evaluation_items, load_training_examples
+    from moa.cli.data import (
+        DataError,
+        check_data_file,
+        load_evaluation_items,
+        load_training_examples,
+    )
     from moa.cli.loading import check_gguf, check_model_path, is_gguf
 
     out = Path(options.out)
@@ -179,8 +215,10 @@ def plan_compare(options: CompareOptions) -> Plan:
     for what, path in (("--data", options.data), ("--eval-data", options.eval_data)):
         if path is None:
             raise ValueError(f"moa compare needs {what} FILE")
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{what}: no such data file: {path!r}")
+        try:
+            check_data_file(path)  # a missing path, a directory, a FIFO: one line each
+        except (FileNotFoundError, DataError) as error:
+            raise type(error)(f"{what}: {error}") from None
     if options.model is not None:
         check_model_path(options.model)
         if is_gguf(options.model):
@@ -196,11 +234,12 @@ def plan_compare(options: CompareOptions) -> Plan:
         raise ValueError(f"{options.eval_data}: no usable record")
     defining = {
         "model": None if options.model is None else str(Path(options.model).resolve()),
+        "model_fingerprint": model_fingerprint(options.model),
         "data": str(Path(options.data).resolve()), "data_sha256": sha256_of(options.data),
         "eval_data": str(Path(options.eval_data).resolve()),
         "eval_data_sha256": sha256_of(options.eval_data),
         **{name: getattr(options, name) for name in DEFINING
-           if name not in ("model", "data_sha256", "eval_data_sha256")}}
+           if name not in ("model_fingerprint", "data_sha256", "eval_data_sha256")}}
     definitions = {v.name: {"kind": v.kind, "source": v.source, "lr": rates[v.name],
                             "config": v.config} for v in variants}
     # Other processes may run a comparison on DIR at the same time (they share its runs):

@@ -104,7 +104,8 @@ COMPARE_OPTIONS: tuple[Option, ...] = (
            "DIR/runs/VARIANT/seed-K/adapter (otherwise a run's folder goes once its result "
            "is written: the result holds all the summary needs)"),
     Option("summary_only", flag, False, "write the summary (the table, compare.json, "
-           "compare.md, compare.png) of the runs already finished in DIR, and train or score "
+           "compare.md, and compare.png once a run has finished) of the runs already finished "
+           "in DIR, and train or score "
            "nothing: a look at a comparison still running, here or in other processes"),
     _TRAIN["log_interval"],
     _TRAIN["device"],

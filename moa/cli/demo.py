@@ -48,8 +48,9 @@ DEMO_OPTIONS: tuple[Option, ...] = (
            "config)"),
     Option("out", text, "moa-demo", "output directory; one that holds another run is "
            "refused unless --overwrite is given"),
-    Option("overwrite", flag, False, "replace the run already in --out (its adapter/ and "
-           "plots are removed)"),
+    Option("overwrite", flag, False, "replace the run already in --out (a demo's or a moa "
+           "train run's entries are removed: adapter/, checkpoints/, the logs and the plots; "
+           "nothing else)"),
     Option("device", torch_device, "cpu", "cpu, cuda or cuda:N"),
     Option("seed", seed, 0, "seed of the model and the data"),
 )

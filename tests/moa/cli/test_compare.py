@@ -7,6 +7,8 @@ before any model loads."""
 import gc
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -587,6 +589,62 @@ def test_epochs_bind_a_rerun_only_where_they_give_the_length(data, tmp_path):
                              epochs=2.0))
 
 
+def test_a_copy_of_the_model_elsewhere_continues_a_comparison_another_model_does_not(
+        data, tmp_path):
+    model_dir, copied, other = (tmp_path / name for name in ("model", "copy", "other"))
+    build_text_model().save_pretrained(model_dir)
+    shutil.copytree(model_dir, copied)
+    other_model = build_text_model()  # the same architecture, other weights
+    with torch.no_grad():
+        for parameter in other_model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    other_model.save_pretrained(other)
+    out = tmp_path / "out"
+    plan_compare(options(data, out, variants=["lora"], model=str(model_dir)))
+    finish(out, "lora")
+    plan_compare(options(data, out, variants=["lora"], model=str(copied)))
+    refusal = (rf"the model \({re.escape(str(copied.resolve()))} there, "
+               rf"{re.escape(str(other.resolve()))} here, with other content\)")
+    with pytest.raises(ValueError, match=refusal):
+        plan_compare(options(data, out, variants=["lora"], model=str(other)))
+    with pytest.raises(ValueError, match=r"the model \(.* there, the embedded text model here"):
+        plan_compare(options(data, out, variants=["lora"]))
+    # a DIR written before fingerprints were stored: the model's path decides, as it did
+    stored = json.loads((out / "compare_options.json").read_text())
+    del stored["options"]["model_fingerprint"]
+    (out / "compare_options.json").write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=rf"model \({re.escape(str(copied.resolve()))} there, "
+                                         rf"{re.escape(str(model_dir.resolve()))} here\)"):
+        plan_compare(options(data, out, variants=["lora"], model=str(model_dir)))
+    plan_compare(options(data, out, variants=["lora"], model=str(copied)))
+    stored = json.loads((out / "compare_options.json").read_text())
+    assert stored["options"]["model_fingerprint"] == compare.model_fingerprint(model_dir)
+
+
+def test_the_model_fingerprint_sees_content_size_and_names_not_the_path(tmp_path):
+    single = tmp_path / "a.gguf"
+    single.write_bytes(os.urandom(5 << 20))
+    moved = tmp_path / "elsewhere" / "renamed.gguf"
+    moved.parent.mkdir()
+    shutil.copyfile(single, moved)
+    assert compare.model_fingerprint(moved) == compare.model_fingerprint(single)
+    assert compare.model_fingerprint(None) is None
+    for position in (0, (5 << 20) - 1):  # a byte in the first and in the last MiB
+        changed = bytearray(single.read_bytes())
+        changed[position] ^= 1
+        moved.write_bytes(bytes(changed))
+        assert compare.model_fingerprint(moved) != compare.model_fingerprint(single)
+    moved.write_bytes(single.read_bytes() + b"\0")  # one byte longer
+    assert compare.model_fingerprint(moved) != compare.model_fingerprint(single)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copyfile(single, folder / "weights.bin")
+    renamed = tmp_path / "folder2"
+    renamed.mkdir()
+    shutil.copyfile(single, renamed / "other.bin")  # same bytes under another file name
+    assert compare.model_fingerprint(renamed) != compare.model_fingerprint(folder)
+
+
 def test_a_comparison_running_elsewhere_makes_every_stored_option_binding(data, tmp_path):
     # another process is comparing in DIR (its shared lock on compare.active) and has not
     # started a run yet: a second one with another rate would have mixed rates in one row
@@ -717,6 +775,8 @@ def test_bad_input_is_one_line_before_any_model_loads(extra, status, message, da
     "no_eval_data",  # --eval-data is required
     "missing_data",  # --data names no file
     "missing_eval_data",  # --eval-data names no file
+    "data_is_a_directory",  # --data names a directory
+    "eval_data_is_a_fifo",  # --eval-data names a FIFO (never opened, so nothing blocks)
     "out_is_a_file",  # --out must be a directory
     "out_holds_other_files",  # nor one that holds something else
     "config_named_as_a_preset",  # a MoAConfig file named lora.json would read as the preset
@@ -736,6 +796,14 @@ def test_bad_paths_are_one_line_before_any_model_loads(case, data, tmp_path, mon
         train, message = str(tmp_path / "nope.jsonl"), "no such data file"
     elif case == "missing_eval_data":
         test, message = str(tmp_path / "nope.jsonl"), "--eval-data: no such data file"
+    elif case == "data_is_a_directory":
+        train, message = str(tmp_path), f"--data: {tmp_path} is a directory, not a JSON or JSONL"
+    elif case == "eval_data_is_a_fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("this platform has no FIFOs")
+        test = str(tmp_path / "fifo")
+        os.mkfifo(test)
+        message = f"--eval-data: {test} is not a regular file (it is a FIFO"
     elif case == "out_is_a_file":
         out.write_text("x")
         message = "is a file, not a directory"
