@@ -11,11 +11,40 @@ that continues from it, or that none was saved yet).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
 class CommandError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+# What libraries under transformers log once when they are imported where their optional
+# compiled kernels cannot run (a CPU): nothing about the user's command, printed before its
+# first line. Each is dropped on its own logger by its own words; any other record passes.
+IMPORT_NOTICES = {
+    "torchao": ("Failed to load ", ".so"),  # its CUDA extension libraries
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),  # torchao's
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+}
+
+
+class _ImportNotice(logging.Filter):
+    def __init__(self, words: tuple[str, ...]) -> None:
+        super().__init__()
+        self.words = words
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not all(word in message for word in self.words)
+
+
+def quiet_import_notices() -> None:
+    """Drop IMPORT_NOTICES' records from here on (once per process)."""
+    for name, words in IMPORT_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ImportNotice) for f in logger.filters):
+            logger.addFilter(_ImportNotice(words))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -182,6 +211,7 @@ def _interrupted_training(error, argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_import_notices()
     command = None
     try:
         args = build_parser().parse_args(argv)

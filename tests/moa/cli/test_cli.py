@@ -72,6 +72,37 @@ def test_check_passes_on_cpu(capsys):
     assert out.startswith("seed 3 (repeat with --seed 3)")
 
 
+def test_import_notices_of_missing_optional_kernels_are_dropped_and_nothing_else(caplog):
+    import logging
+
+    from moa.cli.main import IMPORT_NOTICES, _ImportNotice
+
+    for name in IMPORT_NOTICES:  # as in a fresh process
+        logger = logging.getLogger(name)
+        for installed in [f for f in logger.filters if isinstance(f, _ImportNotice)]:
+            logger.removeFilter(installed)
+    assert main(["demo", "--no-such-flag"]) == 2  # main installs the filters first
+    notices = {
+        "torchao": "Failed to load /venv/torchao/_C_mxfp8.so: Could not load this library",
+        "torch.utils._pytree": "<enum 'KernelPreference'> is an Enum subclass and is now "
+                               "natively supported by torch.compile as an opaque value type.",
+        "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from "
+                                         "kernels-community: No module named 'kernels'.",
+    }
+    others = {
+        "torchao": "Failed to load the checkpoint: its weights are damaged",  # no library
+        "torch.utils._pytree": "some other notice",
+        "bitsandbytes.backends.cpu.ops": "Failed to load CPU something else",
+    }
+    with caplog.at_level(logging.WARNING):
+        for name, message in notices.items():
+            logging.getLogger(name).warning(message)
+        for name, message in others.items():
+            logging.getLogger(name).warning(message)
+        logging.getLogger("torchao.quantization").warning(notices["torchao"])  # a child
+    assert [r.getMessage() for r in caplog.records] == [*others.values(), notices["torchao"]]
+
+
 def test_version(capsys):
     from moa import __version__
 
