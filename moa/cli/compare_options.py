@@ -105,8 +105,8 @@ COMPARE_OPTIONS: tuple[Option, ...] = (
            "is written: the result holds all the summary needs)"),
     Option("summary_only", flag, False, "write the summary (the table, compare.json, "
            "compare.md, and compare.png once a run has finished) of the runs already finished "
-           "in DIR, and train or score "
-           "nothing: a look at a comparison still running, here or in other processes"),
+           "in DIR, and train or score nothing: a look at a comparison still running, here "
+           "or in other processes"),
     _TRAIN["log_interval"],
     _TRAIN["device"],
 )
