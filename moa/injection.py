@@ -20,7 +20,7 @@ from torch import nn
 from moa.config import DEFAULT_EXPERT_KEY, LAYER_SCOPES, MoAConfig, layer_index, module_matches
 from moa.families import check_prompt_attention, family_of
 from moa.modules.aux_loss import GateCollector, collecting_pre_hook
-from moa.modules.dispatch import default_adapter_dtype
+from moa.modules.dispatch import OFFLOADING_ADVICE, default_adapter_dtype, offloads_weights
 from moa.modules.layer_router import (
     LayerGates,
     LayerRouter,
@@ -163,6 +163,22 @@ def find_targets(model: nn.Module, config: MoAConfig) -> list[tuple[str, nn.Line
     return targets
 
 
+def check_not_offloaded(model: nn.Module) -> None:
+    """Raise ValueError when accelerate offloads some of the model's weights: its hooks put
+    them back by their names at load time around each forward, and injection renames the
+    adapted linears' weights and adds tensors those hooks do not know (the model then
+    computes with empty tensors)."""
+    offloaded = [name or type(model).__name__ for name, module in model.named_modules()
+                 if offloads_weights(module)]
+    if offloaded:
+        raise ValueError(
+            f"accelerate offloads the weights of {len(offloaded)} "
+            f"{'module' if len(offloaded) == 1 else 'modules'} of this model (such as "
+            f"{offloaded[0]!r}): a device_map put part of it on 'cpu' or 'disk' beside a GPU, "
+            f"or cpu_offload/disk_offload was applied. MoA cannot be injected into an "
+            f"offloaded model; " + OFFLOADING_ADVICE)
+
+
 def find_decoder_layers(model: nn.Module, config: MoAConfig) -> dict[str, nn.Module]:
     """Decoder layers (of a family in moa/families.py, or with an `input_layernorm`) within
     layers_to_transform."""
@@ -234,6 +250,7 @@ class Injection:
         docstring). Raises ValueError for a config this model cannot take; what was changed
         before the error stays recorded, so `remove` undoes it."""
         config, model = self.config, self.model
+        check_not_offloaded(model)
         targets = find_targets(model, config)
         layer_scope = config.router_scope in LAYER_SCOPES
         layers = find_decoder_layers(model, config) if layer_scope else {}
@@ -362,4 +379,4 @@ class Injection:
         self.hooks, self.swaps, self.added = [], [], []
 
 
-__all__ = ["MOA_MODULES", "Injection", "find_decoder_layers", "find_targets"]
+__all__ = ["MOA_MODULES", "Injection", "check_not_offloaded", "find_decoder_layers", "find_targets"]

@@ -71,11 +71,31 @@ def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 ORDINARY_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 
+OFFLOADING_ADVICE = (
+    "keep the model on devices that hold it whole: quantize the base "
+    "(BitsAndBytesConfig(load_in_4bit=True)), spread it over more GPUs, or load it without "
+    "a device_map on the CPU")
+
+
+def offloads_weights(module: nn.Module) -> bool:
+    """True where accelerate's hook on `module` offloads its weights (cpu_offload,
+    disk_offload, or a device_map that puts modules on "cpu" or "disk" beside a GPU): they
+    stay on the meta device and are put back, by name, only around this module's own
+    forward."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        return False
+    return any(getattr(each, "offload", False) for each in getattr(hook, "hooks", (hook,)))
+
+
 def is_plain_linear(base: nn.Module) -> bool:
     """True for an nn.Linear whose forward is nn.Linear's, with no forward hooks and
     ordinary (not quantized, not sharded) tensors: its output is exactly
-    F.linear(x, weight, bias), so the backends may compute it in their own GEMM."""
-    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+    F.linear(x, weight, bias), so the backends may compute it in their own GEMM. A forward
+    set on the instance (accelerate's hooks, which put offloaded weights back around each
+    call, set one) makes it a module to call."""
+    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward or \
+            "forward" in vars(base):
         return False
     if base._forward_hooks or base._forward_pre_hooks:
         return False
@@ -104,6 +124,7 @@ class Hook:
     copy.deepcopy of a model carries hooks that point at the copied modules."""
 
 
-__all__ = ["ORDINARY_TENSOR_TYPES", "Hook", "autocast_off", "backend_function",
-           "base_compute_dtype", "compute_dtype", "default_adapter_dtype", "generate_cached",
-           "is_plain_linear", "resolve_backend", "triton_available"]
+__all__ = ["OFFLOADING_ADVICE", "ORDINARY_TENSOR_TYPES", "Hook", "autocast_off",
+           "backend_function", "base_compute_dtype", "compute_dtype", "default_adapter_dtype",
+           "generate_cached", "is_plain_linear", "offloads_weights", "resolve_backend",
+           "triton_available"]

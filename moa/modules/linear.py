@@ -27,6 +27,7 @@ from torch import nn
 
 from moa.config import ExpertSpec, RouterConfig, parse_experts
 from moa.modules.dispatch import (
+    OFFLOADING_ADVICE,
     autocast_off,
     backend_function,
     base_compute_dtype,
@@ -34,6 +35,7 @@ from moa.modules.dispatch import (
     default_adapter_dtype,
     generate_cached,
     is_plain_linear,
+    offloads_weights,
     resolve_backend,
 )
 from moa.modules.router import MoARouter
@@ -333,6 +335,13 @@ class MoALinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input has shape {tuple(x.shape)}; its last dimension must be "
                              f"in_features={self.in_features}")
+        if "_hf_hook" in self.__dict__ and offloads_weights(self):
+            raise ValueError(
+                "this MoALinear runs under an accelerate hook that offloads its weights "
+                "(cpu_offload, disk_offload, or dispatch_model with offloaded modules), which "
+                "MoA does not support: its layers read their routers' and experts' tensors "
+                "directly, and such a hook puts back only the tensors of the module it is on; "
+                + OFFLOADING_ADVICE)
         if x.device.type == "meta":
             raise ValueError("MoALinear cannot run on meta tensors (they hold no values); "
                              "materialise the model first (e.g. to_empty(), then load its "

@@ -168,6 +168,69 @@ def test_hooked_and_subclassed_bases_keep_their_behaviour():
         assert relative_error(y, expected) < 1e-6, type(base).__name__
 
 
+def test_a_forward_set_on_the_instance_is_called():
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT)
+    x = torch.randn(5, IN)
+    with torch.no_grad():
+        twice = 2 * base(x)
+    class_forward = base.forward
+    base.forward = lambda inputs: 2 * class_forward(inputs)  # as accelerate's hooks do
+    assert not is_plain_linear(base)
+    layer = MoALinear(base, ["lora:4"], router=None)
+    with torch.no_grad():
+        layer.expert_parameters()[0]["lora_B"].normal_()
+        delta = layer.expert_parameters()[0]["lora_B"] @ layer.expert_parameters()[0]["lora_A"]
+        y = layer(x, torch.ones(5, 1))
+    assert relative_error(y, twice + x @ delta.t()) < 1e-6
+
+
+@pytest.mark.parametrize("preset", ["soft_moa", "molora"], ids=["layer-router", "module-router"])
+def test_accelerate_hooks_that_only_place_tensors_keep_the_outputs(preset):
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+    ids = token_batch()
+    plain, hooked = tiny_llama(), tiny_llama()
+    for module in hooked.modules():  # a hook per module, as device maps place them
+        if isinstance(module, nn.Linear):
+            accelerate_hooks.add_hook_to_module(
+                module, accelerate_hooks.AlignDevicesHook(execution_device="cpu"))
+    outputs = []
+    for model in (plain, hooked):
+        torch.manual_seed(4)  # the same adapters for both
+        moa = get_moa_model(model, MoAConfig.preset(preset))
+        perturb(moa)
+        with torch.no_grad():
+            outputs.append(moa(input_ids=ids).logits)
+    assert outputs[0].abs().max() > 1e-2
+    assert relative_error(outputs[1], outputs[0]) < 1e-6
+
+
+def test_an_offloaded_model_is_refused_at_injection_and_left_as_it_was():
+    accelerate = pytest.importorskip("accelerate")
+    ids = token_batch()
+    model = tiny_llama()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))  # weights on meta
+    with pytest.raises(ValueError, match=r"accelerate offloads the weights of \d+ modules of "
+                       r"this model \(such as 'model.embed_tokens'\).*cannot be injected "
+                       r"into an offloaded model; keep the model on devices"):
+        get_moa_model(model, MoAConfig.preset("lora"))  # it computed NaN from empty tensors
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():
+        assert relative_error(model(input_ids=ids).logits, expected) < 1e-6
+
+
+@pytest.mark.parametrize("preset", ["soft_moa", "lora"], ids=["layer-router", "no-router"])
+def test_offloading_after_injection_is_refused_at_the_call(preset):
+    accelerate = pytest.importorskip("accelerate")
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset(preset))
+    accelerate.cpu_offload(moa, execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="this MoALinear runs under an accelerate hook that "
+                       "offloads its weights .* which MoA does not support"):
+        moa(input_ids=token_batch())
+
+
 @needs_bitsandbytes
 def test_adapter_dtype_and_output_dtype_beside_a_4bit_base():
     torch.manual_seed(0)
