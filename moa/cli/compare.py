@@ -60,7 +60,7 @@ from moa.cli.compare_variants import (
 )
 from moa.cli.evaluate import evaluate_items
 from moa.cli.options import resolve_device
-from moa.cli.outputs import write_json_atomic, write_text_atomic
+from moa.cli.outputs import check_links_lead_somewhere, write_json_atomic, write_text_atomic
 from moa.cli.train import TrainOptions, run_train
 from moa.distributed import World, join_world
 
@@ -117,6 +117,7 @@ def model_fingerprint(path: str | os.PathLike | None) -> str | None:
 def _check_out(out: Path) -> dict | None:
     """The stored compare_options.json of DIR, None when DIR is new or empty; refuses a file,
     and a directory that holds something other than a compare run."""
+    check_links_lead_somewhere(out)
     for folder in (*reversed(out.parents), out):
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(f"--out {str(out)!r}: {folder} is a file, not a "

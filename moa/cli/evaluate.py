@@ -62,6 +62,7 @@ from moa.cli.options import (
     resolve_device,
     text,
 )
+from moa.cli.outputs import check_links_lead_somewhere
 from moa.config import BACKENDS
 from moa.distributed import World, join_world
 
@@ -555,7 +556,9 @@ def check_output_file(out: Path, inputs: dict[str, Path], overwrite: bool) -> Pa
     or something else that is not a regular file; the same file as one of `inputs` (by any
     name or link: a data set, a config, an adapter's files, a model file or a file in a
     model directory), even with `overwrite`; an existing file without `overwrite`; a folder
-    that cannot be written (probed: a file created there and removed)."""
+    that cannot be written (probed: a file created there and removed); a link on the way
+    that leads nowhere (check_links_lead_somewhere)."""
+    check_links_lead_somewhere(out)
     real = Path(os.path.realpath(out))
     if real.is_dir():
         raise IsADirectoryError(f"--out {str(out)!r} is a directory; name a JSON file")

@@ -12,6 +12,7 @@ or not at all (a temporary file beside it, renamed onto it).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -57,10 +58,33 @@ def remove_previous_run(out: str | os.PathLike) -> list[str]:
     return removed
 
 
+def check_links_lead_somewhere(out: str | os.PathLike, flag: str = "--out") -> None:
+    """ValueError when `out`, or a folder on the way to it, is a symbolic link that leads
+    nowhere: one that loops, or one to a path that does not exist (nothing can be made
+    through it, and the existence checks that follow would take it for a free path)."""
+    path = Path(os.path.abspath(out))
+    for part in (*reversed(path.parents), path):
+        if not part.is_symlink():
+            continue
+        try:
+            os.stat(part)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise ValueError(f"{flag} {os.fspath(out)!r}: {part} is a symbolic link that "
+                                 "loops (it leads back to itself); name another path") from None
+            if error.errno == errno.ENOENT:
+                raise ValueError(f"{flag} {os.fspath(out)!r}: {part} is a symbolic link to "
+                                 f"{os.readlink(part)!r}, which does not exist; create it, or "
+                                 "name another path") from None
+            raise
+
+
 def check_not_an_input(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]
                        ) -> None:
     """ValueError when the output folder `out` is one of `inputs` ({flag: path}; None for a
-    flag not given) or contains one: outputs never go where the inputs are."""
+    flag not given) or contains one: outputs never go where the inputs are; and when a link
+    on the way to `out` leads nowhere (check_links_lead_somewhere)."""
+    check_links_lead_somewhere(out)
     folder = Path(out).resolve()
     for flag, path in inputs.items():
         if path is None:
@@ -126,6 +150,6 @@ def write_text_atomic(path: Path, content: str) -> Path:
     return path
 
 
-__all__ = ["CHECKPOINTS", "RUN_ENTRIES", "check_not_an_input", "check_writable",
-           "describe_entries", "previous_run", "remove_previous_run", "write_json_atomic",
-           "write_text_atomic"]
+__all__ = ["CHECKPOINTS", "RUN_ENTRIES", "check_links_lead_somewhere", "check_not_an_input",
+           "check_writable", "describe_entries", "previous_run", "remove_previous_run",
+           "write_json_atomic", "write_text_atomic"]
