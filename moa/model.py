@@ -92,6 +92,11 @@ class MoAModel(nn.Module):
         # save_pretrained reads (and gathers) on a wrapped or sharded model.
         self._slots = [TensorSlot(name, owner, attribute, tuple(param.shape))
                        for name, owner, attribute, param in self._moa_tensors()]
+        # Which MoA tensors train (not the Sparse MoA thresholds, as published), for
+        # load_adapter(is_trainable=True) after a load for inference froze them all.
+        self._trains = {name: param.requires_grad for name, param in
+                        self.moa_named_parameters()}
+        self._frozen_for_inference = False
 
     @property
     def tensor_slots(self) -> list[TensorSlot]:
@@ -458,14 +463,31 @@ class MoAModel(nn.Module):
         """Load the tensors of a saved adapter with this model's configuration (a checkpoint
         of the same training, a directory or a Hub id) into this model's MoA modules; what
         the Trainer calls on resuming. is_trainable=False freezes them and puts the model in
-        eval mode (as PEFT's load_adapter does). A different configuration is a ValueError:
+        eval mode (as PEFT's load_adapter does); is_trainable=True after such a load (or
+        from_pretrained's) makes the MoA tensors that trained at injection train again and puts
+        the MoA modules in training mode, as from_pretrained(is_trainable=True) leaves them. A
+        different configuration is a ValueError:
         load that with from_pretrained into a fresh model."""
         self._check_adapter_names([adapter_name], "adapter_name")
         load_adapter_into(self, model_id, revision=revision, token=token)
         if not is_trainable:
-            for _, param in self.moa_named_parameters():
-                param.requires_grad_(False)
-            self.eval()
+            self.freeze_for_inference()
+        elif self._frozen_for_inference:
+            for name, param in self.moa_named_parameters():
+                param.requires_grad_(self._trains.get(name, True))
+            self._frozen_for_inference = False
+            for module in self.model.modules():  # the modes a trainable load leaves
+                if isinstance(module, MOA_MODULES):
+                    module.train()
+
+    def freeze_for_inference(self) -> None:
+        """Freeze every MoA tensor and put the model in eval mode, as a load for inference
+        does (from_pretrained and load_adapter with is_trainable=False); a later
+        load_adapter(is_trainable=True) gives back the tensors that trained and train mode."""
+        for _, param in self.moa_named_parameters():
+            param.requires_grad_(False)
+        self._frozen_for_inference = True
+        self.eval()
 
     def set_adapter(self, adapter_name: str) -> None:
         """Accepts "default", the one adapter (already active); other names are an error."""

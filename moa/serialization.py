@@ -399,9 +399,7 @@ def load_adapter(cls: type[MoAModel], model: nn.Module, source: str | os.PathLik
         warnings.warn(f"the adapter in {os.fspath(source)!r} was trained on {trained_on!r}; "
                       f"loading it into {loading_into!r}", stacklevel=3)
     if not is_trainable:  # for inference, as PEFT loads it: frozen, dropout off
-        for _, param in moa.moa_named_parameters():
-            param.requires_grad_(False)
-        moa.eval()
+        moa.freeze_for_inference()
     return moa
 
 

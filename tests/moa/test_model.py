@@ -811,6 +811,31 @@ def test_loading_for_inference_turns_dropout_off_and_for_training_leaves_the_mod
         assert torch.equal(trainable(ids).logits, logits)
 
 
+@pytest.mark.parametrize("first_load", ["from_pretrained", "load_adapter"])
+def test_load_adapter_for_training_after_a_load_for_inference_trains_again(tmp_path,
+                                                                           first_load):
+    # (it stayed frozen: 0 trainable, the Trainer's resume then trained nothing)
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset("sparse_moa"))
+    perturb(moa)
+    moa.save_pretrained(tmp_path)
+    trains = {name: param.requires_grad for name, param in moa.moa_named_parameters()}
+    assert not all(trains.values()) and any(trains.values())  # thresholds stay frozen
+    if first_load == "from_pretrained":
+        loaded = MoAModel.from_pretrained(tiny_llama(), tmp_path)
+    else:
+        loaded = get_moa_model(tiny_llama(), MoAConfig.preset("sparse_moa"))
+        loaded.load_adapter(tmp_path, is_trainable=False)
+    assert loaded.trainable_parameter_count() == 0
+    loaded.load_adapter(tmp_path, is_trainable=True)
+    assert {name: param.requires_grad for name, param in loaded.moa_named_parameters()} \
+        == trains
+    assert loaded.trainable_parameter_count() == moa.trainable_parameter_count()
+    assert all(module.training for module in loaded.modules() if isinstance(module, MoALinear))
+    loaded(token_batch(), labels=token_batch()).loss.backward()
+    assert all((param.grad is not None) == trains[name]
+               for name, param in loaded.moa_named_parameters())
+
+
 # ---- compatibility -----------------------------------------------------------------------
 
 class TokenDataset(torch.utils.data.Dataset):
