@@ -13,6 +13,7 @@ records every change so that `remove` takes all of it out again. MoAModel
 from __future__ import annotations
 
 import difflib
+import inspect
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from moa.modules.dispatch import OFFLOADING_ADVICE, default_adapter_dtype, offlo
 from moa.modules.layer_router import (
     LayerGates,
     LayerRouter,
+    MaskPreHook,
     RoutingContext,
     constant_gates_pre_hook,
 )
@@ -193,6 +195,23 @@ def find_decoder_layers(model: nn.Module, config: MoAConfig) -> dict[str, nn.Mod
     return layers
 
 
+def _mask_owners(model: nn.Module, layers: dict[str, nn.Module]) -> list[nn.Module]:
+    """Where instance routers take the attention mask: the decoder stacks holding `layers`
+    (the nearest module above each layer that is not a container: LlamaModel for
+    "model.layers.0"), which the model calls and a user may call directly, where their
+    forward takes an attention_mask; else the model itself."""
+    owners: dict[int, nn.Module] = {}
+    for name in layers:
+        parts = name.split(".")
+        for end in range(len(parts) - 1, -1, -1):
+            owner = model.get_submodule(".".join(parts[:end]))
+            if not isinstance(owner, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+                break
+        if "attention_mask" in inspect.signature(owner.forward).parameters:
+            owners[id(owner)] = owner
+    return list(owners.values()) or [model]
+
+
 def _layer_of(name: str, layers: dict[str, nn.Module]) -> str:
     owners = [layer for layer in layers if name.startswith(layer + ".")]
     if not owners:
@@ -275,8 +294,9 @@ class Injection:
         for layer_name, layer in layers.items():
             self.wire_layer(layer_name, layer, per_layer[layer_name])
         if config.router_scope == "instance":
-            self.hooks.append(model.register_forward_pre_hook(self.context.model_pre_hook,
-                                                              with_kwargs=True))
+            for owner in _mask_owners(model, layers):
+                self.hooks.append(owner.register_forward_pre_hook(
+                    MaskPreHook(self.context, owner), with_kwargs=True))
 
     def wire_layer(self, layer_name: str, layer: nn.Module,
                    adapted: list[tuple[str, MoALinear]]) -> None:

@@ -15,6 +15,7 @@ model share about the current forward (the attention mask, generate's instance-g
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -41,7 +42,7 @@ from moa_kernels.contract import SHRINK_OUTPUT, accepts
 
 class RoutingContext:
     """What the layer-level experts of one model share about the current forward: the 2-D
-    attention mask [B, S] it was given (captured by a pre-hook on the model), inside
+    attention mask [B, S] it was given (captured by MaskPreHook on the decoder stack), inside
     MoAModel.generate whether instance gates computed from the prompt are reused, and the
     prompt experts' rotary operands."""
 
@@ -51,11 +52,25 @@ class RoutingContext:
         # (cos, sin, their rotary_operands) of the current forward, for the prompt experts
         self.rotary: tuple | None = None
 
-    def model_pre_hook(self, module: nn.Module, args, kwargs) -> None:
-        self.rotary = None
+
+
+class MaskPreHook(Hook):
+    """Forward pre-hook (with_kwargs) on a model or its decoder stack: hands the routing
+    context the 2-D attention mask of each call, given by keyword or by position."""
+
+    def __init__(self, context: RoutingContext, module: nn.Module) -> None:
+        self.context = context
+        parameters = list(inspect.signature(module.forward).parameters)
+        self.position = parameters.index("attention_mask") \
+            if "attention_mask" in parameters else None
+
+    def __call__(self, module: nn.Module, args, kwargs) -> None:
+        self.context.rotary = None
         mask = kwargs.get("attention_mask")
-        self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 \
-            else None
+        if mask is None and self.position is not None and self.position < len(args):
+            mask = args[self.position]
+        self.context.attention_mask = mask if isinstance(mask, torch.Tensor) and \
+            mask.dim() == 2 else None
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -422,5 +437,5 @@ def constant_gates_pre_hook(module: MoALinear, args, kwargs):
     return args, {**kwargs, "gates": x.new_ones(*x.shape[:-1], module.num_experts)}
 
 
-__all__ = ["LayerGates", "LayerRouter", "RouterState", "RoutingContext",
+__all__ = ["LayerGates", "LayerRouter", "MaskPreHook", "RouterState", "RoutingContext",
            "constant_gates_pre_hook", "instance_gate_reuse", "masked_mean"]

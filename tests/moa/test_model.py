@@ -811,6 +811,36 @@ def test_loading_for_inference_turns_dropout_off_and_for_training_leaves_the_mod
         assert torch.equal(trainable(ids).logits, logits)
 
 
+@pytest.mark.parametrize("preset", ["instance_moa", "unipeft"])
+def test_instance_routing_takes_each_calls_mask_by_keyword_or_position_at_any_entry(preset):
+    # (a positional mask was not seen, and a call of the decoder stack read the mask of the
+    # model's previous call)
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset(preset, backend="torch"))
+    perturb(moa, scale=0.2)
+    moa.eval()
+    ids = token_batch(2, 9)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # row 1: 5 real tokens, then padding
+    other = torch.ones_like(ids)
+    other[0, 3:] = 0
+    base = moa.get_base_model()
+    with torch.no_grad():
+        alone = moa(input_ids=ids[1:, :5]).logits[0]
+        assert (moa(input_ids=ids, attention_mask=other).logits[1, :5] - alone).abs().max() \
+            > 1e-3  # the mask matters for row 1
+        positional = base(ids, mask).logits[1, :5]
+        stack_alone = base.model(input_ids=ids[1:, :5]).last_hidden_state[0]
+        moa(input_ids=ids, attention_mask=other)  # a call with another mask first
+        stack = base.model(input_ids=ids, attention_mask=mask).last_hidden_state[1, :5]
+        moa(input_ids=ids, attention_mask=other)
+        unpadded = base.model(input_ids=ids).last_hidden_state
+    assert relative_error(positional, alone) < 1e-5
+    assert relative_error(stack, stack_alone) < 1e-5
+    with torch.no_grad():  # no mask given: every token counts, whatever came before
+        moa(input_ids=ids)
+        assert torch.equal(base.model(input_ids=ids).last_hidden_state, unpadded)
+
+
 @pytest.mark.parametrize("first_load", ["from_pretrained", "load_adapter"])
 def test_load_adapter_for_training_after_a_load_for_inference_trains_again(tmp_path,
                                                                            first_load):
