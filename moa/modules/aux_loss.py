@@ -27,7 +27,8 @@ class GateCollector:
     attention mask of the call), a router call over those same B x S tokens (as [B, S, E]
     or flattened to [B * S, E]) keeps only the tokens the mask marks: padding does not count
     towards the balance. Calls over other tokens (an encoder-decoder's decoder, say) count
-    every token. The masked tokens are left out on the CPU; elsewhere (where selecting rows
+    every token; an instance router's call (gates [B, 1, E], one row per sequence) keeps
+    the sequences with a token the mask marks. The masked tokens are left out on the CPU; elsewhere (where selecting rows
     by a mask would synchronise the host with the device) their gates are zeroed instead,
     which `load_balancing_loss` counts exactly as no token."""
 
@@ -48,10 +49,13 @@ class GateCollector:
         if active is not None and scores is not None:
             gates, selected = scores, active.reshape(-1, active.shape[-1])
         flat = gates.reshape(-1, gates.shape[-1])
-        mask = self.token_mask
+        mask, keep = self.token_mask, None
         if mask is not None and (tuple(gates.shape[:-1]) == tuple(mask.shape)
                                  or flat.shape[0] == mask.numel()):
             keep = mask.reshape(-1).bool()
+        elif mask is not None and tuple(gates.shape[:-1]) == (mask.shape[0], 1):
+            keep = mask.bool().any(dim=1)  # an instance router: a sequence of padding only
+        if keep is not None:
             if host_reads_are_free(flat.device):
                 flat = flat[keep]
                 selected = None if selected is None else selected[keep]

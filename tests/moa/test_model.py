@@ -659,6 +659,23 @@ def test_aux_loss_leaves_padding_out():
     assert abs(expected.mean().item() - unmasked.mean().item()) > 1e-4  # the mask matters
 
 
+def test_instance_aux_loss_leaves_sequences_of_padding_only_out():
+    # (a sequence of padding only counted: 1.0493 for a batch with no real token at all)
+    moa = get_moa_model(tiny_llama(), MoAConfig.preset("instance_moa", aux_loss_coef=0.1))
+    perturb(moa, scale=0.5)
+    ids = token_batch(3, 8)
+    mask = torch.ones_like(ids)
+    mask[1] = 0  # the second sequence is padding only
+    mask[2, 6:] = 0
+    moa(ids, attention_mask=mask, labels=ids)
+    with_padding_row = moa.last_aux_loss.item()
+    moa(ids[[0, 2]], attention_mask=mask[[0, 2]], labels=ids[[0, 2]])
+    without = moa.last_aux_loss.item()
+    assert with_padding_row == pytest.approx(without, rel=1e-6) and without > 0.5
+    moa(ids, labels=ids)  # without the mask the second sequence counts, and changes the loss
+    assert abs(moa.last_aux_loss.item() - without) > 1e-4
+
+
 def test_router_stats_per_layer_and_expert():
     moa = get_moa_model(tiny_llama(), MoAConfig.preset("sparse_moa"))
     perturb(moa, scale=0.5)
