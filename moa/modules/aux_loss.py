@@ -28,9 +28,10 @@ class GateCollector:
     or flattened to [B * S, E]) keeps only the tokens the mask marks: padding does not count
     towards the balance. Calls over other tokens (an encoder-decoder's decoder, say) count
     every token; an instance router's call (gates [B, 1, E], one row per sequence) keeps
-    the sequences with a token the mask marks. The masked tokens are left out on the CPU; elsewhere (where selecting rows
-    by a mask would synchronise the host with the device) their gates are zeroed instead,
-    which `load_balancing_loss` counts exactly as no token."""
+    the sequences with a token the mask marks. The masked tokens are left out on the CPU;
+    elsewhere (where selecting rows by a mask would synchronise the host with the device)
+    their gates are zeroed instead, which `load_balancing_loss` counts exactly as no
+    token."""
 
     def __init__(self) -> None:
         self.active = False
