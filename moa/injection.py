@@ -26,6 +26,7 @@ from moa.modules.layer_router import (
     LayerGates,
     LayerRouter,
     MaskPreHook,
+    RecomputeMaskHook,
     RoutingContext,
     constant_gates_pre_hook,
 )
@@ -347,6 +348,9 @@ class Injection:
                              scope="instance" if config.router_scope == "instance" else "layer",
                              groups=groups, context=self.context, **factory)
         self.add(layer, "moa_router", router)
+        if config.router_scope == "instance":
+            self.hooks.append(input_norm.register_forward_pre_hook(
+                RecomputeMaskHook(self.context, layer)))
         if config.router_input == "residual":
             self.hooks.append(input_norm.register_forward_pre_hook(router.residual_hook))
         else:

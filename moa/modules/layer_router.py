@@ -73,6 +73,38 @@ class MaskPreHook(Hook):
             mask.dim() == 2 else None
 
 
+class RecomputeMaskHook(Hook):
+    """Forward pre-hook on a decoder layer's input norm under instance routing. With
+    gradient checkpointing the layer runs again inside the backward pass, when a later
+    forward may have replaced the context's mask: each checkpointed forward's mask is kept by
+    the layer's input (the hidden states' storage, shape and device, which the recompute is
+    given again, detached or not) and handed back to the recompute of that input. At most
+    KEPT masks are kept (forwards never followed by a backward leave theirs)."""
+
+    KEPT = 16
+
+    def __init__(self, context: RoutingContext, layer: nn.Module) -> None:
+        self.context, self.layer = context, layer
+        self.masks: dict[tuple, torch.Tensor | None] = {}
+
+    def __call__(self, norm: nn.Module, args) -> None:
+        layer = self.layer
+        if not (layer.training and getattr(layer, "gradient_checkpointing", False)) or \
+                not args or not isinstance(args[0], torch.Tensor) or \
+                torch.compiler.is_compiling():
+            return
+        hidden = args[0]
+        key = (hidden.data_ptr(), tuple(hidden.shape), hidden.device)
+        if torch._C._current_graph_task_id() >= 0:  # inside backward: a recompute
+            if key in self.masks:
+                self.context.attention_mask = self.masks.pop(key)
+            return
+        self.masks.pop(key, None)  # the newest forward on this storage holds it
+        self.masks[key] = self.context.attention_mask
+        while len(self.masks) > self.KEPT:
+            del self.masks[next(iter(self.masks))]
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The mean over the sequence of x [B, S, H] -> [B, H], counting only the tokens that the
     attention mask [B, S] marks (all of them without a mask, or with one of another shape)."""
@@ -437,5 +469,6 @@ def constant_gates_pre_hook(module: MoALinear, args, kwargs):
     return args, {**kwargs, "gates": x.new_ones(*x.shape[:-1], module.num_experts)}
 
 
-__all__ = ["LayerGates", "LayerRouter", "MaskPreHook", "RouterState", "RoutingContext",
+__all__ = ["LayerGates", "LayerRouter", "MaskPreHook", "RecomputeMaskHook", "RouterState",
+           "RoutingContext",
            "constant_gates_pre_hook", "instance_gate_reuse", "masked_mean"]
