@@ -466,7 +466,7 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
             (tqdm.write if progress else log)(line)
 
     failed: list[str] = []
-    elsewhere: list[str] = []  # runs that other processes were making
+    elsewhere: list[tuple[str, Path]] = []  # runs other processes were making, their results
     try:
         say(f"moa compare: {len(plan.variants)} variants x {options.seeds} seeds on "
             f"{model_description(options.model)}; {len(done) + base_done} of {len(runs) + 1} "
@@ -494,7 +494,7 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
                         world.agree(score_base)
                     elif status != FINISHED:
                         say(f"base model: made by another moa compare ({status}); left to it")
-                        elsewhere.append(BASE)
+                        elsewhere.append((BASE, plan.base_path()))
                 except Exception as error:
                     reason = _record_failure(plan.base_path(".error.txt"), error, world)
                     say(f"base model: failed: {reason} (see {plan.base_path('.error.txt')})")
@@ -514,7 +514,8 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
                     if status != FINISHED:
                         say(f"{variant.name} seed {seed}: made by another moa compare "
                             f"({status}); left to it")
-                        elsewhere.append(f"{variant.name} seed {seed}")
+                        elsewhere.append((f"{variant.name} seed {seed}",
+                                          plan.run_path(variant.name, seed)))
                     bar.update()
                     continue
                 error_path = plan.run_path(variant.name, seed, ".error.txt")
@@ -555,9 +556,10 @@ def run_compare(options: CompareOptions, log: Callable[[str], None] = print,
     summary, files = _write_summary(plan, world)
     say(format_table(summary))
     say(f"written: {', '.join(str(f) for f in files)}")
-    if elsewhere:
-        say(f"{len(elsewhere)} run(s) left to other moa compare processes on {plan.out}: "
-            f"{', '.join(elsewhere)}; run this command again once they end to write the "
+    unfinished = [name for name, result in elsewhere if not result.is_file()]
+    if unfinished:  # (those the others finished meanwhile are in the summary)
+        say(f"{len(unfinished)} run(s) left to other moa compare processes on {plan.out}: "
+            f"{', '.join(unfinished)}; run this command again once they end to write the "
             "summary with their results")
     if failed:
         say(f"{len(failed)} run(s) failed: {', '.join(failed)}; the reasons are in "

@@ -367,6 +367,34 @@ def test_a_run_another_process_is_making_is_left_to_it_and_its_folder_untouched(
     assert result.summary["variants"][0]["seeds_finished"] == [0]
 
 
+def test_runs_other_processes_finished_meanwhile_are_summarised_not_reported_as_left(
+        data, tmp_path, monkeypatch):
+    # (the last line named every run another process had held, finished or not, and asked
+    # for a rerun to summarise results the summary already held)
+    import shutil
+
+    other = tmp_path / "other"
+    quiet(options(data, other, variants=["soft_moa"]))  # what the other process will write
+    out = tmp_path / "out"
+    shutil.copytree(other, out)
+    result_path = out / "runs" / "soft_moa" / "seed-0.json"
+    result_path.unlink()
+    lock, _ = RunLock.acquire(out / "runs" / "soft_moa" / "seed-0.lock")
+
+    def the_other_finishes(train_options, call):  # while this process trains lora seed 0
+        shutil.copyfile(other / "runs" / "soft_moa" / "seed-0.json", result_path)
+        lock.release()
+
+    calls, lines = counting_run_train(monkeypatch, the_other_finishes), []
+    result = run_compare(options(data, out, variants=["soft_moa", "lora"]), log=lines.append,
+                         progress=False)
+    said = "\n".join(lines)
+    assert [(c.preset, c.seed) for c in calls] == [("lora", 0)] and result.failed == []
+    assert "soft_moa seed 0: made by another moa compare" in said
+    assert "left to other moa compare processes" not in said
+    assert [v["seeds_finished"] for v in result.summary["variants"]] == [[0], [0]]
+
+
 def test_a_file_system_without_locks_grants_every_lock(tmp_path, monkeypatch):
     # some network file systems refuse flock (ENOLCK): then one process per folder, as
     # before locks, instead of a crash
