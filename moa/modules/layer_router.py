@@ -53,7 +53,6 @@ class RoutingContext:
         self.rotary: tuple | None = None
 
 
-
 class MaskPreHook(Hook):
     """Forward pre-hook (with_kwargs) on a model or its decoder stack: hands the routing
     context the 2-D attention mask of each call, given by keyword or by position."""
